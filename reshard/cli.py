@@ -1,0 +1,188 @@
+"""The `reshard` command line. Only this module prints and exits.
+
+Exit codes: 0 success; 1 verification found a mismatch or corruption; 2 bad input, bad
+recipe, unsupported model or a refusal; 3 an I/O or environment failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ReshardError
+from .inspect import human_bytes
+
+MAIN_HELP = """Convert a Hugging Face checkpoint into per-rank safetensors shards (TP/PP/EP/DP)
+and prove they generate what the original generates.
+
+\b
+Example:
+  reshard inspect meta-llama/Llama-3.1-8B
+  reshard plan    meta-llama/Llama-3.1-70B --tp 4 --pp 2 --gpu H100
+  reshard convert meta-llama/Llama-3.1-70B --tp 4 --pp 2 -o out/
+  reshard verify  out/
+
+Exit codes: 0 ok, 1 verification mismatch, 2 bad input or refusal, 3 I/O failure.
+"""
+
+
+def run_command(fn):
+    """Map reshard's errors to messages and exit codes; nothing else catches them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ReshardError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            click.echo(f"error: {e.filename or ''}: {e.strerror or e}", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+@click.group(help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="reshard")
+def main() -> None:
+    pass
+
+
+def layout_options(fn):
+    for option in reversed(
+        [
+            click.option("--recipe", type=click.Path(path_type=Path), help="TOML recipe."),
+            click.option("--tp", type=int, help="Tensor-parallel degree."),
+            click.option("--pp", type=int, help="Pipeline-parallel degree (stages)."),
+            click.option("--ep", type=int, help="Expert-parallel degree (divides tp)."),
+            click.option("--dp", type=int, help="Data-parallel replicas (files are shared)."),
+            click.option(
+                "--dtype", help="keep | bfloat16/bf16 | float16/fp16 | float32/fp32 (default keep)."
+            ),
+            click.option("--costs", type=click.Path(path_type=Path), help="Stage costs JSON."),
+            click.option("--expert-load", "load", type=click.Path(path_type=Path), help="Load JSON."),
+            click.option("--placement", help="contiguous | round_robin | balanced."),
+            click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
+        ]
+    ):  # fmt: skip
+        fn = option(fn)
+    return fn
+
+
+def recipe_from(recipe, dtype=None, **flags):
+    from .recipe import build_recipe, normalise_dtype
+
+    if dtype is not None:
+        flags["dtype"] = normalise_dtype(dtype)
+    return build_recipe(recipe, **flags)
+
+
+@main.command(
+    help="Show what is in a checkpoint.\n\n\b\nExample:\n  reshard inspect ./Llama-3-8B --json"
+)
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (weights_only).")
+@run_command
+def inspect(model: str, as_json: bool, allow_pickle: bool) -> None:
+    from .inspect import format_inspect, inspect_source
+    from .source import open_source
+
+    info = inspect_source(open_source(model, allow_pickle=allow_pickle))
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
+
+
+CONVERT_HELP = """Write per-rank safetensors shards and OUT/manifest.json.
+
+\b
+Example:
+  reshard convert meta-llama/Llama-3.1-70B --tp 4 --pp 2 -o out/
+  reshard convert ./model --recipe recipes/llama3-70b-8xh100.toml -o out/ --dtype bf16
+"""
+
+
+@main.command(help=CONVERT_HELP)
+@click.argument("model")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@layout_options
+@click.option("--max-file-size", help="Split a rank's file past this size (e.g. 20GB).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (weights_only).")
+@click.option("--force", is_flag=True, help="Replace an existing output in OUT.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@run_command
+def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, **layout) -> None:
+    from .convert import convert_model
+    from .report import format_convert_summary
+
+    recipe = recipe_from(max_file_size=max_file_size, **layout)
+    result = convert_model(
+        model, out_dir, recipe, allow_pickle=allow_pickle, force=force, progress=not quiet
+    )
+    click.echo(format_convert_summary(result))
+
+
+VERIFY_HELP = """Prove an output folder: hashes, bitwise weights, and generation.
+
+\b
+Example:
+  reshard verify out/
+  reshard verify out/ --source ./Llama-3-8B --level hashes --level weights
+  torchrun --nnodes 2 --nproc-per-node 4 ... -m reshard verify out/   (multi-node)
+"""
+
+
+@main.command(help=VERIFY_HELP)
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--source", help="The source MODEL, if not at the path in the manifest.")
+@click.option(
+    "--level",
+    "levels",
+    multiple=True,
+    type=click.Choice(["hashes", "weights", "generate"]),
+    help="Tier(s) to run (default: every tier that can run).",
+)
+@click.option("--prompt-ids", multiple=True, help="Comma-separated token ids; repeatable.")
+@click.option(
+    "--prompts", "prompts_file", type=click.Path(path_type=Path), help="Text prompts, one per line."
+)
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
+@run_command
+def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, json_path):
+    from .report import format_verify, verify_report
+    from .verify import LEVELS, verify_output
+
+    options = {
+        "prompt_ids": [_parse_ids(s) for s in prompt_ids] or None,
+        "prompts_file": prompts_file,
+        "max_new_tokens": max_new_tokens,
+    }
+    manifest, results = verify_output(
+        out_dir, levels=tuple(levels) or LEVELS, source=source, generate_options=options
+    )
+    report = verify_report(manifest, results)
+    click.echo(format_verify(report, results))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+    sys.exit(0 if report["passed"] else 1)
+
+
+def _parse_ids(text: str) -> list[int]:
+    from .errors import InputError
+
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InputError(f"--prompt-ids {text!r}: expected comma-separated integers.") from None
+    if not ids:
+        raise InputError("--prompt-ids: empty prompt.")
+    return ids
+
+
+__all__ = ["main", "human_bytes"]

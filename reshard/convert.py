@@ -1,0 +1,124 @@
+"""`reshard convert`: source -> roles -> stages/experts -> plan -> writer -> manifest.
+
+This module wires the pure pieces to the I/O pieces in the order of the data flow. It owns
+the output folder's life cycle: stale files out, shards in, side files copied, manifest last.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import InputError
+from .hparams import HParams
+from .manifest import MANIFEST, build_manifest, write_manifest
+from .plan import Plan, Stage, build_plan, check_layout
+from .recipe import Recipe
+from .source import Source, open_source
+from .specs import match_tensors
+from .writer import fsync_dir, partial_path, write_atomic, write_plan
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out_dir: Path
+    plan: Plan
+    source: Source
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+
+
+def plan_source(source: Source, recipe: Recipe) -> Plan:
+    """Everything the writer will do, decided before a byte of weights is read."""
+    hp = source.hparams
+    check_layout(hp, recipe)
+    tensors = {
+        name: (info.dtype, info.shape) for h in source.headers for name, info in h.tensors.items()
+    }
+    roles = match_tensors(hp, tensors, where=str(source.path))
+    stages = resolve_stages(hp, recipe)
+    placements = resolve_placements(hp, recipe)
+    return build_plan(hp, tensors, roles, recipe, stages, placements)
+
+
+def resolve_stages(hp: HParams, recipe: Recipe) -> tuple[Stage, ...]:
+    if recipe.pp == 1:
+        return (Stage(0, 0, hp.num_layers - 1, True, True),)
+    from .pipeline import solve_stages
+
+    return solve_stages(hp, recipe)
+
+
+def resolve_placements(hp: HParams, recipe: Recipe) -> dict:
+    if not hp.is_moe:
+        return {}
+    from .moe_layout import solve_placements
+
+    return solve_placements(hp, recipe)
+
+
+def convert_model(
+    model: str,
+    out_dir: Path,
+    recipe: Recipe,
+    *,
+    allow_pickle: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> ConvertResult:
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    source = open_source(model, allow_pickle=allow_pickle, scratch=out_dir / ".reshard-pickle")
+    plan = plan_source(source, recipe)
+    prepare_out_dir(out_dir, force=force)
+    read_total = _bytes_to_read(plan, source)
+    with tqdm(
+        total=read_total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+        desc="convert", mininterval=0.5,
+    ) as bar:  # fmt: skip
+        hashes = write_plan(plan, source, out_dir, progress=bar)
+    for side in source.side_files():
+        write_atomic(out_dir / side.name, side.read_bytes())
+    sizes = {f.name: (out_dir / f.name).stat().st_size for f in plan.files}
+    experts = _experts_entry(plan, recipe)
+    write_manifest(out_dir, build_manifest(plan, source, hashes, sizes, experts=experts))
+    shutil.rmtree(out_dir / ".reshard-pickle", ignore_errors=True)
+    return ConvertResult(
+        out_dir, plan, source, time.perf_counter() - start, read_total, sum(sizes.values())
+    )
+
+
+def _bytes_to_read(plan: Plan, source: Source) -> int:
+    needed = {p.source for f in plan.files for t in f.tensors for p in t.pieces}
+    return sum(source.info(n).nbytes for n in needed)
+
+
+def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
+    if not plan.placements:
+        return None
+    from .moe_layout import placements_entry
+
+    return placements_entry(plan, recipe)
+
+
+def prepare_out_dir(out_dir: Path, *, force: bool) -> None:
+    """Refuse to clobber a finished output unless forced; clear our own stale files."""
+    manifest = out_dir / MANIFEST
+    if manifest.exists():
+        if not force:
+            raise InputError(
+                f"{out_dir}: already holds a reshard output ({MANIFEST}). Pass --force to "
+                "replace it, or choose another folder with -o."
+            )
+        manifest.unlink()  # first: from here on the folder is incomplete by definition
+        fsync_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("rank-*.safetensors*"), *out_dir.glob("*.partial")]:
+        stale.unlink()
+    if partial_path(manifest).exists():
+        partial_path(manifest).unlink()

@@ -1,0 +1,580 @@
+"""Per-item pipeline costs. Item 0 is the embedding, items 1..L the decoder layers, item L+1
+the final norm + lm_head. A cost is a roofline estimate (analytic_costs) or the measured median
+of one module of each distinct item kind at the real shapes (profile_layers -> costs.json);
+weight bytes always come from config.json. Nothing here picks stages: see reshard.stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError, ReshardIOError
+from .hparams import DTYPE_BYTES, HParams
+
+COSTS_FORMAT = "reshard-costs"
+COSTS_VERSION = 1
+MODES = ("prefill", "decode")
+# Fields that fix every item's shape: a costs.json measured on another shape is refused.
+SHAPE_KEYS = (
+    "architecture",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "sliding_window",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str  # "embed", "layer 7", "head"
+    kind: str  # "embed", "layer:full_attention+dense", "head": items of one kind cost the same
+    cost: int  # nanoseconds, roofline or measured median
+    weight_bytes: int  # bytes of this item's tensors on its stage
+
+
+@dataclass(frozen=True)
+class Device:
+    flops: float  # dense fp16/bf16 tensor FLOP/s: half the with-sparsity figure
+    bandwidth: float  # memory bytes/s
+
+
+# Datasheet figures (SXM parts where there are several).
+DEVICES = {
+    "H100": Device(989e12, 3.35e12),
+    "H200": Device(989e12, 4.8e12),
+    "B200": Device(2250e12, 8.0e12),
+    "B100": Device(1750e12, 8.0e12),
+    "A100": Device(312e12, 2.039e12),
+    "L40S": Device(366e12, 0.864e12),
+    "L40": Device(181e12, 0.864e12),
+    "L4": Device(121e12, 0.3e12),
+}
+
+
+def layer_kind(hp: HParams, layer: int) -> str:
+    """Layers of one kind have identical shapes and cost: attention type x dense/MoE MLP."""
+    mlp = "moe" if layer in hp.moe_layers else "dense"
+    return f"layer:{hp.layer_types[layer]}+{mlp}"
+
+
+def item_kinds(hp: HParams) -> list[str]:
+    return ["embed", *(layer_kind(hp, i) for i in range(hp.num_layers)), "head"]
+
+
+def _layers_by_kind(hp: HParams) -> dict[str, list[int]]:
+    kinds: dict[str, list[int]] = {"embed": []}
+    for layer in range(hp.num_layers):
+        kinds.setdefault(layer_kind(hp, layer), []).append(layer)
+    kinds["head"] = []
+    return kinds
+
+
+def _item_names(hp: HParams) -> list[str]:
+    return ["embed", *(f"layer {i}" for i in range(hp.num_layers)), "head"]
+
+
+# ---- analytic roofline ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Work:
+    flops: float = 0.0
+    traffic: float = 0.0  # bytes moved through device memory
+    weight_bytes: int = 0
+
+    def __add__(self, other: _Work) -> _Work:
+        return _Work(
+            self.flops + other.flops,
+            self.traffic + other.traffic,
+            self.weight_bytes + other.weight_bytes,
+        )
+
+
+def analytic_costs(
+    hp: HParams,
+    *,
+    batch: int = 1,
+    seq: int = 1,
+    mode: str = "decode",
+    dtype_bytes: int = 2,
+    device: str = "H100",
+) -> list[Item]:
+    """Roofline cost per item: max(flops / peak, bytes moved / bandwidth) in nanoseconds.
+    prefill: `batch` sequences of `seq` new tokens. decode: `batch` sequences each adding one
+    token to a context of `seq` tokens (the KV cache read). Weight bytes count every tensor
+    the item's stage holds: all experts of an MoE layer, and lm_head even when tied (the last
+    stage holds its own copy)."""
+    dev = _device(device)
+    tokens = _tokens(batch, seq, mode)
+    works = [_embed_work(hp, tokens, dtype_bytes)]
+    for layer in range(hp.num_layers):
+        attn = _attention_work(hp, layer, batch, seq, mode, dtype_bytes)
+        works.append(attn + _mlp_work(hp, layer, tokens, dtype_bytes))
+    works.append(_head_work(hp, batch, dtype_bytes))
+    return [
+        Item(name, kind, _roofline_ns(work, dev), work.weight_bytes)
+        for name, kind, work in zip(_item_names(hp), item_kinds(hp), works, strict=True)
+    ]
+
+
+def _device(name: str) -> Device:
+    if name not in DEVICES:
+        raise InputError(f"device={name!r} is unknown. Known: {', '.join(DEVICES)}.")
+    return DEVICES[name]
+
+
+def _tokens(batch: int, seq: int, mode: str) -> int:
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r}: use one of {', '.join(MODES)}.")
+    if batch < 1 or seq < 1:
+        raise InputError(f"batch={batch}, seq={seq}: both must be >= 1.")
+    return batch * seq if mode == "prefill" else batch
+
+
+def _roofline_ns(work: _Work, dev: Device) -> int:
+    seconds = max(work.flops / dev.flops, work.traffic / dev.bandwidth)
+    return max(1, round(seconds * 1e9))
+
+
+def _attended(seq: int, window: int | None, mode: str) -> int:
+    """(query, key) pairs per sequence. Causal prefill: position p sees min(p, window) keys."""
+    span = min(seq, window or seq)
+    if mode == "decode":
+        return span
+    return span * (span + 1) // 2 + (seq - span) * span
+
+
+def _attention_work(hp: HParams, layer: int, batch: int, seq: int, mode: str, db: int) -> _Work:
+    h, q, kv = hp.hidden_size, hp.q_size, hp.kv_size
+    matmul = h * (q + 2 * kv) + q * h  # q/k/v and o
+    small = h + (q + 2 * kv) * hp.attention_bias + h * hp.o_bias + 2 * hp.head_dim * hp.qk_norm
+    sliding = hp.layer_types[layer] == "sliding_attention"
+    window = hp.sliding_window if sliding else None
+    pairs = batch * _attended(seq, window, mode)
+    # decode reads the cached K and V it attends to; prefill writes K and V once.
+    kv_rows = batch * (min(seq, window or seq) if mode == "decode" else seq)
+    flops = 2 * _tokens(batch, seq, mode) * matmul + 4 * pairs * hp.num_heads * hp.head_dim
+    weights = (matmul + small) * db
+    return _Work(flops, weights + kv_rows * 2 * kv * db, weights)
+
+
+def _dense_mlp_work(h: int, inter: int, tokens: int, db: int, bias: bool = False) -> _Work:
+    params = 3 * h * inter + (2 * inter + h) * bias  # gate, up, down
+    return _Work(2 * tokens * 3 * h * inter, params * db, params * db)
+
+
+def _mlp_work(hp: HParams, layer: int, tokens: int, db: int) -> _Work:
+    h = hp.hidden_size
+    norm = _Work(0, h * db, h * db)  # post_attention_layernorm
+    if layer not in hp.moe_layers:
+        return norm + _dense_mlp_work(h, hp.intermediate_size, tokens, db, hp.mlp_bias)
+    return norm + _moe_work(hp, tokens, db)
+
+
+def _moe_work(hp: HParams, tokens: int, db: int) -> _Work:
+    h, n_experts, top_k = hp.hidden_size, hp.num_experts, _top_k(hp)
+    expert = 3 * h * hp.moe_intermediate_size
+    # Uniform routing: expected distinct experts the tokens' top-k picks touch. Only those are
+    # read, so a batch-1 decode reads top_k experts and a long prefill reads nearly all.
+    touched = n_experts * (1 - (1 - top_k / n_experts) ** tokens)
+    router = h * n_experts
+    work = _Work(
+        2 * tokens * (router + top_k * expert),
+        (router + touched * expert) * db,
+        (router + n_experts * expert) * db,
+    )
+    if hp.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP + a [1, H] sigmoid gate
+        shared = _dense_mlp_work(h, hp.shared_expert_intermediate_size, tokens, db)
+        work = work + shared + _Work(2 * tokens * h, h * db, h * db)
+    return work
+
+
+def _top_k(hp: HParams) -> int:
+    if not 1 <= hp.num_experts_per_tok <= hp.num_experts:
+        raise InputError(
+            f"config.json: num_experts_per_tok={hp.num_experts_per_tok} with "
+            f"num_experts={hp.num_experts}; an MoE model needs 1 <= top-k <= experts."
+        )
+    return hp.num_experts_per_tok
+
+
+def _embed_work(hp: HParams, tokens: int, db: int) -> _Work:
+    row = hp.hidden_size * db
+    return _Work(0, 2 * tokens * row, hp.vocab_size * row)  # read the looked-up rows, write out
+
+
+def _head_work(hp: HParams, batch: int, db: int) -> _Work:
+    # Engines compute logits only at each sequence's last position, so prefill costs as decode.
+    weights = (hp.vocab_size * hp.hidden_size + hp.hidden_size) * db
+    return _Work(2 * batch * hp.hidden_size * hp.vocab_size, weights, weights)
+
+
+# ---- costs.json ----------------------------------------------------------------------------
+
+
+def model_shape(hp: HParams) -> dict[str, Any]:
+    return {key: getattr(hp, key) for key in SHAPE_KEYS}
+
+
+def write_costs(path: str | os.PathLike, profile: dict[str, Any]) -> None:
+    """Write a profile (as profile_layers returns it) to `path`, atomically."""
+    path = Path(path)
+    _check_profile(profile, str(path))
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ReshardIOError(f"{path}: cannot write the cost file ({e}).") from None
+
+
+def read_costs(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and structurally validate a costs.json; item_costs_from_profile checks the model."""
+    path = Path(path)
+    try:
+        profile = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such cost file. {_remedy(path)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a readable JSON cost file ({e}). {_remedy(path)}") from None
+    _check_profile(profile, str(path))
+    return profile
+
+
+def _remedy(where: str | os.PathLike) -> str:
+    return f"Create it with `reshard profile layers MODEL -o {where}`."
+
+
+def _check_profile(profile: Any, where: str) -> None:
+    if not isinstance(profile, dict) or profile.get("format") != COSTS_FORMAT:
+        raise InputError(f"{where}: not a reshard cost file (format != {COSTS_FORMAT!r}).")
+    if profile.get("version") != COSTS_VERSION:
+        raise InputError(
+            f"{where}: cost file version {profile.get('version')!r}, this reshard reads "
+            f"version {COSTS_VERSION}. {_remedy(where)}"
+        )
+    missing = [k for k in ("model", "kinds", "device", "batch", "seq", "mode") if k not in profile]
+    if missing or not isinstance(profile["kinds"], dict) or not isinstance(profile["model"], dict):
+        raise InputError(f"{where}: missing or malformed {missing or ['kinds']}. {_remedy(where)}")
+    for kind, entry in profile["kinds"].items():
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), (int, float)) and entry[k] >= 0
+            for k in ("median_us", "iqr_us")
+        ):
+            raise InputError(
+                f"{where}: kind {kind!r} needs numbers median_us >= 0 and iqr_us >= 0, got "
+                f"{entry!r}. {_remedy(where)}"
+            )
+
+
+def item_costs_from_profile(
+    hp: HParams, profile: dict[str, Any], *, where: str = "costs.json"
+) -> list[Item]:
+    """Every item gets the measured median of its kind (in ns); weight bytes from config.json
+    in the checkpoint's dtype. Refuses a profile of another model shape or one missing a kind."""
+    _check_profile(profile, where)
+    _check_profile_shape(hp, profile["model"], where)
+    kinds = profile["kinds"]
+    for kind, layers in _layers_by_kind(hp).items():
+        if kind not in kinds:
+            where_used = f" (layers {_span(layers)})" if layers else ""
+            raise InputError(
+                f"{where}: no timing for item kind {kind!r}{where_used}; it has "
+                f"{sorted(kinds)}. {_remedy(where)}"
+            )
+    dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
+    weights = [item.weight_bytes for item in analytic_costs(hp, dtype_bytes=dtype_bytes)]
+    return [
+        Item(name, kind, max(1, round(kinds[kind]["median_us"] * 1000)), w)
+        for name, kind, w in zip(_item_names(hp), item_kinds(hp), weights, strict=True)
+    ]
+
+
+def _check_profile_shape(hp: HParams, measured: dict[str, Any], where: str) -> None:
+    expected = model_shape(hp)
+    diff = [k for k in SHAPE_KEYS if measured.get(k) != expected[k]]
+    if diff:
+        was = ", ".join(f"{k}={measured.get(k)!r}" for k in diff)
+        now = ", ".join(f"{k}={expected[k]!r}" for k in diff)
+        raise InputError(
+            f"{where} was measured on a model with {was}, but this model has {now}. "
+            f"Profile this model: `reshard profile layers MODEL -o {where}`."
+        )
+
+
+def _span(layers: list[int]) -> str:
+    shown = ", ".join(str(i) for i in layers[:4])
+    return shown + (f", ... {len(layers)} in all" if len(layers) > 4 else "")
+
+
+# ---- profiling -----------------------------------------------------------------------------
+# Self-contained modules with the decoder's math (GQA attention with RoPE, RMSNorm, SwiGLU or
+# routed experts), built from config.json alone with random weights.
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, **factory: Any) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, **factory))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, heads, S, hd]; cos/sin: [S, hd] (HF's rotate_half convention)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Attention(nn.Module):
+    def __init__(self, hp: HParams, layer: int, **factory: Any) -> None:
+        super().__init__()
+        h, self.heads, self.kv_heads, self.hd = (
+            hp.hidden_size,
+            hp.num_heads,
+            hp.num_kv_heads,
+            hp.head_dim,
+        )
+        self.qkv = nn.Linear(h, hp.q_size + 2 * hp.kv_size, bias=hp.attention_bias, **factory)
+        self.o = nn.Linear(hp.q_size, h, bias=hp.o_bias, **factory)
+        qk = (_RMSNorm(self.hd, hp.rms_norm_eps, **factory) for _ in range(2))
+        self.q_norm, self.k_norm = qk if hp.qk_norm else (nn.Identity(), nn.Identity())
+        sliding = hp.layer_types[layer] == "sliding_attention"
+        self.window = hp.sliding_window if sliding else None
+
+    def forward(self, x: torch.Tensor, rope: tuple, cache: tuple | None) -> torch.Tensor:
+        b, s, _ = x.shape  # x: [B, S, H]
+        q, k, v = self.qkv(x).split([self.heads * self.hd, *[self.kv_heads * self.hd] * 2], -1)
+        q = self.q_norm(q.view(b, s, self.heads, self.hd)).transpose(1, 2)  # [B, nh, S, hd]
+        k = self.k_norm(k.view(b, s, self.kv_heads, self.hd)).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, self.hd).transpose(1, 2)
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
+        if cache is None:
+            out = self._prefill(q, k, v)
+        else:  # decode: write the new K/V into the cache's last slot, attend over the window
+            cache[0][:, :, -1:], cache[1][:, :, -1:] = k, v
+            span = min(cache[0].shape[2], self.window or cache[0].shape[2])
+            k, v = cache[0][:, :, -span:], cache[1][:, :, -span:]
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = q.shape[2]
+        if self.window is None or self.window >= s:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        pos = torch.arange(s, device=q.device)
+        offset = pos[:, None] - pos[None, :]
+        mask = (offset >= 0) & (offset < self.window)  # [S, S]: causal band
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class _MLP(nn.Module):
+    def __init__(self, h: int, inter: int, bias: bool, **factory: Any) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(h, 2 * inter, bias=bias, **factory)
+        self.down = nn.Linear(inter, h, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class _MoE(nn.Module):
+    def __init__(self, hp: HParams, **factory: Any) -> None:
+        super().__init__()
+        h, n, inter = hp.hidden_size, hp.num_experts, hp.moe_intermediate_size
+        self.top_k, self.norm_topk = _top_k(hp), hp.norm_topk_prob
+        self.router = nn.Linear(h, n, bias=False, **factory)
+        self.gate_up = nn.Parameter(torch.empty(n, 2 * inter, h, **factory).normal_(0, 0.02))
+        self.down = nn.Parameter(torch.empty(n, h, inter, **factory).normal_(0, 0.02))
+        shared = hp.shared_expert_intermediate_size
+        self.shared = _MLP(h, shared, False, **factory) if shared else None
+        self.shared_gate = nn.Linear(h, 1, bias=False, **factory) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [T, H]
+        probs = self.router(flat).softmax(-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        # A loop over the experts some token picked: only those are read, as in fused kernels,
+        # though each costs its own launches (an upper bound on a fused kernel's time).
+        for e in experts.unique().tolist():
+            tok, slot = (experts == e).nonzero(as_tuple=True)
+            gate, up = (flat[tok] @ self.gate_up[e].T).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.down[e].T
+            out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
+        return out.view_as(x)
+
+
+class _Layer(nn.Module):
+    def __init__(self, hp: HParams, layer: int, **factory: Any) -> None:
+        super().__init__()
+        self.norm1 = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
+        self.attn = _Attention(hp, layer, **factory)
+        self.norm2 = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
+        moe = layer in hp.moe_layers
+        dense = _MLP(hp.hidden_size, hp.intermediate_size, hp.mlp_bias, **factory)
+        self.mlp = _MoE(hp, **factory) if moe else dense
+
+    def forward(self, x: torch.Tensor, rope: tuple, cache: tuple | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class _Head(nn.Module):
+    def __init__(self, hp: HParams, **factory: Any) -> None:
+        super().__init__()
+        self.norm = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
+        self.lm_head = nn.Linear(hp.hidden_size, hp.vocab_size, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x)[:, -1])  # logits at each sequence's last position only
+
+
+def profile_layers(
+    hp: HParams,
+    *,
+    device: str = "cpu",
+    batch: int = 1,
+    seq: int = 128,
+    mode: str = "prefill",
+    warmup: int = 10,
+    iters: int = 30,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Time one module of each distinct item kind at the real shapes with random weights, and
+    return the costs.json content. dtype defaults to bfloat16 on CUDA, float32 on CPU."""
+    _tokens(batch, seq, mode)
+    if warmup < 0 or iters < 1:
+        raise InputError(f"warmup={warmup}, iters={iters}: need warmup >= 0 and iters >= 1.")
+    dev = torch.device(device)
+    dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    factory = {"device": dev, "dtype": getattr(torch, dtype)}
+    dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
+    weights = dict(
+        zip(
+            item_kinds(hp),
+            (i.weight_bytes for i in analytic_costs(hp, dtype_bytes=dtype_bytes)),
+            strict=True,
+        )
+    )
+    kinds = {}
+    for kind, layers in _layers_by_kind(hp).items():
+        run = _build_run(hp, kind, layers, batch, seq, mode, factory)
+        times = _time_us(run, dev, warmup, iters)
+        kinds[kind] = {**_summarise(times), "weight_bytes": weights[kind], "layers": layers}
+        del run
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "format": COSTS_FORMAT,
+        "version": COSTS_VERSION,
+        "model": model_shape(hp),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "batch": batch,
+        "seq": seq,
+        "mode": mode,
+        "warmup": warmup,
+        "iters": iters,
+        "kinds": kinds,
+    }
+
+
+def _build_run(
+    hp: HParams, kind: str, layers: list[int], batch: int, seq: int, mode: str, factory: dict
+) -> Callable[[], torch.Tensor]:
+    """A no-argument call running one forward of the item kind on ready inputs."""
+    new = seq if mode == "prefill" else 1  # tokens per sequence this step
+    with torch.no_grad():
+        if kind == "embed":
+            module = nn.Embedding(hp.vocab_size, hp.hidden_size, **factory)
+            ids = torch.randint(hp.vocab_size, (batch, new), device=factory["device"])
+            return _no_grad(lambda: module(ids))
+        x = torch.randn(batch, new, hp.hidden_size, **factory)
+        if kind == "head":
+            head = _Head(hp, **factory)
+            return _no_grad(lambda: head(x))
+        layer = _Layer(hp, layers[0], **factory)
+        rope = _rope(hp, seq - new, seq, factory)
+        cache = None
+        if mode == "decode":
+            shape = (batch, hp.num_kv_heads, seq, hp.head_dim)
+            cache = (torch.randn(shape, **factory), torch.randn(shape, **factory))
+        return _no_grad(lambda: layer(x, rope, cache))
+
+
+def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return fn()
+
+    return run
+
+
+def _rope(hp: HParams, start: int, end: int, factory: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    # cos/sin for positions [start, end): [S, hd]. Computed once, like the model-level rotary.
+    hd, dev = hp.head_dim, factory["device"]
+    inv = 1.0 / hp.rope_theta ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd)
+    angles = torch.outer(torch.arange(start, end, device=dev, dtype=torch.float32), inv)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(factory["dtype"]), angles.sin().to(factory["dtype"])
+
+
+def _time_us(run: Callable[[], Any], dev: torch.device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    if dev.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) * 1e6)
+        return times
+    # Events recorded back to back and read after one sync: GPU time, launch latency hidden.
+    events = []
+    torch.cuda.synchronize(dev)
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(dev)
+    return [start.elapsed_time(end) * 1000 for start, end in events]
+
+
+def _summarise(times_us: list[float]) -> dict[str, float]:
+    if len(times_us) < 2:
+        return {"median_us": times_us[0], "iqr_us": 0.0}
+    q1, median, q3 = statistics.quantiles(times_us, n=4, method="inclusive")
+    return {"median_us": median, "iqr_us": q3 - q1}

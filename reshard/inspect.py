@@ -1,0 +1,68 @@
+"""`reshard inspect`: what is in a checkpoint, from its config and headers alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .source import Source
+
+
+def inspect_source(source: Source) -> dict[str, Any]:
+    hp = source.hparams
+    by_dtype: dict[str, int] = {}
+    params = 0
+    for _, info in source.tensors.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+        params += info.numel
+    return {
+        "model": source.model,
+        "path": str(source.path),
+        "revision": source.revision,
+        "architecture": hp.architecture,
+        "family": hp.family,
+        "parameters": params,
+        "bytes": sum(by_dtype.values()),
+        "bytes_by_dtype": by_dtype,
+        "files": len(source.headers),
+        "tensors": len(source.tensors),
+        "layers": hp.num_layers,
+        "hidden_size": hp.hidden_size,
+        "heads": hp.num_heads,
+        "kv_heads": hp.num_kv_heads,
+        "head_dim": hp.head_dim,
+        "intermediate_size": hp.intermediate_size,
+        "vocab_size": hp.vocab_size,
+        "tie_word_embeddings": hp.tie_word_embeddings,
+        "experts": hp.num_experts,
+        "experts_per_token": hp.num_experts_per_tok,
+        "moe_layers": len(hp.moe_layers),
+    }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    dtypes = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(info["bytes_by_dtype"].items()))
+    lines = [
+        f"model         {info['model']}" + (f" @ {info['revision']}" if info["revision"] else ""),
+        f"architecture  {info['architecture']} ({info['family']})",
+        f"parameters    {info['parameters']:,} ({human_bytes(info['bytes'])}: {dtypes})",
+        f"files         {info['files']} safetensors, {info['tensors']} tensors",
+        f"layers        {info['layers']}   hidden {info['hidden_size']}   "
+        f"intermediate {info['intermediate_size']}",
+        f"heads         {info['heads']} query, {info['kv_heads']} kv, head_dim {info['head_dim']}",
+        f"vocab         {info['vocab_size']}"
+        + ("   (tied embeddings)" if info["tie_word_embeddings"] else ""),
+    ]
+    if info["experts"]:
+        lines.append(
+            f"experts       {info['experts']} routed, top-{info['experts_per_token']}, "
+            f"on {info['moe_layers']} MoE layers"
+        )
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError

@@ -1,0 +1,157 @@
+"""The schema of `OUT/manifest.json` (docs/manifest.md): built from a Plan after the writer
+has produced every file, written last and atomically, and read back with validation.
+
+A folder without a manifest is incomplete by definition.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import OutputError
+from .plan import OutTensor, Plan
+from .source import Source
+from .writer import write_atomic
+
+FORMAT = "reshard-manifest"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RANK_ORDER = "rank = (dp_index * pp + pp_stage) * tp + tp_rank"
+
+
+def build_manifest(
+    plan: Plan,
+    source: Source,
+    hashes: dict[str, dict[str, str]],
+    file_sizes: dict[str, int],
+    *,
+    experts: dict | None = None,
+) -> dict[str, Any]:
+    layout = plan.layout
+    ranks = []
+    by_rank: dict[int, list] = {}
+    for f in plan.files:
+        by_rank.setdefault(f.rank, []).extend((f.name, t) for t in f.tensors)
+    for r in plan.ranks:
+        c = r.coord
+        entry: dict[str, Any] = {
+            "rank": c.rank,
+            "dp_index": c.dp_index,
+            "pp_stage": c.pp_stage,
+            "tp_rank": c.tp_rank,
+            "ep_rank": c.ep_rank,
+            "files": list(r.files),
+            "replica_of": r.replica_of,
+        }
+        if r.replica_of is None:
+            entry["tensors"] = {
+                t.name: _tensor_entry(fname, t, hashes[fname][t.name], source)
+                for fname, t in by_rank.get(c.rank, [])
+            }
+        ranks.append(entry)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "reshard_version": __version__,
+        "source": {
+            "model": source.model,
+            "path": str(source.path),
+            "repo_id": source.repo_id,
+            "revision": source.revision,
+            "files": [{"name": h.path.name, "size": h.size} for h in source.headers],
+        },
+        "config": source.config,
+        "hparams": plan.hparams.to_dict(),
+        "layout": {
+            "tp": layout.tp,
+            "pp": layout.pp,
+            "ep": layout.ep,
+            "dp": layout.dp,
+            "world_size": layout.world_size,
+            "rank_order": RANK_ORDER,
+            "dtype": layout.dtype,
+            "vocab_size": layout.vocab_size,
+            "vocab_padded": layout.vocab_padded,
+            "tie_word_embeddings": plan.hparams.tie_word_embeddings,
+            "stages": [
+                {
+                    "stage": s.stage,
+                    "layers": [s.first_layer, s.last_layer],
+                    "embed": s.embed,
+                    "head": s.head,
+                }
+                for s in layout.stages
+            ],
+            "experts": experts,
+        },
+        "dropped": list(plan.dropped),
+        "files": {f.name: {"size": file_sizes[f.name], "rank": f.rank} for f in plan.files},
+        "ranks": ranks,
+    }
+
+
+def _tensor_entry(fname: str, t: OutTensor, digest: str, source: Source) -> dict[str, Any]:
+    return {
+        "file": fname,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "source_dtype": t.source_dtype,
+        "pieces": [
+            {"source": p.source, "start": list(p.start), "stop": list(p.stop), "dest": list(p.dest)}
+            for p in t.pieces
+        ],
+        "slice": _slice_summary(t, source),
+        "padding": t.padding,
+        "xxh3_128": digest,
+    }
+
+
+def _slice_summary(t: OutTensor, source: Source) -> dict[str, int] | None:
+    """{"dim", "start", "stop"} when the tensor is one source tensor cut along at most one dim."""
+    if len(t.pieces) != 1:
+        return None
+    p = t.pieces[0]
+    full = source.info(p.source).shape
+    cut = [d for d, n in enumerate(full) if p.stop[d] - p.start[d] != n]
+    if len(cut) > 1:
+        return None
+    d = cut[0] if cut else 0
+    return {"dim": d, "start": p.start[d], "stop": p.stop[d]} if full else None
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(out_dir) / MANIFEST
+    write_atomic(path, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
+    return path
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / MANIFEST
+    if not Path(out_dir).is_dir():
+        raise OutputError(f"{out_dir}: no such folder. Give the -o folder of reshard convert.")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OutputError(
+            f"{path}: missing, so {out_dir} is not a complete reshard output (the manifest is "
+            "written last; an interrupted convert leaves none). Re-run reshard convert."
+        ) from None
+    except json.JSONDecodeError as e:
+        raise OutputError(f"{path}: not valid JSON ({e}). Re-run reshard convert.") from None
+    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        raise OutputError(
+            f"{path}: format {doc.get('format')!r} version {doc.get('format_version')!r} is not "
+            f"{FORMAT} {FORMAT_VERSION}. Convert again with this reshard ({__version__})."
+        )
+    return doc
+
+
+def rank_tensors(manifest: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:
+    """The tensor entries a rank loads (DP replicas read those of their replica 0)."""
+    entry = manifest["ranks"][rank]
+    if entry.get("replica_of") is not None:
+        entry = manifest["ranks"][entry["replica_of"]]
+    return entry["tensors"]

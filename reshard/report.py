@@ -1,0 +1,62 @@
+"""Human and JSON reports for convert and verify. Formatting only: no decisions, no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .inspect import human_bytes
+
+
+def format_convert_summary(result) -> str:
+    plan = result.plan
+    lay = plan.layout
+    rate = result.bytes_read / result.seconds if result.seconds else 0.0
+    lines = [
+        f"wrote {len(plan.files)} files for {lay.world_size} ranks "
+        f"(tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ep {lay.ep}) to {result.out_dir}",
+        f"read {human_bytes(result.bytes_read)}, wrote {human_bytes(result.bytes_written)} in "
+        f"{result.seconds:.2f} s ({human_bytes(rate)}/s)",
+    ]
+    if lay.vocab_padded != lay.vocab_size:
+        lines.append(f"vocab {lay.vocab_size} zero-padded to {lay.vocab_padded} (multiple of tp)")
+    if lay.pp > 1:
+        spans = ", ".join(f"{s.first_layer}-{s.last_layer}" for s in lay.stages)
+        lines.append(f"stages (layers): {spans}")
+    if plan.dropped:
+        lines.append(f"not written (derived from config.json): {len(plan.dropped)} tensors")
+    lines.append(f"manifest: {result.out_dir / 'manifest.json'}")
+    return "\n".join(lines)
+
+
+def verify_report(manifest: dict, results) -> dict[str, Any]:
+    ran = [r for r in results if r.passed is not None]
+    report: dict[str, Any] = {
+        "passed": bool(ran) and all(r.passed for r in ran),
+        "world_size": manifest["layout"]["world_size"],
+        "backend": None,
+        "levels": {r.level: r.to_dict() for r in results},
+    }
+    for r in results:
+        report.update(r.data)  # generation adds "backend" and "generation"
+    return report
+
+
+def format_verify(report: dict[str, Any], results) -> str:
+    lines = []
+    for r in results:
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[r.passed]
+        lines.append(f"{r.level:<9} {status}  {r.detail}")
+        lines += [f"          - {f}" for f in r.failures[:20]]
+        if len(r.failures) > 20:
+            lines.append(f"          ... and {len(r.failures) - 20} more")
+    gen = report.get("generation")
+    if gen:
+        lines.append("prompt  len  max|dlogit|   KL         new tokens (reference == sharded)")
+        for i, p in enumerate(gen["prompts"]):
+            same = "same" if p["reference_ids"] == p["sharded_ids"] else "DIFFERENT"
+            lines.append(
+                f"{i:>6}  {len(p['prompt_ids']):>3}  {p['max_abs_logit_diff']:.3e}   "
+                f"{p['kl']:.3e}  {len(p['reference_ids'])} {same}"
+            )
+    lines.append("verify: " + ("PASSED" if report["passed"] else "FAILED"))
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Dense building blocks in HF's layouts and names: RMSNorm, attention, gated MLP, the
+vocab-parallel embedding and LM head. Local (per-rank) sizes are read from the tensors each
+module is built for, so one module runs a TP shard or the full model; the collectives are
+explicit calls on the communicator inside `forward`. Modules are built on the meta device and
+receive their weights through `load_state_dict(assign=True)` (see model.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..hparams import HParams
+from .cache import KVCache, Step
+from .dist import Comm
+from .rope import apply_rope
+
+Tensors = Mapping[str, torch.Tensor]
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def get_activation(hp: HParams) -> Callable[[torch.Tensor], torch.Tensor]:
+    if hp.hidden_act not in _ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{hp.architecture}: hidden_act '{hp.hidden_act}' is not supported by the runtime "
+            f"(supported: {', '.join(sorted(_ACTIVATIONS))})."
+        )
+    return _ACTIVATIONS[hp.hidden_act]
+
+
+def linear_like(tensors: Tensors, name: str) -> nn.Linear:
+    """A meta nn.Linear shaped like tensors[name.weight] (bias if name.bias exists)."""
+    out_features, in_features = tensors[f"{name}.weight"].shape
+    return nn.Linear(in_features, out_features, bias=f"{name}.bias" in tensors, device="meta")
+
+
+def row_parallel(linear: nn.Linear, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """x @ W.T summed over the TP group, then the (whole) bias added once."""
+    out = comm.all_reduce(F.linear(x, linear.weight))  # [..., H]: partial sums before the reduce
+    return out if linear.bias is None else out + linear.bias
+
+
+class RMSNorm(nn.Module):
+    """HF RMSNorm: normalise in fp32, cast back, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention over this rank's heads (local heads = q_proj rows // head_dim)."""
+
+    def __init__(self, hp: HParams, layer: int, tensors: Tensors, prefix: str, comm: Comm):
+        super().__init__()
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, proj, linear_like(tensors, f"{prefix}{proj}"))
+        if f"{prefix}q_norm.weight" in tensors:  # Qwen3: per-head RMSNorm on q and k
+            self.q_norm = RMSNorm(hp.head_dim, hp.rms_norm_eps)
+            self.k_norm = RMSNorm(hp.head_dim, hp.rms_norm_eps)
+        self.layer, self.head_dim, self.comm = layer, hp.head_dim, comm
+        self.heads = self.q_proj.out_features // hp.head_dim
+        self.kv_heads = self.k_proj.out_features // hp.head_dim
+        self.sliding = hp.layer_types[layer] == "sliding_attention" and bool(hp.sliding_window)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape  # x: [B, S, H]
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, S, hd]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(self.layer, k, v, step.start)  # [B, kvh, T, hd]
+        out = self._attend(q, k, v, step.sliding_mask if self.sliding else step.mask)
+        out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+        return row_parallel(self.o_proj, out, self.comm)  # [B, S, H]
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """q: [B, h, S, hd], k/v: [B, kvh, T, hd], mask: [B, 1, S, T] -> [B, h, S, hd]."""
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+
+
+class MLP(nn.Module):
+    """Gated MLP down(act(gate(x)) * up(x)), column/row parallel over TP."""
+
+    def __init__(self, hp: HParams, tensors: Tensors, prefix: str, comm: Comm):
+        super().__init__()
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, proj, linear_like(tensors, f"{prefix}{proj}"))
+        self.act, self.comm = get_activation(hp), comm
+
+    def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output (no reduce, no down bias): [N, H]."""
+        return F.linear(self.act(self.gate_proj(x)) * self.up_proj(x), self.down_proj.weight)
+
+    def forward(self, x: torch.Tensor, token_valid: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.comm.all_reduce(self.forward_partial(x))  # [B, S, H]
+        return out if self.down_proj.bias is None else out + self.down_proj.bias
+
+
+class VocabEmbedding(nn.Module):
+    """Rows [tp_rank*Vl, (tp_rank+1)*Vl) of the (padded) vocab; other ids give zeros, summed."""
+
+    def __init__(self, weight_shape: torch.Size, comm: Comm):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape, device="meta"))
+        self.comm = comm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.tp == 1:
+            return F.embedding(ids, self.weight)  # [B, S, H]
+        rows = self.weight.shape[0]
+        local = ids - self.comm.tp_rank * rows  # [B, S]
+        inside = (local >= 0) & (local < rows)
+        out = F.embedding(local.clamp(0, rows - 1), self.weight)  # [B, S, H]
+        out = out.masked_fill(~inside[..., None], 0)
+        return self.comm.all_reduce(out)
+
+
+class LMHead(nn.Module):
+    """Vocab-column-parallel head: local logits, all-gathered, vocab padding stripped."""
+
+    def __init__(self, weight_shape: torch.Size, vocab_size: int, comm: Comm):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape, device="meta"))
+        self.vocab_size, self.comm = vocab_size, comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight)  # [B, S, Vp/tp]
+        logits = self.comm.all_gather_last(logits)  # [B, S, Vp]
+        return logits[..., : self.vocab_size]  # [B, S, V]

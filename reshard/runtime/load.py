@@ -1,0 +1,157 @@
+"""Build runtime models from files: a Hugging Face checkpoint folder (the world-size-1
+reference) or one rank's shards of a reshard output folder (via its manifest). Tensors are
+read one by one with safetensors' safe_open straight onto the target device and adopted as
+parameters; the model is never materialised twice. No planning, no verification of hashes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError, OutputError
+from ..hparams import HParams, load_hparams
+from .dist import Comm
+from .model import CausalLM, build_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bfloat16' / torch.bfloat16 / None ('keep') -> torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "keep":
+        return None if dtype == "keep" else dtype
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"dtype '{dtype}' is not one of {', '.join(_DTYPES)} or 'keep'.")
+    return _DTYPES[dtype]
+
+
+def load_source_model(
+    source_dir: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> CausalLM:
+    """The whole model at world size 1 from an HF folder (config.json + safetensors)."""
+    source_dir = Path(source_dir)
+    hp = load_hparams(source_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in _source_files(source_dir).items():
+        tensors.update(read_tensors(source_dir / file, names, resolve_dtype(dtype), device))
+    tie_lm_head(hp, tensors)
+    return build_model(hp, tensors, where=str(source_dir))
+
+
+def _source_files(source_dir: Path) -> dict[str, list[str] | None]:
+    """{file name: tensor names (None = all)} from the index or the single file."""
+    index = source_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files: dict[str, list[str] | None] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)  # type: ignore[union-attr]
+        return files
+    if (source_dir / "model.safetensors").exists():
+        return {"model.safetensors": None}
+    raise CheckpointError(
+        f"{source_dir}: no model.safetensors or model.safetensors.index.json. The runtime "
+        "reads safetensors checkpoints only; download the safetensors weights."
+    )
+
+
+def read_tensors(
+    path: Path,
+    names: list[str] | None,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+) -> dict[str, torch.Tensor]:
+    """Read `names` (None: all) from one safetensors file, cast, onto `device`."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: file is missing; re-download or re-convert it.")
+    out = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for name in names if names is not None else list(f.keys()):
+            if name not in f.keys():
+                raise CheckpointError(f"{path}: tensor {name} is listed but not in the file.")
+            tensor = f.get_tensor(name)
+            out[name] = tensor if dtype is None else tensor.to(dtype)
+    return out
+
+
+def tie_lm_head(hp: HParams, tensors: dict[str, torch.Tensor]) -> None:
+    """Tied embeddings with no lm_head tensor: the head shares embed_tokens' weight."""
+    if hp.tie_word_embeddings and "lm_head.weight" not in tensors:
+        if "model.embed_tokens.weight" in tensors and "model.norm.weight" in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """OUT/manifest.json as a dict; a folder without it is incomplete."""
+    path = Path(out_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OutputError(
+            f"{path}: missing. The folder is not a complete reshard output; re-run `reshard convert`."
+        ) from None
+    if manifest.get("format") != "reshard-manifest":
+        raise OutputError(f"{path}: not a reshard manifest (format={manifest.get('format')!r}).")
+    return manifest
+
+
+def load_rank(
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    rank: int,
+    *,
+    comm: Comm | None = None,
+    device: str | torch.device = "cpu",
+) -> CausalLM:
+    """Rank `rank`'s stage, reading only its files (those of `replica_of` for DP replicas)."""
+    entry = rank_entry(manifest, rank)
+    source = entry if entry.get("replica_of") is None else rank_entry(manifest, entry["replica_of"])
+    hp = HParams.from_dict(manifest["hparams"])
+    tensors = _read_rank_tensors(Path(out_dir), source, device)
+    tie_lm_head(hp, tensors)
+    return build_model(
+        hp,
+        tensors,
+        comm=comm,
+        expert_layout=manifest["layout"].get("experts"),
+        ep_rank=int(entry.get("ep_rank", 0)),
+        where=f"{out_dir} rank {rank}",
+    )
+
+
+def rank_entry(manifest: dict[str, Any], rank: int) -> dict[str, Any]:
+    for entry in manifest["ranks"]:
+        if int(entry["rank"]) == rank:
+            return entry
+    raise OutputError(f"manifest.json has no entry for rank {rank}; re-run `reshard convert`.")
+
+
+def _read_rank_tensors(
+    out_dir: Path, entry: dict[str, Any], device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    by_file: dict[str, list[str]] = {}
+    for name, info in entry["tensors"].items():
+        by_file.setdefault(info["file"], []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        if not (out_dir / file).exists():
+            raise OutputError(
+                f"{out_dir / file}: missing (rank {entry['rank']}). Re-run `reshard convert`."
+            )
+        tensors.update(read_tensors(out_dir / file, names, None, device))
+    for name, info in entry["tensors"].items():
+        if list(tensors[name].shape) != list(info["shape"]):
+            raise OutputError(
+                f"{out_dir / info['file']}: tensor {name} (rank {entry['rank']}) has shape "
+                f"{list(tensors[name].shape)}, manifest.json says {info['shape']}. "
+                "Re-run `reshard convert` into an empty folder."
+            )
+    return tensors

@@ -1,0 +1,177 @@
+"""The decoder of every supported family as one module tree named exactly like HF's
+(`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`). A `CausalLM` is one pipeline
+stage: it holds whichever of the embedding, layers, final norm and head its tensors contain,
+so the same code runs the whole model or one rank's shard. It knows nothing about files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..hparams import HParams
+from .cache import KVCache, Step
+from .dist import Comm
+from .layers import MLP, Attention, LMHead, RMSNorm, Tensors, VocabEmbedding
+from .moe import ExpertMap, MoEBlock, build_expert_map
+from .rope import compute_inv_freq, rope_cos_sin
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_MOE_BLOCKS = ("block_sparse_moe", "mlp")  # Mixtral on disk / everything else
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hp: HParams, layer: int, tensors: Tensors, comm: Comm, emap: ExpertMap):
+        super().__init__()
+        prefix = f"model.layers.{layer}."
+        self.input_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
+        self.self_attn = Attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
+        self.ffn_name = _ffn_name(tensors, prefix) if layer in hp.moe_layers else "mlp"
+        ffn_prefix = f"{prefix}{self.ffn_name}."
+        if layer in hp.moe_layers:
+            self.add_module(self.ffn_name, MoEBlock(hp, tensors, ffn_prefix, emap, comm))
+        else:
+            self.add_module(self.ffn_name, MLP(hp, tensors, ffn_prefix, comm))
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
+        ffn = getattr(self, self.ffn_name)
+        return x + ffn(self.post_attention_layernorm(x), step.token_valid)
+
+
+def _ffn_name(tensors: Tensors, prefix: str) -> str:
+    for name in _MOE_BLOCKS:
+        if f"{prefix}{name}.gate.weight" in tensors:
+            return name
+    raise KeyError(f"{prefix}mlp.gate.weight")
+
+
+class Body(nn.Module):
+    """`model.*`: embedding (first stage), this stage's layers, final norm (last stage)."""
+
+    def __init__(self, hp: HParams, tensors: Tensors, comm: Comm, emaps: dict[int, ExpertMap]):
+        super().__init__()
+        if "model.embed_tokens.weight" in tensors:
+            self.embed_tokens = VocabEmbedding(tensors["model.embed_tokens.weight"].shape, comm)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(hp, i, tensors, comm, emaps[i]) for i in stage_layers(tensors)}
+        )
+        if "model.norm.weight" in tensors:
+            self.norm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """One pipeline stage. forward: ids [B, S] (first stage) or hidden [B, S, H] -> hidden
+    [B, S, H] (not last stage) or logits [B, S', V] (last stage; S' = 1 if last_only)."""
+
+    def __init__(self, hp: HParams, tensors: Tensors, comm: Comm, emaps: dict[int, ExpertMap]):
+        super().__init__()
+        self.hp, self.comm = hp, comm
+        self.model = Body(hp, tensors, comm, emaps)
+        if "lm_head.weight" in tensors:
+            self.lm_head = LMHead(tensors["lm_head.weight"].shape, hp.vocab_size, comm)
+        self.inv_freq, self.rope_scale = compute_inv_freq(hp)
+
+    @property
+    def has_embed(self) -> bool:
+        return hasattr(self.model, "embed_tokens")
+
+    @property
+    def has_head(self) -> bool:
+        return hasattr(self, "lm_head")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(
+        self, x: torch.Tensor, step: Step, cache: KVCache, *, last_only: bool = True
+    ) -> torch.Tensor:
+        if self.has_embed:
+            x = self.model.embed_tokens(x)  # [B, S, H]
+        rope = rope_cos_sin(self.inv_freq.to(x.device), step.positions, self.rope_scale, x.dtype)
+        for layer in self.model.layers.values():
+            x = layer(x, rope, step, cache)
+        if not self.has_head:
+            return x
+        x = self.model.norm(x)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def enable_expert_load(self) -> None:
+        """Start counting tokens routed per expert in every MoE layer (see read_expert_load)."""
+        for block in self.modules():
+            if isinstance(block, MoEBlock):
+                block.expert_load = torch.zeros(self.hp.num_experts, dtype=torch.long)
+
+    def read_expert_load(self) -> dict[int, list[int]]:
+        """{layer: tokens routed to each logical expert} since enable_expert_load."""
+        return {
+            int(i): getattr(layer, layer.ffn_name).expert_load.tolist()
+            for i, layer in self.model.layers.items()
+            if isinstance(getattr(layer, layer.ffn_name), MoEBlock)
+            and getattr(layer, layer.ffn_name).expert_load is not None
+        }
+
+
+def stage_layers(tensors: Tensors) -> list[int]:
+    """Global indices of the decoder layers present in `tensors`, ascending."""
+    return sorted({int(m.group(1)) for name in tensors if (m := _LAYER.match(name))})
+
+
+def build_model(
+    hp: HParams,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    comm: Comm | None = None,
+    expert_layout: dict | None = None,
+    ep_rank: int = 0,
+    where: str = "checkpoint",
+) -> CausalLM:
+    """Build a stage on the meta device, then adopt `tensors` as its parameters (no copy).
+
+    `expert_layout` is the manifest's `layout.experts` (None: every expert on this rank).
+    `where` names the source of the tensors in error messages."""
+    comm = comm or Comm()
+    layers = (expert_layout or {}).get("layers", {})
+    emaps = {
+        i: build_expert_map(hp.num_experts, layers.get(str(i)), ep_rank)
+        for i in stage_layers(tensors)
+    }
+    try:
+        model = CausalLM(hp, tensors, comm, emaps)
+    except KeyError as e:
+        raise CheckpointError(
+            f"{where}: tensor {e.args[0]} is missing; {hp.architecture} needs it. "
+            "Re-download or re-convert the checkpoint."
+        ) from None
+    _assign(model, tensors, where)
+    return model.eval()
+
+
+def _assign(model: CausalLM, tensors: Tensors, where: str) -> None:
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: tensors do not match {model.hp.architecture}: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}. Check that the "
+            "checkpoint and its config.json belong together."
+        )
+    for name, param in model.state_dict().items():
+        if tuple(param.shape) != tuple(tensors[name].shape):
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, the module "
+                f"built from its neighbours expects {tuple(param.shape)}."
+            )
+    model.load_state_dict(dict(tensors), strict=True, assign=True)

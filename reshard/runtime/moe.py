@@ -1,0 +1,163 @@
+"""Mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE) over this rank's expert slots.
+
+Every TP rank sees all tokens and runs the (replicated) router. For each (token, expert)
+choice exactly one replica computes it: `replica = token_index % logcnt[e]`; the rank holding
+that replica's slot computes its etp slice of the expert. Partial outputs (plus the shared
+expert's) are summed by the same TP all-reduce as a dense MLP. Expert weights may be named
+per expert (`experts.{e}.w1` / `experts.{e}.gate_proj`) or fused 3-D (`experts.gate_up_proj`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hparams import HParams
+from .dist import Comm
+from .layers import MLP, Tensors, get_activation, linear_like
+
+# Per-expert tensor names: (gate, up, down). Mixtral: w1/w3/w2; Qwen-MoE: *_proj.
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_QWEN_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ExpertMap:
+    """Which logical experts this rank holds, and which replica of each it computes."""
+
+    local_experts: tuple[int, ...]  # logical expert id per local slot, in slot order
+    local_slot: torch.Tensor  # [E, max_replicas] local slot index of replica j of e, or -1
+    logcnt: torch.Tensor  # [E] replica count per logical expert
+
+
+def build_expert_map(num_experts: int, entry: dict[str, Any] | None, ep_rank: int) -> ExpertMap:
+    """From a manifest `layout.experts.layers[<layer>]` entry (None: every expert, once)."""
+    if entry is None:
+        slots = torch.arange(num_experts)[:, None]
+        return ExpertMap(tuple(range(num_experts)), slots, torch.ones(num_experts, dtype=torch.long))
+    per_rank = int(entry["slots_per_rank"])
+    first = ep_rank * per_rank
+    mine = [int(e) for e in entry["phy2log"][first : first + per_rank] if int(e) >= 0]
+    logcnt = torch.tensor([int(c) for c in entry["logcnt"]], dtype=torch.long)
+    local_slot = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.long)
+    for expert, physical in enumerate(entry["log2phy"]):
+        for replica, slot in enumerate(physical[: int(logcnt[expert])]):
+            if first <= int(slot) < first + per_rank:
+                local_slot[expert, replica] = mine.index(int(entry["phy2log"][int(slot)]))
+    return ExpertMap(tuple(mine), local_slot, logcnt)
+
+
+class PerExpertWeights(nn.Module):
+    """experts.{e}.{gate,up,down} linears, keyed by logical expert id."""
+
+    def __init__(self, tensors: Tensors, prefix: str, experts: tuple[int, ...], names: tuple):
+        super().__init__()
+        self.names = names
+        self.experts = nn.ModuleDict()
+        for e in experts:
+            module = nn.Module()
+            for name in names:
+                setattr(module, name, linear_like(tensors, f"{prefix}{e}.{name}"))
+            self.experts[str(e)] = module
+
+    def gate_up(self, slot_expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        module = self.experts[str(slot_expert)]
+        return getattr(module, self.names[0])(x), getattr(module, self.names[1])(x)
+
+    def down(self, slot_expert: int, h: torch.Tensor) -> torch.Tensor:
+        return getattr(self.experts[str(slot_expert)], self.names[2])(h)
+
+
+class FusedExpertWeights(nn.Module):
+    """gate_up_proj [E_local, 2*I_l, H] (gate rows, then up rows) and down_proj [E_local, H, I_l]."""
+
+    def __init__(self, tensors: Tensors, prefix: str):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty_like(tensors[f"{prefix}gate_up_proj"], device="meta"))
+        self.down_proj = nn.Parameter(torch.empty_like(tensors[f"{prefix}down_proj"], device="meta"))
+
+    def gate_up(self, slot: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = F.linear(x, self.gate_up_proj[slot]).chunk(2, dim=-1)
+        return gate, up
+
+    def down(self, slot: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.down_proj[slot])
+
+
+class MoEBlock(nn.Module):
+    """Router + local experts (+ Qwen2-MoE's gated shared expert), one TP all-reduce."""
+
+    def __init__(self, hp: HParams, tensors: Tensors, prefix: str, emap: ExpertMap, comm: Comm):
+        super().__init__()
+        self.gate = linear_like(tensors, f"{prefix}gate")
+        self.fused = f"{prefix}experts.gate_up_proj" in tensors
+        if self.fused:
+            self.experts = FusedExpertWeights(tensors, f"{prefix}experts.")
+        else:
+            names = _EXPERT_NAMES.get(hp.family, _QWEN_EXPERT_NAMES)
+            self.experts = PerExpertWeights(tensors, f"{prefix}experts.", emap.local_experts, names)
+        if f"{prefix}shared_expert_gate.weight" in tensors:
+            self.shared_expert = MLP(hp, tensors, f"{prefix}shared_expert.", comm)
+            self.shared_expert_gate = linear_like(tensors, f"{prefix}shared_expert_gate")
+        self.top_k, self.comm, self.act = hp.num_experts_per_tok, comm, get_activation(hp)
+        # Mixtral always renormalises the top-k weights (transformers hard-codes it).
+        self.renormalise = hp.norm_topk_prob or hp.family == "mixtral"
+        self.keep_fp32_weights = hp.family == "mixtral"  # Mixtral does not cast them back
+        self.emap = emap
+        self.expert_load: torch.Tensor | None = None  # set to zeros([E]) to record routing
+
+    def forward(self, x: torch.Tensor, token_valid: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, hidden = x.shape  # x: [B, S, H]
+        flat = x.reshape(-1, hidden)  # [N, H]
+        weights, experts = self.route(flat)  # [N, k] each
+        out = self.routed_partial(flat, weights, experts)  # [N, H]
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert.forward_partial(flat)
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        self.record_load(experts, token_valid)
+        return self.comm.all_reduce(out).view(batch, seq, hidden)
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax (fp32) -> top-k -> optional renormalisation. Returns weights, expert ids."""
+        logits = self.gate(flat)  # [N, E]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights if self.keep_fp32_weights else weights.to(logits.dtype)), experts
+
+    def routed_partial(
+        self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum over the (token, expert) choices this rank computes; [N, H]."""
+        out = torch.zeros_like(flat)
+        token_index = torch.arange(flat.shape[0], device=flat.device)[:, None]  # [N, 1]
+        logcnt, local_slot = self.emap.logcnt.to(flat.device), self.emap.local_slot.to(flat.device)
+        replica = token_index % logcnt[experts]  # [N, k]
+        slots = local_slot[experts, replica]  # [N, k], -1 where another rank computes it
+        for slot in self._slots_in_expert_order(slots):
+            tokens, choice = torch.where(slots == slot)
+            y = self._expert(slot, flat[tokens]) * weights[tokens, choice, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+    def _slots_in_expert_order(self, slots: torch.Tensor) -> list[int]:
+        hit = set(torch.unique(slots[slots >= 0]).tolist())
+        order = sorted(range(len(self.emap.local_experts)), key=self.emap.local_experts.__getitem__)
+        return [s for s in order if s in hit]
+
+    def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        key = slot if self.fused else self.emap.local_experts[slot]
+        gate, up = self.experts.gate_up(key, x)  # [n, I_l] each
+        return self.experts.down(key, self.act(gate) * up)  # [n, H], partial over etp
+
+    def record_load(self, experts: torch.Tensor, token_valid: torch.Tensor | None) -> None:
+        """Count tokens routed per logical expert (padding excluded) when recording is on."""
+        if self.expert_load is None:
+            return
+        chosen = experts if token_valid is None else experts[token_valid.reshape(-1)]
+        self.expert_load += torch.bincount(chosen.reshape(-1), minlength=self.expert_load.numel())

@@ -1,0 +1,212 @@
+"""Read and write safetensors headers without touching tensor data.
+
+Validation follows the reference implementation's rules (header size bound, strict UTF-8 JSON,
+known dtypes, contiguous offsets from 0 with no gaps or overlaps, exact byte lengths, file size
+agreement) and adds what it lets through: duplicate names and odd tensor names. Every error
+names the file. Tensor data is never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+MAX_HEADER = 100_000_000
+ALIGN = 8  # output headers are padded with spaces so data starts 8-byte aligned
+
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+# --dtype names -> safetensors dtype
+CAST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the data in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    size: int
+    data_start: int
+    tensors: dict[str, TensorInfo]  # in file order
+    metadata: dict[str, str]
+
+
+def _reject_duplicates(path: Path):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise CheckpointError(
+                    f"{path}: tensor '{key}' appears twice in the safetensors header. "
+                    "The file is corrupt or was written by a buggy tool; re-export it."
+                )
+            seen.add(key)
+        return dict(pairs)
+
+    return hook
+
+
+def read_header(path: Path) -> Header:
+    """Parse and fully validate the header of one safetensors file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{path}: {size} bytes is too short for a safetensors file (needs an "
+                    "8-byte header length). The file is truncated; re-download it."
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise CheckpointError(
+                    f"{path}: header length {n} exceeds the {MAX_HEADER}-byte limit. "
+                    "Not a safetensors file, or corrupt; re-download it."
+                )
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: header length {n} is larger than the file ({size} bytes). "
+                    "The file is truncated; re-download it."
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror}).") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: the header is not valid UTF-8 JSON ({e}). The file is corrupt; "
+            "re-download it."
+        ) from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object. Re-download it.")
+    return _validate(path, size, 8 + n, doc)
+
+
+def _validate(path: Path, size: int, data_start: int, doc: dict) -> Header:
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings.")
+    infos = [_parse_entry(path, data_start, name, entry) for name, entry in doc.items()]
+    infos.sort(key=lambda t: (t.begin, t.end))
+    cursor = data_start
+    for t in infos:
+        if t.begin != cursor:
+            what = "overlaps the previous tensor" if t.begin < cursor else "leaves a gap"
+            raise CheckpointError(
+                f"{path}: tensor '{t.name}' starts at data offset {t.begin - data_start}, "
+                f"expected {cursor - data_start}: it {what}. The file is corrupt; re-export it."
+            )
+        cursor = t.end
+    if cursor != size:
+        raise CheckpointError(
+            f"{path}: the header describes {cursor} bytes but the file has {size}. "
+            "The file is truncated or has trailing bytes; re-download it."
+        )
+    return Header(path, size, data_start, {t.name: t for t in infos}, dict(metadata))
+
+
+def _parse_entry(path: Path, data_start: int, name: str, entry) -> TensorInfo:
+    if not name or not name.isprintable() or name != name.strip():
+        raise CheckpointError(f"{path}: tensor name {name!r} is empty or has odd characters.")
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor '{name}': header entry is not an object.")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}."
+        )
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor '{name}' has a bad shape {shape!r}.")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{path}: tensor '{name}' has bad data_offsets {offsets!r}.")
+    numel = 1
+    for d in shape:  # Python ints: no overflow
+        numel *= d
+    if numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' shape {shape} x {dtype} needs "
+            f"{numel * DTYPE_SIZES[dtype]} bytes but its offsets span {offsets[1] - offsets[0]}. "
+            "The file is corrupt; re-export it."
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+    """Build a header for tensors written back to back in the given order.
+
+    Returns (header bytes including the 8-byte length, data offsets relative to data start).
+    """
+    doc: dict = {"__metadata__": metadata} if metadata else {}
+    offsets = []
+    cursor = 0
+    for name, dtype, shape in entries:
+        numel = 1
+        for d in shape:
+            numel *= d
+        end = cursor + numel * DTYPE_SIZES[dtype]
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, end]}
+        offsets.append((cursor, end))
+        cursor = end
+    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def pread_exact(fd: int, n: int, offset: int, path: Path) -> bytearray:
+    """Read exactly n bytes at offset, or fail naming the file."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        chunk = os.preadv(fd, [view[got:]], offset + got)
+        if chunk == 0:
+            raise CheckpointError(
+                f"{path}: ended after {offset + got} bytes while reading {n} bytes at offset "
+                f"{offset}. The file shrank or is truncated; re-download it."
+            )
+        got += chunk
+    return buf  # a bytearray is writable, so torch.frombuffer takes it without a warning

@@ -1,0 +1,247 @@
+"""`reshard verify`: the first two tiers, which need no torch.distributed.
+
+1. hashes: every file present with the recorded size, every tensor's xxh3-128 matches.
+2. weights: every output tensor's pieces equal the source tensors bitwise (after the recorded
+   cast), padding rows are zero, and the pieces cover every element of every source tensor.
+The generation tier lives in reshard.runtime; `verify_output` runs all the tiers asked for.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from safetensors import safe_open
+
+from .errors import OutputError
+from .manifest import read_manifest
+from .safetensors_io import TORCH_DTYPES, read_header
+
+LEVELS = ("hashes", "weights", "generate")
+
+
+@dataclass
+class LevelResult:
+    level: str
+    passed: bool | None  # None: skipped
+    detail: str = ""
+    failures: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "detail": self.detail, "failures": self.failures}
+
+
+def check_complete(out_dir: Path, manifest: dict) -> None:
+    """Exit-2 territory: files the manifest names are missing or have the wrong size."""
+    for name, meta in manifest["files"].items():
+        path = Path(out_dir) / name
+        if not path.is_file():
+            raise OutputError(
+                f"{path}: missing (rank {meta['rank']}). {out_dir} is not a complete reshard "
+                "output; copy the whole folder, or re-run reshard convert."
+            )
+
+
+def verify_hashes(out_dir: Path, manifest: dict) -> LevelResult:
+    failures = []
+    checked = 0
+    for name, meta in manifest["files"].items():
+        path = Path(out_dir) / name
+        size = path.stat().st_size
+        if size != meta["size"]:
+            failures.append(f"{path}: {size} bytes, the manifest says {meta['size']}")
+            continue
+        try:
+            header = read_header(path)
+        except Exception as e:  # a corrupt header is a verification failure, not bad input
+            failures.append(f"{path}: unreadable header ({e})")
+            continue
+        failures += _check_file_hashes(path, header, manifest, meta["rank"])
+        checked += len(header.tensors)
+    return LevelResult(
+        "hashes", not failures, f"{checked} tensors in {len(manifest['files'])} files", failures
+    )
+
+
+def _check_file_hashes(path: Path, header, manifest: dict, rank: int) -> list[str]:
+    expected = {
+        t: e for t, e in manifest["ranks"][rank]["tensors"].items() if e["file"] == path.name
+    }
+    failures = [f"{path}: tensor '{t}' is missing" for t in expected if t not in header.tensors]
+    with open(path, "rb") as f:
+        for name, info in header.tensors.items():
+            entry = expected.get(name)
+            if entry is None:
+                failures.append(f"{path}: tensor '{name}' is not in the manifest")
+                continue
+            f.seek(info.begin)
+            h = xxhash.xxh3_128()
+            left = info.nbytes
+            while left:
+                block = f.read(min(left, 64 << 20))
+                h.update(block)
+                left -= len(block)
+            if h.hexdigest() != entry["xxh3_128"]:
+                failures.append(
+                    f"{path}: tensor '{name}' (rank {rank}) hash {h.hexdigest()} != manifest "
+                    f"{entry['xxh3_128']}: the file is corrupt; re-copy it or re-run convert"
+                )
+    return failures
+
+
+def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
+    if source is not None:
+        from .source import resolve_model
+
+        return resolve_model(source)[0]
+    path = Path(manifest["source"]["path"])
+    return path if path.is_dir() else None
+
+
+def verify_weights(out_dir: Path, manifest: dict, source_dir: Path) -> LevelResult:
+    """Compare every piece with the source, bitwise; check coverage and zero padding."""
+    from .source import open_source
+
+    src = open_source(str(source_dir))
+    failures: list[str] = []
+    with SourceBlocks(src) as blocks:
+        for entry in manifest["ranks"]:
+            if entry.get("replica_of") is not None:
+                continue
+            for fname in entry["files"]:
+                failures += _check_file_weights(Path(out_dir) / fname, entry, blocks)
+    failures += check_coverage(manifest, {n: src.info(n).shape for n in src.tensors})
+    n = sum(len(e.get("tensors") or {}) for e in manifest["ranks"])
+    return LevelResult("weights", not failures, f"{n} tensors vs {src.path}", failures)
+
+
+def check_coverage(manifest: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Every element of every source tensor is in some shard. Replicated pieces repeat the
+    same block, so identical blocks count once; distinct blocks must not overlap."""
+    blocks: dict[str, set] = {name: set() for name in shapes}
+    for entry in manifest["ranks"]:
+        for meta in (entry.get("tensors") or {}).values():
+            for p in meta["pieces"]:
+                blocks.setdefault(p["source"], set()).add((tuple(p["start"]), tuple(p["stop"])))
+    failures = []
+    for name, shape in shapes.items():
+        if name in manifest.get("dropped", []):
+            continue
+        found = blocks.get(name, set())
+        volume = sum(_volume(a, b) for a, b in found)
+        total = _volume((0,) * len(shape), shape)
+        if volume != total or (len(found) <= 64 and _overlap(found)):
+            failures.append(
+                f"source tensor '{name}': the shards hold {volume} of its {total} elements "
+                "(or overlapping blocks); the output is incomplete"
+            )
+    return failures
+
+
+def _volume(start, stop) -> int:
+    n = 1
+    for a, b in zip(start, stop, strict=True):
+        n *= b - a
+    return n
+
+
+def _overlap(found) -> bool:
+    boxes = sorted(found)
+    for i, (a0, a1) in enumerate(boxes):
+        for b0, b1 in boxes[i + 1 :]:
+            if all(max(x0, y0) < min(x1, y1) for x0, x1, y0, y1 in zip(a0, a1, b0, b1)):
+                return True
+    return False
+
+
+def _check_file_weights(path: Path, entry: dict, blocks: SourceBlocks) -> list[str]:
+    failures = []
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():
+            meta = entry["tensors"][name]
+            out = f.get_tensor(name)
+            for p in meta["pieces"]:
+                block = blocks.block(p).to(TORCH_DTYPES[meta["dtype"]])
+                index = tuple(
+                    slice(d, d + (e - s)) for d, s, e in zip(p["dest"], p["start"], p["stop"])
+                )
+                if not _bitwise_equal(out[index], block):
+                    failures.append(
+                        f"{path}: tensor '{name}' (rank {entry['rank']}) differs from source "
+                        f"'{p['source']}' block {p['start']}:{p['stop']}"
+                    )
+            if meta["padding"] and torch.count_nonzero(out[out.shape[0] - meta["padding"] :]):
+                failures.append(f"{path}: tensor '{name}' has non-zero vocab padding rows")
+    return failures
+
+
+class SourceBlocks:
+    """Reads blocks of source tensors through safetensors' own reader, one handle per file."""
+
+    def __init__(self, src):
+        self.src = src
+        self.stack = ExitStack()
+        self.handles: dict[Path, Any] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def block(self, piece: dict) -> torch.Tensor:
+        path = self.src.tensors[piece["source"]][0].path
+        if path not in self.handles:
+            self.handles[path] = self.stack.enter_context(safe_open(str(path), "pt"))
+        f = self.handles[path]
+        if not piece["start"]:
+            return f.get_tensor(piece["source"])
+        index = tuple(slice(s, e) for s, e in zip(piece["start"], piece["stop"]))
+        return f.get_slice(piece["source"])[index]
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a = a.contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(a, b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def verify_output(
+    out_dir: Path,
+    *,
+    levels: tuple[str, ...] = LEVELS,
+    source: str | None = None,
+    generate_options: dict | None = None,
+) -> tuple[dict, list[LevelResult]]:
+    """Run the requested tiers in order. Raises OutputError when OUT is incomplete."""
+    manifest = read_manifest(out_dir)
+    check_complete(out_dir, manifest)
+    results = []
+    if "hashes" in levels:
+        results.append(verify_hashes(out_dir, manifest))
+    source_dir = resolve_source_dir(manifest, source)
+    for level in ("weights", "generate"):
+        if level not in levels:
+            continue
+        if source_dir is None:
+            results.append(
+                LevelResult(
+                    level, None,
+                    f"skipped: source {manifest['source']['path']} is gone; pass --source",
+                )
+            )  # fmt: skip
+        elif level == "weights":
+            results.append(verify_weights(out_dir, manifest, source_dir))
+        else:
+            from .runtime.verify_generate import verify_generation
+
+            results.append(
+                verify_generation(out_dir, manifest, source_dir, **(generate_options or {}))
+            )
+    return manifest, results

@@ -1,0 +1,233 @@
+"""Execute a Plan: stream every needed source byte once, in file order, in bounded chunks, and
+scatter each chunk to the final offset of every output tensor that needs a piece of it.
+
+Output headers are known from the plan, so each file is created at its full size up front and
+written with pwrite. Files are `*.partial` until fsynced and renamed. Peak memory is one
+chunk (plus a sliced copy of it), whatever the model size. The writer makes no decisions.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import xxhash
+
+from .errors import ReshardIOError, UnsupportedModelError
+from .plan import OutFile, OutTensor, Piece, Plan
+from .safetensors_io import TORCH_DTYPES, encode_header, pread_exact
+from .source import Source
+
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class Target:
+    """One output tensor being filled: where it lives and how much of it is hashed."""
+
+    file: Path
+    fd: int
+    tensor: OutTensor
+    offset: int  # absolute byte offset of the tensor's data in its file
+    hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
+    hashed: int = 0  # bytes [0, hashed) are in the hash
+    written: int = 0  # bytes written, checked against the plan at the end
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def write_plan(
+    plan: Plan, source: Source, out_dir: Path, *, progress=None, chunk_bytes: int = CHUNK_BYTES
+) -> dict[str, dict[str, str]]:
+    """Write every output file of the plan. Returns {file: {tensor: xxh3-128 hex}}."""
+    targets: list[Target] = []
+    fds: list[tuple[int, Path]] = []
+    try:
+        for out_file in plan.files:
+            fd, file_targets = _create_file(out_dir / out_file.name, out_file)
+            fds.append((fd, out_dir / out_file.name))
+            targets.extend(file_targets)
+        _stream_sources(source, targets, chunk_bytes, progress)
+        hashes = _finish_hashes(targets)
+        for fd, path in fds:
+            _io(os.fsync, fd, path=partial_path(path))
+    finally:
+        for fd, _ in fds:
+            os.close(fd)
+    for _, path in fds:
+        _io(os.replace, partial_path(path), path, path=path)
+    fsync_dir(out_dir)
+    return hashes
+
+
+def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target]]:
+    entries = [(t.name, t.dtype, t.shape) for t in out_file.tensors]
+    header, offsets = encode_header(entries, {"format": "pt", "rank": str(out_file.rank)})
+    tmp = partial_path(path)
+    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
+    _pwrite_all(fd, memoryview(header), 0, tmp)
+    # Full size up front: padding rows are the zeros of the sparse tail, no write needed.
+    _io(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
+    targets = [
+        Target(tmp, fd, t, len(header) + begin)
+        for t, (begin, _) in zip(out_file.tensors, offsets, strict=True)
+    ]
+    return fd, targets
+
+
+def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, progress) -> None:
+    consumers: dict[str, list[tuple[Target, Piece]]] = {}
+    for target in targets:
+        for piece in target.tensor.pieces:
+            consumers.setdefault(piece.source, []).append((target, piece))
+    for header in source.headers:  # file order, then offset order within a file
+        needed = [t for name, t in header.tensors.items() if name in consumers]
+        if not needed:
+            continue
+        fd = _io(os.open, header.path, os.O_RDONLY, path=header.path)
+        try:
+            for info in needed:
+                _stream_tensor(fd, header.path, info, consumers[info.name], chunk_bytes)
+                if progress is not None:
+                    progress.update(info.nbytes)
+        finally:
+            os.close(fd)
+
+
+def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int) -> None:
+    if info.dtype not in TORCH_DTYPES:
+        raise UnsupportedModelError(
+            f"{path}: tensor '{info.name}' has dtype {info.dtype}, which reshard cannot slice."
+        )
+    rows = info.shape[0] if info.shape else 1
+    if rows == 0 or info.nbytes == 0:
+        return
+    row_bytes = info.nbytes // rows
+    step = max(1, chunk_bytes // max(row_bytes, 1))
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        raw = pread_exact(fd, (b - a) * row_bytes, info.begin + a * row_bytes, path)
+        chunk = torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype])
+        chunk = chunk.view(b - a, *info.shape[1:]) if info.shape else chunk.view(())
+        for target, piece in consumers:
+            _scatter(target, piece, chunk, a, b)
+
+
+def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int) -> None:
+    """Copy the part of `piece` that lies in source rows [a, b) to its place in the output."""
+    if chunk.dim() == 0:
+        _write_block(target, (), chunk.reshape(()))
+        return
+    lo, hi = max(a, piece.start[0]), min(b, piece.stop[0])
+    if lo >= hi:
+        return
+    index = (slice(lo - a, hi - a),) + tuple(
+        slice(s, e) for s, e in zip(piece.start[1:], piece.stop[1:], strict=True)
+    )
+    block = chunk[index]
+    dest = (piece.dest[0] + lo - piece.start[0], *piece.dest[1:])
+    _write_block(target, dest, block)
+
+
+def _write_block(target: Target, dest: tuple[int, ...], block: torch.Tensor) -> None:
+    """Write `block` at `dest` (per-dim start) in the output tensor, as contiguous runs."""
+    out_dtype = TORCH_DTYPES[target.tensor.dtype]
+    if block.dtype != out_dtype:
+        block = block.to(out_dtype)  # the recipe asked for a cast
+    data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+    shape = target.tensor.shape
+    # k: the first dim from which the block covers the output fully, so that each index of
+    # the dims before k is one contiguous run.
+    k = len(shape)
+    while k > 0 and dest[k - 1] == 0 and block.shape[k - 1] == shape[k - 1]:
+        k -= 1
+    k = max(k - 1, 0)
+    strides = [math.prod(shape[j + 1 :]) for j in range(len(shape))]
+    item = out_dtype.itemsize
+    run = math.prod(block.shape[k:]) * item
+    outer = [range(n) for n in block.shape[:k]]
+    for i, idx in enumerate(_product(outer)):
+        first = sum((dest[j] + idx[j]) * strides[j] for j in range(k))
+        first += dest[k] * strides[k] if shape else 0
+        _write_run(target, first * item, data[i * run : (i + 1) * run])
+
+
+def _product(ranges):
+    if not ranges:
+        yield ()
+        return
+    for head in ranges[0]:
+        for rest in _product(ranges[1:]):
+            yield (head, *rest)
+
+
+def _write_run(target: Target, rel: int, data) -> None:
+    _pwrite_all(target.fd, memoryview(data), target.offset + rel, target.file)
+    target.written += len(data)
+    if rel == target.hashed:  # in order: hash while streaming; else read back at the end
+        target.hasher.update(data)
+        target.hashed += len(data)
+
+
+def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
+    hashes: dict[str, dict[str, str]] = {}
+    for t in targets:
+        padding_bytes = t.tensor.padding * (t.tensor.nbytes // max(t.tensor.shape[0], 1))
+        expected = t.tensor.nbytes - (padding_bytes if t.tensor.shape else 0)
+        if t.written != expected:  # internal invariant: the plan covers every element once
+            raise AssertionError(f"{t.tensor.name}: wrote {t.written} of {expected} bytes")
+        while t.hashed < t.tensor.nbytes:
+            n = min(CHUNK_BYTES, t.tensor.nbytes - t.hashed)
+            t.hasher.update(pread_exact(t.fd, n, t.offset + t.hashed, t.file))
+            t.hashed += n
+        name = t.file.name.removesuffix(".partial")
+        hashes.setdefault(name, {})[t.tensor.name] = t.hasher.hexdigest()
+    return hashes
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    data = data.cast("B")
+    while len(data):
+        n = _io(os.pwrite, fd, data, offset, path=path)
+        data = data[n:]
+        offset += n
+
+
+def _io(fn, *args, path: Path):
+    """Run an OS call; turn OSError into ReshardIOError naming the file and the fix."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        fix = {
+            errno.ENOSPC: "free space on that disk or write elsewhere with -o",
+            errno.EACCES: "check the folder's permissions",
+            errno.EROFS: "the file system is read-only; write elsewhere with -o",
+        }.get(e.errno, "check the disk and the path")
+        raise ReshardIOError(f"{path}: {e.strerror} ({fix}).") from None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = _io(os.open, path, os.O_RDONLY, path=path)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a small file as `.partial`, fsync, rename, fsync the folder."""
+    tmp = partial_path(path)
+    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, path=tmp)
+    try:
+        _pwrite_all(fd, memoryview(data), 0, tmp)
+        _io(os.fsync, fd, path=tmp)
+    finally:
+        os.close(fd)
+    _io(os.replace, tmp, path, path=path)
+    fsync_dir(path.parent)

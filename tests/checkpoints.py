@@ -1,0 +1,77 @@
+"""Tiny real checkpoints for the tests, written by transformers (random weights).
+
+Weights are scaled up so that greedy decoding varies from token to token: a wrong shard then
+changes the generated ids, not just the last decimal of a logit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=101,  # not divisible by 2 or 4: exercises vocab padding
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+)
+
+
+def config_for(arch: str, **overrides):
+    import transformers
+
+    cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    kwargs = {**BASE, **overrides}
+    if arch.startswith(("Mixtral", "Qwen2Moe", "Qwen3Moe")):
+        kwargs.setdefault("num_experts_per_tok", 2)
+        kwargs.setdefault("moe_intermediate_size", 32)
+        if arch.startswith("Mixtral"):
+            kwargs.setdefault("num_local_experts", 4)
+        else:
+            kwargs.setdefault("num_experts", 4)
+        if arch.startswith("Qwen2Moe"):
+            kwargs.setdefault("shared_expert_intermediate_size", 48)
+    config = cls(**kwargs)
+    config.architectures = [arch]
+    return config
+
+
+def write_checkpoint(
+    path: Path, arch: str = "LlamaForCausalLM", *, shard_size=None, seed=0, dtype=None, **overrides
+) -> Path:
+    """save_pretrained a random tiny model; `shard_size` (e.g. "20KB") makes several files."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = config_for(arch, **overrides)
+    model = getattr(transformers, arch)(config).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return Path(path)
+
+
+def move_tensor(path: Path, name: str, to_file: str) -> None:
+    """Move one tensor to another (new) shard file and fix the index: q/k/v of one layer
+    stored in different files, as some exporters do."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    src = index["weight_map"][name]
+    tensors = load_file(path / src)
+    moved = tensors.pop(name)
+    save_file(tensors, path / src, metadata={"format": "pt"})
+    extra = load_file(path / to_file) if (path / to_file).exists() else {}
+    extra[name] = moved
+    save_file(extra, path / to_file, metadata={"format": "pt"})
+    index["weight_map"][name] = to_file
+    index_path.write_text(json.dumps(index))
