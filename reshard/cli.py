@@ -66,7 +66,9 @@ def layout_options(fn):
                 "--dtype", help="keep | bfloat16/bf16 | float16/fp16 | float32/fp32 (default keep)."
             ),
             click.option("--costs", type=click.Path(path_type=Path), help="Stage costs JSON."),
-            click.option("--expert-load", "load", type=click.Path(path_type=Path), help="Load JSON."),
+            click.option(
+                "--expert-load", "load", type=click.Path(path_type=Path), help="Load JSON."
+            ),
             click.option("--placement", help="contiguous | round_robin | balanced."),
             click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
         ]

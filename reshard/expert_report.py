@@ -1,15 +1,138 @@
-"""What an expert placement is worth and how engines load it: balancedness per layer and
-overall, the lower bound on the busiest rank, the memory redundant slots cost, the
-balanced-vs-contiguous report, and the SGLang / TensorRT-LLM placement files.
-It decides nothing: placements come from `experts.py`."""
+"""Expert placement's files and figures: the `expert_load.json` format (read, validated,
+written), balancedness per layer and overall, the lower bound on the busiest rank, the
+memory redundant slots cost, the balanced-vs-contiguous report, and the SGLang /
+TensorRT-LLM placement files. It decides nothing: placements come from `experts.py`."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from reshard.errors import InputError, LayoutError
+from reshard.errors import InputError, LayoutError, ReshardIOError
 from reshard.experts import Placement, place_model, replica_counts
+
+LOAD_FORMAT = "reshard-expert-load"
+LOAD_VERSION = 1
+REMAKE = "make it with `reshard profile experts MODEL --prompts FILE -o expert_load.json`"
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """Contents of `expert_load.json`: tokens routed to each expert per MoE layer, on
+    calibration prompts and (optionally) on held-out prompts used only for evaluation."""
+
+    model: str
+    num_experts: int
+    layers: dict[int, tuple[float, ...]]
+    heldout: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    prompts: int = 0
+    heldout_prompts: int = 0
+
+
+def write_expert_load(path: str | os.PathLike, data: ExpertLoad) -> None:
+    """Write `data` as `expert_load.json`, one line per layer (temporary file, then rename:
+    never half a file). Refuses NaN/inf, which strict JSON readers reject."""
+    head = {
+        "format": LOAD_FORMAT,
+        "version": LOAD_VERSION,
+        "model": data.model,
+        "num_experts": data.num_experts,
+        "prompts": data.prompts,
+        "heldout_prompts": data.heldout_prompts,
+    }
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    lines.append(f'  "layers": {dump_layers(data.layers)},')
+    lines.append(f'  "heldout": {dump_layers(data.heldout)}')
+    partial = Path(f"{os.fspath(path)}.partial")
+    partial.write_text("{\n" + "\n".join(lines) + "\n}\n")
+    os.replace(partial, path)
+
+
+def dump_layers(layers: Mapping[int, Sequence[float]]) -> str:
+    rows = [f'    "{k}": {json.dumps(list(v), allow_nan=False)}' for k, v in sorted(layers.items())]
+    return "{\n" + ",\n".join(rows) + "\n  }" if rows else "{}"
+
+
+def read_expert_load(path: str | os.PathLike) -> ExpertLoad:
+    """Read and validate `expert_load.json`; InputError names the file, the layer and the fix."""
+    doc = load_json(path)
+    where = os.fspath(path)
+    if not isinstance(doc, dict) or doc.get("format") != LOAD_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise InputError(f"{where}: format is {found!r}, not {LOAD_FORMAT!r}; {REMAKE}")
+    if doc.get("version") != LOAD_VERSION:
+        raise InputError(
+            f"{where}: version {doc.get('version')!r}, this reshard reads {LOAD_VERSION}; {REMAKE}"
+        )
+    num_experts = doc.get("num_experts")
+    if not is_count(num_experts) or num_experts < 1:
+        raise InputError(f"{where}: num_experts is {num_experts!r}, need an integer >= 1")
+    layers = parse_layers(where, "layers", doc.get("layers"), num_experts)
+    if not layers:
+        raise InputError(f'{where}: "layers" is empty; {REMAKE}')
+    heldout = parse_layers(where, "heldout", doc.get("heldout", {}), num_experts)
+    if heldout and set(heldout) != set(layers):
+        raise InputError(
+            f"{where}: heldout covers layers {sorted(heldout)[:4]}..., layers covers "
+            f"{sorted(layers)[:4]}...; both must list the same MoE layers; {REMAKE}"
+        )
+    counts = [doc.get(k, 0) for k in ("prompts", "heldout_prompts")]
+    if not all(is_count(c) and c >= 0 for c in counts):
+        raise InputError(f"{where}: prompts/heldout_prompts {counts} must be integers >= 0")
+    model = doc.get("model", "")
+    return ExpertLoad(str(model), num_experts, layers, heldout, counts[0], counts[1])
+
+
+def load_json(path: str | os.PathLike) -> object:
+    """Parsed JSON of `path`; a missing or malformed file is bad input (exit 2)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{os.fspath(path)}: no such expert load file; {REMAKE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{os.fspath(path)}: not JSON ({err}); {REMAKE}") from None
+    except OSError as err:
+        raise ReshardIOError(f"{os.fspath(path)}: cannot read ({err.strerror})") from None
+
+
+def is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_layers(
+    where: str, key: str, raw: object, num_experts: int
+) -> dict[int, tuple[float, ...]]:
+    """{"<layer>": [tokens per expert]} -> {layer: tuple}, every entry checked."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: {key!r} must map layer numbers to lists; {REMAKE}")
+    out = {}
+    for name, counts in raw.items():
+        if not (name.isascii() and name.isdigit() and str(int(name)) == name):
+            raise InputError(f'{where}: {key} has key {name!r}; keys are layer numbers like "3"')
+        layer = int(name)
+        if not isinstance(counts, list) or len(counts) != num_experts:
+            n = len(counts) if isinstance(counts, list) else type(counts).__name__
+            raise InputError(
+                f"{where}: {key} layer {layer} has {n} expert counts, num_experts is "
+                f"{num_experts}; profile again with the model you convert"
+            )
+        for e, x in enumerate(counts):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise InputError(
+                    f"{where}: {key} layer {layer} expert {e} is {x!r}, not a number; "
+                    "each entry is a token count"
+                )
+            if x < 0:
+                raise InputError(
+                    f"{where}: {key} layer {layer} expert {e} is negative ({x}); token "
+                    "counts are >= 0"
+                )
+        out[layer] = tuple(counts)
+    return out
 
 
 def balancedness(rank_loads: Sequence[float]) -> float:
@@ -105,6 +228,8 @@ def report_placement(
     """Score every (placement, redundant) pair on the calibration loads it was built from
     and, when given, on held-out loads it never saw."""
     layers = sorted(loads)
+    if not layers:
+        raise InputError("no expert loads to report on; profile with `reshard profile experts`")
     if heldout and sorted(heldout) != layers:
         raise InputError(
             f"held-out loads cover layers {sorted(heldout)[:4]}..., calibration loads "

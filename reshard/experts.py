@@ -1,23 +1,19 @@
 """Expert placement for expert parallelism: how many replicas each routed expert gets and
 which ep_rank holds each replica, per MoE layer, from measured (or uniform) expert load.
-Pure functions on numbers, plus the read/write helpers of the `expert_load.json` format.
-Metrics, the balancedness report and the engine exports live in `expert_report.py`."""
+Pure functions on numbers, no I/O. The load file, the metrics, the report and the engine
+exports (what goes in and comes out as files and text) live in `expert_report.py`."""
 
 from __future__ import annotations
 
 import heapq
-import json
 import math
-import os
+import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from reshard.errors import InputError, LayoutError
 
 PLACEMENTS = ("balanced", "contiguous", "round_robin")
-LOAD_FORMAT = "reshard-expert-load"
-LOAD_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -106,9 +102,10 @@ def replica_counts(
     """Replicas per expert for `slots` physical slots: each expert gets one, then each
     further slot goes to the expert with the highest load per replica (ties: lowest id).
 
-    Greedy is optimal for max_e load[e] / count[e]: a slot taken from the argmax can only
-    raise the max, and the greedy order never leaves a heavier ratio unsplit. `max_replicas`
-    caps the count (placement caps at ep: two replicas on one rank split nothing).
+    Greedy minimises max_e load[e] / count[e]: reaching a peak t needs ceil(load[e] / t)
+    replicas of each expert independently, and greedy always splits the current peak, the
+    only move that can lower it. `max_replicas` caps the count (placement caps it at ep:
+    two replicas on one rank split nothing).
     """
     n = len(load)
     cap = slots if max_replicas is None else max_replicas
@@ -133,8 +130,8 @@ def place_experts(
     balanced: replica_counts, then heaviest replica first onto the least-loaded rank with a
       free slot that does not hold that expert yet, then swap local search.
     contiguous: physical slot p holds expert p % E, the engines' default without a load file
-      (SGLang `init_trivial`, TRT-LLM's default assignment); R > 0 adds copies of experts
-      0..R-1 on the last ranks, blind to load, as the engines do.
+      (SGLang's `init_trivial`; TRT-LLM's default when num_slots == E). R > 0 adds copies
+      of experts 0..R-1 on the last ranks, blind to load, as SGLang's default does.
     round_robin: expert e on rank e % ep; needs redundant == 0.
     """
     check_layout(len(load), ep, redundant, placement)
@@ -191,7 +188,7 @@ def suggest_redundant(num_experts: int, ep: int, redundant: int) -> list[int]:
 def check_load(load: Sequence[float]) -> None:
     """Loads are token counts: finite and non-negative."""
     for e, x in enumerate(load):
-        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
+        if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
             raise InputError(f"expert {e} has load {x!r}; loads are token counts >= 0")
 
 
@@ -341,118 +338,3 @@ def check_model_loads(
                 f"layer {layer} has loads for {len(loads[layer])} experts, the model has "
                 f"{num_experts}; profile this model with `reshard profile experts`"
             )
-
-
-@dataclass(frozen=True)
-class ExpertLoad:
-    """Contents of `expert_load.json`: tokens routed to each expert per MoE layer, on
-    calibration prompts and (optionally) on held-out prompts used only for evaluation."""
-
-    model: str
-    num_experts: int
-    layers: dict[int, tuple[float, ...]]
-    heldout: dict[int, tuple[float, ...]] = field(default_factory=dict)
-    prompts: int = 0
-    heldout_prompts: int = 0
-
-
-def write_expert_load(path: str | os.PathLike, data: ExpertLoad) -> None:
-    """Write `data` as `expert_load.json`, one line per layer (temporary file, then rename:
-    never half a file). Refuses NaN/inf, which strict JSON readers reject."""
-    head = {
-        "format": LOAD_FORMAT,
-        "version": LOAD_VERSION,
-        "model": data.model,
-        "num_experts": data.num_experts,
-        "prompts": data.prompts,
-        "heldout_prompts": data.heldout_prompts,
-    }
-    lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
-    lines.append(f'  "layers": {dump_layers(data.layers)},')
-    lines.append(f'  "heldout": {dump_layers(data.heldout)}')
-    partial = Path(f"{os.fspath(path)}.partial")
-    partial.write_text("{\n" + "\n".join(lines) + "\n}\n")
-    os.replace(partial, path)
-
-
-def dump_layers(layers: Mapping[int, Sequence[float]]) -> str:
-    rows = [f'    "{k}": {json.dumps(list(v), allow_nan=False)}' for k, v in sorted(layers.items())]
-    return "{\n" + ",\n".join(rows) + "\n  }" if rows else "{}"
-
-
-def read_expert_load(path: str | os.PathLike) -> ExpertLoad:
-    """Read and validate `expert_load.json`; InputError names the file, the layer and the fix."""
-    doc = load_json(path)
-    where = os.fspath(path)
-    if not isinstance(doc, dict) or doc.get("format") != LOAD_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise InputError(f"{where}: format is {found!r}, not {LOAD_FORMAT!r}; {REMAKE}")
-    if doc.get("version") != LOAD_VERSION:
-        raise InputError(
-            f"{where}: version {doc.get('version')!r}, this reshard reads {LOAD_VERSION}; {REMAKE}"
-        )
-    num_experts = doc.get("num_experts")
-    if not is_count(num_experts) or num_experts < 1:
-        raise InputError(f"{where}: num_experts is {num_experts!r}, need an integer >= 1")
-    layers = parse_layers(where, "layers", doc.get("layers"), num_experts)
-    if not layers:
-        raise InputError(f'{where}: "layers" is empty; {REMAKE}')
-    heldout = parse_layers(where, "heldout", doc.get("heldout", {}), num_experts)
-    if heldout and set(heldout) != set(layers):
-        raise InputError(
-            f"{where}: heldout covers layers {sorted(heldout)[:4]}..., layers covers "
-            f"{sorted(layers)[:4]}...; both must list the same MoE layers; {REMAKE}"
-        )
-    counts = [doc.get(k, 0) for k in ("prompts", "heldout_prompts")]
-    if not all(is_count(c) and c >= 0 for c in counts):
-        raise InputError(f"{where}: prompts/heldout_prompts {counts} must be integers >= 0")
-    model = doc.get("model", "")
-    return ExpertLoad(str(model), num_experts, layers, heldout, counts[0], counts[1])
-
-
-REMAKE = "make it with `reshard profile experts MODEL --prompts FILE -o expert_load.json`"
-
-
-def load_json(path: str | os.PathLike) -> object:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{os.fspath(path)}: no such expert load file; {REMAKE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{os.fspath(path)}: not JSON ({err}); {REMAKE}") from None
-
-
-def is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def parse_layers(
-    where: str, key: str, raw: object, num_experts: int
-) -> dict[int, tuple[float, ...]]:
-    """{"<layer>": [tokens per expert]} -> {layer: tuple}, every entry checked."""
-    if not isinstance(raw, dict):
-        raise InputError(f"{where}: {key!r} must map layer numbers to lists; {REMAKE}")
-    out = {}
-    for name, counts in raw.items():
-        if not (isinstance(name, str) and name.isdigit()):
-            raise InputError(f'{where}: {key} has key {name!r}; keys are layer numbers like "3"')
-        layer = int(name)
-        if not isinstance(counts, list) or len(counts) != num_experts:
-            n = len(counts) if isinstance(counts, list) else type(counts).__name__
-            raise InputError(
-                f"{where}: {key} layer {layer} has {n} expert counts, num_experts is "
-                f"{num_experts}; profile again with the model you convert"
-            )
-        for e, x in enumerate(counts):
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-                raise InputError(
-                    f"{where}: {key} layer {layer} expert {e} is {x!r}, not a number; "
-                    "each entry is a token count"
-                )
-            if x < 0:
-                raise InputError(
-                    f"{where}: {key} layer {layer} expert {e} is negative ({x}); token "
-                    "counts are >= 0"
-                )
-        out[layer] = tuple(counts)
-    return out

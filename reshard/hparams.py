@@ -160,17 +160,19 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         num_experts=num_experts if moe else 0,
         num_experts_per_tok=int(config.get("num_experts_per_tok") or 0) if moe else 0,
-        moe_intermediate_size=int(
-            config.get("moe_intermediate_size") or config.get("intermediate_size") or 0
-        )
-        if moe
-        else 0,
+        moe_intermediate_size=_expert_width(config, family) if moe else 0,
         shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
         if family == "qwen2_moe"
         else 0,
         norm_topk_prob=bool(config.get("norm_topk_prob", family == "mixtral")),
         moe_layers=moe_layers,
     )
+
+
+def _expert_width(config: dict[str, Any], family: str) -> int:
+    # Mixtral's experts are intermediate_size wide; the Qwen MoEs have their own key.
+    key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    return int(config.get(key) or 0)
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -31,11 +31,11 @@ def config_for(arch: str, **overrides):
     kwargs = {**BASE, **overrides}
     if arch.startswith(("Mixtral", "Qwen2Moe", "Qwen3Moe")):
         kwargs.setdefault("num_experts_per_tok", 2)
-        kwargs.setdefault("moe_intermediate_size", 32)
         if arch.startswith("Mixtral"):
             kwargs.setdefault("num_local_experts", 4)
         else:
             kwargs.setdefault("num_experts", 4)
+            kwargs.setdefault("moe_intermediate_size", 32)
         if arch.startswith("Qwen2Moe"):
             kwargs.setdefault("shared_expert_intermediate_size", 48)
     config = cls(**kwargs)

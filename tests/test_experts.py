@@ -13,26 +13,26 @@ from hypothesis import strategies as st
 
 from reshard.errors import InputError, LayoutError
 from reshard.expert_report import (
+    ExpertLoad,
     balancedness,
     format_placement_report,
     imbalance_ratio,
     lower_bound_max_load,
     overall_balancedness,
+    read_expert_load,
     redundant_bytes,
     report_placement,
     to_sglang,
     to_trtllm_yaml,
+    write_expert_load,
 )
 from reshard.experts import (
-    ExpertLoad,
     Placement,
     fits_after,
     pack_replicas,
     place_experts,
     place_model,
-    read_expert_load,
     replica_counts,
-    write_expert_load,
 )
 
 
@@ -296,6 +296,7 @@ def test_load_file_round_trip(tmp_path):
         ({"heldout": {"1": [0, 0, 0, 0.5, 1]}}, "heldout layer 1 has 5 expert counts"),
         ({"heldout": {"1": [0] * 4}}, "heldout covers layers [1]..., layers covers [1, 3]"),
         ({"layers": {"first": [1] * 4}}, "layers has key 'first'; keys are layer numbers"),
+        ({"layers": {"03": [1] * 4}}, "layers has key '03'; keys are layer numbers"),
         ({"layers": {}}, '"layers" is empty'),
         ({"format": "eplb"}, "format is 'eplb', not 'reshard-expert-load'"),
         ({"version": 2}, "version 2, this reshard reads 1"),

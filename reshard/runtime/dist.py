@@ -68,7 +68,8 @@ class Comm:
             raise VerificationError(
                 f"rank {self.rank} (stage {self.pp_stage}) expected hidden states of shape "
                 f"{tuple(expected)} from rank {self.prev_rank}, got {shape}. The stages' shards "
-                "disagree on hidden_size or the batch; re-run `reshard convert` into an empty folder."
+                "disagree on hidden_size or the batch; re-run `reshard convert` into an empty "
+                "folder."
             )
         x = torch.empty(shape, dtype=dtype, device=device)
         dist.recv(x, src=self.prev_rank)

@@ -42,7 +42,11 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int
 
 @torch.inference_mode()
 def generate_greedy(
-    stage: CausalLM, prompts: list[list[int]], max_new_tokens: int, *, indices: list[int] | None = None
+    stage: CausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    indices: list[int] | None = None,
 ) -> list[PromptResult]:
     """Greedy decode on this rank. Returns results on the last stage, [] on the others."""
     check_prompts(prompts, stage.hp.vocab_size, max_new_tokens)

@@ -96,7 +96,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OutputError(
-            f"{path}: missing. The folder is not a complete reshard output; re-run `reshard convert`."
+            f"{path}: missing. The folder is not a complete reshard output; "
+            "re-run `reshard convert`."
         ) from None
     if manifest.get("format") != "reshard-manifest":
         raise OutputError(f"{path}: not a reshard manifest (format={manifest.get('format')!r}).")

@@ -38,7 +38,9 @@ def build_expert_map(num_experts: int, entry: dict[str, Any] | None, ep_rank: in
     """From a manifest `layout.experts.layers[<layer>]` entry (None: every expert, once)."""
     if entry is None:
         slots = torch.arange(num_experts)[:, None]
-        return ExpertMap(tuple(range(num_experts)), slots, torch.ones(num_experts, dtype=torch.long))
+        return ExpertMap(
+            tuple(range(num_experts)), slots, torch.ones(num_experts, dtype=torch.long)
+        )
     per_rank = int(entry["slots_per_rank"])
     first = ep_rank * per_rank
     mine = [int(e) for e in entry["phy2log"][first : first + per_rank] if int(e) >= 0]
@@ -51,34 +53,37 @@ def build_expert_map(num_experts: int, entry: dict[str, Any] | None, ep_rank: in
     return ExpertMap(tuple(mine), local_slot, logcnt)
 
 
-class PerExpertWeights(nn.Module):
+class PerExpertWeights(nn.ModuleDict):
     """experts.{e}.{gate,up,down} linears, keyed by logical expert id."""
 
     def __init__(self, tensors: Tensors, prefix: str, experts: tuple[int, ...], names: tuple):
         super().__init__()
         self.names = names
-        self.experts = nn.ModuleDict()
         for e in experts:
             module = nn.Module()
             for name in names:
                 setattr(module, name, linear_like(tensors, f"{prefix}{e}.{name}"))
-            self.experts[str(e)] = module
+            self[str(e)] = module
 
-    def gate_up(self, slot_expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        module = self.experts[str(slot_expert)]
+    def gate_up(self, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        module = self[str(expert)]
         return getattr(module, self.names[0])(x), getattr(module, self.names[1])(x)
 
-    def down(self, slot_expert: int, h: torch.Tensor) -> torch.Tensor:
-        return getattr(self.experts[str(slot_expert)], self.names[2])(h)
+    def down(self, expert: int, h: torch.Tensor) -> torch.Tensor:
+        return getattr(self[str(expert)], self.names[2])(h)
 
 
 class FusedExpertWeights(nn.Module):
-    """gate_up_proj [E_local, 2*I_l, H] (gate rows, then up rows) and down_proj [E_local, H, I_l]."""
+    """gate_up_proj [E_local, 2*I_l, H] (gate rows, then up rows); down_proj [E_local, H, I_l]."""
 
     def __init__(self, tensors: Tensors, prefix: str):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty_like(tensors[f"{prefix}gate_up_proj"], device="meta"))
-        self.down_proj = nn.Parameter(torch.empty_like(tensors[f"{prefix}down_proj"], device="meta"))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty_like(tensors[f"{prefix}gate_up_proj"], device="meta")
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty_like(tensors[f"{prefix}down_proj"], device="meta")
+        )
 
     def gate_up(self, slot: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = F.linear(x, self.gate_up_proj[slot]).chunk(2, dim=-1)

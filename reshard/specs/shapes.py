@@ -1,0 +1,74 @@
+"""Tensor shapes from config.json alone, so `reshard plan` needs no weights.
+
+`synthesize_tensors` lists what a checkpoint of this config holds (required entries of the
+family's spec, q/k/v/o biases when the config says so, experts stored per expert), in the
+order transformers saves them.
+"""
+
+from __future__ import annotations
+
+from ..hparams import HParams
+from . import Rule, _expected, rules_for
+
+
+def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
+    h, hd = hp.hidden_size, hp.head_dim
+    last = name.rsplit(".", 2)
+    leaf = ".".join(last[-2:])  # e.g. "q_proj.weight"
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (hp.vocab_size, h)
+    if "shared_expert_gate" in name:
+        return (1, h)
+    if "shared_expert." in name:
+        return _mlp(leaf, hp.shared_expert_intermediate_size, h)
+    if ".experts." in name:
+        return _mlp(leaf, hp.moe_intermediate_size, h)
+    table = {
+        "q_proj.weight": (hp.q_size, h),
+        "k_proj.weight": (hp.kv_size, h),
+        "v_proj.weight": (hp.kv_size, h),
+        "o_proj.weight": (h, hp.q_size),
+        "q_proj.bias": (hp.q_size,),
+        "k_proj.bias": (hp.kv_size,),
+        "v_proj.bias": (hp.kv_size,),
+        "o_proj.bias": (h,),
+        "q_norm.weight": (hd,),
+        "k_norm.weight": (hd,),
+        "gate.weight": (hp.num_experts, h),
+    }
+    if leaf in table:
+        return table[leaf]
+    if leaf.endswith("norm.weight"):
+        return (h,)
+    return _mlp(leaf, hp.intermediate_size, h)
+
+
+def _mlp(leaf: str, inner: int, h: int) -> tuple[int, ...]:
+    if leaf.split(".")[0] in ("down_proj", "w2"):
+        return (h, inner)
+    return (inner, h)
+
+
+def _wanted(hp: HParams, rule: Rule) -> bool:
+    if rule.role == "drop" or rule.group == "fused":
+        return False
+    if rule.template == "lm_head.weight":
+        return not hp.tie_word_embeddings
+    if rule.template.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        return hp.attention_bias
+    if rule.template.endswith("o_proj.bias"):
+        return hp.o_bias
+    return not rule.optional
+
+
+def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str, tuple]]:
+    names = [n for r in rules_for(hp) if _wanted(hp, r) for n in _expected(hp, r)]
+    order = {"model.embed_tokens.weight": (-1, ""), "model.norm.weight": (hp.num_layers, "")}
+    order["lm_head.weight"] = (hp.num_layers + 1, "")
+
+    def key(name: str):
+        if name in order:
+            return order[name]
+        return (int(name.split(".")[2]), name)
+
+    return {n: (dtype, tensor_shape(hp, n)) for n in sorted(names, key=key)}
