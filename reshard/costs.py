@@ -301,12 +301,16 @@ def item_costs_from_profile(
                 f"{where}: no timing for item kind {kind!r}{where_used}; it has "
                 f"{sorted(kinds)}. {_remedy(where)}"
             )
-    dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
-    weights = [item.weight_bytes for item in analytic_costs(hp, dtype_bytes=dtype_bytes)]
     return [
         Item(name, kind, max(1, round(kinds[kind]["median_us"] * 1000)), w)
-        for name, kind, w in zip(_item_names(hp), item_kinds(hp), weights, strict=True)
+        for name, kind, w in zip(_item_names(hp), item_kinds(hp), _weight_bytes(hp), strict=True)
     ]
+
+
+def _weight_bytes(hp: HParams) -> list[int]:
+    # In the checkpoint's dtype, whatever dtype the timing ran in.
+    dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
+    return [item.weight_bytes for item in analytic_costs(hp, dtype_bytes=dtype_bytes)]
 
 
 def _check_profile_shape(hp: HParams, measured: dict[str, Any], where: str) -> None:
@@ -353,14 +357,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class _Attention(nn.Module):
     def __init__(self, hp: HParams, layer: int, **factory: Any) -> None:
         super().__init__()
-        h, self.heads, self.kv_heads, self.hd = (
-            hp.hidden_size,
-            hp.num_heads,
-            hp.num_kv_heads,
-            hp.head_dim,
-        )
-        self.qkv = nn.Linear(h, hp.q_size + 2 * hp.kv_size, bias=hp.attention_bias, **factory)
-        self.o = nn.Linear(hp.q_size, h, bias=hp.o_bias, **factory)
+        self.heads, self.kv_heads, self.hd = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        # q/k/v fused into one matmul: the same FLOPs and bytes as three.
+        qkv = hp.q_size + 2 * hp.kv_size
+        self.qkv = nn.Linear(hp.hidden_size, qkv, bias=hp.attention_bias, **factory)
+        self.o = nn.Linear(hp.q_size, hp.hidden_size, bias=hp.o_bias, **factory)
         qk = (_RMSNorm(self.hd, hp.rms_norm_eps, **factory) for _ in range(2))
         self.q_norm, self.k_norm = qk if hp.qk_norm else (nn.Identity(), nn.Identity())
         sliding = hp.layer_types[layer] == "sliding_attention"
@@ -440,9 +441,10 @@ class _Layer(nn.Module):
         self.norm1 = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
         self.attn = _Attention(hp, layer, **factory)
         self.norm2 = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
-        moe = layer in hp.moe_layers
-        dense = _MLP(hp.hidden_size, hp.intermediate_size, hp.mlp_bias, **factory)
-        self.mlp = _MoE(hp, **factory) if moe else dense
+        if layer in hp.moe_layers:
+            self.mlp: nn.Module = _MoE(hp, **factory)
+        else:
+            self.mlp = _MLP(hp.hidden_size, hp.intermediate_size, hp.mlp_bias, **factory)
 
     def forward(self, x: torch.Tensor, rope: tuple, cache: tuple | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, cache)
@@ -475,17 +477,12 @@ def profile_layers(
     _tokens(batch, seq, mode)
     if warmup < 0 or iters < 1:
         raise InputError(f"warmup={warmup}, iters={iters}: need warmup >= 0 and iters >= 1.")
-    dev = torch.device(device)
+    dev = _torch_device(device)
     dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    if dtype not in DTYPE_BYTES:
+        raise InputError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}.")
     factory = {"device": dev, "dtype": getattr(torch, dtype)}
-    dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
-    weights = dict(
-        zip(
-            item_kinds(hp),
-            (i.weight_bytes for i in analytic_costs(hp, dtype_bytes=dtype_bytes)),
-            strict=True,
-        )
-    )
+    weights = dict(zip(item_kinds(hp), _weight_bytes(hp), strict=True))
     kinds = {}
     for kind, layers in _layers_by_kind(hp).items():
         run = _build_run(hp, kind, layers, batch, seq, mode, factory)
@@ -515,25 +512,37 @@ def _build_run(
 ) -> Callable[[], torch.Tensor]:
     """A no-argument call running one forward of the item kind on ready inputs."""
     new = seq if mode == "prefill" else 1  # tokens per sequence this step
-    with torch.no_grad():
-        if kind == "embed":
-            module = nn.Embedding(hp.vocab_size, hp.hidden_size, **factory)
-            ids = torch.randint(hp.vocab_size, (batch, new), device=factory["device"])
-            return _no_grad(lambda: module(ids))
-        x = torch.randn(batch, new, hp.hidden_size, **factory)
-        if kind == "head":
-            head = _Head(hp, **factory)
-            return _no_grad(lambda: head(x))
-        layer = _Layer(hp, layers[0], **factory)
-        rope = _rope(hp, seq - new, seq, factory)
-        cache = None
-        if mode == "decode":
-            shape = (batch, hp.num_kv_heads, seq, hp.head_dim)
-            cache = (torch.randn(shape, **factory), torch.randn(shape, **factory))
-        return _no_grad(lambda: layer(x, rope, cache))
+    if kind == "embed":
+        module = nn.Embedding(hp.vocab_size, hp.hidden_size, **factory)
+        ids = torch.randint(hp.vocab_size, (batch, new), device=factory["device"])
+        return _inference(lambda: module(ids))
+    x = torch.randn(batch, new, hp.hidden_size, **factory)  # x: [B, S, H]
+    if kind == "head":
+        head = _Head(hp, **factory)
+        return _inference(lambda: head(x))
+    layer = _Layer(hp, layers[0], **factory)
+    rope = _rope(hp, seq - new, seq, factory)
+    cache = None
+    if mode == "decode":  # a KV cache of `seq` positions, the last one for the new token
+        shape = (batch, hp.num_kv_heads, seq, hp.head_dim)
+        cache = (torch.randn(shape, **factory), torch.randn(shape, **factory))
+    return _inference(lambda: layer(x, rope, cache))
 
 
-def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+def _torch_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device={device!r} is not a torch device; use cpu or cuda[:N].") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ReshardIOError(
+            f"device={device!r} but this torch sees no CUDA GPU. Run on a GPU node or use "
+            "--device cpu."
+        )
+    return dev
+
+
+def _inference(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         with torch.inference_mode():
             return fn()

@@ -58,7 +58,9 @@ def balance_layers(
             f"Use pp <= {n_layers}."
         )
     folded_weights = None if weights is None else _fold_ends(_check_weights(weights, len(costs)))
-    split = _solve(_fold_ends(costs), folded_weights, pp, mem_cap, _layer_labels(n_layers))
+    split = _solve(
+        _fold_ends(_check_costs(costs)), folded_weights, pp, mem_cap, _layer_labels(n_layers)
+    )
     return items_from_layers(split)
 
 

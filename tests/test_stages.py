@@ -109,8 +109,9 @@ def test_infeasible_layouts_name_the_numbers():
     with pytest.raises(LayoutError, match="item 1 needs 50 bytes, more than .* cap of 40 bytes"):
         balance_stages([1, 1, 1], 2, weights=[5, 50, 5], mem_cap=40)
     with pytest.raises(
-        LayoutError, match=r"cap of 40 bytes holds the 120 bytes .* no fewer than 4 stages, more "
-        r"than pp=3\. Use pp >= 4"
+        LayoutError,
+        match=r"cap of 40 bytes holds the 120 bytes .* no fewer than 4 stages, more "
+        r"than pp=3\. Use pp >= 4",
     ):
         balance_stages([1, 1, 1, 1], 3, weights=[30] * 4, mem_cap=40)
     with pytest.raises(LayoutError, match="pp=5 stages need at least 5 decoder layers.*has 4"):

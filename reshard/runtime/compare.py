@@ -1,0 +1,103 @@
+"""Compare sharded generation with the reference, prompt by prompt and row by row.
+
+A row is the logits that chose one generated token (row 0: the prompt's last position).
+Rows are compared up to and including the first token that differs: after that the two runs
+condition on different text and their logits are not comparable. Numbers only; the caller
+(verify) decides and reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .generate import PromptResult
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A row passes when max|diff| <= atol + rtol * max|reference| and KL <= kl."""
+
+    atol: float
+    rtol: float
+    kl: float
+
+
+# fp32: the sharded run differs from the reference only in summation order (all-reduce of
+# partial sums), ~1e-6 on small models; 1e-4 leaves room for deeper/wider ones.
+# bf16/fp16 (GPU): each all-reduce rounds partial sums to 8 (bf16) or 11 (fp16) mantissa bits,
+# and the error grows with depth; these are conservative bounds, not yet calibrated on
+# large models.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(atol=1e-4, rtol=1e-5, kl=1e-6),
+    torch.float16: Tolerance(atol=5e-2, rtol=1e-2, kl=1e-3),
+    torch.bfloat16: Tolerance(atol=2.5e-1, rtol=2e-2, kl=5e-3),
+}
+
+
+def tolerance_for(dtype: torch.dtype) -> Tolerance:
+    return TOLERANCES.get(dtype, TOLERANCES[torch.bfloat16])
+
+
+@dataclass(frozen=True)
+class PromptComparison:
+    index: int
+    prompt: list[int]
+    reference_ids: list[int]
+    sharded_ids: list[int]
+    max_abs: float  # over the compared rows
+    kl: float  # max over the compared rows of KL(reference || sharded)
+    first_mismatch: int | None  # step of the first differing token
+    near_tie: bool  # the reference's top-2 margin at that step is within the tolerance
+    passed: bool
+
+
+def logits_kl(reference: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) || softmax(sharded)) per row, in fp32. [..., V] -> [...]."""
+    ref_logp = torch.log_softmax(reference.float(), dim=-1)
+    got_logp = torch.log_softmax(sharded.float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - got_logp)).sum(dim=-1).clamp(min=0)
+
+
+def compare_prompt(ref: PromptResult, got: PromptResult, tol: Tolerance) -> PromptComparison:
+    mismatch = _first_mismatch(ref.tokens, got.tokens)
+    rows = len(ref.tokens) if mismatch is None else mismatch + 1
+    diff = (ref.logits[:rows] - got.logits[:rows]).abs().amax(dim=-1)  # [rows]
+    bound = tol.atol + tol.rtol * ref.logits[:rows].abs().amax(dim=-1)  # [rows]
+    kl = logits_kl(ref.logits[:rows], got.logits[:rows])  # [rows]
+    near_tie = mismatch is not None and _top2_margin(ref.logits[mismatch]) <= 2 * bound[-1]
+    return PromptComparison(
+        index=ref.index,
+        prompt=list(ref.prompt),
+        reference_ids=list(ref.tokens),
+        sharded_ids=list(got.tokens),
+        max_abs=float(diff.max()),
+        kl=float(kl.max()),
+        first_mismatch=mismatch,
+        near_tie=bool(near_tie),
+        passed=mismatch is None and bool((diff <= bound).all()) and bool((kl <= tol.kl).all()),
+    )
+
+
+def compare_results(
+    reference: list[PromptResult], sharded: list[PromptResult], tol: Tolerance
+) -> list[PromptComparison]:
+    """Pair results by prompt index and compare each pair."""
+    by_index = {r.index: r for r in sharded}
+    missing = [r.index for r in reference if r.index not in by_index]
+    if missing:
+        raise ValueError(f"sharded run returned no result for prompts {missing}")
+    return [compare_prompt(r, by_index[r.index], tol) for r in reference]
+
+
+def _first_mismatch(a: list[int], b: list[int]) -> int | None:
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            return step
+    return None
+
+
+def _top2_margin(row: torch.Tensor) -> float:
+    top = torch.topk(row.float(), 2).values
+    return float(top[0] - top[1])
