@@ -16,11 +16,14 @@ from tqdm import tqdm
 from .errors import InputError
 from .hparams import HParams
 from .manifest import MANIFEST, build_manifest, write_manifest
+from .moe_layout import SGLANG_FILE, TRTLLM_FILE
 from .plan import Plan, Stage, build_plan, check_layout
 from .recipe import Recipe
 from .source import Source, open_source
 from .specs import match_tensors
 from .writer import fsync_dir, partial_path, write_atomic, write_plan
+
+EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ def convert_model(
         hashes = write_plan(plan, source, out_dir, progress=bar)
     for side in source.side_files():
         write_atomic(out_dir / side.name, side.read_bytes())
+    for name, data in _exports(plan).items():
+        write_atomic(out_dir / name, data)
     sizes = {f.name: (out_dir / f.name).stat().st_size for f in plan.files}
     experts = _experts_entry(plan, recipe)
     write_manifest(out_dir, build_manifest(plan, source, hashes, sizes, experts=experts))
@@ -96,6 +101,14 @@ def convert_model(
 def _bytes_to_read(plan: Plan, source: Source) -> int:
     needed = {p.source for f in plan.files for t in f.tensors for p in t.pieces}
     return sum(source.info(n).nbytes for n in needed)
+
+
+def _exports(plan: Plan) -> dict[str, bytes]:
+    if not plan.placements:
+        return {}
+    from .moe_layout import export_files
+
+    return export_files(plan)
 
 
 def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
@@ -118,7 +131,9 @@ def prepare_out_dir(out_dir: Path, *, force: bool) -> None:
         manifest.unlink()  # first: from here on the folder is incomplete by definition
         fsync_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("rank-*.safetensors*"), *out_dir.glob("*.partial")]:
+    ours = [*out_dir.glob("rank-*.safetensors*"), *out_dir.glob("*.partial")]
+    ours += [out_dir / n for n in EXPORT_FILES if (out_dir / n).exists()]
+    for stale in ours:
         stale.unlink()
     if partial_path(manifest).exists():
         partial_path(manifest).unlink()

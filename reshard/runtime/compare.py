@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import VerificationError
 from .generate import PromptResult
 
 
@@ -87,7 +88,7 @@ def compare_results(
     by_index = {r.index: r for r in sharded}
     missing = [r.index for r in reference if r.index not in by_index]
     if missing:
-        raise ValueError(f"sharded run returned no result for prompts {missing}")
+        raise VerificationError(f"the sharded run returned no result for prompts {missing}.")
     return [compare_prompt(r, by_index[r.index], tol) for r in reference]
 
 

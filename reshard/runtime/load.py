@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, OutputError
 from ..hparams import HParams, load_hparams
+from ..manifest import read_manifest
 from .dist import Comm
 from .model import CausalLM, build_model
 
@@ -87,21 +88,6 @@ def tie_lm_head(hp: HParams, tensors: dict[str, torch.Tensor]) -> None:
     if hp.tie_word_embeddings and "lm_head.weight" not in tensors:
         if "model.embed_tokens.weight" in tensors and "model.norm.weight" in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-
-
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """OUT/manifest.json as a dict; a folder without it is incomplete."""
-    path = Path(out_dir) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OutputError(
-            f"{path}: missing. The folder is not a complete reshard output; "
-            "re-run `reshard convert`."
-        ) from None
-    if manifest.get("format") != "reshard-manifest":
-        raise OutputError(f"{path}: not a reshard manifest (format={manifest.get('format')!r}).")
-    return manifest
 
 
 def load_rank(

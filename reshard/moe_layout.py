@@ -1,0 +1,65 @@
+"""Expert placement for a conversion: recipe + measured load -> a Placement per MoE layer,
+and the manifest / engine-export views of the result. The algorithms live in experts.py."""
+
+from __future__ import annotations
+
+import json
+
+from .errors import LayoutError
+from .expert_report import read_expert_load, to_sglang, to_trtllm_yaml
+from .experts import Placement, place_model
+from .hparams import HParams
+from .recipe import Recipe
+
+SGLANG_FILE = "expert_location.sglang.json"
+TRTLLM_FILE = "moe_load_balancer.yaml"
+
+
+def solve_placements(hp: HParams, recipe: Recipe) -> dict[int, Placement]:
+    if recipe.ep == 1:
+        if recipe.redundant:
+            raise LayoutError(
+                f"{recipe.origin}: redundant={recipe.redundant} needs ep > 1 (a replica on the "
+                "rank that already holds the expert saves nothing). Set ep or drop redundant."
+            )
+        return {}
+    loads = read_expert_load(recipe.load).layers if recipe.load else None
+    return place_model(
+        loads, hp.num_experts, hp.moe_layers, recipe.ep, recipe.redundant, recipe.placement
+    )
+
+
+def placements_entry(plan, recipe: Recipe) -> dict:
+    """The manifest's `layout.experts`."""
+    return {
+        "ep": plan.layout.ep,
+        "etp": plan.layout.etp,
+        "redundant": recipe.redundant,
+        "placement": recipe.placement,
+        "load": str(recipe.load) if recipe.load else None,
+        "layers": {
+            str(layer): {
+                "phy2log": list(p.phy2log),
+                "log2phy": [list(row) for row in p.log2phy],
+                "logcnt": list(p.logcnt),
+                "slots_per_rank": p.slots_per_rank,
+            }
+            for layer, p in sorted(plan.placements.items())
+        },
+    }
+
+
+def export_files(plan) -> dict[str, bytes]:
+    """Engine inputs for the same placement: SGLang --init-expert-location and TensorRT-LLM's
+    moe_load_balancer.yaml. Written next to the shards."""
+    if not plan.placements:
+        return {}
+    sglang = to_sglang(plan.placements, num_layers=plan.hparams.num_layers)
+    return {
+        SGLANG_FILE: (json.dumps(sglang) + "\n").encode(),
+        TRTLLM_FILE: to_trtllm_yaml(plan.placements).encode(),
+    }
+
+
+def placement_from_entry(entry: dict, ep: int, num_experts: int) -> Placement:
+    return Placement.from_phy2log(entry["phy2log"], ep, num_experts)

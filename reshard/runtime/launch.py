@@ -1,0 +1,176 @@
+"""Run the sharded model on a torch.distributed world of the manifest's size.
+
+Under torchrun (WORLD_SIZE/RANK set) this process joins that world; otherwise `run_world`
+spawns one local process per rank (gloo on CPU, nccl on GPUs with rank r on cuda:r % count).
+Each DP replica generates a disjoint subset of the prompts; results come back to the caller
+ordered like the prompts. Errors raised on a rank are re-raised in the caller as the same
+reshard error class. The comparison itself lives in compare.py / verify_generate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .. import errors
+from ..errors import InputError
+from .dist import build_comm
+from .generate import PromptResult, generate_greedy
+from .load import load_rank, load_source_model, read_manifest
+
+_TIMEOUT = timedelta(minutes=5)  # a hung collective fails instead of waiting 30 minutes
+
+
+def generate_reference(
+    source_dir: str | Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> list[PromptResult]:
+    """Greedy results of the unsharded source model at world size 1, in this process."""
+    model = load_source_model(source_dir, dtype=dtype, device=device or default_device())
+    return generate_greedy(model, prompts, max_new_tokens)
+
+
+def generate_sharded(
+    out_dir: str | Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    device: str | None = None,
+) -> list[PromptResult]:
+    """Greedy results of the shards in `out_dir` on a world of the manifest's size."""
+    return run_world(out_dir, prompts, max_new_tokens, device=device)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_world(
+    out_dir: str | Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    device: str | None = None,
+) -> list[PromptResult]:
+    """Join the torchrun world if there is one, else spawn `world_size` local processes."""
+    manifest = read_manifest(out_dir)
+    kind = device or default_device()
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return _run_in_torchrun(Path(out_dir), manifest, prompts, max_new_tokens, kind)
+    return _spawn_world(Path(out_dir), manifest, prompts, max_new_tokens, kind)
+
+
+def _spawn_world(
+    out_dir: Path, manifest: dict, prompts: list[list[int]], max_new_tokens: int, kind: str
+) -> list[PromptResult]:
+    world_size = int(manifest["layout"]["world_size"])
+    with tempfile.TemporaryDirectory(prefix="reshard-world-") as tmp:
+        args = (world_size, _free_port(), str(out_dir), prompts, max_new_tokens, tmp, kind)
+        try:
+            mp.start_processes(_spawned_rank, args=args, nprocs=world_size, start_method="spawn")
+        except mp.ProcessRaisedException:
+            _raise_rank_error(Path(tmp))
+            raise
+        return _load_results(Path(tmp) / "results.pt")
+
+
+def _spawned_rank(rank: int, world_size: int, port: int, out_dir: str, *rest: Any) -> None:
+    """Entry point of a spawned process (module-level so that `spawn` can import it)."""
+    prompts, max_new_tokens, tmp, kind = rest
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        device = _init_world(kind, f"tcp://127.0.0.1:{port}", rank, world_size, rank)
+        results = _generate_rank(Path(out_dir), rank, prompts, max_new_tokens, device)
+        if rank == 0:
+            torch.save([_to_dict(r) for r in results], Path(tmp) / "results.pt")
+        dist.destroy_process_group()
+    except errors.ReshardError as e:
+        error = {"class": type(e).__name__, "message": f"rank {rank}: {e}"}
+        (Path(tmp) / f"error-{rank}.json").write_text(json.dumps(error))
+        raise
+
+
+def _run_in_torchrun(
+    out_dir: Path, manifest: dict, prompts: list[list[int]], max_new_tokens: int, kind: str
+) -> list[PromptResult]:
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world_size != int(manifest["layout"]["world_size"]):
+        raise InputError(
+            f"torchrun started {world_size} processes but {out_dir} was converted for "
+            f"world_size {manifest['layout']['world_size']}; use --nproc-per-node/--nnodes "
+            "that multiply to it."
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = _init_world(kind, "env://", rank, world_size, local_rank)
+    try:
+        return _generate_rank(out_dir, rank, prompts, max_new_tokens, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _init_world(kind: str, init_method: str, rank: int, world_size: int, local_rank: int):
+    """Start the default group; returns this rank's device."""
+    if kind == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if kind == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=_TIMEOUT
+    )
+    return device
+
+
+def _generate_rank(
+    out_dir: Path, rank: int, prompts: list[list[int]], max_new_tokens: int, device
+) -> list[PromptResult]:
+    """Load this rank's stage, generate its replica's prompts, gather every result."""
+    manifest = read_manifest(out_dir)
+    layout = manifest["layout"]
+    comm = build_comm(layout, rank)
+    gather_group = dist.new_group(backend="gloo")  # results travel as CPU objects
+    stage = load_rank(out_dir, manifest, rank, comm=comm, device=device)
+    dp, dp_index = int(layout["dp"]), rank // (int(layout["tp"]) * int(layout["pp"]))
+    indices = [i for i in range(len(prompts)) if i % dp == dp_index]
+    mine = [prompts[i] for i in indices]
+    results = generate_greedy(stage, mine, max_new_tokens, indices=indices) if mine else []
+    results = results if comm.tp_rank == 0 else []  # one copy per replica
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results, group=gather_group)
+    return sorted((r for part in gathered for r in part), key=lambda r: r.index)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raise_rank_error(tmp: Path) -> None:
+    """Re-raise the first reshard error a rank recorded, as the same class."""
+    for path in sorted(tmp.glob("error-*.json")):
+        error = json.loads(path.read_text())
+        cls = getattr(errors, error["class"], errors.ReshardError)
+        raise cls(error["message"]) from None
+
+
+def _to_dict(r: PromptResult) -> dict[str, Any]:
+    return {"index": r.index, "prompt": r.prompt, "tokens": r.tokens, "logits": r.logits}
+
+
+def _load_results(path: Path) -> list[PromptResult]:
+    return [PromptResult(**d) for d in torch.load(path, weights_only=True)]
