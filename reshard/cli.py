@@ -187,4 +187,13 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-__all__ = ["main", "human_bytes"]
+
+def _register_subcommands() -> None:
+    from .cli_plan import plan
+    from .cli_profile import profile
+
+    main.add_command(plan)
+    main.add_command(profile)
+
+
+_register_subcommands()

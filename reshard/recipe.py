@@ -98,15 +98,17 @@ def _divisors(n: int) -> list[int]:
 
 def parse_size(value: Any, *, where: str) -> int:
     """'20GB', '512MiB', 1000000 -> bytes."""
-    if isinstance(value, int) and value > 0:
+    if type(value) is int and value > 0:
         return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in SIZE_UNITS or float(m.group(1)) <= 0:
+    text = "" if isinstance(value, bool) else str(value)  # `true` is no size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = SIZE_UNITS.get(m.group(2).upper()) if m else None
+    if unit is None or int(float(m.group(1)) * unit) < 1:  # "0.5B" would be 0 bytes
         raise InputError(
             f"{where}: max_file_size {value!r} is not a size; write e.g. 20GB, 512MiB or a "
             "byte count."
         )
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    return int(float(m.group(1)) * unit)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -119,7 +121,12 @@ def load_recipe(path: Path) -> Recipe:
         raise InputError(f"{path}: not valid TOML ({e}).") from None
     values: dict[str, Any] = {}
     for section, body in doc.items():
-        if section not in SECTIONS or not isinstance(body, dict):
+        if not isinstance(body, dict):  # `tp = 4` above every [section]
+            raise InputError(
+                f"{path}: '{section}' is not in a section; put it under one of "
+                f"{', '.join(f'[{s}]' for s in SECTIONS)} (e.g. tp goes under [layout])."
+            )
+        if section not in SECTIONS:
             raise InputError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}.")
         for key, value in body.items():
             if key not in SECTIONS[section]:

@@ -120,11 +120,15 @@ def read_header(path: Path) -> Header:
 
 
 def _validate(path: Path, size: int, data_start: int, doc: dict) -> Header:
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:  # absent or null; a falsy [] or "" is still an error
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings.")
+        raise CheckpointError(
+            f"{path}: __metadata__ must map strings to strings. The file is corrupt; re-export it."
+        )
     infos = [_parse_entry(path, data_start, name, entry) for name, entry in doc.items()]
     infos.sort(key=lambda t: (t.begin, t.end))
     cursor = data_start
@@ -146,23 +150,36 @@ def _validate(path: Path, size: int, data_start: int, doc: dict) -> Header:
 
 def _parse_entry(path: Path, data_start: int, name: str, entry) -> TensorInfo:
     if not name or not name.isprintable() or name != name.strip():
-        raise CheckpointError(f"{path}: tensor name {name!r} is empty or has odd characters.")
+        raise CheckpointError(
+            f"{path}: tensor name {name!r} is empty or has odd characters. The file is corrupt "
+            "or was written by a buggy tool; re-export it."
+        )
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{path}: tensor '{name}': header entry is not an object.")
+        raise CheckpointError(
+            f"{path}: tensor '{name}': header entry is not an object. The file is corrupt; "
+            "re-export it."
+        )
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise CheckpointError(
-            f"{path}: tensor '{name}' has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}."
+            f"{path}: tensor '{name}' has unknown dtype {dtype!r}; known: "
+            f"{', '.join(DTYPE_SIZES)}. The file is corrupt or uses a dtype reshard does not "
+            "know; re-export it."
         )
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor '{name}' has a bad shape {shape!r}.")
+        raise CheckpointError(
+            f"{path}: tensor '{name}' has a bad shape {shape!r}. The file is corrupt; re-export it."
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise CheckpointError(f"{path}: tensor '{name}' has bad data_offsets {offsets!r}.")
+        raise CheckpointError(
+            f"{path}: tensor '{name}' has bad data_offsets {offsets!r}. The file is corrupt; "
+            "re-export it."
+        )
     numel = 1
     for d in shape:  # Python ints: no overflow
         numel *= d

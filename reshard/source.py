@@ -86,8 +86,8 @@ def _download(model: str) -> tuple[Path, str, str]:
         )
     except LocalEntryNotFoundError as e:
         raise ReshardIOError(
-            f"{model}: not in the local Hugging Face cache and the hub cannot be reached "
-            f"({e.__class__.__name__}). Download it first, or unset HF_HUB_OFFLINE."
+            f"{model}: not (completely) in the local Hugging Face cache and the hub cannot be "
+            f"reached ({e.__class__.__name__}). Download it first, or unset HF_HUB_OFFLINE."
         ) from None
     except HfHubHTTPError as e:
         raise InputError(

@@ -11,18 +11,43 @@ from __future__ import annotations
 import errno
 import math
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import xxhash
 
-from .errors import ReshardIOError, UnsupportedModelError
+from .errors import CheckpointError, ReshardIOError, UnsupportedModelError
 from .plan import OutFile, OutTensor, Piece, Plan
 from .safetensors_io import TORCH_DTYPES, encode_header, pread_exact
 from .source import Source
 
 CHUNK_BYTES = 64 << 20
+MAX_PENDING_WRITES = 4  # bounds the memory held by blocks waiting for the write thread
+
+
+class WriteQueue:
+    """One background thread does the pwrites and the hashing, in submission order (so each
+    tensor's hash still streams in byte order), while the caller reads and slices the next
+    chunk. torch copies, pwrite and xxh3 release the GIL, so the two overlap."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-write")
+        self.pending: deque[Future] = deque()
+
+    def submit(self, target: Target, rel: int, data) -> None:
+        self.pending.append(self.pool.submit(_write_run, target, rel, data))
+        while len(self.pending) > MAX_PENDING_WRITES:
+            self.pending.popleft().result()  # re-raises a write error here
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -53,7 +78,12 @@ def write_plan(
             fd, file_targets = _create_file(out_dir / out_file.name, out_file)
             fds.append((fd, out_dir / out_file.name))
             targets.extend(file_targets)
-        _stream_sources(source, targets, chunk_bytes, progress)
+        queue = WriteQueue()
+        try:
+            _stream_sources(source, targets, chunk_bytes, progress, queue)
+            queue.drain()
+        finally:
+            queue.close()
         hashes = _finish_hashes(targets)
         for fd, path in fds:
             _io(os.fsync, fd, path=partial_path(path))
@@ -81,7 +111,7 @@ def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target]]:
     return fd, targets
 
 
-def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, progress) -> None:
+def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, progress, queue):
     consumers: dict[str, list[tuple[Target, Piece]]] = {}
     for target in targets:
         for piece in target.tensor.pieces:
@@ -93,14 +123,14 @@ def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, pro
         fd = _io(os.open, header.path, os.O_RDONLY, path=header.path)
         try:
             for info in needed:
-                _stream_tensor(fd, header.path, info, consumers[info.name], chunk_bytes)
+                _stream_tensor(fd, header.path, info, consumers[info.name], chunk_bytes, queue)
                 if progress is not None:
                     progress.update(info.nbytes)
         finally:
             os.close(fd)
 
 
-def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int) -> None:
+def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int, queue: WriteQueue) -> None:
     if info.dtype not in TORCH_DTYPES:
         raise UnsupportedModelError(
             f"{path}: tensor '{info.name}' has dtype {info.dtype}, which reshard cannot slice."
@@ -112,17 +142,33 @@ def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int) -> None:
     step = max(1, chunk_bytes // max(row_bytes, 1))
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        raw = pread_exact(fd, (b - a) * row_bytes, info.begin + a * row_bytes, path)
-        chunk = torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype])
+        raw = read_block(fd, (b - a) * row_bytes, info.begin + a * row_bytes, path)
+        chunk = raw.view(TORCH_DTYPES[info.dtype])
         chunk = chunk.view(b - a, *info.shape[1:]) if info.shape else chunk.view(())
         for target, piece in consumers:
-            _scatter(target, piece, chunk, a, b)
+            _scatter(target, piece, chunk, a, b, queue)
 
 
-def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int) -> None:
+def read_block(fd: int, n: int, offset: int, path: Path) -> torch.Tensor:
+    """n bytes at offset into a fresh uint8 tensor (torch.empty: no zero-fill to pay for)."""
+    buf = torch.empty(n, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < n:
+        step = _io(os.preadv, fd, [view[got:]], offset + got, path=path)
+        if step == 0:
+            raise CheckpointError(
+                f"{path}: ended after {offset + got} bytes while reading {n} bytes at offset "
+                f"{offset}. The file shrank or is truncated; re-download it."
+            )
+        got += step
+    return buf
+
+
+def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int, queue) -> None:
     """Copy the part of `piece` that lies in source rows [a, b) to its place in the output."""
     if chunk.dim() == 0:
-        _write_block(target, (), chunk.reshape(()))
+        _write_block(target, (), chunk.reshape(()), queue)
         return
     lo, hi = max(a, piece.start[0]), min(b, piece.stop[0])
     if lo >= hi:
@@ -132,10 +178,10 @@ def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int) 
     )
     block = chunk[index]
     dest = (piece.dest[0] + lo - piece.start[0], *piece.dest[1:])
-    _write_block(target, dest, block)
+    _write_block(target, dest, block, queue)
 
 
-def _write_block(target: Target, dest: tuple[int, ...], block: torch.Tensor) -> None:
+def _write_block(target: Target, dest: tuple[int, ...], block: torch.Tensor, queue) -> None:
     """Write `block` at `dest` (per-dim start) in the output tensor, as contiguous runs."""
     out_dtype = TORCH_DTYPES[target.tensor.dtype]
     if block.dtype != out_dtype:
@@ -155,7 +201,7 @@ def _write_block(target: Target, dest: tuple[int, ...], block: torch.Tensor) -> 
     for i, idx in enumerate(_product(outer)):
         first = sum((dest[j] + idx[j]) * strides[j] for j in range(k))
         first += dest[k] * strides[k] if shape else 0
-        _write_run(target, first * item, data[i * run : (i + 1) * run])
+        queue.submit(target, first * item, data[i * run : (i + 1) * run])
 
 
 def _product(ranges):

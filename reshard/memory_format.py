@@ -1,0 +1,301 @@
+"""Text and JSON views of `reshard plan`: the per-rank memory table and verdict, the stage report
+with a cost/memory bar per stage, the expert placement report, and the `--suggest` result.
+Formatting only: no decisions, no I/O. Sizes are decimal GB, as GPUs are sold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from .expert_report import format_placement_report
+from .memory import GB, RESERVE_FRACTION, Gpu, KvBudget, MemoryReport, RankMemory
+from .memory_plan import PlanMemory
+from .memory_suggest import Candidate, Rejection, Suggestion
+
+BAR = 20  # characters per bar
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def format_plan(pm: PlanMemory) -> str:
+    mem, lay = pm.memory, pm.memory.plan.layout
+    lines = [
+        f"model     {pm.shapes.model}: {pm.shapes.hparams.architecture}, from {pm.shapes.origin}",
+        f"layout    tp {lay.tp} x pp {lay.pp} x dp {lay.dp} = {lay.world_size} GPUs (ep {lay.ep})"
+        f", weights written as {_written_dtype(mem)}",
+        f"weights   {gb(mem.weight_bytes_total)} written in all (one replica's files)",
+        f"KV cache  {_kv_line(mem.budget, pm.context_origin)}, "
+        f"{_kv_per_token(mem):,} B a token over all ranks",
+        f"GPU       {_gpu_line(mem.gpu)}",
+        "",
+        *_rank_table(mem),
+        _verdict(mem),
+        *(f"note: {n}" for n in pm.notes),
+    ]
+    if lay.pp > 1:
+        lines += ["", f"stages    cost: {pm.stages.cost_source}", pm.stages.report.render()]
+        lines += ["", *_balance_bars(pm)]
+    if pm.placement is not None:
+        lines += ["", format_placement_report(pm.placement)]
+    return "\n".join(lines)
+
+
+def _written_dtype(mem: MemoryReport) -> str:
+    return ", ".join(sorted({t.dtype for f in mem.plan.files for t in f.tensors}))
+
+
+def _kv_line(budget: KvBudget, origin: str) -> str:
+    seqs = "sequence" if budget.batch == 1 else "sequences"
+    return (
+        f"{budget.batch} {seqs} x {budget.context} tokens (context from {origin}), "
+        f"{budget.dtype_bytes} bytes an element"
+    )
+
+
+def _kv_per_token(mem: MemoryReport) -> int:
+    """KV bytes one cached token costs summed over one replica's ranks (no window cap)."""
+    hp, lay = mem.plan.hparams, mem.plan.layout
+    per_rank_layer = max(hp.num_kv_heads // lay.tp, 1) * hp.head_dim * 2 * mem.budget.dtype_bytes
+    return per_rank_layer * hp.num_layers * lay.tp
+
+
+def _gpu_line(gpu: Gpu | None) -> str:
+    if gpu is None:
+        return "none given (pass --gpu NAME or --gpu-memory GB for headroom and a verdict)"
+    return (
+        f"{gpu.name}, {gpu.memory_bytes / GB:g} GB; {gb(gpu.usable_bytes)} usable after a "
+        f"{RESERVE_FRACTION:.0%} reserve ({gb(gpu.reserve_bytes)}) for activations, the CUDA "
+        "context, NCCL buffers and fragmentation"
+    )
+
+
+def _rank_table(mem: MemoryReport) -> list[str]:
+    lines = [
+        f"{'rank':>4}  {'stage':>5}  {'tp_rank':>7}  {'layers':<7}  {'weights':>10}  "
+        f"{'KV cache':>10}  {'total':>10}  {'headroom':>10}"
+    ]
+    for r in mem.ranks:
+        if r.dp_index:
+            continue
+        room = "-" if r.headroom_bytes is None else gb(r.headroom_bytes)
+        lines.append(
+            f"{r.rank:>4}  {r.pp_stage:>5}  {r.tp_rank:>7}  {_span(r.layers):<7}  "
+            f"{gb(r.weight_bytes):>10}  {gb(r.kv_bytes):>10}  {gb(r.total_bytes):>10}  {room:>10}"
+        )
+    lay = mem.plan.layout
+    if lay.dp > 1:
+        per = lay.tp * lay.pp
+        lines.append(
+            f"dp {lay.dp}: ranks {per}-{lay.world_size - 1} repeat ranks 0-{per - 1} "
+            "(same files, same memory)"
+        )
+    return lines
+
+
+def _span(layers: tuple[int, int]) -> str:
+    first, last = layers
+    return f"{first}-{last}" if last >= first else "none"
+
+
+def _where(r: RankMemory) -> str:
+    return f"rank {r.rank} (stage {r.pp_stage}, tp_rank {r.tp_rank})"
+
+
+def _verdict(mem: MemoryReport) -> str:
+    w = mem.worst
+    if mem.gpu is None:
+        return f"fullest: {_where(w)} at {gb(w.total_bytes)}; no GPU given, so no verdict."
+    usable = gb(mem.gpu.usable_bytes)
+    if mem.fits:
+        return (
+            f"fits: every rank fits in the {usable} usable on a {mem.gpu.name}; the fullest is "
+            f"{_where(w)} at {gb(w.total_bytes)}, {gb(w.headroom_bytes)} headroom."
+        )
+    over = len({r.rank for r in mem.over if r.dp_index == 0})
+    ranks = mem.plan.layout.tp * mem.plan.layout.pp
+    return (
+        f"does not fit: {_where(w)} needs {gb(w.total_bytes)}, {gb(-w.headroom_bytes)} more "
+        f"than the {usable} usable on a {mem.gpu.name} ({over} of {ranks} ranks over). Raise "
+        "tp or pp, shorten --context or --batch, or let --suggest pick a layout."
+    )
+
+
+def _balance_bars(pm: PlanMemory) -> list[str]:
+    mem, report = pm.memory, pm.stages.report
+    fullest = _stage_fullest(mem)
+    scale = mem.gpu.usable_bytes if mem.gpu else max(fullest)
+    mem_label = f"{gb(scale)} usable" if mem.gpu else "the fullest stage"
+    lines = [f"balance   cost = stage cost / slowest stage; mem = stage's fullest rank / {mem_label}"]
+    for i, row in enumerate(report.stages):
+        cost = row.cost / report.bottleneck if report.bottleneck else 1.0
+        full = fullest[i] / scale if scale else 0.0
+        lines.append(
+            f"stage {i:<3} layers {_span((row.layers.first_layer, row.layers.last_layer)):<8} "
+            f"cost {_bar(cost)} {cost:.2f}  mem {_bar(full)} {full:.2f}"
+        )
+    return lines
+
+
+def _bar(fraction: float) -> str:
+    filled = min(BAR, max(0, round(fraction * BAR)))
+    return "\u2588" * filled + "\u2591" * (BAR - filled)
+
+
+def _stage_fullest(mem: MemoryReport) -> list[int]:
+    fullest = [0] * mem.plan.layout.pp
+    for r in mem.ranks:
+        fullest[r.pp_stage] = max(fullest[r.pp_stage], r.total_bytes)
+    return fullest
+
+
+def plan_json(pm: PlanMemory) -> dict[str, Any]:
+    mem, lay = pm.memory, pm.memory.plan.layout
+    report = pm.stages.report
+    stage_bytes = [0] * lay.pp
+    for r in mem.ranks:
+        if r.dp_index == 0:
+            stage_bytes[r.pp_stage] += r.weight_bytes
+    fullest = _stage_fullest(mem)
+    stages = [
+        {
+            "stage": i,
+            "layers": [row.layers.first_layer, row.layers.last_layer],
+            "embed": row.layers.embed,
+            "head": row.layers.head,
+            "cost": row.cost / report.bottleneck if report.bottleneck else 1.0,
+            "cost_ns": row.cost,
+            "weight_bytes": stage_bytes[i],
+            "max_rank_total_bytes": fullest[i],
+        }
+        for i, row in enumerate(report.stages)
+    ]
+    return {
+        "model": pm.shapes.model,
+        "architecture": pm.shapes.hparams.architecture,
+        "shapes_from": pm.shapes.origin,
+        "layout": {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "dp": lay.dp, "dtype": lay.dtype},
+        "weight_bytes_total": mem.weight_bytes_total,
+        "gpu": _gpu_json(mem.gpu),
+        "context": mem.budget.context,
+        "batch": mem.budget.batch,
+        "kv_dtype_bytes": mem.budget.dtype_bytes,
+        "kv_bytes_per_token": _kv_per_token(mem),
+        "fits": mem.fits,
+        "worst_rank": mem.worst.rank,
+        "stages": stages,
+        "cost_source": pm.stages.cost_source,
+        "stage_report": report.to_dict() if lay.pp > 1 else None,
+        "ranks": [_rank_json(r) for r in mem.ranks],
+        "expert_placement": asdict(pm.placement) if pm.placement else None,
+        "notes": list(pm.notes),
+    }
+
+
+def _gpu_json(gpu: Gpu | None) -> dict[str, Any] | None:
+    if gpu is None:
+        return None
+    return {
+        "name": gpu.name,
+        "memory_bytes": gpu.memory_bytes,
+        "reserve_fraction": RESERVE_FRACTION,
+        "usable_bytes": gpu.usable_bytes,
+    }
+
+
+def _rank_json(r: RankMemory) -> dict[str, Any]:
+    return {
+        "rank": r.rank,
+        "dp_index": r.dp_index,
+        "pp_stage": r.pp_stage,
+        "tp_rank": r.tp_rank,
+        "layers": list(r.layers),
+        "weight_bytes": r.weight_bytes,
+        "kv_bytes": r.kv_bytes,
+        "total_bytes": r.total_bytes,
+        "headroom_bytes": r.headroom_bytes,
+    }
+
+
+def format_suggestion(sug: Suggestion, model: str, *, context_origin: str) -> str:
+    gpu = sug.gpu
+    lines = [
+        f"suggest   {model} on {_gpu_line(gpu)}",
+        f"KV cache  {_kv_line(sug.budget, context_origin)}",
+        f"rule      TP inside a node ({sug.gpus_per_node} GPUs), PP across nodes; fewest GPUs",
+    ]
+    choice = sug.choice
+    if choice is None:
+        lines.append("choice    none: no layout up to a full node of TP x one layer per stage fits")
+    else:
+        lines.append(
+            f"choice    tp {choice.tp} x pp {choice.pp} = {_gpus(choice)}: fullest rank "
+            f"{choice.worst.rank} at {gb(choice.worst.total_bytes)}, "
+            f"{gb(choice.worst.headroom_bytes)} headroom beyond the reserve"
+        )
+    lines += ["", "candidates (fewest stages that fit at each tp)"]
+    lines.append(f"  {'tp':>3}  {'pp':>3}  {'GPUs':>4}  {'nodes':>5}  {'fullest':>10}  "
+                 f"{'headroom':>10}")  # fmt: skip
+    for c in sug.candidates:
+        lines.append(
+            f"  {c.tp:>3}  {c.pp:>3}  {c.world:>4}  {c.nodes:>5}  {gb(c.worst.total_bytes):>10}"
+            f"  {gb(c.worst.headroom_bytes):>10}"
+            + ("" if c.pp_across_nodes else "  (pp inside a node)")
+        )
+    lines += ["", "rejected"]
+    lines += [f"  {_rejected_label(r)}: {r.reason}" for r in sug.rejected]
+    if choice is not None:
+        lines += ["", f"next      reshard plan {model} --tp {choice.tp} --pp {choice.pp} "
+                  f"{_gpu_flag(gpu)} --context {sug.budget.context}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _gpus(c: Candidate) -> str:
+    nodes = "1 node" if c.nodes == 1 else f"{c.nodes} nodes"
+    return f"{c.world} GPU{'s' if c.world > 1 else ''} ({nodes})"
+
+
+def _gpu_flag(gpu: Gpu) -> str:
+    from .memory import GPU_MEMORY_GB
+
+    if gpu.name in GPU_MEMORY_GB:
+        return f"--gpu {gpu.name}"
+    return f"--gpu-memory {gpu.memory_bytes / GB:g}"
+
+
+def _rejected_label(r: Rejection) -> str:
+    tp = "tp " + ", ".join(map(str, r.tp))
+    if r.pp is None:
+        return tp
+    first, last = r.pp
+    return f"{tp} x pp {first}" if first == last else f"{tp} x pp {first}-{last}"
+
+
+def suggestion_json(sug: Suggestion) -> dict[str, Any]:
+    def cand(c: Candidate) -> dict[str, Any]:
+        return {
+            "tp": c.tp,
+            "pp": c.pp,
+            "world": c.world,
+            "nodes": c.nodes,
+            "pp_across_nodes": c.pp_across_nodes,
+            "worst_rank": c.worst.rank,
+            "total_bytes": c.worst.total_bytes,
+            "headroom_bytes": c.worst.headroom_bytes,
+        }
+
+    return {
+        "gpu": _gpu_json(sug.gpu),
+        "context": sug.budget.context,
+        "batch": sug.budget.batch,
+        "gpus_per_node": sug.gpus_per_node,
+        "fits": sug.choice is not None,
+        "choice": cand(sug.choice) if sug.choice else None,
+        "candidates": [cand(c) for c in sug.candidates],
+        "rejected": [
+            {"tp": list(r.tp), "pp": list(r.pp) if r.pp else None, "reason": r.reason}
+            for r in sug.rejected
+        ],
+    }

@@ -1,0 +1,215 @@
+"""`reshard plan` end to end: read MODEL's tensor shapes (its safetensors headers when the folder
+has them, else config.json alone: a folder, a bare config.json, or a hub id), build the Plan
+convert would execute, and attach per-rank memory, the stage report and the expert placement
+report. Reads no weights. Formatting is memory_format.py's; the layout search memory_suggest.py's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .convert import plan_source, resolve_placements, resolve_stages
+from .errors import InputError, ReshardIOError
+from .expert_report import PlacementReport, read_expert_load, report_placement
+from .hparams import HParams, parse_hparams, read_config
+from .memory import Gpu, KvBudget, MemoryReport, memory_report
+from .pipeline import StagePlan, plan_stages
+from .plan import Plan, build_plan
+from .recipe import Recipe
+from .safetensors_io import CAST_DTYPES, DTYPE_SIZES
+from .source import INDEX, REPO_ID, SINGLE, Source, open_source
+from .specs import TensorRole, match_tensors
+from .specs.shapes import synthesize_tensors
+
+EXPERT_ROLES = ("expert_column", "expert_row", "fused_expert_column", "fused_expert_row")
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    model: str  # what the user passed
+    hparams: HParams
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape), file order
+    roles: dict[str, TensorRole]
+    origin: str  # where the shapes came from, for the report
+    source: Source | None  # set when safetensors headers were read
+
+
+def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
+    """Shapes from the headers of a local safetensors checkpoint, else from config.json alone
+    (in its torch_dtype, or in `dtype` when the config's is not a float dtype reshard sizes)."""
+    path = Path(model).expanduser()
+    if path.is_dir() and ((path / INDEX).is_file() or (path / SINGLE).is_file()):
+        source = open_source(model)
+        tensors = {n: (i.dtype, i.shape) for h in source.headers for n, i in h.tensors.items()}
+        roles = match_tensors(source.hparams, tensors, where=str(source.path))
+        origin = f"safetensors headers ({len(source.headers)} files; no weights read)"
+        return ModelShapes(model, source.hparams, tensors, roles, origin, source)
+    if path.is_dir():
+        config_path = path / "config.json"
+    elif path.is_file():
+        config_path = path
+    elif REPO_ID.match(model):
+        config_path = download_config(model)
+    else:
+        raise InputError(
+            f"{model}: no such folder or file, and not a hub repo id of the form "
+            "org/name[@revision]. Give a model folder, a config.json, or a hub id."
+        )
+    return config_shapes(model, read_config(config_path), where=str(config_path), dtype=dtype)
+
+
+def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") -> ModelShapes:
+    hp = parse_hparams(config, where=where)
+    st_dtype = CAST_DTYPES.get(hp.torch_dtype) or CAST_DTYPES.get(dtype)
+    if st_dtype is None:
+        raise InputError(
+            f"{where}: torch_dtype {hp.torch_dtype!r} is not a float dtype reshard can size "
+            "from config.json alone. Pass --dtype bf16 (or fp16, fp32)."
+        )
+    tensors = synthesize_tensors(hp, st_dtype)
+    roles = match_tensors(hp, tensors, where=where)
+    origin = f"config.json alone ({where}; shapes synthesized, {st_dtype})"
+    return ModelShapes(model, hp, tensors, roles, origin, None)
+
+
+def download_config(model: str) -> Path:
+    """Only config.json of a hub repo (the weights stay on the hub)."""
+    import huggingface_hub
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = model.partition("@")
+    try:
+        return Path(
+            huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision or None)
+        )
+    except LocalEntryNotFoundError as e:
+        raise ReshardIOError(
+            f"{model}: config.json is not in the local Hugging Face cache and the hub cannot "
+            f"be reached ({e.__class__.__name__}). Download it first, or unset HF_HUB_OFFLINE."
+        ) from None
+    except HfHubHTTPError as e:
+        raise InputError(
+            f"{model}: the hub refused config.json ({e}). Check the repo id, the revision and "
+            "your token (HF_TOKEN)."
+        ) from None
+
+
+def build_layout(shapes: ModelShapes, recipe: Recipe) -> Plan:
+    """The steps of convert.plan_source over shapes already matched (the suggest loop's path)."""
+    hp = shapes.hparams
+    stages = resolve_stages(hp, recipe)
+    placements = resolve_placements(hp, recipe)
+    return build_plan(hp, shapes.tensors, shapes.roles, recipe, stages, placements)
+
+
+def plan_model(shapes: ModelShapes, recipe: Recipe) -> Plan:
+    """Exactly the plan `reshard convert` would execute for this recipe."""
+    if shapes.source is not None:
+        return plan_source(shapes.source, recipe)
+    return build_layout(shapes, recipe)
+
+
+def out_dtype(shapes: ModelShapes, recipe: Recipe) -> str:
+    """The safetensors dtype convert writes (the embedding's; one float dtype throughout)."""
+    if recipe.dtype != "keep":
+        return CAST_DTYPES[recipe.dtype]
+    return shapes.tensors["model.embed_tokens.weight"][0]
+
+
+def kv_budget(shapes: ModelShapes, recipe: Recipe, *, context: int, batch: int) -> KvBudget:
+    """KV cache in the dtype the weights are written in (what engines use by default)."""
+    dtype = out_dtype(shapes, recipe)
+    size = DTYPE_SIZES[dtype] if dtype in CAST_DTYPES.values() else 2
+    return KvBudget(context, batch, size)
+
+
+@dataclass(frozen=True)
+class PlanMemory:
+    """Everything `reshard plan` shows for one layout."""
+
+    shapes: ModelShapes
+    recipe: Recipe
+    memory: MemoryReport
+    stages: StagePlan
+    placement: PlacementReport | None
+    context_origin: str  # "--context" or "config max_position_embeddings"
+    notes: tuple[str, ...]
+
+
+def plan_memory(
+    shapes: ModelShapes,
+    recipe: Recipe,
+    *,
+    gpu: Gpu | None,
+    context: int | None = None,
+    batch: int = 1,
+) -> PlanMemory:
+    hp = shapes.hparams
+    plan = plan_model(shapes, recipe)
+    origin = "--context" if context else "max_position_embeddings in config.json"
+    budget = kv_budget(shapes, recipe, context=context or hp.max_position_embeddings, batch=batch)
+    report = memory_report(plan, gpu, budget)
+    notes = []
+    if recipe.load is not None and not (hp.is_moe and recipe.ep > 1):
+        notes.append("--expert-load is used only for a mixture-of-experts model with --ep > 1.")
+    windowed = sum(t == "sliding_attention" for t in hp.layer_types) if hp.sliding_window else 0
+    if windowed and hp.sliding_window < budget.context:
+        notes.append(
+            f"{windowed} of {hp.num_layers} layers use a {hp.sliding_window}-token sliding "
+            f"window: their KV cache holds at most {hp.sliding_window} tokens per sequence."
+        )
+    return PlanMemory(
+        shapes, recipe, report, plan_stages(hp, recipe), expert_report(shapes, recipe), origin,
+        tuple(notes),
+    )  # fmt: skip
+
+
+def expert_report(shapes: ModelShapes, recipe: Recipe) -> PlacementReport | None:
+    """Balancedness of contiguous vs the recipe's placement over the measured load."""
+    hp = shapes.hparams
+    if not (hp.is_moe and recipe.ep > 1 and recipe.load is not None):
+        return None
+    load = read_expert_load(recipe.load)
+    return report_placement(
+        load.layers,
+        load.heldout or None,
+        ep=recipe.ep,
+        redundant=tuple(sorted({0, recipe.redundant})),
+        placements=tuple(dict.fromkeys(("contiguous", "balanced", recipe.placement))),
+        bytes_per_expert=bytes_per_expert(shapes, recipe),
+    )
+
+
+def bytes_per_expert(shapes: ModelShapes, recipe: Recipe) -> int:
+    """Bytes of one routed expert (gate, up and down) of one MoE layer, as written."""
+    hp = shapes.hparams
+    total = 0
+    for name, role in shapes.roles.items():
+        if role.layer == hp.moe_layers[0] and role.role in EXPERT_ROLES:
+            if role.expert is None:  # fused [E, ...]: one expert's share
+                total += written_bytes(shapes.tensors[name], recipe) // hp.num_experts
+            elif role.expert == 0:
+                total += written_bytes(shapes.tensors[name], recipe)
+    return total
+
+
+def weight_lower_bound(shapes: ModelShapes, recipe: Recipe) -> int:
+    """Bytes of every tensor convert writes at tp 1: a lower bound on one replica's bytes at
+    any layout (splitting only adds vocab padding and replicas)."""
+    return sum(
+        written_bytes(entry, recipe)
+        for name, entry in shapes.tensors.items()
+        if shapes.roles[name].role != "drop"
+    )
+
+
+def written_bytes(entry: tuple[str, tuple[int, ...]], recipe: Recipe) -> int:
+    """A (dtype, shape) source tensor's bytes once written (cast when the recipe asks)."""
+    dtype, shape = entry
+    if recipe.dtype != "keep" and dtype in CAST_DTYPES.values():
+        dtype = CAST_DTYPES[recipe.dtype]
+    n = DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
