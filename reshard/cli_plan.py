@@ -2,10 +2,98 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
+from .cli import layout_options, recipe_from, run_command
 
-@click.command(help="Plan a layout without reading weights (stub: being written).")
+PLAN_HELP = """Plan a layout without reading weights: each rank's weight bytes (exactly what
+convert writes), its KV cache, the headroom on a GPU, the stage report and the expert report.
+Or, with --suggest, the fewest GPUs that hold the model and the KV cache.
+
+MODEL is a model folder (its safetensors headers are used when present), a bare config.json,
+or a hub id (only its config.json is fetched). Each GPU keeps a 10% reserve for activations,
+the CUDA context and NCCL buffers. KV cache = batch x context tokens x the rank's layers x its
+kv heads x head_dim x 2 (K, V) in the weights' dtype; sliding-window layers cache at most the
+window.
+
+\b
+Example:
+  reshard plan ./Llama-3-70B --tp 4 --pp 2 --gpu H100 --context 8192
+  reshard plan config.json --suggest --gpu L40S --context 32768 --batch 4
+  reshard plan meta-llama/Llama-3.1-8B --pp 4 --gpu-memory 40 --json
+"""
+
+# Layout flags --suggest chooses or does not use: giving one would silently do nothing.
+SUGGEST_CONFLICTS = ("tp", "pp", "ep", "dp", "recipe", "placement", "redundant", "load")
+
+
+@click.command(help=PLAN_HELP)
 @click.argument("model")
-def plan(model: str) -> None:
-    raise click.ClickException("reshard plan is not implemented yet")
+@layout_options
+@click.option("--gpu", "gpu_name", help="GPU model: B200 B100 H200 H100 L4 L40S L40 A100.")
+@click.option("--gpu-memory", type=float, help="Memory of another GPU, in decimal GB.")
+@click.option("--context", type=click.IntRange(min=1), help="Tokens per sequence in the KV "
+              "cache (default: max_position_embeddings).")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences in the KV cache at once.")  # fmt: skip
+@click.option("--suggest", is_flag=True, help="Pick tp x pp for the GPU (needs --gpu).")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), help="With --suggest (default 8).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@run_command
+def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as_json, **layout):
+    from .memory import resolve_gpu
+
+    gpu = resolve_gpu(gpu_name, gpu_memory)
+    if suggest:
+        _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout)
+        return
+    _check_not_given({"gpus_per_node": gpus_per_node}, "without --suggest")
+    from .memory_format import format_plan, plan_json
+    from .memory_plan import load_shapes, plan_memory
+
+    recipe = recipe_from(**layout)
+    shapes = load_shapes(model, dtype=recipe.dtype)
+    pm = plan_memory(shapes, recipe, gpu=gpu, context=context, batch=batch)
+    click.echo(json.dumps(plan_json(pm), indent=1) if as_json else format_plan(pm))
+
+
+def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout) -> None:
+    import sys
+
+    from .errors import InputError
+    from .memory_format import format_suggestion, suggestion_json
+    from .memory_plan import kv_budget, load_shapes
+    from .memory_suggest import suggest_layout
+
+    if gpu is None:
+        raise InputError(
+            "--suggest needs a GPU to fit: pass --gpu NAME (B200, B100, H200, H100, L4, L40S, "
+            "L40, A100) or --gpu-memory GB."
+        )
+    _check_not_given({k: layout[k] for k in SUGGEST_CONFLICTS}, "with --suggest")
+    recipe = recipe_from(**layout)
+    shapes = load_shapes(model, dtype=recipe.dtype)
+    budget = kv_budget(shapes, recipe, context=context or shapes.hparams.max_position_embeddings,
+                       batch=batch)  # fmt: skip
+    sug = suggest_layout(shapes, recipe, gpu, budget, gpus_per_node=gpus_per_node or 8)
+    origin = "--context" if context else "max_position_embeddings in config.json"
+    text = format_suggestion(sug, model, context_origin=origin)
+    click.echo(json.dumps(suggestion_json(sug), indent=1) if as_json else text)
+    if sug.choice is None:
+        sys.exit(2)  # a refusal: nothing fits
+
+
+def _check_not_given(flags: dict, when: str) -> None:
+    from .errors import InputError
+
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    if given:
+        name = {"--load": "--expert-load"}
+        shown = ", ".join(name.get(g, g) for g in given)
+        raise InputError(
+            f"{shown} {'does' if len(given) == 1 else 'do'} nothing {when}"
+            + ("; --suggest picks tp and pp itself (ep 1, dp 1). Drop them, or plan that "
+               "layout without --suggest." if when == "with --suggest" else "; drop it.")
+        )  # fmt: skip

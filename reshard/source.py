@@ -196,3 +196,43 @@ def _convert_pickles(pickles: list[Path], scratch: Path) -> list[Path]:
         save_file({k: v.contiguous() for k, v in state.items()}, str(target))
         out.append(target)
     return out
+
+
+def open_config(model: str) -> tuple[dict, HParams, str]:
+    """config.json alone, for commands that read no weights (`plan`, `profile layers`).
+    MODEL may be a model folder, a config.json path, or a hub id (only config.json is fetched).
+    Returns (config, hparams, where)."""
+    local = Path(model).expanduser()
+    if local.is_file():
+        path = local
+    elif local.is_dir():
+        path = local / "config.json"
+    elif REPO_ID.match(model):
+        path = _download_config(model)
+    else:
+        raise InputError(
+            f"{model}: no such folder or file, and not a hub repo id of the form "
+            "org/name[@revision]."
+        )
+    config = read_config(path)
+    return config, parse_hparams(config, where=str(path)), str(path)
+
+
+def _download_config(model: str) -> Path:
+    import huggingface_hub
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = model.partition("@")
+    try:
+        return Path(
+            huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision or None)
+        )
+    except LocalEntryNotFoundError:
+        raise ReshardIOError(
+            f"{model}: config.json is not in the local Hugging Face cache and the hub cannot "
+            "be reached. Download it first, or unset HF_HUB_OFFLINE."
+        ) from None
+    except HfHubHTTPError as e:
+        raise InputError(
+            f"{model}: the hub refused config.json ({e}). Check the repo id."
+        ) from None

@@ -113,5 +113,6 @@ def main() -> None:
     ratio = statistics.median(rates["reshard"][0]) / statistics.median(rates["transformers"][0])
     print(f"ratio reshard/transformers (median decode tok/s): {ratio:.2f}x")
 
+
 if __name__ == "__main__":
     main()

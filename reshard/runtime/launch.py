@@ -23,9 +23,10 @@ import torch.multiprocessing as mp
 
 from .. import errors
 from ..errors import InputError
+from ..manifest import read_manifest
 from .dist import build_comm
 from .generate import PromptResult, generate_greedy
-from .load import load_rank, load_source_model, read_manifest
+from .load import load_rank, load_source_model
 
 _TIMEOUT = timedelta(minutes=5)  # a hung collective fails instead of waiting 30 minutes
 

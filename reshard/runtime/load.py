@@ -15,7 +15,6 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, OutputError
 from ..hparams import HParams, load_hparams
-from ..manifest import read_manifest
 from .dist import Comm
 from .model import CausalLM, build_model
 
