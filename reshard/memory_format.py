@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .expert_report import format_placement_report
-from .memory import GB, RESERVE_FRACTION, Gpu, KvBudget, MemoryReport, RankMemory
+from .memory import GB, GPU_MEMORY_GB, RESERVE_FRACTION, Gpu, KvBudget, MemoryReport, RankMemory
 from .memory_plan import PlanMemory
 from .memory_suggest import Candidate, Rejection, Suggestion
 
@@ -111,30 +111,34 @@ def _verdict(mem: MemoryReport) -> str:
     usable = gb(mem.gpu.usable_bytes)
     if mem.fits:
         return (
-            f"fits: every rank fits in the {usable} usable on a {mem.gpu.name}; the fullest is "
+            f"fits: every rank fits in the {usable} usable per {mem.gpu.name}; the fullest is "
             f"{_where(w)} at {gb(w.total_bytes)}, {gb(w.headroom_bytes)} headroom."
         )
     over = len({r.rank for r in mem.over if r.dp_index == 0})
     ranks = mem.plan.layout.tp * mem.plan.layout.pp
     return (
         f"does not fit: {_where(w)} needs {gb(w.total_bytes)}, {gb(-w.headroom_bytes)} more "
-        f"than the {usable} usable on a {mem.gpu.name} ({over} of {ranks} ranks over). Raise "
+        f"than the {usable} usable per {mem.gpu.name} ({over} of {ranks} ranks over). Raise "
         "tp or pp, shorten --context or --batch, or let --suggest pick a layout."
     )
 
 
 def _balance_bars(pm: PlanMemory) -> list[str]:
+    """Both bars are shares of the largest stage, so the balance shows; the GPU share follows."""
     mem, report = pm.memory, pm.stages.report
     fullest = _stage_fullest(mem)
-    scale = mem.gpu.usable_bytes if mem.gpu else max(fullest)
-    mem_label = f"{gb(scale)} usable" if mem.gpu else "the fullest stage"
-    lines = [f"balance   cost = stage cost / slowest stage; mem = stage's fullest rank / {mem_label}"]
+    top = max(fullest)
+    lines = [
+        "balance   cost = stage cost / slowest stage; mem = stage's fullest rank / fullest stage"
+    ]
     for i, row in enumerate(report.stages):
         cost = row.cost / report.bottleneck if report.bottleneck else 1.0
-        full = fullest[i] / scale if scale else 0.0
+        full = fullest[i] / top if top else 0.0
+        share = f", {fullest[i] / mem.gpu.usable_bytes:.0%} of usable" if mem.gpu else ""
         lines.append(
             f"stage {i:<3} layers {_span((row.layers.first_layer, row.layers.last_layer)):<8} "
-            f"cost {_bar(cost)} {cost:.2f}  mem {_bar(full)} {full:.2f}"
+            f"cost {_bar(cost)} {cost:.2f}  mem {_bar(full)} {full:.2f}  "
+            f"({gb(fullest[i])}{share})"
         )
     return lines
 
@@ -247,8 +251,9 @@ def format_suggestion(sug: Suggestion, model: str, *, context_origin: str) -> st
     lines += ["", "rejected"]
     lines += [f"  {_rejected_label(r)}: {r.reason}" for r in sug.rejected]
     if choice is not None:
-        lines += ["", f"next      reshard plan {model} --tp {choice.tp} --pp {choice.pp} "
-                  f"{_gpu_flag(gpu)} --context {sug.budget.context}"]  # fmt: skip
+        pp = f" --pp {choice.pp}" if choice.pp > 1 else ""
+        lines += ["", f"next      reshard plan {model} --tp {choice.tp}{pp} {_gpu_flag(gpu)} "
+                  f"--context {sug.budget.context} --batch {sug.budget.batch}"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -258,8 +263,6 @@ def _gpus(c: Candidate) -> str:
 
 
 def _gpu_flag(gpu: Gpu) -> str:
-    from .memory import GPU_MEMORY_GB
-
     if gpu.name in GPU_MEMORY_GB:
         return f"--gpu {gpu.name}"
     return f"--gpu-memory {gpu.memory_bytes / GB:g}"
