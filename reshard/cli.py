@@ -15,7 +15,6 @@ import click
 
 from . import __version__
 from .errors import ReshardError
-from .inspect import human_bytes
 
 MAIN_HELP = """Convert a Hugging Face checkpoint into per-rank safetensors shards (TP/PP/EP/DP)
 and prove they generate what the original generates.
@@ -185,7 +184,6 @@ def _parse_ids(text: str) -> list[int]:
     if not ids:
         raise InputError("--prompt-ids: empty prompt.")
     return ids
-
 
 
 def _register_subcommands() -> None:

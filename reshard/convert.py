@@ -76,9 +76,20 @@ def convert_model(
 ) -> ConvertResult:
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    source = open_source(model, allow_pickle=allow_pickle, scratch=out_dir / ".reshard-pickle")
-    plan = plan_source(source, recipe)
-    prepare_out_dir(out_dir, force=force)
+    check_no_output(out_dir, force=force)  # before any work: refuse early and cheaply
+    scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle"
+    try:
+        source = open_source(model, allow_pickle=allow_pickle, scratch=scratch)
+        plan = plan_source(source, recipe)
+        prepare_out_dir(out_dir, force=force)
+        read_total, sizes = _write_output(plan, source, recipe, out_dir, progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    return ConvertResult(out_dir, plan, source, seconds, read_total, sum(sizes.values()))
+
+
+def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, progress: bool):
     read_total = _bytes_to_read(plan, source)
     with tqdm(
         total=read_total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
@@ -90,12 +101,9 @@ def convert_model(
     for name, data in _exports(plan).items():
         write_atomic(out_dir / name, data)
     sizes = {f.name: (out_dir / f.name).stat().st_size for f in plan.files}
-    experts = _experts_entry(plan, recipe)
-    write_manifest(out_dir, build_manifest(plan, source, hashes, sizes, experts=experts))
-    shutil.rmtree(out_dir / ".reshard-pickle", ignore_errors=True)
-    return ConvertResult(
-        out_dir, plan, source, time.perf_counter() - start, read_total, sum(sizes.values())
-    )
+    manifest = build_manifest(plan, source, hashes, sizes, experts=_experts_entry(plan, recipe))
+    write_manifest(out_dir, manifest)
+    return read_total, sizes
 
 
 def _bytes_to_read(plan: Plan, source: Source) -> int:
@@ -119,16 +127,19 @@ def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
     return placements_entry(plan, recipe)
 
 
+def check_no_output(out_dir: Path, *, force: bool) -> None:
+    if (out_dir / MANIFEST).exists() and not force:
+        raise InputError(
+            f"{out_dir}: already holds a reshard output ({MANIFEST}). Pass --force to "
+            "replace it, or choose another folder with -o."
+        )
+
+
 def prepare_out_dir(out_dir: Path, *, force: bool) -> None:
     """Refuse to clobber a finished output unless forced; clear our own stale files."""
+    check_no_output(out_dir, force=force)
     manifest = out_dir / MANIFEST
-    if manifest.exists():
-        if not force:
-            raise InputError(
-                f"{out_dir}: already holds a reshard output ({MANIFEST}). Pass --force to "
-                "replace it, or choose another folder with -o."
-            )
-        manifest.unlink()  # first: from here on the folder is incomplete by definition
+    if manifest.exists():  # first: from here on the folder is incomplete by definition
         fsync_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ours = [*out_dir.glob("rank-*.safetensors*"), *out_dir.glob("*.partial")]

@@ -61,6 +61,7 @@ def build_manifest(
             "path": str(source.path),
             "repo_id": source.repo_id,
             "revision": source.revision,
+            "pickle": source.pickle,
             "files": [{"name": h.path.name, "size": h.size} for h in source.headers],
         },
         "config": source.config,

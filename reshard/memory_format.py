@@ -17,7 +17,10 @@ BAR = 20  # characters per bar
 
 
 def gb(n: float) -> str:
-    return f"{n / GB:.2f} GB"
+    """Decimal GB; MB and bytes only for the tiny models of tests and demos."""
+    if abs(n) >= 10**7:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 10**6:.2f} MB" if abs(n) >= 10**4 else f"{n:.0f} B"
 
 
 def format_plan(pm: PlanMemory) -> str:
@@ -65,8 +68,9 @@ def _kv_per_token(mem: MemoryReport) -> int:
 def _gpu_line(gpu: Gpu | None) -> str:
     if gpu is None:
         return "none given (pass --gpu NAME or --gpu-memory GB for headroom and a verdict)"
+    name = f"{gpu.name}, {gpu.memory_bytes / GB:g} GB" if gpu.name in GPU_MEMORY_GB else gpu.name
     return (
-        f"{gpu.name}, {gpu.memory_bytes / GB:g} GB; {gb(gpu.usable_bytes)} usable after a "
+        f"{name}; {gb(gpu.usable_bytes)} usable after a "
         f"{RESERVE_FRACTION:.0%} reserve ({gb(gpu.reserve_bytes)}) for activations, the CUDA "
         "context, NCCL buffers and fragmentation"
     )

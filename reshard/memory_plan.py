@@ -43,7 +43,8 @@ def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
         source = open_source(model)
         tensors = {n: (i.dtype, i.shape) for h in source.headers for n, i in h.tensors.items()}
         roles = match_tensors(source.hparams, tensors, where=str(source.path))
-        origin = f"safetensors headers ({len(source.headers)} files; no weights read)"
+        files = len(source.headers)
+        origin = f"safetensors headers ({files} file{'s' if files > 1 else ''}; no weights read)"
         return ModelShapes(model, source.hparams, tensors, roles, origin, source)
     if path.is_dir():
         config_path = path / "config.json"

@@ -43,6 +43,7 @@ class Source:
     hparams: HParams
     headers: tuple[Header, ...]  # in file-name order
     tensors: dict[str, tuple[Header, TensorInfo]]
+    pickle: bool = False  # weights came from pytorch_model*.bin (opt-in, converted)
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name][1]
@@ -59,7 +60,8 @@ def open_source(model: str, *, allow_pickle: bool = False, scratch: Path | None 
     files = list_weight_files(path, allow_pickle=allow_pickle, scratch=scratch)
     headers = tuple(read_header(f) for f in files)
     tensors = _check_index(path, headers)
-    return Source(model, path, repo_id, revision, config, hparams, headers, tensors)
+    pickle = any(h.path.parent != path for h in headers)
+    return Source(model, path, repo_id, revision, config, hparams, headers, tensors, pickle)
 
 
 def resolve_model(model: str) -> tuple[Path, str | None, str | None]:

@@ -105,9 +105,18 @@ def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
 
 def verify_weights(out_dir: Path, manifest: dict, source_dir: Path) -> LevelResult:
     """Compare every piece with the source, bitwise; check coverage and zero padding."""
+    import tempfile
+
     from .source import open_source
 
-    src = open_source(str(source_dir))
+    with tempfile.TemporaryDirectory(prefix="reshard-verify-") as scratch:
+        # A source the user converted from pickle with --allow-pickle is re-read the same way.
+        allow = bool(manifest["source"].get("pickle"))
+        src = open_source(str(source_dir), allow_pickle=allow, scratch=Path(scratch))
+        return _verify_weights(out_dir, manifest, src)
+
+
+def _verify_weights(out_dir: Path, manifest: dict, src) -> LevelResult:
     failures: list[str] = []
     with SourceBlocks(src) as blocks:
         for entry in manifest["ranks"]:
