@@ -439,7 +439,7 @@ def test_failed_pickle_convert_leaves_no_scratch_copy(pickle_dir, pickle_convert
         )
     # the scratch conversion is a full copy of the weights (140 GB for a 70B model)
     assert not [p for p in out.parent.iterdir() if "pickle" in p.name]
-    assert not [p for p in out.iterdir() if "pickle" in p.name]
+    assert not out.exists() or not [p for p in out.iterdir() if "pickle" in p.name]
 
 
 def test_pickle_output_passes_verify_weights(pickle_converted):
