@@ -35,7 +35,8 @@ def profile() -> None:
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path))
 @run_command
 def layers(model, device, batch, seq, mode, warmup, iters, dtype, out) -> None:
-    from .costs import profile_layers, write_costs
+    from .costs import write_costs
+    from .layer_profile import profile_layers
     from .source import open_config
 
     _, hp, _ = open_config(model)

@@ -11,12 +11,12 @@ from reshard.costs import (
     item_costs_from_profile,
     item_kinds,
     model_shape,
-    profile_layers,
     read_costs,
     write_costs,
 )
 from reshard.errors import InputError
 from reshard.hparams import parse_hparams
+from reshard.layer_profile import profile_layers
 from reshard.stages import balance_layers, report_stages
 
 LLAMA3_8B = {

@@ -174,7 +174,7 @@ def test_suggest_keeps_pp_across_nodes():
 
 
 def test_suggest_reports_nothing_fits():
-    sug = suggest("Llama-3-70B", "L4", context=2_000_000, gpus_per_node=1)
+    sug = suggest("Llama-3-70B", "L4", context=5_000_000, gpus_per_node=1)
     assert sug.choice is None
     assert all("usable" in r.reason for r in sug.rejected if r.tp == (1,))
 

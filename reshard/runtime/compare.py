@@ -2,8 +2,9 @@
 
 A row is the logits that chose one generated token (row 0: the prompt's last position).
 Rows are compared up to and including the first token that differs: after that the two runs
-condition on different text and their logits are not comparable. Numbers only; the caller
-(verify) decides and reports.
+condition on different text and their logits are not comparable. A differing token is a
+"near tie" when, in the reference's own logits, the sharded pick is within the tolerance of
+the reference's pick; that is rounding, not a wrong shard, and does not fail the prompt.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ class Tolerance:
 
 
 # fp32: the sharded run differs from the reference only in summation order (all-reduce of
-# partial sums), ~1e-6 on small models; 1e-4 leaves room for deeper/wider ones.
-# bf16/fp16 (GPU): each all-reduce rounds partial sums to 8 (bf16) or 11 (fp16) mantissa bits,
-# and the error grows with depth; these are conservative bounds, not yet calibrated on
-# large models.
+# partial sums): ~1e-6 on tiny models, 1e-4 + 1e-5 * logit scale leaves room for big ones.
+# bf16/fp16: TP rounds partial sums to 8 / 11 mantissa bits before adding them. Measured on
+# random Llamas (CPU, tp 4, bf16), the TP-vs-reference difference is the same size as the
+# bf16-vs-fp32 difference of the reference itself (~1% of the logit scale, KL ~1e-2 for
+# badly conditioned random weights), so these bounds sit a few times above that noise. A
+# wrong shard moves logits by the whole logit scale (KL > 1) and still fails by far.
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(atol=1e-4, rtol=1e-5, kl=1e-6),
-    torch.float16: Tolerance(atol=5e-2, rtol=1e-2, kl=1e-3),
-    torch.bfloat16: Tolerance(atol=2.5e-1, rtol=2e-2, kl=5e-3),
+    torch.float16: Tolerance(atol=1e-1, rtol=1e-2, kl=1e-2),
+    torch.bfloat16: Tolerance(atol=5e-1, rtol=5e-2, kl=5e-2),
 }
 
 
@@ -50,7 +53,7 @@ class PromptComparison:
     max_abs: float  # over the compared rows
     kl: float  # max over the compared rows of KL(reference || sharded)
     first_mismatch: int | None  # step of the first differing token
-    near_tie: bool  # the reference's top-2 margin at that step is within the tolerance
+    near_tie: bool  # at that step the sharded pick is within tolerance in the reference
     passed: bool
 
 
@@ -67,7 +70,9 @@ def compare_prompt(ref: PromptResult, got: PromptResult, tol: Tolerance) -> Prom
     diff = (ref.logits[:rows] - got.logits[:rows]).abs().amax(dim=-1)  # [rows]
     bound = tol.atol + tol.rtol * ref.logits[:rows].abs().amax(dim=-1)  # [rows]
     kl = logits_kl(ref.logits[:rows], got.logits[:rows])  # [rows]
-    near_tie = mismatch is not None and _top2_margin(ref.logits[mismatch]) <= 2 * bound[-1]
+    near_tie = mismatch is not None and _is_near_tie(
+        ref.logits[mismatch], got.tokens[mismatch], bound[-1]
+    )
     return PromptComparison(
         index=ref.index,
         prompt=list(ref.prompt),
@@ -77,7 +82,9 @@ def compare_prompt(ref: PromptResult, got: PromptResult, tol: Tolerance) -> Prom
         kl=float(kl.max()),
         first_mismatch=mismatch,
         near_tie=bool(near_tie),
-        passed=mismatch is None and bool((diff <= bound).all()) and bool((kl <= tol.kl).all()),
+        passed=(mismatch is None or near_tie)
+        and bool((diff <= bound).all())
+        and bool((kl <= tol.kl).all()),
     )
 
 
@@ -99,6 +106,6 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None
 
 
-def _top2_margin(row: torch.Tensor) -> float:
-    top = torch.topk(row.float(), 2).values
-    return float(top[0] - top[1])
+def _is_near_tie(ref_row: torch.Tensor, sharded_token: int, bound: torch.Tensor) -> bool:
+    """The reference scores the sharded pick within 2 * bound of its own best token."""
+    return bool(ref_row.max() - ref_row[sharded_token] <= 2 * bound)

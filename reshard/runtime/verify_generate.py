@@ -86,12 +86,15 @@ def _level_result(
     comparisons: list[PromptComparison], dtype: torch.dtype, backend: str, manifest: dict
 ) -> LevelResult:
     failures = [_failure(c) for c in comparisons if not c.passed]
+    ties = [c.index for c in comparisons if c.near_tie]
     tol = tolerance_for(dtype)
     detail = (
         f"{len(comparisons)} prompts x {len(comparisons[0].reference_ids)} tokens on "
         f"{manifest['layout']['world_size']} {backend} ranks, {str(dtype).removeprefix('torch.')}"
         f" (max |dlogit| <= {tol.atol:g} + {tol.rtol:g}*max|logit|, KL <= {tol.kl:g})"
     )
+    if ties:
+        detail += f"; prompts {ties} diverge at a near tie (compared up to it)"
     prompts = [_prompt_entry(c) for c in comparisons]
     data = {"backend": backend, "generation": {"dtype": str(dtype), "prompts": prompts}}
     return LevelResult("generate", not failures, detail, failures, data)
@@ -115,8 +118,7 @@ def _failure(c: PromptComparison) -> str:
     if c.first_mismatch is None:
         return f"{where}: logits off by max {c.max_abs:.3e}, KL {c.kl:.3e}"
     step = c.first_mismatch
-    tie = " (the reference's top-2 logits were within tolerance: a near tie)" if c.near_tie else ""
     return (
         f"{where}: token {step} differs, reference {c.reference_ids[step]} vs sharded "
-        f"{c.sharded_ids[step]}{tie}"
+        f"{c.sharded_ids[step]} (max |dlogit| {c.max_abs:.3e}, KL {c.kl:.3e})"
     )
