@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -10,7 +11,8 @@ from .cli import layout_options, recipe_from, run_command
 
 PLAN_HELP = """Plan a layout without reading weights: each rank's weight bytes (exactly what
 convert writes), its KV cache, the headroom on a GPU, the stage report and the expert report.
-Or, with --suggest, the fewest GPUs that hold the model and the KV cache.
+Or, with --suggest, the fewest GPUs that hold the model and the KV cache, with TP inside a
+node and PP across nodes.
 
 MODEL is a model folder (its safetensors headers are used when present), a bare config.json,
 or a hub id (only its config.json is fetched). Each GPU keeps a 10% reserve for activations,
@@ -25,8 +27,19 @@ Example:
   reshard plan meta-llama/Llama-3.1-8B --pp 4 --gpu-memory 40 --json
 """
 
+CONTEXT_HELP = "Tokens per sequence in the KV cache (default: max_position_embeddings)."
+BATCH_HELP = "Sequences in the KV cache at once."
 # Layout flags --suggest chooses or does not use: giving one would silently do nothing.
-SUGGEST_CONFLICTS = ("tp", "pp", "ep", "dp", "recipe", "placement", "redundant", "load")
+SUGGEST_CONFLICTS = {
+    "tp": "--tp",
+    "pp": "--pp",
+    "ep": "--ep",
+    "dp": "--dp",
+    "recipe": "--recipe",
+    "placement": "--placement",
+    "redundant": "--redundant",
+    "load": "--expert-load",
+}
 
 
 @click.command(help=PLAN_HELP)
@@ -34,22 +47,22 @@ SUGGEST_CONFLICTS = ("tp", "pp", "ep", "dp", "recipe", "placement", "redundant",
 @layout_options
 @click.option("--gpu", "gpu_name", help="GPU model: B200 B100 H200 H100 L4 L40S L40 A100.")
 @click.option("--gpu-memory", type=float, help="Memory of another GPU, in decimal GB.")
-@click.option("--context", type=click.IntRange(min=1), help="Tokens per sequence in the KV "
-              "cache (default: max_position_embeddings).")  # fmt: skip
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Sequences in the KV cache at once.")  # fmt: skip
+@click.option("--context", type=click.IntRange(min=1), help=CONTEXT_HELP)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
 @click.option("--suggest", is_flag=True, help="Pick tp x pp for the GPU (needs --gpu).")
 @click.option("--gpus-per-node", type=click.IntRange(min=1), help="With --suggest (default 8).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @run_command
 def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as_json, **layout):
+    from .errors import InputError
     from .memory import resolve_gpu
 
     gpu = resolve_gpu(gpu_name, gpu_memory)
     if suggest:
-        _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout)
+        _suggest(model, gpu, context, batch, gpus_per_node or 8, as_json, layout)
         return
-    _check_not_given({"gpus_per_node": gpus_per_node}, "without --suggest")
+    if gpus_per_node is not None:
+        raise InputError("--gpus-per-node does nothing without --suggest; drop it.")
     from .memory_format import format_plan, plan_json
     from .memory_plan import load_shapes, plan_memory
 
@@ -60,11 +73,9 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as
 
 
 def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout) -> None:
-    import sys
-
     from .errors import InputError
     from .memory_format import format_suggestion, suggestion_json
-    from .memory_plan import kv_budget, load_shapes
+    from .memory_plan import kv_budget, load_shapes, resolve_context
     from .memory_suggest import suggest_layout
 
     if gpu is None:
@@ -72,28 +83,18 @@ def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout) -> None
             "--suggest needs a GPU to fit: pass --gpu NAME (B200, B100, H200, H100, L4, L40S, "
             "L40, A100) or --gpu-memory GB."
         )
-    _check_not_given({k: layout[k] for k in SUGGEST_CONFLICTS}, "with --suggest")
+    given = [SUGGEST_CONFLICTS[k] for k in SUGGEST_CONFLICTS if layout[k] is not None]
+    if given:
+        raise InputError(
+            f"{', '.join(given)} would do nothing with --suggest, which picks tp and pp itself "
+            "(ep 1, dp 1). Drop them, or plan that layout without --suggest."
+        )
     recipe = recipe_from(**layout)
     shapes = load_shapes(model, dtype=recipe.dtype)
-    budget = kv_budget(shapes, recipe, context=context or shapes.hparams.max_position_embeddings,
-                       batch=batch)  # fmt: skip
-    sug = suggest_layout(shapes, recipe, gpu, budget, gpus_per_node=gpus_per_node or 8)
-    origin = "--context" if context else "max_position_embeddings in config.json"
+    tokens, origin = resolve_context(shapes.hparams, context)
+    budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
+    sug = suggest_layout(shapes, recipe, gpu, budget, gpus_per_node=gpus_per_node)
     text = format_suggestion(sug, model, context_origin=origin)
     click.echo(json.dumps(suggestion_json(sug), indent=1) if as_json else text)
     if sug.choice is None:
         sys.exit(2)  # a refusal: nothing fits
-
-
-def _check_not_given(flags: dict, when: str) -> None:
-    from .errors import InputError
-
-    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
-    if given:
-        name = {"--load": "--expert-load"}
-        shown = ", ".join(name.get(g, g) for g in given)
-        raise InputError(
-            f"{shown} {'does' if len(given) == 1 else 'do'} nothing {when}"
-            + ("; --suggest picks tp and pp itself (ep 1, dp 1). Drop them, or plan that "
-               "layout without --suggest." if when == "with --suggest" else "; drop it.")
-        )  # fmt: skip

@@ -9,7 +9,16 @@ from dataclasses import asdict
 from typing import Any
 
 from .expert_report import format_placement_report
-from .memory import GB, GPU_MEMORY_GB, RESERVE_FRACTION, Gpu, KvBudget, MemoryReport, RankMemory
+from .memory import (
+    GB,
+    GPU_MEMORY_GB,
+    RESERVE_FRACTION,
+    Gpu,
+    KvBudget,
+    MemoryReport,
+    RankMemory,
+    kv_bytes_per_token,
+)
 from .memory_plan import PlanMemory
 from .memory_suggest import Candidate, Rejection, Suggestion
 
@@ -60,9 +69,8 @@ def _kv_line(budget: KvBudget, origin: str) -> str:
 
 def _kv_per_token(mem: MemoryReport) -> int:
     """KV bytes one cached token costs summed over one replica's ranks (no window cap)."""
-    hp, lay = mem.plan.hparams, mem.plan.layout
-    per_rank_layer = max(hp.num_kv_heads // lay.tp, 1) * hp.head_dim * 2 * mem.budget.dtype_bytes
-    return per_rank_layer * hp.num_layers * lay.tp
+    hp, tp = mem.plan.hparams, mem.plan.layout.tp
+    return tp * kv_bytes_per_token(hp, range(hp.num_layers), tp, mem.budget.dtype_bytes)
 
 
 def _gpu_line(gpu: Gpu | None) -> str:
@@ -228,37 +236,45 @@ def _rank_json(r: RankMemory) -> dict[str, Any]:
 
 
 def format_suggestion(sug: Suggestion, model: str, *, context_origin: str) -> str:
-    gpu = sug.gpu
     lines = [
-        f"suggest   {model} on {_gpu_line(gpu)}",
+        f"suggest   {model} on {_gpu_line(sug.gpu)}",
         f"KV cache  {_kv_line(sug.budget, context_origin)}",
         f"rule      TP inside a node ({sug.gpus_per_node} GPUs), PP across nodes; fewest GPUs",
+        _choice_line(sug.choice),
+        "",
+        "candidates (fewest stages that fit at each tp)",
+        f"  {'tp':>3}  {'pp':>3}  {'GPUs':>4}  {'nodes':>5}  {'fullest':>10}  {'headroom':>10}",
+        *(_candidate_row(c) for c in sug.candidates),
+        "",
+        "rejected",
+        *(f"  {_rejected_label(r)}: {r.reason}" for r in sug.rejected),
     ]
-    choice = sug.choice
-    if choice is None:
-        lines.append("choice    none: no layout up to a full node of TP x one layer per stage fits")
-    else:
-        lines.append(
-            f"choice    tp {choice.tp} x pp {choice.pp} = {_gpus(choice)}: fullest rank "
-            f"{choice.worst.rank} at {gb(choice.worst.total_bytes)}, "
-            f"{gb(choice.worst.headroom_bytes)} headroom beyond the reserve"
-        )
-    lines += ["", "candidates (fewest stages that fit at each tp)"]
-    lines.append(f"  {'tp':>3}  {'pp':>3}  {'GPUs':>4}  {'nodes':>5}  {'fullest':>10}  "
-                 f"{'headroom':>10}")  # fmt: skip
-    for c in sug.candidates:
-        lines.append(
-            f"  {c.tp:>3}  {c.pp:>3}  {c.world:>4}  {c.nodes:>5}  {gb(c.worst.total_bytes):>10}"
-            f"  {gb(c.worst.headroom_bytes):>10}"
-            + ("" if c.pp_across_nodes else "  (pp inside a node)")
-        )
-    lines += ["", "rejected"]
-    lines += [f"  {_rejected_label(r)}: {r.reason}" for r in sug.rejected]
-    if choice is not None:
-        pp = f" --pp {choice.pp}" if choice.pp > 1 else ""
-        lines += ["", f"next      reshard plan {model} --tp {choice.tp}{pp} {_gpu_flag(gpu)} "
-                  f"--context {sug.budget.context} --batch {sug.budget.batch}"]  # fmt: skip
+    if sug.choice is not None:
+        c, budget = sug.choice, sug.budget
+        pp = f" --pp {c.pp}" if c.pp > 1 else ""
+        lines += [
+            "",
+            f"next      reshard plan {model} --tp {c.tp}{pp} {_gpu_flag(sug.gpu)} "
+            f"--context {budget.context} --batch {budget.batch}",
+        ]
     return "\n".join(lines)
+
+
+def _choice_line(c: Candidate | None) -> str:
+    if c is None:
+        return "choice    none: no layout up to a full node of TP x one layer per stage fits"
+    return (
+        f"choice    tp {c.tp} x pp {c.pp} = {_gpus(c)}: fullest rank {c.worst.rank} at "
+        f"{gb(c.worst.total_bytes)}, {gb(c.worst.headroom_bytes)} headroom beyond the reserve"
+    )
+
+
+def _candidate_row(c: Candidate) -> str:
+    note = "" if c.pp_across_nodes else "  (pp before a full node of tp)"
+    return (
+        f"  {c.tp:>3}  {c.pp:>3}  {c.world:>4}  {c.nodes:>5}  {gb(c.worst.total_bytes):>10}  "
+        f"{gb(c.worst.headroom_bytes):>10}{note}"
+    )
 
 
 def _gpus(c: Candidate) -> str:

@@ -125,6 +125,13 @@ def kv_budget(shapes: ModelShapes, recipe: Recipe, *, context: int, batch: int) 
     return KvBudget(context, batch, size)
 
 
+def resolve_context(hp: HParams, context: int | None) -> tuple[int, str]:
+    """--context, else the longest sequence the model takes (what engines default to)."""
+    if context:
+        return context, "--context"
+    return hp.max_position_embeddings, "max_position_embeddings in config.json"
+
+
 @dataclass(frozen=True)
 class PlanMemory:
     """Everything `reshard plan` shows for one layout."""
@@ -134,7 +141,7 @@ class PlanMemory:
     memory: MemoryReport
     stages: StagePlan
     placement: PlacementReport | None
-    context_origin: str  # "--context" or "config max_position_embeddings"
+    context_origin: str  # where the context length came from (resolve_context)
     notes: tuple[str, ...]
 
 
@@ -148,9 +155,15 @@ def plan_memory(
 ) -> PlanMemory:
     hp = shapes.hparams
     plan = plan_model(shapes, recipe)
-    origin = "--context" if context else "max_position_embeddings in config.json"
-    budget = kv_budget(shapes, recipe, context=context or hp.max_position_embeddings, batch=batch)
+    tokens, origin = resolve_context(hp, context)
+    budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
     report = memory_report(plan, gpu, budget)
+    stages = plan_stages(hp, recipe)
+    placement = expert_report(shapes, recipe)
+    return PlanMemory(shapes, recipe, report, stages, placement, origin, _notes(hp, recipe, budget))
+
+
+def _notes(hp: HParams, recipe: Recipe, budget: KvBudget) -> tuple[str, ...]:
     notes = []
     if recipe.load is not None and not (hp.is_moe and recipe.ep > 1):
         notes.append("--expert-load is used only for a mixture-of-experts model with --ep > 1.")
@@ -160,10 +173,7 @@ def plan_memory(
             f"{windowed} of {hp.num_layers} layers use a {hp.sliding_window}-token sliding "
             f"window: their KV cache holds at most {hp.sliding_window} tokens per sequence."
         )
-    return PlanMemory(
-        shapes, recipe, report, plan_stages(hp, recipe), expert_report(shapes, recipe), origin,
-        tuple(notes),
-    )  # fmt: skip
+    return tuple(notes)
 
 
 def expert_report(shapes: ModelShapes, recipe: Recipe) -> PlacementReport | None:

@@ -2,8 +2,9 @@
 and the KV budget on the given GPU, keeping TP inside a node and PP across nodes: tp grows up
 to a node (tp <= gpus_per_node, from plan.valid_tp) before pp > 1 is used, and then only with
 the node's largest valid tp. Layouts with fewer GPUs that need PP inside a node are listed as
-alternatives. The real Plan (the one convert writes) is built only where cheap lower bounds do
-not already rule a layout out; every smaller or invalid layout's rejection is recorded.
+alternatives. Per-rank bytes come from the real slicing (build_plan over one representative
+layer per layer shape; see TpBytes) and the stages convert would use; every smaller or invalid
+layout's rejection is recorded.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .convert import resolve_stages
 from .errors import LayoutError
 from .hparams import HParams
-from .memory import GB, Gpu, KvBudget, RankMemory, layer_kv_bytes, memory_report
-from .memory_plan import ModelShapes, build_layout, weight_lower_bound, written_bytes
-from .plan import valid_tp
+from .memory import GB, Gpu, KvBudget, RankMemory, layer_kv_bytes
+from .memory_plan import ModelShapes, weight_lower_bound
+from .plan import Stage, build_plan, valid_tp
 from .recipe import Recipe
 
 
@@ -76,7 +78,7 @@ def suggest_layout(
         rejected.extend(why)
         if found is not None:
             pp, worst = found
-            nodes = -(-tp * pp // gpus_per_node)
+            nodes = -(-pp // (gpus_per_node // tp))  # a TP group never spans nodes
             candidates.append(Candidate(tp, pp, nodes, worst, pp == 1 or tp == node_tp))
     beyond = tuple(t for t in valid if t > gpus_per_node)
     if beyond:
@@ -92,48 +94,140 @@ def suggest_layout(
     return Suggestion(gpu, budget, gpus_per_node, tuple(candidates), tuple(rejected))
 
 
+@dataclass(frozen=True)
+class TpBytes:
+    """Weight bytes each TP rank holds per item at one tp, read off the OutTensors of a Plan
+    built over one representative layer per distinct layer shape (slicing does not depend on
+    pp, and layers of one shape slice alike), so any pp costs a sum, not a Plan."""
+
+    tp: int
+    layers: tuple[tuple[int, ...], ...]  # [layer][tp_rank]
+    embed: tuple[int, ...]  # [tp_rank]: the embedding (the first stage)
+    head: tuple[int, ...]  # [tp_rank]: final norm + lm_head (the last stage)
+    tied: bool  # a last stage without the embedding writes its own copy as lm_head
+
+    def rank_weights(self, stage: Stage, tp_rank: int) -> int:
+        n = sum(self.layers[i][tp_rank] for i in stage.layers)
+        if stage.embed:
+            n += self.embed[tp_rank]
+        if stage.head:
+            n += self.head[tp_rank] + (self.embed[tp_rank] if self.tied and not stage.embed else 0)
+        return n
+
+
+def tp_bytes(shapes: ModelShapes, base: Recipe, tp: int) -> TpBytes:
+    hp = shapes.hparams
+    by_shape: dict[tuple, list[int]] = {}
+    for layer, signature in enumerate(_layer_signatures(shapes)):
+        by_shape.setdefault(signature, []).append(layer)
+    reps = {layers[0] for layers in by_shape.values()}
+    subset = {n: e for n, e in shapes.tensors.items() if shapes.roles[n].layer in (None, *reps)}
+    whole = (Stage(0, 0, hp.num_layers - 1, True, True),)
+    plan = build_plan(hp, subset, shapes.roles, dataclasses.replace(base, tp=tp), whole, {})
+    rep_bytes = {layer: [0] * tp for layer in reps}
+    embed, head = [0] * tp, [0] * tp
+    for f in plan.files:
+        tp_rank = plan.layout.coord(f.rank).tp_rank
+        for t in f.tensors:
+            role = shapes.roles[t.name]
+            if role.layer is not None:
+                rep_bytes[role.layer][tp_rank] += t.nbytes
+            elif role.role == "vocab":
+                embed[tp_rank] += t.nbytes
+            else:
+                head[tp_rank] += t.nbytes
+    layers = [()] * hp.num_layers
+    for group in by_shape.values():
+        for layer in group:
+            layers[layer] = tuple(rep_bytes[group[0]])
+    return TpBytes(tp, tuple(layers), tuple(embed), tuple(head), hp.tie_word_embeddings)
+
+
+def _layer_signatures(shapes: ModelShapes) -> list[tuple]:
+    """Per layer, its tensors (name without the layer index, dtype, shape, role), sorted."""
+    sig: list[list] = [[] for _ in range(shapes.hparams.num_layers)]
+    for name, (dtype, shape) in shapes.tensors.items():
+        role = shapes.roles[name]
+        if role.layer is not None and role.role != "drop":
+            local = name.replace(f"layers.{role.layer}.", "layers.*.", 1)
+            sig[role.layer].append((local, dtype, shape, role.role))
+    return [tuple(sorted(s)) for s in sig]
+
+
+def layout_ranks(
+    shapes: ModelShapes, base: Recipe, budget: KvBudget, gpu: Gpu | None, tb: TpBytes, pp: int
+) -> list[RankMemory]:
+    """One replica's ranks at (tb.tp, pp), with the stages convert would use."""
+    hp, tp = shapes.hparams, tb.tp
+    stages = resolve_stages(hp, dataclasses.replace(base, tp=tp, pp=pp))
+    ranks = []
+    for stage in stages:
+        kv = sum(layer_kv_bytes(hp, i, tp, budget) for i in stage.layers)
+        for tp_rank in range(tp):
+            weights = tb.rank_weights(stage, tp_rank)
+            room = None if gpu is None else gpu.usable_bytes - weights - kv
+            span = (stage.first_layer, stage.last_layer)
+            rank = stage.stage * tp + tp_rank
+            ranks.append(RankMemory(rank, 0, stage.stage, tp_rank, span, weights, kv, room))
+    return ranks
+
+
 def _fewest_stages(
     shapes: ModelShapes, base: Recipe, gpu: Gpu, budget: KvBudget, tp: int, weights: int
 ) -> tuple[tuple[int, RankMemory] | None, list[Rejection]]:
     """The smallest pp that fits at this tp, and why each smaller pp does not."""
     hp = shapes.hparams
     usable = gpu.usable_bytes
-    kv = tp * sum(layer_kv_bytes(hp, i, tp, budget) for i in range(hp.num_layers))
-    edge = _edge_stage_bound(shapes, base, budget, tp)
+    tb = tp_bytes(shapes, base, tp)
+    edge = _edge_bound(hp, tb, budget)
     if edge > usable:
         return None, [
             Rejection(
                 (tp,),
                 None,
                 f"even one decoder layer per stage puts {_gb(edge)} on an end stage's rank "
-                f"(embedding or lm_head / {tp} + a layer + its KV cache); {_gb(usable)} usable",
+                f"(embedding or lm_head + a layer + its KV cache); {_gb(usable)} usable",
             )
         ]
     # The average rank holds (weights + KV) / world: no fewer stages can fit.
+    kv = tp * sum(layer_kv_bytes(hp, i, tp, budget) for i in range(hp.num_layers))
     first = max(1, -(-(weights + kv) // (tp * usable)))
     why = []
     if first > 1:
         average = _average_reason(weights, kv, tp * (first - 1), gpu)
-        why.append(Rejection((tp,), (1, first - 1), average))
+        at = f"at pp {first - 1}, " if first > 2 else ""
+        why.append(Rejection((tp,), (1, first - 1), at + average))
     for pp in range(first, hp.num_layers + 1):
-        try:
-            plan = build_layout(shapes, dataclasses.replace(base, tp=tp, pp=pp))
-        except LayoutError as e:
-            why.append(Rejection((tp,), (pp, pp), str(e)))
-            continue
-        report = memory_report(plan, gpu, budget)
-        if report.fits:
-            return (pp, report.worst), why
-        w = report.worst
+        worst = max(layout_ranks(shapes, base, budget, gpu, tb, pp), key=_fullness)
+        if worst.headroom_bytes >= 0:
+            return (pp, worst), why
         why.append(
             Rejection(
                 (tp,),
                 (pp, pp),
-                f"rank {w.rank} (stage {w.pp_stage}) needs {_gb(w.total_bytes)} "
-                f"({_gb(w.weight_bytes)} weights + {_gb(w.kv_bytes)} KV); {_gb(usable)} usable",
+                f"rank {worst.rank} (stage {worst.pp_stage}) needs {_gb(worst.total_bytes)} "
+                f"({_gb(worst.weight_bytes)} weights + {_gb(worst.kv_bytes)} KV); "
+                f"{_gb(usable)} usable",
             )
         )
     return None, why
+
+
+def _fullness(r: RankMemory) -> tuple[int, int]:
+    return r.total_bytes, -r.rank
+
+
+def _edge_bound(hp: HParams, tb: TpBytes, budget: KvBudget) -> int:
+    """The fullest rank of any pp holds at least an end stage with a single layer: the
+    embedding and layer 0, or the head (and its tied copy) and the last layer."""
+    last = hp.num_layers - 1
+    first_stage = Stage(0, 0, 0, True, False)
+    last_stage = Stage(1, last, last, False, True)
+    return max(
+        tb.rank_weights(stage, r) + layer_kv_bytes(hp, stage.first_layer, tb.tp, budget)
+        for stage in (first_stage, last_stage)
+        for r in range(tb.tp)
+    )
 
 
 def _average_reason(weights: int, kv: int, world: int, gpu: Gpu) -> str:
@@ -143,30 +237,6 @@ def _average_reason(weights: int, kv: int, world: int, gpu: Gpu) -> str:
         f"{_gb(-(-(weights + kv) // world))} a GPU; {_gb(gpu.usable_bytes)} usable of "
         f"{gpu.memory_bytes / GB:g} GB"
     )
-
-
-def _edge_stage_bound(shapes: ModelShapes, base: Recipe, budget: KvBudget, tp: int) -> int:
-    """A lower bound on the fullest rank of any pp: the first stage holds the embedding and
-    layer 0, the last the final norm, lm_head and the last layer, each split at best tp ways."""
-    hp = shapes.hparams
-    per_layer = [0] * hp.num_layers
-    ends = {"embed": 0, "head": 0}
-    for name, entry in shapes.tensors.items():
-        role = shapes.roles[name]
-        if role.role == "drop":
-            continue
-        size = written_bytes(entry, base)
-        if role.layer is not None:
-            per_layer[role.layer] += size
-        elif role.role == "vocab":
-            ends["embed"] += size
-            ends["head"] += size if hp.tie_word_embeddings else 0
-        else:
-            ends["head"] += size
-    last = hp.num_layers - 1
-    first_stage = (ends["embed"] + per_layer[0]) // tp + layer_kv_bytes(hp, 0, tp, budget)
-    last_stage = (ends["head"] + per_layer[last]) // tp + layer_kv_bytes(hp, last, tp, budget)
-    return max(first_stage, last_stage)
 
 
 def tp_problem(hp: HParams, tp: int) -> str:

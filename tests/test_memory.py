@@ -19,7 +19,7 @@ from reshard.memory import (
     resolve_gpu,
 )
 from reshard.memory_plan import build_layout, config_shapes, kv_budget, weight_lower_bound
-from reshard.memory_suggest import suggest_layout
+from reshard.memory_suggest import layout_ranks, suggest_layout, tp_bytes
 from reshard.recipe import build_recipe
 
 
@@ -182,3 +182,33 @@ def test_suggest_reports_nothing_fits():
 def test_suggest_needs_a_node():
     with pytest.raises(LayoutError, match="gpus-per-node"):
         suggest("Llama-3-8B", "H100", gpus_per_node=0)
+
+
+SMALL = {
+    "dense": llama(256, 512, 6, 8, 2, 1001),
+    "tied": llama(256, 512, 5, 8, 8, 999, tie=True),
+    "moe": {  # dense layer 0 (mlp_only_layers), MoE layers with a shared expert
+        **llama(256, 512, 5, 8, 4, 1000),
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 256,
+        "mlp_only_layers": [0],
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 2), (2, 3), (1, 5)])
+def test_suggest_bytes_equal_the_full_plan(kind, tp, pp):
+    """The search's per-rank sums (TpBytes) against memory_report over a complete Plan."""
+    shapes = config_shapes(kind, SMALL[kind], where=kind)
+    recipe = build_recipe(tp=tp, pp=pp)
+    budget = KvBudget(context=100, batch=2, dtype_bytes=2)
+    gpu = resolve_gpu("L4")
+    full = memory_report(build_layout(shapes, recipe), gpu, budget).ranks
+    fast = layout_ranks(
+        shapes, build_recipe(), budget, gpu, tp_bytes(shapes, build_recipe(), tp), pp
+    )
+    assert fast == list(full)

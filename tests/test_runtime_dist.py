@@ -18,14 +18,16 @@ pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
 
-from reshard.errors import OutputError  # noqa: E402
+from reshard.errors import CheckpointError, OutputError  # noqa: E402
 from reshard.hparams import HParams, load_hparams  # noqa: E402
-from reshard.runtime.compare import compare_results, tolerance_for  # noqa: E402
+from reshard.runtime.compare import Tolerance, compare_results, tolerance_for  # noqa: E402
 from reshard.runtime.dist import Comm  # noqa: E402
+from reshard.runtime.generate import PromptResult, generate_greedy  # noqa: E402
 from reshard.runtime.launch import generate_reference, generate_sharded  # noqa: E402
 from reshard.runtime.load import load_rank  # noqa: E402
 from reshard.runtime.model import build_model  # noqa: E402
 from reshard.runtime.moe import build_expert_map  # noqa: E402
+from reshard.runtime.verify_generate import verify_generation  # noqa: E402
 
 PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 30, 7, 12, 90], [33, 2, 71], [64, 8, 19, 27, 50, 4], [1, 99]]
 NEW_TOKENS = 6
@@ -167,8 +169,15 @@ def test_tp4_llama_from_convert(tmp_path):
         tmp_path / "src", "LlamaForCausalLM", tie_word_embeddings=True, attention_bias=True,
         mlp_bias=True, initializer_range=0.5,
     )  # fmt: skip
-    convert_model(str(src), tmp_path / "out", Recipe(tp=4))
-    assert_matches_reference(src, tmp_path / "out")
+    out = tmp_path / "out"
+    convert_model(str(src), out, Recipe(tp=4))
+    manifest = json.loads((out / "manifest.json").read_text())
+    level = verify_generation(out, manifest, src, prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert level.passed, level.failures
+    rows = level.data["generation"]["prompts"]
+    assert [r["prompt_ids"] for r in rows] == PROMPTS
+    assert all(r["reference_ids"] == r["sharded_ids"] for r in rows)
+    assert all(r["max_abs_logit_diff"] <= 1e-4 for r in rows)
 
 
 def test_tp2_ep2_qwen2_moe_redundant_experts(tmp_path):
@@ -238,3 +247,42 @@ def test_rank_errors_reach_the_caller_as_reshard_errors(tmp_path):
     (tmp_path / "out" / "rank-00001.safetensors").unlink()
     with pytest.raises(OutputError, match="rank 1"):
         generate_sharded(tmp_path / "out", PROMPTS, 2, device="cpu")
+
+
+def test_expert_load_counts_real_tokens_only(tmp_path):
+    src = write_checkpoint(tmp_path / "src", "MixtralForCausalLM")
+    model = build_model(load_hparams(src), load_file(src / "model.safetensors"))
+    model.enable_expert_load()
+    generate_greedy(model, PROMPTS, 3)  # prefill + 2 decode steps, padding excluded
+    tokens = sum(len(p) for p in PROMPTS) + 2 * len(PROMPTS)
+    load = model.read_expert_load()
+    assert sorted(load) == [0, 1, 2]
+    assert all(sum(counts) == tokens * 2 for counts in load.values())  # top-2
+
+
+def _result(tokens, logits):
+    return PromptResult(0, [1, 2], tokens, torch.tensor(logits, dtype=torch.float32))
+
+
+def test_compare_accepts_near_ties_and_flags_real_divergence():
+    tol = Tolerance(atol=0.1, rtol=0.0, kl=1.0)
+    ref = _result([0, 1], [[3.0, 0.0, 0.0], [0.0, 2.0, 1.95]])
+    tie = _result([0, 2], [[3.0, 0.0, 0.0], [0.0, 1.95, 2.0]])  # step 1: 2.0 vs 1.95
+    wrong = _result([0, 2], [[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # the reference says 1.95 vs 2
+    off = _result([0, 1], [[3.0, 0.5, 0.0], [0.0, 2.0, 1.95]])  # same ids, logits off
+    (c_tie,) = compare_results([ref], [tie], tol)
+    assert (c_tie.first_mismatch, c_tie.near_tie, c_tie.passed) == (1, True, True)
+    ref_far = _result([0, 1], [[3.0, 0.0, 0.0], [0.0, 2.0, 0.5]])
+    (c_wrong,) = compare_results([ref_far], [wrong], tol)
+    assert (c_wrong.first_mismatch, c_wrong.near_tie, c_wrong.passed) == (1, False, False)
+    (c_off,) = compare_results([ref], [off], tol)
+    assert c_off.first_mismatch is None and not c_off.passed and c_off.max_abs == 0.5
+
+
+def test_last_stage_without_lm_head_is_refused(tmp_path):
+    """Tied embeddings under pp > 1: the head must be written on the last stage."""
+    src = write_checkpoint(tmp_path / "src", "Qwen3ForCausalLM", tie_word_embeddings=True)
+    full = load_file(src / "model.safetensors")
+    last_stage = {k: v for k, v in full.items() if k != "model.embed_tokens.weight"}
+    with pytest.raises(CheckpointError, match="lm_head.weight is missing on pipeline stage 1"):
+        build_model(load_hparams(src), last_stage, comm=Comm(pp=2, pp_stage=1), where="unit")

@@ -209,3 +209,16 @@ def test_bad_prompts_are_input_errors(tmp_path):
         generate_greedy(model, [[1, 2], []], 2)
     with pytest.raises(InputError, match=r"outside \[0, 101\)"):
         generate_greedy(model, [[1, 101]], 2)
+
+
+def test_sharded_source_with_index_loads_like_one_file(tmp_path):
+    """model.safetensors.index.json + several files, and a dtype cast on load."""
+    hf = make_checkpoint("mixtral", tmp_path / "one")
+    hf.save_pretrained(tmp_path / "many", max_shard_size="20KB")
+    assert (tmp_path / "many" / "model.safetensors.index.json").exists()
+    one, many = load_source_model(tmp_path / "one"), load_source_model(tmp_path / "many")
+    for name, tensor in one.state_dict().items():
+        assert torch.equal(tensor, many.state_dict()[name]), name
+    half = load_source_model(tmp_path / "many", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    assert generate_greedy(half, PROMPTS[:1], 2)[0].logits.dtype == torch.float32

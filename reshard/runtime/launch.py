@@ -4,7 +4,8 @@ Under torchrun (WORLD_SIZE/RANK set) this process joins that world; otherwise `r
 spawns one local process per rank (gloo on CPU, nccl on GPUs with rank r on cuda:r % count).
 Each DP replica generates a disjoint subset of the prompts; results come back to the caller
 ordered like the prompts. Errors raised on a rank are re-raised in the caller as the same
-reshard error class. The comparison itself lives in compare.py / verify_generate.py.
+reshard error class. Spawned processes re-import the caller's main script, so scripts must
+guard their entry point with `if __name__ == "__main__":` (and cannot be read from stdin).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def _spawn_world(
     out_dir: Path, manifest: dict, prompts: list[list[int]], max_new_tokens: int, kind: str
 ) -> list[PromptResult]:
     world_size = int(manifest["layout"]["world_size"])
+    if kind == "cuda" and world_size > torch.cuda.device_count():
+        raise InputError(
+            f"{out_dir} needs {world_size} ranks but this machine has "
+            f"{torch.cuda.device_count()} GPUs (nccl needs one GPU per rank). Run it under "
+            "torchrun across nodes, or on CPU processes with device 'cpu'."
+        )
     with tempfile.TemporaryDirectory(prefix="reshard-world-") as tmp:
         args = (world_size, _free_port(), str(out_dir), prompts, max_new_tokens, tmp, kind)
         try:
@@ -88,9 +95,17 @@ def _spawn_world(
         return _load_results(Path(tmp) / "results.pt")
 
 
-def _spawned_rank(rank: int, world_size: int, port: int, out_dir: str, *rest: Any) -> None:
+def _spawned_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    out_dir: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    tmp: str,
+    kind: str,
+) -> None:
     """Entry point of a spawned process (module-level so that `spawn` can import it)."""
-    prompts, max_new_tokens, tmp, kind = rest
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         device = _init_world(kind, f"tcp://127.0.0.1:{port}", rank, world_size, rank)
@@ -115,24 +130,35 @@ def _run_in_torchrun(
             "that multiply to it."
         )
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = _init_world(kind, "env://", rank, world_size, local_rank)
+    owner = not dist.is_initialized()  # the caller may have started the world already
+    if owner:
+        device = _init_world(kind, "env://", rank, world_size, local_rank)
+    else:
+        device = _rank_device(kind, local_rank)
     try:
         return _generate_rank(out_dir, rank, prompts, max_new_tokens, device)
     finally:
-        dist.destroy_process_group()
+        if owner:
+            dist.destroy_process_group()
 
 
-def _init_world(kind: str, init_method: str, rank: int, world_size: int, local_rank: int):
+def _init_world(
+    kind: str, init_method: str, rank: int, world_size: int, local_rank: int
+) -> torch.device:
     """Start the default group; returns this rank's device."""
-    if kind == "cuda":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = _rank_device(kind, local_rank)
     backend = "nccl" if kind == "cuda" else "gloo"
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world_size, timeout=_TIMEOUT
     )
+    return device
+
+
+def _rank_device(kind: str, local_rank: int) -> torch.device:
+    if kind != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
     return device
 
 

@@ -112,15 +112,17 @@ class CausalLM(nn.Module):
         """Start counting tokens routed per expert in every MoE layer (see read_expert_load)."""
         for block in self.modules():
             if isinstance(block, MoEBlock):
-                block.expert_load = torch.zeros(self.hp.num_experts, dtype=torch.long)
+                block.expert_load = torch.zeros(
+                    self.hp.num_experts, dtype=torch.long, device=self.device
+                )
 
     def read_expert_load(self) -> dict[int, list[int]]:
         """{layer: tokens routed to each logical expert} since enable_expert_load."""
+        blocks = {int(i): getattr(layer, layer.ffn_name) for i, layer in self.model.layers.items()}
         return {
-            int(i): getattr(layer, layer.ffn_name).expert_load.tolist()
-            for i, layer in self.model.layers.items()
-            if isinstance(getattr(layer, layer.ffn_name), MoEBlock)
-            and getattr(layer, layer.ffn_name).expert_load is not None
+            i: block.expert_load.tolist()
+            for i, block in blocks.items()
+            if isinstance(block, MoEBlock) and block.expert_load is not None
         }
 
 
@@ -143,6 +145,7 @@ def build_model(
     `expert_layout` is the manifest's `layout.experts` (None: every expert on this rank).
     `where` names the source of the tensors in error messages."""
     comm = comm or Comm()
+    _check_stage_roles(tensors, comm, where)
     layers = (expert_layout or {}).get("layers", {})
     emaps = {
         i: build_expert_map(hp.num_experts, layers.get(str(i)), ep_rank)
@@ -157,6 +160,24 @@ def build_model(
         ) from None
     _assign(model, tensors, where)
     return model.eval()
+
+
+def _check_stage_roles(tensors: Tensors, comm: Comm, where: str) -> None:
+    """Embedding on the first stage, final norm + lm_head on the last (docs/conventions.md)."""
+    first, last = comm.pp_stage == 0, comm.pp_stage == comm.pp - 1
+    roles = {
+        "model.embed_tokens.weight": first,
+        "model.norm.weight": last,
+        "lm_head.weight": last,
+    }
+    for name, needed in roles.items():
+        if (name in tensors) != needed:
+            state = "missing" if needed else "unexpected"
+            raise CheckpointError(
+                f"{where}: {name} is {state} on pipeline stage {comm.pp_stage} of {comm.pp} "
+                "(the embedding belongs to stage 0, the final norm and lm_head to the last; "
+                "tied embeddings still need lm_head.weight written there). Re-convert."
+            )
 
 
 def _assign(model: CausalLM, tensors: Tensors, where: str) -> None:

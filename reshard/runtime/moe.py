@@ -1,7 +1,8 @@
 """Mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE) over this rank's expert slots.
 
 Every TP rank sees all tokens and runs the (replicated) router. For each (token, expert)
-choice exactly one replica computes it: `replica = token_index % logcnt[e]`; the rank holding
+choice exactly one replica computes it: `replica = token_index % logcnt[e]`, token_index being
+the row in this step's flattened [B*S] batch (the same on every rank); the rank holding
 that replica's slot computes its etp slice of the expert. Partial outputs (plus the shared
 expert's) are summed by the same TP all-reduce as a dense MLP. Expert weights may be named
 per expert (`experts.{e}.w1` / `experts.{e}.gate_proj`) or fused 3-D (`experts.gate_up_proj`).
@@ -9,7 +10,7 @@ per expert (`experts.{e}.w1` / `experts.{e}.gate_proj`) or fused 3-D (`experts.g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,6 +33,9 @@ class ExpertMap:
     local_experts: tuple[int, ...]  # logical expert id per local slot, in slot order
     local_slot: torch.Tensor  # [E, max_replicas] local slot index of replica j of e, or -1
     logcnt: torch.Tensor  # [E] replica count per logical expert
+
+    def to(self, device: torch.device) -> ExpertMap:
+        return replace(self, local_slot=self.local_slot.to(device), logcnt=self.logcnt.to(device))
 
 
 def build_expert_map(num_experts: int, entry: dict[str, Any] | None, ep_rank: int) -> ExpertMap:
@@ -141,9 +145,10 @@ class MoEBlock(nn.Module):
         """Sum over the (token, expert) choices this rank computes; [N, H]."""
         out = torch.zeros_like(flat)
         token_index = torch.arange(flat.shape[0], device=flat.device)[:, None]  # [N, 1]
-        logcnt, local_slot = self.emap.logcnt.to(flat.device), self.emap.local_slot.to(flat.device)
-        replica = token_index % logcnt[experts]  # [N, k]
-        slots = local_slot[experts, replica]  # [N, k], -1 where another rank computes it
+        if self.emap.logcnt.device != flat.device:
+            self.emap = self.emap.to(flat.device)
+        replica = token_index % self.emap.logcnt[experts]  # [N, k]
+        slots = self.emap.local_slot[experts, replica]  # [N, k], -1: another rank computes it
         for slot in self._slots_in_expert_order(slots):
             tokens, choice = torch.where(slots == slot)
             y = self._expert(slot, flat[tokens]) * weights[tokens, choice, None]
