@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import plan_source, resolve_placements, resolve_stages
-from .errors import InputError, ReshardIOError
+from .errors import InputError
 from .expert_report import PlacementReport, read_expert_load, report_placement
-from .hparams import HParams, parse_hparams, read_config
+from .hparams import HParams, parse_hparams
 from .memory import Gpu, KvBudget, MemoryReport, memory_report
 from .pipeline import StagePlan, plan_stages
 from .plan import Plan, build_plan
 from .recipe import Recipe
 from .safetensors_io import CAST_DTYPES, DTYPE_SIZES
-from .source import INDEX, REPO_ID, SINGLE, Source, open_source
+from .source import INDEX, SINGLE, Source, open_config, open_source
 from .specs import TensorRole, match_tensors
 from .specs.shapes import synthesize_tensors
 
@@ -46,18 +46,8 @@ def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
         files = len(source.headers)
         origin = f"safetensors headers ({files} file{'s' if files > 1 else ''}; no weights read)"
         return ModelShapes(model, source.hparams, tensors, roles, origin, source)
-    if path.is_dir():
-        config_path = path / "config.json"
-    elif path.is_file():
-        config_path = path
-    elif REPO_ID.match(model):
-        config_path = download_config(model)
-    else:
-        raise InputError(
-            f"{model}: no such folder or file, and not a hub repo id of the form "
-            "org/name[@revision]. Give a model folder, a config.json, or a hub id."
-        )
-    return config_shapes(model, read_config(config_path), where=str(config_path), dtype=dtype)
+    config, _, where = open_config(model)
+    return config_shapes(model, config, where=where, dtype=dtype)
 
 
 def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") -> ModelShapes:
@@ -72,28 +62,6 @@ def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") 
     roles = match_tensors(hp, tensors, where=where)
     origin = f"config.json alone ({where}; shapes synthesized, {st_dtype})"
     return ModelShapes(model, hp, tensors, roles, origin, None)
-
-
-def download_config(model: str) -> Path:
-    """Only config.json of a hub repo (the weights stay on the hub)."""
-    import huggingface_hub
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
-
-    repo_id, _, revision = model.partition("@")
-    try:
-        return Path(
-            huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision or None)
-        )
-    except LocalEntryNotFoundError as e:
-        raise ReshardIOError(
-            f"{model}: config.json is not in the local Hugging Face cache and the hub cannot "
-            f"be reached ({e.__class__.__name__}). Download it first, or unset HF_HUB_OFFLINE."
-        ) from None
-    except HfHubHTTPError as e:
-        raise InputError(
-            f"{model}: the hub refused config.json ({e}). Check the repo id, the revision and "
-            "your token (HF_TOKEN)."
-        ) from None
 
 
 def build_layout(shapes: ModelShapes, recipe: Recipe) -> Plan:

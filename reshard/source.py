@@ -210,7 +210,7 @@ def open_config(model: str) -> tuple[dict, HParams, str]:
     elif local.is_dir():
         path = local / "config.json"
     elif REPO_ID.match(model):
-        path = _download_config(model)
+        path = download_config(model)
     else:
         raise InputError(
             f"{model}: no such folder or file, and not a hub repo id of the form "
@@ -220,7 +220,7 @@ def open_config(model: str) -> tuple[dict, HParams, str]:
     return config, parse_hparams(config, where=str(path)), str(path)
 
 
-def _download_config(model: str) -> Path:
+def download_config(model: str) -> Path:
     import huggingface_hub
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
