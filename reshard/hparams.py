@@ -164,7 +164,8 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
         if family == "qwen2_moe"
         else 0,
-        norm_topk_prob=bool(config.get("norm_topk_prob", family == "mixtral")),
+        # Mixtral always renormalises its top-k weights, whatever the config says.
+        norm_topk_prob=family == "mixtral" or bool(config.get("norm_topk_prob", False)),
         moe_layers=moe_layers,
     )
 
@@ -198,17 +199,25 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
 
 
 def _layer_types(config: dict[str, Any], layers: int) -> tuple[str, ...]:
+    """Which layers use the sliding window, following transformers' config classes: an explicit
+    `layer_types` wins; else Qwen2 slides from max_window_layers on, Qwen2-MoE slides on even
+    layers below it, and Mistral / Qwen3-MoE slide on every layer."""
     types = config.get("layer_types")
     window = _sliding_window(config)
-    if types:
-        if window is None:
-            return tuple("full_attention" for _ in range(layers))
-        return tuple(types)
+    full = tuple("full_attention" for _ in range(layers))
     if window is None:
-        return tuple("full_attention" for _ in range(layers))
-    # Qwen2 style: layers from max_window_layers on use the window (older configs).
-    first = int(config.get("max_window_layers", 0)) if "use_sliding_window" in config else 0
-    return tuple("sliding_attention" if i >= first else "full_attention" for i in range(layers))
+        return full
+    if types:
+        return tuple(types)
+    model_type = config.get("model_type")
+    first = int(config.get("max_window_layers", 0))
+    if model_type == "qwen2":
+        slides = [i >= first for i in range(layers)]
+    elif model_type == "qwen2_moe":
+        slides = [(i + 1) % 2 == 1 and i < first for i in range(layers)]
+    else:
+        slides = [True] * layers
+    return tuple("sliding_attention" if s else "full_attention" for s in slides)
 
 
 def load_hparams(model_dir: Path) -> HParams:
