@@ -153,9 +153,10 @@ Example:
     "--prompts", "prompts_file", type=click.Path(path_type=Path), help="Text prompts, one per line."
 )
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--device", help="cpu or cuda for the generate tier (default: cuda if available).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
 @run_command
-def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, json_path):
+def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, json_path):
     from .report import format_verify, verify_report
     from .verify import LEVELS, verify_output
 
@@ -163,6 +164,7 @@ def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, js
         "prompt_ids": [_parse_ids(s) for s in prompt_ids] or None,
         "prompts_file": prompts_file,
         "max_new_tokens": max_new_tokens,
+        "device": device,
     }
     manifest, results = verify_output(
         out_dir, levels=tuple(levels) or LEVELS, source=source, generate_options=options
