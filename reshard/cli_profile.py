@@ -52,3 +52,41 @@ def layers(model, device, batch, seq, mode, warmup, iters, dtype, out) -> None:
             f"x{max(len(k['layers']), 1)}"
         )
     click.echo(f"wrote {out}")
+
+
+EXPERTS_HELP = """Count the tokens the router sends to each expert of every MoE layer on calibration
+prompts (prefill + greedy decode), with the reference runtime on one device. Every k-th prompt
+is held out (--heldout) and counted separately, to score placements on unseen prompts. Prints
+balanced vs contiguous placement at --ep (default: the largest of 8/4/2 that divides E and
+leaves >= 2 experts per rank).
+
+\b
+Example:
+  reshard profile experts ./Qwen1.5-MoE-A2.7B --prompts calib.txt -o expert_load.json
+  reshard profile experts ./tiny-moe --prompt-ids 5,17,300 --prompt-ids 9,4 -o load.json
+  reshard convert ./Qwen1.5-MoE-A2.7B --tp 4 --ep 4 --expert-load expert_load.json -o out/
+"""
+
+
+@profile.command(help=EXPERTS_HELP)
+@click.argument("model")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="One per line.")
+@click.option("--prompt-ids", multiple=True, help="Comma-separated token ids; repeatable.")
+@click.option("--heldout", type=float, default=0.25, show_default=True, help="Held-out fraction.")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--ep", type=int, help="Expert-parallel degree of the placement report.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")
+@click.option("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path))
+@run_command
+def experts(model, prompts_file, prompt_ids, heldout, max_new_tokens, ep, device, dtype, out):
+    from .expert_profile import format_profile, profile_experts
+    from .expert_report import write_expert_load
+
+    result = profile_experts(
+        model, prompts_file=prompts_file, prompt_ids=list(prompt_ids), heldout=heldout,
+        max_new_tokens=max_new_tokens, device=device, dtype=dtype, ep=ep,
+    )  # fmt: skip
+    write_expert_load(out, result.load)
+    click.echo(format_profile(result))
+    click.echo(f"wrote {out}")

@@ -155,7 +155,7 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         mlp_bias=bool(config.get("mlp_bias", False)),
         qk_norm=family in ("qwen3", "qwen3_moe"),
         hidden_act=str(config.get("hidden_act", "silu")),
-        layer_types=_layer_types(config, layers),
+        layer_types=_layer_types(config, layers, family),
         sliding_window=_sliding_window(config),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         num_experts=num_experts if moe else 0,
@@ -198,7 +198,7 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
     return int(window) if window else None
 
 
-def _layer_types(config: dict[str, Any], layers: int) -> tuple[str, ...]:
+def _layer_types(config: dict[str, Any], layers: int, family: str) -> tuple[str, ...]:
     """Which layers use the sliding window, following transformers' config classes: an explicit
     `layer_types` wins; else Qwen2 slides from max_window_layers on, Qwen2-MoE slides on even
     layers below it, and Mistral / Qwen3-MoE slide on every layer."""
@@ -209,11 +209,10 @@ def _layer_types(config: dict[str, Any], layers: int) -> tuple[str, ...]:
         return full
     if types:
         return tuple(types)
-    model_type = config.get("model_type")
     first = int(config.get("max_window_layers", 0))
-    if model_type == "qwen2":
+    if family == "qwen2":
         slides = [i >= first for i in range(layers)]
-    elif model_type == "qwen2_moe":
+    elif family == "qwen2_moe":
         slides = [(i + 1) % 2 == 1 and i < first for i in range(layers)]
     else:
         slides = [True] * layers
