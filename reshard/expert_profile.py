@@ -180,5 +180,24 @@ def format_profile(profile: ExpertProfile) -> str:
             f"no placement report: no ep of {choices} divides E={load.num_experts}; pass --ep"
         )
     else:
-        lines += ["", format_placement_report(report)]
+        lines += ["", format_placement_report(report), heldout_verdict(report)]
     return "\n".join(lines)
+
+
+def heldout_verdict(report: PlacementReport) -> str:
+    """One line: does the balanced placement still beat contiguous on prompts it never saw?
+    If not, the calibration load is mostly sampling noise for this placement."""
+    by_name = {s.placement: s for s in report.strategies}
+    balanced, contiguous = by_name["balanced"], by_name["contiguous"]
+    if balanced.heldout_sum is None:
+        return "no held-out prompts: the placement is scored only on the load it was built from"
+    figures = (
+        f"held-out balancedness (sum) {balanced.heldout_sum:.4f} balanced vs "
+        f"{contiguous.heldout_sum:.4f} contiguous"
+    )
+    if balanced.heldout_sum > contiguous.heldout_sum:
+        return f"{figures}: the measured load carries over to unseen prompts"
+    return (
+        f"{figures}: the advantage does not carry over to unseen prompts; profile more (and "
+        "more varied) prompts before converting with this load"
+    )

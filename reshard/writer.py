@@ -31,20 +31,52 @@ MAX_PENDING_WRITES = 4  # bounds the memory held by blocks waiting for the write
 class WriteQueue:
     """One background thread does the pwrites and the hashing, in submission order (so each
     tensor's hash still streams in byte order), while the caller reads and slices the next
-    chunk. torch copies, pwrite and xxh3 release the GIL, so the two overlap."""
+    chunk. torch copies, preadv, pwrite and xxh3 release the GIL, so the two overlap.
 
-    def __init__(self):
+    Read buffers are recycled (fresh memory costs a page fault per 4 KiB): a buffer goes back
+    to the pool by a marker queued after the writes that may still point into it."""
+
+    def __init__(self, chunk_bytes: int, buffers: int = 3):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-write")
         self.pending: deque[Future] = deque()
+        self.chunk_bytes = chunk_bytes
+        self.free: list[torch.Tensor] = []
+        self.unmade = buffers
 
     def submit(self, target: Target, rel: int, data) -> None:
-        self.pending.append(self.pool.submit(_write_run, target, rel, data))
+        self._queue(_write_run, target, rel, data)
+
+    def submit_copy(self, target: Target, rel: int, src: tuple[int, int], data) -> None:
+        """Like submit, but the bytes go file to file in the kernel; `data` (the same bytes,
+        already read) only feeds the hash."""
+        self._queue(_copy_run, target, rel, src, data)
+
+    def take_buffer(self, n: int) -> torch.Tensor:
+        """A uint8 tensor of n bytes to read into (uninitialised)."""
+        if n > self.chunk_bytes:  # one row wider than a chunk: a one-off buffer
+            return torch.empty(n, dtype=torch.uint8)
+        while not self.free and not self.unmade:
+            self._wait_oldest()
+        if self.free:
+            return self.free.pop()[:n]
+        self.unmade -= 1
+        return torch.empty(self.chunk_bytes, dtype=torch.uint8)[:n]
+
+    def release_buffer(self, buf: torch.Tensor) -> None:
+        if buf._base is not None and buf._base.numel() == self.chunk_bytes:
+            self._queue(self.free.append, buf._base)
+
+    def _queue(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
         while len(self.pending) > MAX_PENDING_WRITES:
-            self.pending.popleft().result()  # re-raises a write error here
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        self.pending.popleft().result()  # re-raises a write error here
 
     def drain(self) -> None:
         while self.pending:
-            self.pending.popleft().result()
+            self._wait_oldest()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -78,7 +110,7 @@ def write_plan(
             fd, file_targets = _create_file(out_dir / out_file.name, out_file)
             fds.append((fd, out_dir / out_file.name))
             targets.extend(file_targets)
-        queue = WriteQueue()
+        queue = WriteQueue(chunk_bytes)
         try:
             _stream_sources(source, targets, chunk_bytes, progress, queue)
             queue.drain()
@@ -126,6 +158,7 @@ def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, pro
                 _stream_tensor(fd, header.path, info, consumers[info.name], chunk_bytes, queue)
                 if progress is not None:
                     progress.update(info.nbytes)
+            queue.drain()  # queued kernel copies still read from fd
         finally:
             os.close(fd)
 
@@ -142,16 +175,19 @@ def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int, queue: Wri
     step = max(1, chunk_bytes // max(row_bytes, 1))
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        raw = read_block(fd, (b - a) * row_bytes, info.begin + a * row_bytes, path)
+        raw = queue.take_buffer((b - a) * row_bytes)
+        read_into(fd, raw, info.begin + a * row_bytes, path)
         chunk = raw.view(TORCH_DTYPES[info.dtype])
         chunk = chunk.view(b - a, *info.shape[1:]) if info.shape else chunk.view(())
+        at = (fd, info.begin + a * row_bytes)  # where the chunk's bytes live in the source
         for target, piece in consumers:
-            _scatter(target, piece, chunk, a, b, queue)
+            _scatter(target, piece, chunk, a, b, queue, at)
+        queue.release_buffer(raw)
 
 
-def read_block(fd: int, n: int, offset: int, path: Path) -> torch.Tensor:
-    """n bytes at offset into a fresh uint8 tensor (torch.empty: no zero-fill to pay for)."""
-    buf = torch.empty(n, dtype=torch.uint8)
+def read_into(fd: int, buf: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill the uint8 tensor `buf` with the file's bytes at offset, or fail naming the file."""
+    n = buf.numel()
     view = memoryview(buf.numpy())
     got = 0
     while got < n:
@@ -162,10 +198,9 @@ def read_block(fd: int, n: int, offset: int, path: Path) -> torch.Tensor:
                 f"{offset}. The file shrank or is truncated; re-download it."
             )
         got += step
-    return buf
 
 
-def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int, queue) -> None:
+def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int, queue, at):
     """Copy the part of `piece` that lies in source rows [a, b) to its place in the output."""
     if chunk.dim() == 0:
         _write_block(target, (), chunk.reshape(()), queue)
@@ -178,7 +213,24 @@ def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int, 
     )
     block = chunk[index]
     dest = (piece.dest[0] + lo - piece.start[0], *piece.dest[1:])
+    if _whole_rows(block, chunk, dest, target):
+        # Whole rows to whole rows, uncast: one byte range to one byte range.
+        row_bytes = block[0].numel() * block.element_size()
+        data = block.reshape(-1).view(torch.uint8).numpy()
+        src = (at[0], at[1] + (lo - a) * row_bytes)
+        queue.submit_copy(target, dest[0] * row_bytes, src, data)
+        return
     _write_block(target, dest, block, queue)
+
+
+def _whole_rows(block: torch.Tensor, chunk: torch.Tensor, dest, target: Target) -> bool:
+    out = target.tensor
+    return (
+        block.dtype == TORCH_DTYPES[out.dtype]
+        and block.shape[1:] == chunk.shape[1:]
+        and tuple(block.shape[1:]) == tuple(out.shape[1:])
+        and not any(dest[1:])
+    )
 
 
 def _write_block(target: Target, dest: tuple[int, ...], block: torch.Tensor, queue) -> None:
@@ -215,6 +267,31 @@ def _product(ranges):
 
 def _write_run(target: Target, rel: int, data) -> None:
     _pwrite_all(target.fd, memoryview(data), target.offset + rel, target.file)
+    _account(target, rel, data)
+
+
+# copy_file_range errors that mean "not here" (old kernel, other file system): use pwrite.
+NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_run(target: Target, rel: int, src: tuple[int, int], data) -> None:
+    n, done = len(data), 0
+    copy = getattr(os, "copy_file_range", None)
+    try:
+        while copy is not None and done < n:
+            step = copy(src[0], target.fd, n - done, src[1] + done, target.offset + rel + done)
+            if step == 0:
+                break
+            done += step
+    except OSError as e:
+        if e.errno not in NO_KERNEL_COPY:
+            raise io_error(e, target.file) from None
+    if done < n:
+        _pwrite_all(target.fd, memoryview(data)[done:], target.offset + rel + done, target.file)
+    _account(target, rel, data)
+
+
+def _account(target: Target, rel: int, data) -> None:
     target.written += len(data)
     if rel == target.hashed:  # in order: hash while streaming; else read back at the end
         target.hasher.update(data)
@@ -250,12 +327,16 @@ def _io(fn, *args, path: Path):
     try:
         return fn(*args)
     except OSError as e:
-        fix = {
-            errno.ENOSPC: "free space on that disk or write elsewhere with -o",
-            errno.EACCES: "check the folder's permissions",
-            errno.EROFS: "the file system is read-only; write elsewhere with -o",
-        }.get(e.errno, "check the disk and the path")
-        raise ReshardIOError(f"{path}: {e.strerror} ({fix}).") from None
+        raise io_error(e, path) from None
+
+
+def io_error(e: OSError, path: Path) -> ReshardIOError:
+    fix = {
+        errno.ENOSPC: "free space on that disk or write elsewhere with -o",
+        errno.EACCES: "check the folder's permissions",
+        errno.EROFS: "the file system is read-only; write elsewhere with -o",
+    }.get(e.errno, "check the disk and the path")
+    return ReshardIOError(f"{path}: {e.strerror} ({fix}).")
 
 
 def fsync_dir(path: Path) -> None:

@@ -107,13 +107,36 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - start, done.stderr
 
 
+PY_COPY = """
+import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+buf = memoryview(bytearray(64 << 20))
+os.makedirs(dst)
+for name in sorted(os.listdir(src)):
+    fi = os.open(os.path.join(src, name), os.O_RDONLY)
+    fo = os.open(os.path.join(dst, name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    off = 0
+    while n := os.preadv(fi, [buf], off):
+        os.pwrite(fo, buf[:n], off)
+        off += n
+    os.fsync(fo)
+    os.close(fi)
+    os.close(fo)
+"""
+
+
 def bench(src: Path, work: Path, repeats: int) -> dict:
-    """Both sides end with their bytes on disk: cp is followed by sync, convert fsyncs."""
-    cp, conv, inner, rss = [], [], [], []
+    """Every side ends with its bytes on disk: cp is followed by sync, the others fsync.
+    GNU cp copies in the kernel (copy_file_range); the Python copy moves the same bytes
+    through user space with pread/pwrite, as any converter that slices them must."""
+    cp, py, conv, inner, rss = [], [], [], [], []
     for _ in range(repeats):
         subprocess.run(["sync"], check=True)
         cp.append(timed(["sh", "-c", f"cp -r '{src}' '{work / 'cp'}' && sync"])[0])
         shutil.rmtree(work / "cp")
+        subprocess.run(["sync"], check=True)
+        py.append(timed([sys.executable, "-c", PY_COPY, str(src), str(work / "py")])[0])
+        shutil.rmtree(work / "py")
         subprocess.run(["sync"], check=True)
         cmd = [sys.executable, "-c", RSS_WRAPPER, "convert", str(src), "--tp", "4"]
         seconds, err = timed([*cmd, "-o", str(work / "out"), "--quiet"])
@@ -124,6 +147,8 @@ def bench(src: Path, work: Path, repeats: int) -> dict:
         shutil.rmtree(work / "out")
     med = statistics.median
     return {
+        "py_s": med(py),
+        "py_ratio": med(conv) / med(py),
         "cp_s": med(cp),
         "convert_s": med(conv),
         "convert_inner_s": med(inner),
@@ -142,17 +167,21 @@ def main() -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
     base = subprocess.run([sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True)
     print(f"import-only peak RSS: {int(base.stdout) / 1024:.0f} MiB (python + torch + reshard)")
-    print("medians; cp = cp -r + sync; convert = whole process (python + torch import included),")
-    print("in-process = the convert call alone. RSS = peak of the convert process (VmHWM).")
-    print("size_GB  cp_s   convert_s  in-process_s  convert/cp  in-process/cp  peak_RSS_MiB")
+    print("medians; cp = cp -r + sync (in-kernel copy); pycopy = pread/pwrite + fsync in Python;")
+    print("convert = whole process (python + torch import included), in-process = the convert")
+    print("call alone; RSS = peak of the convert process (VmHWM).")
+    print(
+        "size_GB  cp_s  pycopy_s  convert_s  in-process_s  convert/cp  convert/pycopy"
+        "  in-process/cp  peak_RSS_MiB"
+    )
     for gb in (args.gb / 4, args.gb):
         src = args.workdir / f"src-{gb:g}"
         total = build_checkpoint(src, gb)
         r = bench(src, args.workdir, args.repeats)
         print(
-            f"{total / 1e9:7.2f}  {r['cp_s']:5.2f}  {r['convert_s']:9.2f}  "
-            f"{r['convert_inner_s']:12.2f}  {r['ratio']:10.2f}  {r['inner_ratio']:13.2f}  "
-            f"{r['peak_rss_mib']:12.0f}"
+            f"{total / 1e9:7.2f}  {r['cp_s']:4.2f}  {r['py_s']:8.2f}  {r['convert_s']:9.2f}  "
+            f"{r['convert_inner_s']:12.2f}  {r['ratio']:10.2f}  {r['py_ratio']:14.2f}  "
+            f"{r['inner_ratio']:13.2f}  {r['peak_rss_mib']:12.0f}"
         )
         shutil.rmtree(src)
     shutil.rmtree(args.workdir, ignore_errors=True)

@@ -16,8 +16,13 @@ from checkpoints import write_checkpoint  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.errors import InputError  # noqa: E402
-from reshard.expert_profile import profile_experts, routed_tokens, split_heldout  # noqa: E402
-from reshard.expert_report import read_expert_load  # noqa: E402
+from reshard.expert_profile import (  # noqa: E402
+    heldout_verdict,
+    profile_experts,
+    routed_tokens,
+    split_heldout,
+)
+from reshard.expert_report import read_expert_load, report_placement  # noqa: E402
 from reshard.experts import place_model  # noqa: E402
 
 # Distinct prompts of different lengths; with --heldout 0.25 prompts 3 and 7 are held out.
@@ -70,6 +75,7 @@ def test_load_file_counts_every_routed_token(qwen2_moe, tmp_path):
     assert "8 experts, top-2" in result.output
     assert "expert placement: E=8, ep=4, 3 MoE layers" in result.output
     assert "contiguous R=0" in result.output and "balanced R=0" in result.output
+    assert "held-out balancedness (sum)" in result.output
 
 
 def test_heldout_prompts_are_counted_apart(qwen2_moe):
@@ -184,3 +190,14 @@ def test_heldout_split_is_deterministic_and_never_empties_calibration():
     assert split_heldout(ps, 0) == (ps, [])
     with pytest.raises(InputError, match="fraction in"):
         split_heldout(ps, -0.1)
+
+
+def test_heldout_verdict_says_whether_the_load_carries_over():
+    skewed = {0: [900, 400, 120, 60, 25, 5, 3, 1]}
+    flat = {0: [100, 100, 100, 100, 100, 100, 100, 100]}
+    carries = heldout_verdict(report_placement(skewed, skewed, ep=4))
+    assert "balanced vs" in carries and "carries over to unseen prompts" in carries
+    even_pairs = {0: [1, 99, 50, 50, 99, 1, 30, 70]}  # contiguous ranks (0,1), (2,3)... hold 100
+    noise = heldout_verdict(report_placement(skewed, even_pairs, ep=4))
+    assert "1.0000 contiguous: the advantage does not carry over" in noise
+    assert "no held-out prompts" in heldout_verdict(report_placement(flat, ep=4))

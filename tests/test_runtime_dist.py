@@ -22,6 +22,7 @@ from test_convert import assert_bitwise_rebuild  # noqa: E402
 
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError, OutputError  # noqa: E402
+from reshard.experts import Placement  # noqa: E402
 from reshard.hparams import load_hparams  # noqa: E402
 from reshard.recipe import build_recipe  # noqa: E402
 from reshard.runtime.compare import Tolerance, compare_results  # noqa: E402
@@ -127,6 +128,25 @@ def test_tp4_ep2_qwen3_moe_fused_experts(tmp_path):
         mine = phy2log[entry["ep_rank"] * 3 : entry["ep_rank"] * 3 + 3]
         assert [p["start"][0] for p in down["pieces"]] == mine  # slot order, logical ids
     assert_all_tiers_pass(out, prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
+
+
+def test_generate_catches_an_expert_map_the_files_disagree_with(tmp_path):
+    """Swap two slots of one rank in the manifest's map, files untouched: hashes and weights
+    still pass (each piece is still its source block); only generation can see that the
+    fused slots now compute the wrong experts, and it must fail."""
+    src = write_fused_checkpoint(tmp_path / "src", "Qwen3MoeForCausalLM", initializer_range=0.5)
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2, ep=2, redundant=2))
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["layout"]["experts"]["layers"]["0"]
+    phy2log = entry["phy2log"]
+    phy2log[0], phy2log[1] = phy2log[1], phy2log[0]
+    entry["log2phy"] = [list(row) for row in Placement.from_phy2log(phy2log, 2, 4).log2phy]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    options = {"prompt_ids": PROMPTS, "max_new_tokens": NEW_TOKENS, "device": "cpu"}
+    _, results = verify_output(out, levels=LEVELS, generate_options=options)
+    assert [r.passed for r in results] == [True, True, False]
+    assert any("differs" in f for f in results[-1].failures), results[-1].failures
 
 
 def test_rank_errors_reach_the_caller_as_reshard_errors(tmp_path):
