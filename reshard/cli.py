@@ -163,11 +163,12 @@ Example:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
 @run_command
 def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, json_path):
+    from .expert_profile import parse_prompt_ids
     from .report import format_verify, verify_report
     from .verify import LEVELS, verify_output
 
     options = {
-        "prompt_ids": [_parse_ids(s) for s in prompt_ids] or None,
+        "prompt_ids": [parse_prompt_ids(s) for s in prompt_ids] or None,
         "prompts_file": prompts_file,
         "max_new_tokens": max_new_tokens,
         "device": device,
@@ -180,18 +181,6 @@ def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, de
     if json_path:
         json_path.write_text(json.dumps(report, indent=1) + "\n")
     sys.exit(0 if report["passed"] else 1)
-
-
-def _parse_ids(text: str) -> list[int]:
-    from .errors import InputError
-
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InputError(f"--prompt-ids {text!r}: expected comma-separated integers.") from None
-    if not ids:
-        raise InputError("--prompt-ids: empty prompt.")
-    return ids
 
 
 def _register_subcommands() -> None:
