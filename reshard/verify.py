@@ -8,6 +8,7 @@ The generation tier lives in reshard.runtime; `verify_output` runs all the tiers
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors import safe_open
 
 from .errors import OutputError
 from .manifest import read_manifest
-from .safetensors_io import TORCH_DTYPES, read_header
+from .safetensors_io import DTYPE_SIZES, TORCH_DTYPES, read_header
 
 LEVELS = ("hashes", "weights", "generate")
 
@@ -118,7 +119,7 @@ def verify_weights(out_dir: Path, manifest: dict, source_dir: Path) -> LevelResu
 
 def _verify_weights(out_dir: Path, manifest: dict, src) -> LevelResult:
     failures: list[str] = []
-    with SourceBlocks(src) as blocks:
+    with SafetensorsReader(src) as blocks:
         for entry in manifest["ranks"]:
             if entry.get("replica_of") is not None:
                 continue
@@ -168,34 +169,57 @@ def _overlap(found) -> bool:
     return False
 
 
-def _check_file_weights(path: Path, entry: dict, blocks: SourceBlocks) -> list[str]:
+def _check_file_weights(path: Path, entry: dict, blocks: SafetensorsReader) -> list[str]:
+    """Compare one output file with the source, piece by piece, in bounded row chunks."""
     failures = []
-    with safe_open(str(path), "pt") as f:
-        for name in f.keys():
-            meta = entry["tensors"][name]
-            out = f.get_tensor(name)
-            for p in meta["pieces"]:
-                block = blocks.block(p).to(TORCH_DTYPES[meta["dtype"]])
-                index = tuple(
-                    slice(d, d + (e - s)) for d, s, e in zip(p["dest"], p["start"], p["stop"])
-                )
-                if not _bitwise_equal(out[index], block):
+    for name, meta in entry["tensors"].items():
+        if meta["file"] != path.name:
+            continue
+        shape = meta["shape"]
+        for p in meta["pieces"]:
+            for src_index, out_index in _row_chunks(p, meta["dtype"]):
+                block = blocks.read(blocks.source_path(p["source"]), p["source"], src_index)
+                out = blocks.read(path, name, out_index)
+                if not _bitwise_equal(out, block.to(TORCH_DTYPES[meta["dtype"]])):
                     failures.append(
                         f"{path}: tensor '{name}' (rank {entry['rank']}) differs from source "
                         f"'{p['source']}' block {p['start']}:{p['stop']}"
                     )
-            if meta["padding"] and torch.count_nonzero(out[out.shape[0] - meta["padding"] :]):
+                    break
+        if meta["padding"]:
+            rows = (slice(shape[0] - meta["padding"], shape[0]),)
+            if torch.count_nonzero(blocks.read(path, name, rows)):
                 failures.append(f"{path}: tensor '{name}' has non-zero vocab padding rows")
     return failures
 
 
-class SourceBlocks:
-    """Reads blocks of source tensors through safetensors' own reader, one handle per file."""
+def _row_chunks(piece: dict, dtype: str, budget: int = 64 << 20):
+    """(source index, output index) pairs covering the piece, each at most ~budget bytes."""
+    start, stop, dest = piece["start"], piece["stop"], piece["dest"]
+    if not start:  # a scalar
+        yield (), ()
+        return
+    row_bytes = DTYPE_SIZES[dtype] * math.prod(e - s for s, e in zip(start[1:], stop[1:]))
+    step = max(1, budget // max(row_bytes, 1))
+    rest_src = tuple(slice(s, e) for s, e in zip(start[1:], stop[1:]))
+    rest_out = tuple(slice(d, d + e - s) for d, s, e in zip(dest[1:], start[1:], stop[1:]))
+    for a in range(start[0], stop[0], step):
+        b = min(stop[0], a + step)
+        out0 = dest[0] + a - start[0]
+        yield (slice(a, b), *rest_src), (slice(out0, out0 + b - a), *rest_out)
 
-    def __init__(self, src):
+
+class SafetensorsReader:
+    """Blocks of tensors read through safetensors' own reader. Its handles map whole files,
+    and every page read stays in the process's RSS while mapped, so the handles are closed
+    and reopened after every `recycle_bytes` read: memory stays flat whatever the model size."""
+
+    def __init__(self, src, recycle_bytes: int = 128 << 20):
         self.src = src
         self.stack = ExitStack()
         self.handles: dict[Path, Any] = {}
+        self.read_since_open = 0
+        self.recycle_bytes = recycle_bytes
 
     def __enter__(self):
         return self
@@ -203,15 +227,20 @@ class SourceBlocks:
     def __exit__(self, *exc):
         self.stack.close()
 
-    def block(self, piece: dict) -> torch.Tensor:
-        path = self.src.tensors[piece["source"]][0].path
+    def source_path(self, name: str) -> Path:
+        return self.src.tensors[name][0].path
+
+    def read(self, path: Path, name: str, index: tuple) -> torch.Tensor:
+        if self.read_since_open > self.recycle_bytes:
+            self.stack.close()
+            self.handles.clear()
+            self.read_since_open = 0
         if path not in self.handles:
             self.handles[path] = self.stack.enter_context(safe_open(str(path), "pt"))
         f = self.handles[path]
-        if not piece["start"]:
-            return f.get_tensor(piece["source"])
-        index = tuple(slice(s, e) for s, e in zip(piece["start"], piece["stop"]))
-        return f.get_slice(piece["source"])[index]
+        tensor = f.get_slice(name)[index] if index else f.get_tensor(name)
+        self.read_since_open += tensor.numel() * tensor.element_size()
+        return tensor
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
