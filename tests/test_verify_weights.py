@@ -1,0 +1,96 @@
+"""The weights tier stands on its own: a shard whose manifest hash was re-computed after the
+corruption (a buggy writer, a tampered manifest) still fails against the source, bitwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import xxhash
+from checkpoints import write_checkpoint
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from reshard.cli import main
+from reshard.convert import convert_model
+from reshard.recipe import build_recipe
+from reshard.safetensors_io import read_header
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("vw")
+    src = write_checkpoint(base / "src")
+    out = base / "out"
+    convert_model(str(src), out, build_recipe(tp=2))
+    return src, out
+
+
+def corrupt_consistently(out, rank_file: str, tensor: str, *, at_end: bool = False) -> None:
+    """Flip a byte of `tensor` in `rank_file` and re-hash it in the manifest."""
+    path = out / rank_file
+    info = read_header(path).tensors[tensor]
+    data = bytearray(path.read_bytes())
+    pos = info.end - 1 if at_end else info.begin + 5
+    data[pos] ^= 0x40
+    path.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    rank = manifest["files"][rank_file]["rank"]
+    entry = manifest["ranks"][rank]["tensors"][tensor]
+    entry["xxh3_128"] = xxhash.xxh3_128(bytes(data[info.begin : info.end])).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def run_verify(out, src, *levels):
+    args = ["verify", str(out), "--source", str(src)]
+    for level in levels:
+        args += ["--level", level]
+    return CliRunner().invoke(main, args)
+
+
+def test_clean_output_passes_weights(converted):
+    src, out = converted
+    result = run_verify(out, src, "hashes", "weights")
+    assert result.exit_code == 0, result.output
+    assert "weights   PASS" in result.output
+
+
+def test_consistent_corruption_passes_hashes_but_fails_weights(converted, tmp_path):
+    src, out = converted
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    corrupt_consistently(bad, "rank-00001.safetensors", "model.layers.1.mlp.down_proj.weight")
+    result = run_verify(bad, src, "hashes", "weights")
+    assert result.exit_code == 1, result.output
+    assert "hashes    PASS" in result.output
+    assert "weights   FAIL" in result.output
+    assert "rank-00001.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' (rank 1)" in (
+        result.output
+    )
+    assert "differs from source 'model.layers.1.mlp.down_proj.weight'" in result.output
+
+
+def test_nonzero_vocab_padding_fails_weights(converted, tmp_path):
+    src, out = converted
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    # vocab 101 at tp 2: rank 1's embedding ends with one zero padding row
+    with safe_open(str(bad / "rank-00001.safetensors"), "pt") as f:
+        assert not f.get_tensor("model.embed_tokens.weight")[-1].any()
+    corrupt_consistently(bad, "rank-00001.safetensors", "model.embed_tokens.weight", at_end=True)
+    result = run_verify(bad, src, "weights")
+    assert result.exit_code == 1, result.output
+    assert "tensor 'model.embed_tokens.weight' has non-zero vocab padding rows" in result.output
+
+
+def test_missing_source_skips_weights_and_says_how(converted, tmp_path):
+    src, out = converted
+    moved = tmp_path / "out"
+    shutil.copytree(out, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["source"]["path"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["verify", str(moved), "--level", "weights"])
+    assert result.exit_code == 1, result.output  # nothing was proven: not a pass
+    assert "SKIP" in result.output and "pass --source" in result.output
