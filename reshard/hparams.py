@@ -123,16 +123,6 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
     layers = int(need("num_hidden_layers"))
     rope_theta, rope_scaling = _rope(config)
 
-    moe = family in ("mixtral", "qwen2_moe", "qwen3_moe")
-    num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
-    if moe and num_experts <= 0:
-        raise CheckpointError(f"{where}: {arch} needs num_experts/num_local_experts > 0.")
-    moe_layers: tuple[int, ...] = ()
-    if moe:
-        step = int(config.get("decoder_sparse_step") or 1)
-        dense = set(config.get("mlp_only_layers") or [])
-        moe_layers = tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
-
     return HParams(
         architecture=arch,
         family=family,
@@ -158,16 +148,29 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         layer_types=_layer_types(config, layers, family),
         sliding_window=_sliding_window(config),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
-        num_experts=num_experts if moe else 0,
-        num_experts_per_tok=int(config.get("num_experts_per_tok") or 0) if moe else 0,
-        moe_intermediate_size=_expert_width(config, family) if moe else 0,
-        shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
-        if family == "qwen2_moe"
-        else 0,
-        # Mixtral always renormalises its top-k weights, whatever the config says.
-        norm_topk_prob=family == "mixtral" or bool(config.get("norm_topk_prob", False)),
-        moe_layers=moe_layers,
+        **_moe_fields(config, family, layers, where),
     )
+
+
+def _moe_fields(config: dict[str, Any], family: str, layers: int, where: str) -> dict[str, Any]:
+    """The MoE fields of HParams; all zero / empty for dense families."""
+    if family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    if num_experts <= 0:
+        raise CheckpointError(f"{where}: {family} needs num_experts/num_local_experts > 0.")
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    shared = int(config.get("shared_expert_intermediate_size") or 0)
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": int(config.get("num_experts_per_tok") or 0),
+        "moe_intermediate_size": _expert_width(config, family),
+        "shared_expert_intermediate_size": shared if family == "qwen2_moe" else 0,
+        # Mixtral always renormalises its top-k weights, whatever the config says.
+        "norm_topk_prob": family == "mixtral" or bool(config.get("norm_topk_prob", False)),
+        "moe_layers": tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+    }
 
 
 def _expert_width(config: dict[str, Any], family: str) -> int:

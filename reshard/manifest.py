@@ -30,11 +30,58 @@ def build_manifest(
     *,
     experts: dict | None = None,
 ) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "reshard_version": __version__,
+        "source": {
+            "model": source.model,
+            "path": str(source.path),
+            "repo_id": source.repo_id,
+            "revision": source.revision,
+            "pickle": source.pickle,
+            "files": [{"name": h.path.name, "size": h.size} for h in source.headers],
+        },
+        "config": source.config,
+        "hparams": plan.hparams.to_dict(),
+        "layout": _layout_entry(plan, experts),
+        "dropped": list(plan.dropped),
+        "files": {f.name: {"size": file_sizes[f.name], "rank": f.rank} for f in plan.files},
+        "ranks": _rank_entries(plan, source, hashes),
+    }
+
+
+def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
     layout = plan.layout
-    ranks = []
+    return {
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "ep": layout.ep,
+        "dp": layout.dp,
+        "world_size": layout.world_size,
+        "rank_order": RANK_ORDER,
+        "dtype": layout.dtype,
+        "vocab_size": layout.vocab_size,
+        "vocab_padded": layout.vocab_padded,
+        "tie_word_embeddings": plan.hparams.tie_word_embeddings,
+        "stages": [
+            {
+                "stage": s.stage,
+                "layers": [s.first_layer, s.last_layer],
+                "embed": s.embed,
+                "head": s.head,
+            }
+            for s in layout.stages
+        ],  # fmt: skip
+        "experts": experts,
+    }
+
+
+def _rank_entries(plan: Plan, source: Source, hashes) -> list[dict[str, Any]]:
     by_rank: dict[int, list] = {}
     for f in plan.files:
         by_rank.setdefault(f.rank, []).extend((f.name, t) for t in f.tensors)
+    ranks = []
     for r in plan.ranks:
         c = r.coord
         entry: dict[str, Any] = {
@@ -52,46 +99,7 @@ def build_manifest(
                 for fname, t in by_rank.get(c.rank, [])
             }
         ranks.append(entry)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "reshard_version": __version__,
-        "source": {
-            "model": source.model,
-            "path": str(source.path),
-            "repo_id": source.repo_id,
-            "revision": source.revision,
-            "pickle": source.pickle,
-            "files": [{"name": h.path.name, "size": h.size} for h in source.headers],
-        },
-        "config": source.config,
-        "hparams": plan.hparams.to_dict(),
-        "layout": {
-            "tp": layout.tp,
-            "pp": layout.pp,
-            "ep": layout.ep,
-            "dp": layout.dp,
-            "world_size": layout.world_size,
-            "rank_order": RANK_ORDER,
-            "dtype": layout.dtype,
-            "vocab_size": layout.vocab_size,
-            "vocab_padded": layout.vocab_padded,
-            "tie_word_embeddings": plan.hparams.tie_word_embeddings,
-            "stages": [
-                {
-                    "stage": s.stage,
-                    "layers": [s.first_layer, s.last_layer],
-                    "embed": s.embed,
-                    "head": s.head,
-                }
-                for s in layout.stages
-            ],
-            "experts": experts,
-        },
-        "dropped": list(plan.dropped),
-        "files": {f.name: {"size": file_sizes[f.name], "rank": f.rank} for f in plan.files},
-        "ranks": ranks,
-    }
+    return ranks
 
 
 def _tensor_entry(fname: str, t: OutTensor, digest: str, source: Source) -> dict[str, Any]:
