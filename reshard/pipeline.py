@@ -13,14 +13,8 @@ from .costs import Item, analytic_costs, item_costs_from_profile, read_costs
 from .hparams import DTYPE_BYTES, HParams
 from .plan import Stage
 from .recipe import Recipe
-from .stages import (
-    StageReport,
-    balance_layers,
-    check_stage_layers,
-    items_from_layers,
-    report_stages,
-    stage_layers,
-)
+from .stage_report import StageReport, report_stages
+from .stages import balance_layers, check_stage_layers, items_from_layers, stage_layers
 
 
 @dataclass(frozen=True)

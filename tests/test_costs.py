@@ -17,7 +17,8 @@ from reshard.costs import (
 from reshard.errors import InputError
 from reshard.hparams import parse_hparams
 from reshard.layer_profile import profile_layers
-from reshard.stages import balance_layers, report_stages
+from reshard.stage_report import report_stages
+from reshard.stages import balance_layers
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"],

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reshard.errors import InputError, LayoutError
+from reshard.stage_report import report_stages
 from reshard.stages import (
     balance_layers,
     balance_stages,
@@ -16,7 +17,6 @@ from reshard.stages import (
     even_split,
     items_from_layers,
     layers_from_counts,
-    report_stages,
     stage_layers,
 )
 
