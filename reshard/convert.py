@@ -95,13 +95,13 @@ def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, pro
         total=read_total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
         desc="convert", mininterval=0.5,
     ) as bar:  # fmt: skip
-        hashes = write_plan(plan, source, out_dir, progress=bar)
+        written = write_plan(plan, source, out_dir, progress=bar)
     for side in source.side_files():
         write_atomic(out_dir / side.name, side.read_bytes())
     for name, data in _exports(plan).items():
         write_atomic(out_dir / name, data)
     sizes = {f.name: (out_dir / f.name).stat().st_size for f in plan.files}
-    manifest = build_manifest(plan, source, hashes, sizes, experts=_experts_entry(plan, recipe))
+    manifest = build_manifest(plan, source, written, sizes, experts=_experts_entry(plan, recipe))
     write_manifest(out_dir, manifest)
     return read_total, sizes
 

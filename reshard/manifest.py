@@ -14,7 +14,7 @@ from . import __version__
 from .errors import OutputError
 from .plan import OutTensor, Plan
 from .source import Source
-from .writer import write_atomic
+from .writer import Written, write_atomic
 
 FORMAT = "reshard-manifest"
 FORMAT_VERSION = 1
@@ -25,7 +25,7 @@ RANK_ORDER = "rank = (dp_index * pp + pp_stage) * tp + tp_rank"
 def build_manifest(
     plan: Plan,
     source: Source,
-    hashes: dict[str, dict[str, str]],
+    written: Written,
     file_sizes: dict[str, int],
     *,
     experts: dict | None = None,
@@ -46,8 +46,15 @@ def build_manifest(
         "hparams": plan.hparams.to_dict(),
         "layout": _layout_entry(plan, experts),
         "dropped": list(plan.dropped),
-        "files": {f.name: {"size": file_sizes[f.name], "rank": f.rank} for f in plan.files},
-        "ranks": _rank_entries(plan, source, hashes),
+        "files": {
+            f.name: {
+                "size": file_sizes[f.name],
+                "rank": f.rank,
+                "header_xxh3_128": written.headers[f.name],
+            }
+            for f in plan.files
+        },
+        "ranks": _rank_entries(plan, source, written.tensors),
     }
 
 

@@ -62,6 +62,13 @@ def verify_hashes(out_dir: Path, manifest: dict) -> LevelResult:
         except Exception as e:  # a corrupt header is a verification failure, not bad input
             failures.append(f"{path}: unreadable header ({e})")
             continue
+        with open(path, "rb") as f:
+            digest = xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
+        if digest != meta["header_xxh3_128"]:
+            failures.append(
+                f"{path}: header hash {digest} != manifest {meta['header_xxh3_128']}: the "
+                "header (names, shapes, offsets or metadata) was altered; re-copy the file"
+            )
         failures += _check_file_hashes(path, header, manifest, meta["rank"])
         checked += len(header.tensors)
     return LevelResult(

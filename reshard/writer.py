@@ -99,15 +99,27 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+@dataclass(frozen=True)
+class Written:
+    """xxh3-128 hex digests of what was written: together with the file size, the header hash
+    and the tensors' hashes cover every byte of every file (tensors are contiguous)."""
+
+    tensors: dict[str, dict[str, str]]  # file -> tensor -> digest
+    headers: dict[str, str]  # file -> digest of its first 8 + N bytes
+
+
 def write_plan(
     plan: Plan, source: Source, out_dir: Path, *, progress=None, chunk_bytes: int = CHUNK_BYTES
-) -> dict[str, dict[str, str]]:
-    """Write every output file of the plan. Returns {file: {tensor: xxh3-128 hex}}."""
+) -> Written:
+    """Write every output file of the plan."""
     targets: list[Target] = []
     fds: list[tuple[int, Path]] = []
+    headers: dict[str, str] = {}
     try:
         for out_file in plan.files:
-            fd, file_targets = _create_file(out_dir / out_file.name, out_file)
+            fd, file_targets, headers[out_file.name] = _create_file(
+                out_dir / out_file.name, out_file
+            )
             fds.append((fd, out_dir / out_file.name))
             targets.extend(file_targets)
         queue = WriteQueue(chunk_bytes)
@@ -125,10 +137,10 @@ def write_plan(
     for _, path in fds:
         _io(os.replace, partial_path(path), path, path=path)
     fsync_dir(out_dir)
-    return hashes
+    return Written(hashes, headers)
 
 
-def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target]]:
+def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target], str]:
     entries = [(t.name, t.dtype, t.shape) for t in out_file.tensors]
     header, offsets = encode_header(entries, {"format": "pt", "rank": str(out_file.rank)})
     tmp = partial_path(path)
@@ -140,7 +152,7 @@ def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target]]:
         Target(tmp, fd, t, len(header) + begin)
         for t, (begin, _) in zip(out_file.tensors, offsets, strict=True)
     ]
-    return fd, targets
+    return fd, targets, xxhash.xxh3_128(header).hexdigest()
 
 
 def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, progress, queue):

@@ -94,3 +94,27 @@ def test_missing_source_skips_weights_and_says_how(converted, tmp_path):
     result = CliRunner().invoke(main, ["verify", str(moved), "--level", "weights"])
     assert result.exit_code == 1, result.output  # nothing was proven: not a pass
     assert "SKIP" in result.output and "pass --source" in result.output
+
+
+def test_any_flipped_byte_fails_hashes(converted, tmp_path):
+    """Every byte of a shard is covered: header (names, shapes, offsets, metadata) by the
+    header hash, data by the tensor hashes. Flip bytes spread over a whole file, one at a
+    time, including the header's metadata."""
+    _, out = converted
+    name = "rank-00000.safetensors"
+    original = (out / name).read_bytes()
+    header_end = read_header(out / name).data_start
+    meta_at = original.index(b'"rank":"0"') + len(b'"rank":"')  # "0" -> "1": valid JSON still
+    positions = sorted({0, 3, 9, meta_at, header_end - 1, header_end, len(original) - 1}
+                       | set(range(11, len(original), len(original) // 23)))  # fmt: skip
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    for pos in positions:
+        data = bytearray(original)
+        data[pos] ^= 0x01
+        (bad / name).write_bytes(bytes(data))
+        result = CliRunner().invoke(main, ["verify", str(bad), "--level", "hashes"])
+        assert result.exit_code == 1, (pos, result.output)
+        assert f"{bad / name}" in result.output
+    (bad / name).write_bytes(original)
+    assert CliRunner().invoke(main, ["verify", str(bad), "--level", "hashes"]).exit_code == 0
