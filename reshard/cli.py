@@ -26,7 +26,8 @@ Example:
   reshard convert meta-llama/Llama-3.1-70B --tp 4 --pp 2 -o out/
   reshard verify  out/
 
-Exit codes: 0 ok, 1 verification mismatch, 2 bad input or refusal, 3 I/O failure.
+Exit codes: 0 ok, 1 verification mismatch, 2 bad input or refusal, 3 I/O failure,
+130 interrupted.
 """
 
 
@@ -43,6 +44,11 @@ def run_command(fn):
         except OSError as e:
             click.echo(f"error: {e.filename or ''}: {e.strerror or e}", err=True)
             sys.exit(3)
+        except KeyboardInterrupt:
+            # Output written so far stays as *.partial with no manifest: incomplete by
+            # definition, and the next convert into the folder clears it.
+            click.echo("interrupted: nothing was committed (no manifest written).", err=True)
+            sys.exit(130)
 
     return wrapper
 

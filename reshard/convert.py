@@ -21,7 +21,7 @@ from .plan import Plan, Stage, build_plan, check_layout
 from .recipe import Recipe
 from .source import Source, open_source
 from .specs import match_tensors
-from .writer import fsync_dir, partial_path, write_atomic, write_plan
+from .writer import fsync_dir, write_atomic, write_plan
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 
@@ -139,12 +139,11 @@ def prepare_out_dir(out_dir: Path, *, force: bool) -> None:
     """Refuse to clobber a finished output unless forced; clear our own stale files."""
     check_no_output(out_dir, force=force)
     manifest = out_dir / MANIFEST
-    if manifest.exists():  # first: from here on the folder is incomplete by definition
+    if manifest.exists():
+        manifest.unlink()  # first: from here on the folder is incomplete by definition
         fsync_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ours = [*out_dir.glob("rank-*.safetensors*"), *out_dir.glob("*.partial")]
-    ours += [out_dir / n for n in EXPORT_FILES if (out_dir / n).exists()]
+    ours = {*out_dir.glob("rank-*.safetensors*"), *out_dir.glob("*.partial")}
+    ours |= {out_dir / n for n in EXPORT_FILES}
     for stale in ours:
-        stale.unlink()
-    if partial_path(manifest).exists():
-        partial_path(manifest).unlink()
+        stale.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ chunk (plus a sliced copy of it), whatever the model size. The writer makes no d
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import os
@@ -197,10 +198,23 @@ def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int, queue: Wri
         queue.release_buffer(raw)
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory, without numpy (not a
+    dependency): a ctypes array over its data that also holds the tensor alive, so the view
+    stays valid as long as it is referenced (e.g. by a queued write)."""
+    assert t.is_contiguous() and t.device.type == "cpu"  # internal invariant
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    array = (ctypes.c_ubyte * n).from_address(t.data_ptr())
+    array.owner = t
+    return memoryview(array).cast("B")
+
+
 def read_into(fd: int, buf: torch.Tensor, offset: int, path: Path) -> None:
     """Fill the uint8 tensor `buf` with the file's bytes at offset, or fail naming the file."""
     n = buf.numel()
-    view = memoryview(buf.numpy())
+    view = tensor_bytes(buf)
     got = 0
     while got < n:
         step = _io(os.preadv, fd, [view[got:]], offset + got, path=path)
@@ -228,7 +242,7 @@ def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int, 
     if _whole_rows(block, chunk, dest, target):
         # Whole rows to whole rows, uncast: one byte range to one byte range.
         row_bytes = block[0].numel() * block.element_size()
-        data = block.reshape(-1).view(torch.uint8).numpy()
+        data = tensor_bytes(block)
         src = (at[0], at[1] + (lo - a) * row_bytes)
         queue.submit_copy(target, dest[0] * row_bytes, src, data)
         return
@@ -250,7 +264,7 @@ def _write_block(target: Target, dest: tuple[int, ...], block: torch.Tensor, que
     out_dtype = TORCH_DTYPES[target.tensor.dtype]
     if block.dtype != out_dtype:
         block = block.to(out_dtype)  # the recipe asked for a cast
-    data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+    data = tensor_bytes(block.contiguous())
     shape = target.tensor.shape
     # k: the first dim from which the block covers the output fully, so that each index of
     # the dims before k is one contiguous run.

@@ -1,0 +1,60 @@
+"""An interrupted convert leaves files that do not look complete (`*.partial`, no manifest),
+verify refuses such a folder, and the next convert into it cleans up and succeeds."""
+
+from __future__ import annotations
+
+import pytest
+from checkpoints import write_checkpoint
+from click.testing import CliRunner
+
+import reshard.writer
+from reshard.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("stage", ["_finish_hashes", "_account"])
+def test_interrupted_convert_then_rerun(tmp_path, monkeypatch, stage):
+    src = write_checkpoint(tmp_path / "src", shard_size="30KB")
+    out = tmp_path / "out"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C or a killed job leaves behind
+
+    with monkeypatch.context() as m:
+        m.setattr(reshard.writer, stage, interrupt)
+        result = run("convert", src, "--tp", "2", "-o", out)
+    assert result.exit_code == 130, result.output
+    assert "interrupted: nothing was committed" in result.output
+    left = sorted(p.name for p in out.iterdir())
+    assert "manifest.json" not in left
+    assert left == ["rank-00000.safetensors.partial", "rank-00001.safetensors.partial"]
+
+    result = run("verify", out)
+    assert result.exit_code == 2, result.output
+    assert "manifest.json: missing" in result.output and "Re-run reshard convert" in result.output
+
+    result = run("convert", src, "--tp", "2", "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.endswith(".partial")]
+    assert "manifest.json" in names
+    assert run("verify", out, "--level", "hashes", "--level", "weights").exit_code == 0
+
+
+def test_force_on_a_finished_output_removes_the_manifest_first(tmp_path, monkeypatch):
+    """--force over a finished output: if the new run dies, no stale manifest vouches for
+    half-replaced files."""
+    src = write_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run("convert", src, "--tp", "2", "-o", out, "--quiet").exit_code == 0
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reshard.writer, "_account", interrupt)
+    assert run("convert", src, "--tp", "2", "-o", out, "--force").exit_code == 130
+    assert not (out / "manifest.json").exists()
+    assert run("verify", out).exit_code == 2
