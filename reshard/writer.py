@@ -8,7 +8,6 @@ chunk (plus a sliced copy of it), whatever the model size. The writer makes no d
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import math
 import os
@@ -24,6 +23,7 @@ from .errors import CheckpointError, ReshardIOError, UnsupportedModelError
 from .plan import OutFile, OutTensor, Piece, Plan
 from .safetensors_io import TORCH_DTYPES, encode_header, pread_exact
 from .source import Source
+from .tensor_bytes import tensor_bytes
 
 CHUNK_BYTES = 64 << 20
 MAX_PENDING_WRITES = 4  # bounds the memory held by blocks waiting for the write thread
@@ -196,19 +196,6 @@ def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int, queue: Wri
         for target, piece in consumers:
             _scatter(target, piece, chunk, a, b, queue, at)
         queue.release_buffer(raw)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory, without numpy (not a
-    dependency): a ctypes array over its data that also holds the tensor alive, so the view
-    stays valid as long as it is referenced (e.g. by a queued write)."""
-    assert t.is_contiguous() and t.device.type == "cpu"  # internal invariant
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(b"")
-    array = (ctypes.c_ubyte * n).from_address(t.data_ptr())
-    array.owner = t
-    return memoryview(array).cast("B")
 
 
 def read_into(fd: int, buf: torch.Tensor, offset: int, path: Path) -> None:

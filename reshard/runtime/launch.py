@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from .. import errors
 from ..errors import InputError
 from ..manifest import read_manifest
+from ..tensor_bytes import all_gather_objects
 from .dist import build_comm
 from .generate import PromptResult, generate_greedy
 from .load import load_rank, load_source_model
@@ -176,8 +177,7 @@ def _generate_rank(
     mine = [prompts[i] for i in indices]
     results = generate_greedy(stage, mine, max_new_tokens, indices=indices) if mine else []
     results = results if comm.tp_rank == 0 else []  # one copy per replica
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results, group=gather_group)
+    gathered = all_gather_objects(results, group=gather_group)
     return sorted((r for part in gathered for r in part), key=lambda r: r.index)
 
 
