@@ -10,6 +10,7 @@ guard their entry point with `if __name__ == "__main__":` (and cannot be read fr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -89,11 +90,32 @@ def _spawn_world(
     with tempfile.TemporaryDirectory(prefix="reshard-world-") as tmp:
         args = (world_size, _free_port(), str(out_dir), prompts, max_new_tokens, tmp, kind)
         try:
-            mp.start_processes(_spawned_rank, args=args, nprocs=world_size, start_method="spawn")
+            with _quiet_children():
+                mp.start_processes(
+                    _spawned_rank, args=args, nprocs=world_size, start_method="spawn"
+                )
         except mp.ProcessRaisedException:
             _raise_rank_error(Path(tmp))
             raise
         return _load_results(Path(tmp) / "results.pt")
+
+
+@contextlib.contextmanager
+def _quiet_children():
+    """Spawned ranks import torch before reshard (the spawn target lives in torch), so
+    reshard's filter for torch's numpy warning must reach them through the environment."""
+    old = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [old, NUMPY_WARNING]))
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = old
+
+
+NUMPY_WARNING = "ignore:Failed to initialize NumPy"
 
 
 def _spawned_rank(
