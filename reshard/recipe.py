@@ -8,17 +8,12 @@ the planner's job.
 from __future__ import annotations
 
 import re
-import sys
+import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DTYPES = {
     "keep": "keep",

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_convert_and_verify_without_numpy(tmp_path):
     shim = tmp_path / "shim" / "numpy"
     shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ModuleNotFoundError('numpy is blocked for this test', name='numpy')\n")
+    (shim / "__init__.py").write_text(
+        "raise ModuleNotFoundError('numpy is blocked for this test', name='numpy')\n"
+    )
     env = {**os.environ, "PYTHONPATH": f"{shim.parent}{os.pathsep}{ROOT}"}
     out = tmp_path / "out"
 
