@@ -166,9 +166,20 @@ Example:
 )
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 @click.option("--device", help="cpu or cuda for the generate tier (default: cuda if available).")
+@click.option(
+    "--reference",
+    type=click.Choice(["auto", "full", "streamed"]),
+    default="auto",
+    show_default=True,
+    help="full: the source model on one device; streamed: one layer at a time, "
+    "teacher-forced on the sharded tokens (for models larger than one device); "
+    "auto: full if it fits in 80% of the free memory.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
 @run_command
-def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, json_path):
+def verify(
+    out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, reference, json_path
+):
     from .expert_profile import parse_prompt_ids
     from .report import format_verify, verify_report
     from .verify import LEVELS, verify_output
@@ -178,6 +189,7 @@ def verify(out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, de
         "prompts_file": prompts_file,
         "max_new_tokens": max_new_tokens,
         "device": device,
+        "reference": reference,
     }
     manifest, results = verify_output(
         out_dir, levels=tuple(levels) or LEVELS, source=source, generate_options=options

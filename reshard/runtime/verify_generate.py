@@ -19,6 +19,7 @@ from ..verify import LevelResult
 from .compare import PromptComparison, compare_results, tolerance_for
 from .launch import default_device, generate_reference, generate_sharded
 from .load import resolve_dtype
+from .streamed import free_memory, reference_streamed, source_bytes
 
 DEFAULT_PROMPT_LENGTHS = (11, 3, 7, 16)
 
@@ -32,6 +33,7 @@ def verify_generation(
     prompts_file: Path | None = None,
     max_new_tokens: int = 16,
     device: str | None = None,
+    reference: str = "auto",
 ) -> LevelResult:
     device = device or default_device()
     vocab = int(manifest["hparams"]["vocab_size"])
@@ -41,9 +43,28 @@ def verify_generation(
     backend = "nccl" if device == "cuda" else "gloo"
     if int(os.environ.get("RANK", "0")) != 0:
         return LevelResult("generate", None, "compared on global rank 0", data={"backend": backend})
-    reference = generate_reference(source_dir, prompts, max_new_tokens, dtype=dtype, device=device)
-    comparisons = compare_results(reference, sharded, tolerance_for(dtype))
-    return _level_result(comparisons, dtype, backend, manifest)
+    mode = choose_reference(reference, source_dir, dtype, device)
+    if mode == "full":
+        ref = generate_reference(source_dir, prompts, max_new_tokens, dtype=dtype, device=device)
+    else:
+        ref = reference_streamed(source_dir, sharded, dtype=dtype, device=device)
+    comparisons = compare_results(ref, sharded, tolerance_for(dtype))
+    return _level_result(comparisons, dtype, backend, manifest, mode)
+
+
+REFERENCES = ("auto", "full", "streamed")
+
+
+def choose_reference(reference: str, source_dir: Path, dtype: torch.dtype, device: str) -> str:
+    """full: the whole source model on one device, generating freely. streamed: one layer at a
+    time, teacher-forced on the sharded tokens (see streamed.py). auto: full when the model
+    takes under 80% of the free memory of the device, else streamed."""
+    if reference not in REFERENCES:
+        raise InputError(f"--reference {reference!r}: use one of {', '.join(REFERENCES)}.")
+    if reference != "auto":
+        return reference
+    fits = source_bytes(source_dir, dtype) < 0.8 * free_memory(device)
+    return "full" if fits else "streamed"
 
 
 def shard_dtype(manifest: dict[str, Any]) -> torch.dtype:
@@ -83,20 +104,25 @@ def _load_tokenizer(folders: list[Path]) -> Any:
 
 
 def _level_result(
-    comparisons: list[PromptComparison], dtype: torch.dtype, backend: str, manifest: dict
-) -> LevelResult:
+    comparisons: list[PromptComparison], dtype: torch.dtype, backend: str, manifest: dict,
+    mode: str,
+) -> LevelResult:  # fmt: skip
     failures = [_failure(c) for c in comparisons if not c.passed]
     ties = [c.index for c in comparisons if c.near_tie]
     tol = tolerance_for(dtype)
     detail = (
         f"{len(comparisons)} prompts x {len(comparisons[0].reference_ids)} tokens on "
         f"{manifest['layout']['world_size']} {backend} ranks, {str(dtype).removeprefix('torch.')}"
-        f" (max |dlogit| <= {tol.atol:g} + {tol.rtol:g}*max|logit|, KL <= {tol.kl:g})"
+        f" (max |dlogit| <= {tol.atol:g} + {tol.rtol:g}*max|logit|, KL <= {tol.kl:g});"
+        f" {mode} reference"
     )
     if ties:
         detail += f"; prompts {ties} diverge at a near tie (compared up to it)"
     prompts = [_prompt_entry(c) for c in comparisons]
-    data = {"backend": backend, "generation": {"dtype": str(dtype), "prompts": prompts}}
+    data = {
+        "backend": backend,
+        "generation": {"dtype": str(dtype), "reference": mode, "prompts": prompts},
+    }
     return LevelResult("generate", not failures, detail, failures, data)
 
 
