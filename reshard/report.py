@@ -30,8 +30,10 @@ def format_convert_summary(result) -> str:
 
 def verify_report(manifest: dict, results) -> dict[str, Any]:
     ran = [r for r in results if r.passed is not None]
+    # Nothing ran and nothing was delegated to another rank: nothing was proven.
+    proven = bool(ran) or any(r.elsewhere for r in results)
     report: dict[str, Any] = {
-        "passed": bool(ran) and all(r.passed for r in ran),
+        "passed": proven and all(r.passed for r in ran),
         "world_size": manifest["layout"]["world_size"],
         "backend": None,
         "levels": {r.level: r.to_dict() for r in results},
@@ -44,7 +46,9 @@ def verify_report(manifest: dict, results) -> dict[str, Any]:
 def format_verify(report: dict[str, Any], results) -> str:
     lines = []
     for r in results:
-        status = {True: "PASS", False: "FAIL", None: "SKIP"}[r.passed]
+        status = (
+            "ELSEWHERE" if r.elsewhere else {True: "PASS", False: "FAIL", None: "SKIP"}[r.passed]
+        )
         lines.append(f"{r.level:<9} {status}  {r.detail}")
         lines += [f"          - {f}" for f in r.failures[:20]]
         if len(r.failures) > 20:

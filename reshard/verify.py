@@ -9,6 +9,7 @@ The generation tier lives in reshard.runtime; `verify_output` runs all the tiers
 from __future__ import annotations
 
 import math
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,11 @@ LEVELS = ("hashes", "weights", "generate")
 @dataclass
 class LevelResult:
     level: str
-    passed: bool | None  # None: skipped
+    passed: bool | None  # None: skipped, or checked by another process (elsewhere)
     detail: str = ""
     failures: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    elsewhere: bool = False  # under torchrun: another rank runs this tier
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "detail": self.detail, "failures": self.failures}
@@ -257,6 +259,16 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b.contiguous().reshape(-1).view(torch.uint8))
 
 
+def _checks_files_here() -> bool:
+    """Under torchrun, the file tiers run once per node (local rank 0), not once per GPU:
+    sixteen ranks re-hashing the same 140 GB would read it sixteen times."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _elsewhere(level: str) -> LevelResult:
+    return LevelResult(level, None, "checked by local rank 0 of this node", elsewhere=True)
+
+
 def verify_output(
     out_dir: Path,
     *,
@@ -268,13 +280,16 @@ def verify_output(
     manifest = read_manifest(out_dir)
     check_complete(out_dir, manifest)
     results = []
+    file_checks = _checks_files_here()
     if "hashes" in levels:
-        results.append(verify_hashes(out_dir, manifest))
+        results.append(verify_hashes(out_dir, manifest) if file_checks else _elsewhere("hashes"))
     source_dir = resolve_source_dir(manifest, source)
     for level in ("weights", "generate"):
         if level not in levels:
             continue
-        if source_dir is None:
+        if level == "weights" and not file_checks:
+            results.append(_elsewhere(level))
+        elif source_dir is None:
             results.append(
                 LevelResult(
                     level, None,

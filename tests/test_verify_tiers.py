@@ -118,3 +118,14 @@ def test_any_flipped_byte_fails_hashes(converted, tmp_path):
         assert f"{bad / name}" in result.output
     (bad / name).write_bytes(original)
     assert CliRunner().invoke(main, ["verify", str(bad), "--level", "hashes"]).exit_code == 0
+
+
+@pytest.mark.parametrize("local_rank,status", [("0", "PASS"), ("3", "ELSEWHERE")])
+def test_file_tiers_run_once_per_node_under_torchrun(converted, monkeypatch, local_rank, status):
+    src, out = converted
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    result = run_verify(out, src, "hashes", "weights")
+    assert result.exit_code == 0, result.output
+    assert f"hashes    {status}" in result.output and f"weights   {status}" in result.output
+    if status == "ELSEWHERE":
+        assert "checked by local rank 0 of this node" in result.output

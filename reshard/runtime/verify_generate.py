@@ -42,7 +42,10 @@ def verify_generation(
     sharded = generate_sharded(out_dir, prompts, max_new_tokens, device=device)
     backend = "nccl" if device == "cuda" else "gloo"
     if int(os.environ.get("RANK", "0")) != 0:
-        return LevelResult("generate", None, "compared on global rank 0", data={"backend": backend})
+        return LevelResult(
+            "generate", None, "compared on global rank 0", data={"backend": backend},
+            elsewhere=True,
+        )  # fmt: skip
     mode = choose_reference(reference, source_dir, dtype, device)
     if mode == "full":
         ref = generate_reference(source_dir, prompts, max_new_tokens, dtype=dtype, device=device)
