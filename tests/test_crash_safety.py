@@ -58,3 +58,26 @@ def test_force_on_a_finished_output_removes_the_manifest_first(tmp_path, monkeyp
     assert run("convert", src, "--tp", "2", "-o", out, "--force").exit_code == 130
     assert not (out / "manifest.json").exists()
     assert run("verify", out).exit_code == 2
+
+
+def test_disk_full_exits_3_naming_the_file_and_the_fix(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    src = write_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    real_pwrite = os.pwrite
+
+    def full_disk(fd, data, offset):
+        if offset > 0:  # the headers go in; the first tensor's data does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(reshard.writer.os, "pwrite", full_disk)
+    monkeypatch.setattr(reshard.writer.os, "copy_file_range", None, raising=False)
+    result = run("convert", src, "--tp", "2", "-o", out, "--quiet")
+    assert result.exit_code == 3, result.output
+    assert "rank-0000" in result.output and ".safetensors.partial" in result.output
+    assert "No space left on device" in result.output
+    assert "free space on that disk or write elsewhere with -o" in result.output
+    assert not (out / "manifest.json").exists()
