@@ -6,6 +6,7 @@ report. Reads no weights. Formatting is memory_format.py's; the layout search me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +189,4 @@ def written_bytes(entry: tuple[str, tuple[int, ...]], recipe: Recipe) -> int:
     dtype, shape = entry
     if recipe.dtype != "keep" and dtype in CAST_DTYPES.values():
         dtype = CAST_DTYPES[recipe.dtype]
-    n = DTYPE_SIZES[dtype]
-    for d in shape:
-        n *= d
-    return n
+    return DTYPE_SIZES[dtype] * math.prod(shape)

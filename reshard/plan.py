@@ -7,6 +7,7 @@ The writer executes a Plan without making a single decision of its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -87,10 +88,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ names the file. Tensor data is never read here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -51,10 +52,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -180,9 +178,7 @@ def _parse_entry(path: Path, data_start: int, name: str, entry) -> TensorInfo:
             f"{path}: tensor '{name}' has bad data_offsets {offsets!r}. The file is corrupt; "
             "re-export it."
         )
-    numel = 1
-    for d in shape:  # Python ints: no overflow
-        numel *= d
+    numel = math.prod(shape)  # Python ints: no overflow
     if numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
         raise CheckpointError(
             f"{path}: tensor '{name}' shape {shape} x {dtype} needs "
@@ -201,10 +197,7 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     offsets = []
     cursor = 0
     for name, dtype, shape in entries:
-        numel = 1
-        for d in shape:
-            numel *= d
-        end = cursor + numel * DTYPE_SIZES[dtype]
+        end = cursor + math.prod(shape) * DTYPE_SIZES[dtype]
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, end]}
         offsets.append((cursor, end))
         cursor = end

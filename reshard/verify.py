@@ -163,10 +163,7 @@ def check_coverage(manifest: dict, shapes: dict[str, tuple[int, ...]]) -> list[s
 
 
 def _volume(start, stop) -> int:
-    n = 1
-    for a, b in zip(start, stop, strict=True):
-        n *= b - a
-    return n
+    return math.prod(b - a for a, b in zip(start, stop, strict=True))
 
 
 def _overlap(found) -> bool:

@@ -11,6 +11,7 @@ the reference pick after the sharded prefix", which is what the comparison repor
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -103,10 +104,7 @@ def source_bytes(source_dir: Path, dtype: torch.dtype) -> int:
     total = 0
     for name, path in tensor_files(source_dir).items():
         with safe_open(str(path), framework="pt") as f:
-            numel = 1
-            for d in f.get_slice(name).get_shape():
-                numel *= d
-        total += numel * dtype.itemsize
+            total += math.prod(f.get_slice(name).get_shape()) * dtype.itemsize
     return total
 
 
