@@ -132,12 +132,9 @@ def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, **layout)
         model, out_dir, recipe, allow_pickle=allow_pickle, force=force, progress=not quiet
     )
     click.echo(format_convert_summary(result))
-    if recipe.pp > 1:  # the split just written, against the engines' even split
-        from .pipeline import plan_stages
-
-        stage_plan = plan_stages(result.source.hparams, recipe)
-        click.echo(f"stage costs: {stage_plan.cost_source}")
-        click.echo(stage_plan.report.render())
+    if result.stage_plan is not None:  # the split just written, against the even split
+        click.echo(f"stage costs: {result.stage_plan.cost_source}")
+        click.echo(result.stage_plan.report.render())
 
 
 VERIFY_HELP = """Prove an output folder: hashes, bitwise weights, and generation.

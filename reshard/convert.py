@@ -34,17 +34,19 @@ class ConvertResult:
     seconds: float
     bytes_read: int
     bytes_written: int
+    stage_plan: object | None = None  # pipeline.StagePlan when pp > 1
 
 
-def plan_source(source: Source, recipe: Recipe) -> Plan:
-    """Everything the writer will do, decided before a byte of weights is read."""
+def plan_source(source: Source, recipe: Recipe, stages: tuple[Stage, ...] | None = None) -> Plan:
+    """Everything the writer will do, decided before a byte of weights is read. `stages`:
+    already solved (convert keeps the stage report), else solved here."""
     hp = source.hparams
     check_layout(hp, recipe)
     tensors = {
         name: (info.dtype, info.shape) for h in source.headers for name, info in h.tensors.items()
     }
     roles = match_tensors(hp, tensors, where=str(source.path))
-    stages = resolve_stages(hp, recipe)
+    stages = stages or resolve_stages(hp, recipe)
     placements = resolve_placements(hp, recipe)
     return build_plan(hp, tensors, roles, recipe, stages, placements)
 
@@ -80,13 +82,26 @@ def convert_model(
     scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle"
     try:
         source = open_source(model, allow_pickle=allow_pickle, scratch=scratch)
-        plan = plan_source(source, recipe)
+        stage_plan = _stage_plan(source.hparams, recipe)
+        plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
         prepare_out_dir(out_dir, force=force)
         read_total, sizes = _write_output(plan, source, recipe, out_dir, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
-    return ConvertResult(out_dir, plan, source, seconds, read_total, sum(sizes.values()))
+    return ConvertResult(
+        out_dir, plan, source, seconds, read_total, sum(sizes.values()), stage_plan
+    )
+
+
+def _stage_plan(hp: HParams, recipe: Recipe):
+    """The solved split with its report (pp > 1), so convert can print what it wrote."""
+    check_layout(hp, recipe)  # the layout's own errors come before the solver's
+    if recipe.pp == 1:
+        return None
+    from .pipeline import plan_stages
+
+    return plan_stages(hp, recipe)
 
 
 def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, progress: bool):

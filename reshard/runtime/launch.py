@@ -47,17 +47,6 @@ def generate_reference(
     return generate_greedy(model, prompts, max_new_tokens)
 
 
-def generate_sharded(
-    out_dir: str | Path,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    *,
-    device: str | None = None,
-) -> list[PromptResult]:
-    """Greedy results of the shards in `out_dir` on a world of the manifest's size."""
-    return run_world(out_dir, prompts, max_new_tokens, device=device)
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -75,6 +64,9 @@ def run_world(
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         return _run_in_torchrun(Path(out_dir), manifest, prompts, max_new_tokens, kind)
     return _spawn_world(Path(out_dir), manifest, prompts, max_new_tokens, kind)
+
+
+generate_sharded = run_world
 
 
 def _spawn_world(
