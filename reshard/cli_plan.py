@@ -15,10 +15,13 @@ Or, with --suggest, the fewest GPUs that hold the model and the KV cache, with T
 node and PP across nodes.
 
 MODEL is a model folder (its safetensors headers are used when present), a bare config.json,
-or a hub id (only its config.json is fetched). Each GPU keeps a 10% reserve for activations,
-the CUDA context and NCCL buffers. KV cache = batch x context tokens x the rank's layers x its
-kv heads x head_dim x 2 (K, V) in the weights' dtype; sliding-window layers cache at most the
-window.
+or a hub id (only its config.json is fetched). Memory follows vLLM's profile: of
+--gpu-memory-utilization x the GPU's memory, each rank spends its weights, non-torch memory
+and the activation peak of a --max-num-batched-tokens forward pass (and the sampler on the
+last stage); the rest is KV cache, in tokens and blocks of 16. A layout is deployable when
+every rank's KV cache holds batch x context tokens x its layers x its kv heads x head_dim x 2
+(K, V) in the weights' dtype; sliding-window layers cache at most the window. See
+docs/memory.md for the model and its calibration against vLLM's logs.
 
 \b
 Example:
@@ -29,6 +32,11 @@ Example:
 
 CONTEXT_HELP = "Tokens per sequence in the KV cache (default: max_position_embeddings)."
 BATCH_HELP = "Sequences in the KV cache at once."
+UTIL_HELP = "Share of the GPU's memory the engine may use (vLLM's flag)."
+TOKENS_HELP = (
+    "Tokens in the profile run's forward pass (vLLM's flag; default: vllm serve's on H100)."
+)
+SEQS_HELP = "Rows the profile run samples (vLLM's flag)."
 # Layout flags --suggest chooses or does not use: giving one would silently do nothing.
 SUGGEST_CONFLICTS = {
     "tp": "--tp",
@@ -49,17 +57,40 @@ SUGGEST_CONFLICTS = {
 @click.option("--gpu-memory", type=float, help="Memory of another GPU, in decimal GB.")
 @click.option("--context", type=click.IntRange(min=1), help=CONTEXT_HELP)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
+@click.option(
+    "--gpu-memory-utilization",
+    "utilization",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help=UTIL_HELP,
+)
+@click.option(
+    "--max-num-batched-tokens",
+    "batched_tokens",
+    type=click.IntRange(min=1),
+    help=TOKENS_HELP,
+)
+@click.option("--max-num-seqs", type=click.IntRange(min=1), help=SEQS_HELP)
 @click.option("--suggest", is_flag=True, help="Pick tp x pp for the GPU (needs --gpu).")
 @click.option("--gpus-per-node", type=click.IntRange(min=1), help="With --suggest (default 8).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @run_command
-def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as_json, **layout):
+def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as_json, **flags):
     from .errors import InputError
     from .memory import resolve_gpu
+    from .memory_activation import EngineLimits
 
-    gpu = resolve_gpu(gpu_name, gpu_memory)
+    gpu = resolve_gpu(gpu_name, gpu_memory, utilization=flags.pop("utilization"))
+    limits = EngineLimits.for_gpu(
+        gpu and gpu.name,
+        gpu and gpu.total_bytes,
+        flags.pop("batched_tokens"),
+        flags.pop("max_num_seqs"),
+    )
+    layout = flags
     if suggest:
-        _suggest(model, gpu, context, batch, gpus_per_node or 8, as_json, layout)
+        _suggest(model, gpu, context, batch, gpus_per_node or 8, as_json, layout, limits)
         return
     if gpus_per_node is not None:
         raise InputError("--gpus-per-node does nothing without --suggest; drop it.")
@@ -68,11 +99,11 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as
 
     recipe = recipe_from(**layout)
     shapes = load_shapes(model, dtype=recipe.dtype)
-    pm = plan_memory(shapes, recipe, gpu=gpu, context=context, batch=batch)
+    pm = plan_memory(shapes, recipe, gpu=gpu, context=context, batch=batch, limits=limits)
     click.echo(json.dumps(plan_json(pm), indent=1) if as_json else format_plan(pm))
 
 
-def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout) -> None:
+def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout, limits) -> None:
     from .errors import InputError
     from .memory_format import format_suggestion, suggestion_json
     from .memory_plan import kv_budget, load_shapes, resolve_context
@@ -93,7 +124,7 @@ def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout) -> None
     shapes = load_shapes(model, dtype=recipe.dtype)
     tokens, origin = resolve_context(shapes.hparams, context)
     budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
-    sug = suggest_layout(shapes, recipe, gpu, budget, gpus_per_node=gpus_per_node)
+    sug = suggest_layout(shapes, recipe, gpu, budget, gpus_per_node=gpus_per_node, limits=limits)
     text = format_suggestion(sug, model, context_origin=origin)
     click.echo(json.dumps(suggestion_json(sug), indent=1) if as_json else text)
     if sug.choice is None:

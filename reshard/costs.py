@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ReshardIOError
+from .gpus import GPUS, find_gpu
 from .hparams import DTYPE_BYTES, HParams
 
 COSTS_FORMAT = "reshard-costs"
@@ -50,17 +51,8 @@ class Device:
     bandwidth: float  # memory bytes/s
 
 
-# Datasheet figures (SXM parts where there are several).
-DEVICES = {
-    "H100": Device(989e12, 3.35e12),
-    "H200": Device(989e12, 4.8e12),
-    "B200": Device(2250e12, 8.0e12),
-    "B100": Device(1750e12, 8.0e12),
-    "A100": Device(312e12, 2.039e12),
-    "L40S": Device(366e12, 0.864e12),
-    "L40": Device(181e12, 0.864e12),
-    "L4": Device(121e12, 0.3e12),
-}
+# One entry per GPU of the shared table (gpus.py): `plan --gpu` picks the roofline's device.
+DEVICES = {name: Device(spec.flops, spec.bandwidth) for name, spec in GPUS.items()}
 
 
 def layer_kind(hp: HParams, layer: int) -> str:
@@ -130,9 +122,10 @@ def analytic_costs(
 
 
 def _device(name: str) -> Device:
-    if name not in DEVICES:
+    key = find_gpu(name)
+    if key is None:
         raise InputError(f"device={name!r} is unknown. Known: {', '.join(DEVICES)}.")
-    return DEVICES[name]
+    return DEVICES[key]
 
 
 def _tokens(batch: int, seq: int, mode: str) -> int:

@@ -9,18 +9,11 @@ from dataclasses import asdict
 from typing import Any
 
 from .expert_report import format_placement_report
-from .memory import (
-    GB,
-    GPU_MEMORY_GB,
-    RESERVE_FRACTION,
-    Gpu,
-    KvBudget,
-    MemoryReport,
-    RankMemory,
-    kv_bytes_per_token,
-)
+from .gpus import GB, GPUS
+from .memory import DEFAULT_UTILIZATION, Gpu, KvBudget, MemoryReport, RankMemory, kv_bytes_per_token
+from .memory_activation import EngineLimits, engine_defaults
 from .memory_plan import PlanMemory
-from .memory_suggest import Candidate, Rejection, Suggestion
+from .memory_suggest import Candidate, Rejection, Suggestion, why_not
 
 BAR = 20  # characters per bar
 
@@ -42,6 +35,7 @@ def format_plan(pm: PlanMemory) -> str:
         f"KV cache  {_kv_line(mem.budget, pm.context_origin)}, "
         f"{_kv_per_token(mem):,} B a token over all ranks",
         f"GPU       {_gpu_line(mem.gpu)}",
+        f"engine    {_engine_line(mem.limits)}",
         "",
         *_rank_table(mem),
         _verdict(mem),
@@ -75,27 +69,45 @@ def _kv_per_token(mem: MemoryReport) -> int:
 
 def _gpu_line(gpu: Gpu | None) -> str:
     if gpu is None:
-        return "none given (pass --gpu NAME or --gpu-memory GB for headroom and a verdict)"
-    name = f"{gpu.name}, {gpu.memory_bytes / GB:g} GB" if gpu.name in GPU_MEMORY_GB else gpu.name
+        return "none given (pass --gpu NAME or --gpu-memory GB for the KV cache and a verdict)"
+    name = gpu.name
+    if gpu.name in GPUS:
+        name = f"{gpu.name}, {gpu.memory_bytes / GB:g} GB"
+        if gpu.total_bytes != gpu.memory_bytes:
+            name += f" ({gb(gpu.total_bytes)} as CUDA reports it)"
     return (
-        f"{name}; {gb(gpu.usable_bytes)} usable after a "
-        f"{RESERVE_FRACTION:.0%} reserve ({gb(gpu.reserve_bytes)}) for activations, the CUDA "
-        "context, NCCL buffers and fragmentation"
+        f"{name}; budget {gb(gpu.budget_bytes)} = --gpu-memory-utilization "
+        f"{gpu.utilization:g} x {gb(gpu.total_bytes)}, for weights, non-torch memory, the "
+        "activation peak and the KV cache"
+    )
+
+
+def _engine_line(limits: EngineLimits) -> str:
+    return (
+        f"vLLM's profile run: a forward pass of --max-num-batched-tokens "
+        f"{limits.max_num_batched_tokens}, then sampling {limits.sampled_rows} rows "
+        f"(--max-num-seqs {limits.max_num_seqs}); non-torch memory {gb(limits.non_torch_bytes)} "
+        f"a GPU; KV cache in blocks of {limits.block_size} tokens"
     )
 
 
 def _rank_table(mem: MemoryReport) -> list[str]:
     lines = [
         f"{'rank':>4}  {'stage':>5}  {'tp_rank':>7}  {'layers':<7}  {'weights':>10}  "
-        f"{'KV cache':>10}  {'total':>10}  {'headroom':>10}"
+        f"{'non-torch':>10}  {'activation':>10}  {'KV cache':>10}  {'KV tokens':>11}  "
+        f"{'KV needed':>10}  {'headroom':>10}"
     ]
     for r in mem.ranks:
         if r.dp_index:
             continue
         room = "-" if r.headroom_bytes is None else gb(r.headroom_bytes)
+        cache = "-" if r.kv_cache_bytes is None else gb(r.kv_cache_bytes)
+        tokens = "-" if r.kv_tokens is None else f"{r.kv_tokens:,}"
         lines.append(
             f"{r.rank:>4}  {r.pp_stage:>5}  {r.tp_rank:>7}  {_span(r.layers):<7}  "
-            f"{gb(r.weight_bytes):>10}  {gb(r.kv_bytes):>10}  {gb(r.total_bytes):>10}  {room:>10}"
+            f"{gb(r.weight_bytes):>10}  {gb(r.non_torch_bytes):>10}  "
+            f"{gb(r.activation_bytes):>10}  {cache:>10}  {tokens:>11}  {gb(r.kv_bytes):>10}  "
+            f"{room:>10}"
         )
     lay = mem.plan.layout
     if lay.dp > 1:
@@ -119,19 +131,30 @@ def _where(r: RankMemory) -> str:
 def _verdict(mem: MemoryReport) -> str:
     w = mem.worst
     if mem.gpu is None:
-        return f"fullest: {_where(w)} at {gb(w.total_bytes)}; no GPU given, so no verdict."
-    usable = gb(mem.gpu.usable_bytes)
+        return (
+            f"fullest: {_where(w)} needs {gb(w.total_bytes)} with its KV cache; no GPU given, "
+            "so no verdict."
+        )
     if mem.fits:
         return (
-            f"fits: every rank fits in the {usable} usable per {mem.gpu.name}; the fullest is "
-            f"{_where(w)} at {gb(w.total_bytes)}, {gb(w.headroom_bytes)} headroom."
+            f"deployable: {_capacity(mem.kv_tokens, mem.budget, mem.limits)}; the tightest is "
+            f"{_where(w)}, {gb(w.headroom_bytes)} beyond the KV cache needed."
         )
     over = len({r.rank for r in mem.over if r.dp_index == 0})
     ranks = mem.plan.layout.tp * mem.plan.layout.pp
     return (
-        f"does not fit: {_where(w)} needs {gb(w.total_bytes)}, {gb(-w.headroom_bytes)} more "
-        f"than the {usable} usable per {mem.gpu.name} ({over} of {ranks} ranks over). Raise "
-        "tp or pp, shorten --context or --batch, or let --suggest pick a layout."
+        f"not deployable ({over} of {ranks} ranks short): {why_not(w)}. Raise tp or pp, "
+        "shorten --context or --batch, or let --suggest pick a layout."
+    )
+
+
+def _capacity(tokens: int, budget: KvBudget, limits: EngineLimits) -> str:
+    """vLLM's "GPU KV cache size" and "Maximum concurrency" lines, from our numbers."""
+    blocks = tokens // limits.block_size
+    per_request = -(-budget.context // limits.block_size)
+    return (
+        f"KV cache {tokens:,} tokens ({blocks:,} blocks of {limits.block_size}), maximum "
+        f"concurrency {blocks / per_request:.2f}x at {budget.context:,} tokens a request"
     )
 
 
@@ -146,7 +169,7 @@ def _balance_bars(pm: PlanMemory) -> list[str]:
     for i, row in enumerate(report.stages):
         cost = row.cost / report.bottleneck if report.bottleneck else 1.0
         full = fullest[i] / top if top else 0.0
-        share = f", {fullest[i] / mem.gpu.usable_bytes:.0%} of usable" if mem.gpu else ""
+        share = f", {fullest[i] / mem.gpu.budget_bytes:.0%} of the budget" if mem.gpu else ""
         lines.append(
             f"stage {i:<3} layers {_span((row.layers.first_layer, row.layers.last_layer)):<8} "
             f"cost {_bar(cost)} {cost:.2f}  mem {_bar(full)} {full:.2f}  "
@@ -199,6 +222,11 @@ def plan_json(pm: PlanMemory) -> dict[str, Any]:
         "batch": mem.budget.batch,
         "kv_dtype_bytes": mem.budget.dtype_bytes,
         "kv_bytes_per_token": _kv_per_token(mem),
+        "engine": _engine_json(mem.limits),
+        "kv_cache_tokens": mem.kv_tokens,
+        "kv_cache_blocks": None
+        if mem.kv_tokens is None
+        else mem.kv_tokens // mem.limits.block_size,
         "fits": mem.fits,
         "worst_rank": mem.worst.rank,
         "stages": stages,
@@ -216,8 +244,18 @@ def _gpu_json(gpu: Gpu | None) -> dict[str, Any] | None:
     return {
         "name": gpu.name,
         "memory_bytes": gpu.memory_bytes,
-        "reserve_fraction": RESERVE_FRACTION,
-        "usable_bytes": gpu.usable_bytes,
+        "total_bytes": gpu.total_bytes,
+        "gpu_memory_utilization": gpu.utilization,
+        "budget_bytes": gpu.budget_bytes,
+    }
+
+
+def _engine_json(limits: EngineLimits) -> dict[str, Any]:
+    return {
+        "max_num_batched_tokens": limits.max_num_batched_tokens,
+        "max_num_seqs": limits.max_num_seqs,
+        "block_size": limits.block_size,
+        "non_torch_bytes": limits.non_torch_bytes,
     }
 
 
@@ -229,7 +267,12 @@ def _rank_json(r: RankMemory) -> dict[str, Any]:
         "tp_rank": r.tp_rank,
         "layers": list(r.layers),
         "weight_bytes": r.weight_bytes,
+        "non_torch_bytes": r.non_torch_bytes,
+        "activation_bytes": r.activation_bytes,
         "kv_bytes": r.kv_bytes,
+        "kv_cache_bytes": r.kv_cache_bytes,
+        "kv_cache_blocks": r.kv_blocks,
+        "kv_cache_tokens": r.kv_tokens,
         "total_bytes": r.total_bytes,
         "headroom_bytes": r.headroom_bytes,
     }
@@ -238,43 +281,63 @@ def _rank_json(r: RankMemory) -> dict[str, Any]:
 def format_suggestion(sug: Suggestion, model: str, *, context_origin: str) -> str:
     lines = [
         f"suggest   {model} on {_gpu_line(sug.gpu)}",
+        f"engine    {_engine_line(sug.limits)}",
         f"KV cache  {_kv_line(sug.budget, context_origin)}",
-        f"rule      TP inside a node ({sug.gpus_per_node} GPUs), PP across nodes; fewest GPUs",
-        _choice_line(sug.choice),
+        f"rule      TP inside a node ({sug.gpus_per_node} GPUs), PP across nodes; fewest GPUs "
+        "whose every rank holds the KV cache after weights, non-torch memory and activations",
+        *_choice_lines(sug),
         "",
         "candidates (fewest stages that fit at each tp)",
-        f"  {'tp':>3}  {'pp':>3}  {'GPUs':>4}  {'nodes':>5}  {'fullest':>10}  {'headroom':>10}",
+        f"  {'tp':>3}  {'pp':>3}  {'GPUs':>4}  {'nodes':>5}  {'weights':>10}  "
+        f"{'activation':>10}  {'KV cache':>10}  {'KV tokens':>11}  {'headroom':>10}",
         *(_candidate_row(c) for c in sug.candidates),
         "",
         "rejected",
         *(f"  {_rejected_label(r)}: {r.reason}" for r in sug.rejected),
     ]
     if sug.choice is not None:
-        c, budget = sug.choice, sug.budget
-        pp = f" --pp {c.pp}" if c.pp > 1 else ""
-        lines += [
-            "",
-            f"next      reshard plan {model} --tp {c.tp}{pp} {_gpu_flag(sug.gpu)} "
-            f"--context {budget.context} --batch {budget.batch}",
-        ]
+        lines += ["", f"next      reshard plan {model} {_next_flags(sug)}"]
     return "\n".join(lines)
 
 
-def _choice_line(c: Candidate | None) -> str:
+def _choice_lines(sug: Suggestion) -> list[str]:
+    c = sug.choice
     if c is None:
-        return "choice    none: no layout up to a full node of TP x one layer per stage fits"
-    return (
-        f"choice    tp {c.tp} x pp {c.pp} = {_gpus(c)}: fullest rank {c.worst.rank} at "
-        f"{gb(c.worst.total_bytes)}, {gb(c.worst.headroom_bytes)} headroom beyond the reserve"
-    )
+        return ["choice    none: no layout up to a full node of TP x one layer per stage fits"]
+    return [
+        f"choice    tp {c.tp} x pp {c.pp} = {_gpus(c)}: "
+        + _capacity(c.kv_tokens, sug.budget, sug.limits),
+        f"          tightest rank {c.worst.rank}: weights {gb(c.worst.weight_bytes)} + non-torch "
+        f"{gb(c.worst.non_torch_bytes)} + activation {gb(c.worst.activation_bytes)}, KV cache "
+        f"{gb(c.worst.kv_cache_bytes)} for {gb(c.worst.kv_bytes)} needed",
+    ]
 
 
 def _candidate_row(c: Candidate) -> str:
     note = "" if c.pp_across_nodes else "  (pp before a full node of tp)"
+    w = c.worst
     return (
-        f"  {c.tp:>3}  {c.pp:>3}  {c.world:>4}  {c.nodes:>5}  {gb(c.worst.total_bytes):>10}  "
-        f"{gb(c.worst.headroom_bytes):>10}{note}"
+        f"  {c.tp:>3}  {c.pp:>3}  {c.world:>4}  {c.nodes:>5}  {gb(w.weight_bytes):>10}  "
+        f"{gb(w.activation_bytes):>10}  {gb(w.kv_cache_bytes):>10}  {c.kv_tokens:>11,}  "
+        f"{gb(w.headroom_bytes):>10}{note}"
     )
+
+
+def _next_flags(sug: Suggestion) -> str:
+    c, budget, limits, gpu = sug.choice, sug.budget, sug.limits, sug.gpu
+    flags = [f"--tp {c.tp}"] + ([f"--pp {c.pp}"] if c.pp > 1 else []) + [_gpu_flag(gpu)]
+    flags += [f"--context {budget.context}", f"--batch {budget.batch}"]
+    if gpu.utilization != DEFAULT_UTILIZATION:
+        flags.append(f"--gpu-memory-utilization {gpu.utilization:g}")
+    given = (limits.max_num_batched_tokens, limits.max_num_seqs)
+    for name, value, default in zip(
+        ("--max-num-batched-tokens", "--max-num-seqs"),
+        given,
+        engine_defaults(gpu.name, gpu.total_bytes),
+    ):
+        if value != default:
+            flags.append(f"{name} {value}")
+    return " ".join(flags)
 
 
 def _gpus(c: Candidate) -> str:
@@ -283,7 +346,7 @@ def _gpus(c: Candidate) -> str:
 
 
 def _gpu_flag(gpu: Gpu) -> str:
-    if gpu.name in GPU_MEMORY_GB:
+    if gpu.name in GPUS:
         return f"--gpu {gpu.name}"
     return f"--gpu-memory {gpu.memory_bytes / GB:g}"
 
@@ -305,12 +368,14 @@ def suggestion_json(sug: Suggestion) -> dict[str, Any]:
             "nodes": c.nodes,
             "pp_across_nodes": c.pp_across_nodes,
             "worst_rank": c.worst.rank,
-            "total_bytes": c.worst.total_bytes,
+            "kv_cache_tokens": c.kv_tokens,
+            "worst": _rank_json(c.worst),
             "headroom_bytes": c.worst.headroom_bytes,
         }
 
     return {
         "gpu": _gpu_json(sug.gpu),
+        "engine": _engine_json(sug.limits),
         "context": sug.budget.context,
         "batch": sug.budget.batch,
         "gpus_per_node": sug.gpus_per_node,

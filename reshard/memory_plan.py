@@ -13,8 +13,10 @@ from pathlib import Path
 from .convert import plan_source, resolve_placements, resolve_stages
 from .errors import InputError
 from .expert_report import PlacementReport, read_expert_load, report_placement
+from .gpus import GPUS
 from .hparams import HParams, parse_hparams
 from .memory import Gpu, KvBudget, MemoryReport, memory_report
+from .memory_activation import EngineLimits
 from .pipeline import StagePlan, plan_stages
 from .plan import Plan, build_plan
 from .recipe import Recipe
@@ -121,15 +123,22 @@ def plan_memory(
     gpu: Gpu | None,
     context: int | None = None,
     batch: int = 1,
+    limits: EngineLimits | None = None,
 ) -> PlanMemory:
     hp = shapes.hparams
     plan = plan_model(shapes, recipe)
     tokens, origin = resolve_context(hp, context)
     budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
-    report = memory_report(plan, gpu, budget)
-    stages = plan_stages(hp, recipe)
+    report = memory_report(plan, gpu, budget, limits)
+    stages = plan_stages(hp, recipe, device=roofline_device(gpu))
     placement = expert_report(shapes, recipe)
     return PlanMemory(shapes, recipe, report, stages, placement, origin, _notes(hp, recipe, budget))
+
+
+def roofline_device(gpu: Gpu | None) -> str:
+    """The GPU whose FLOP/s and bandwidth the stage roofline uses: --gpu's, else the H100's
+    (--gpu-memory gives a size, not a speed)."""
+    return gpu.name if gpu is not None and gpu.name in GPUS else "H100"
 
 
 def _notes(hp: HParams, recipe: Recipe, budget: KvBudget) -> tuple[str, ...]:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 from .convert import resolve_stages
 from .errors import LayoutError
+from .gpus import GB
 from .hparams import HParams
-from .memory import GB, Gpu, KvBudget, RankMemory, layer_kv_bytes
+from .memory import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
+from .memory_activation import EngineLimits
 from .memory_plan import ModelShapes, weight_lower_bound
 from .plan import Stage, build_plan, valid_tp
 from .recipe import Recipe
@@ -28,8 +30,9 @@ class Candidate:
     tp: int
     pp: int
     nodes: int
-    worst: RankMemory
+    worst: RankMemory  # the rank with the least KV headroom
     pp_across_nodes: bool  # pp == 1, or tp is the node's largest valid tp
+    kv_tokens: int  # tokens the engine caches: the fewest any rank holds
 
     @property
     def world(self) -> int:
@@ -47,6 +50,7 @@ class Rejection:
 class Suggestion:
     gpu: Gpu
     budget: KvBudget
+    limits: EngineLimits
     gpus_per_node: int
     candidates: tuple[Candidate, ...]  # best first (see suggest_layout)
     rejected: tuple[Rejection, ...]
@@ -57,12 +61,19 @@ class Suggestion:
 
 
 def suggest_layout(
-    shapes: ModelShapes, base: Recipe, gpu: Gpu, budget: KvBudget, *, gpus_per_node: int = 8
+    shapes: ModelShapes,
+    base: Recipe,
+    gpu: Gpu,
+    budget: KvBudget,
+    *,
+    gpus_per_node: int = 8,
+    limits: EngineLimits | None = None,
 ) -> Suggestion:
     """`base` carries what the search keeps fixed (dtype, costs); it sets tp and pp.
     Candidates (the fewest fitting stages per tp) in order: those with PP only across nodes
     before those with PP inside a node, then fewest GPUs, then the most TP."""
     hp = shapes.hparams
+    limits = limits or EngineLimits()
     if gpus_per_node < 1:
         raise LayoutError(f"--gpus-per-node {gpus_per_node}: need at least 1.")
     base = dataclasses.replace(base, tp=1, pp=1, ep=1, dp=1, stages=None)
@@ -74,12 +85,12 @@ def suggest_layout(
         if tp not in valid:
             rejected.append(Rejection((tp,), None, tp_problem(hp, tp)))
             continue
-        found, why = _fewest_stages(shapes, base, gpu, budget, tp, weights)
+        found, why = _fewest_stages(shapes, base, Fit(gpu, budget, limits), tp, weights)
         rejected.extend(why)
         if found is not None:
-            pp, worst = found
+            pp, worst, tokens = found
             nodes = -(-pp // (gpus_per_node // tp))  # a TP group never spans nodes
-            candidates.append(Candidate(tp, pp, nodes, worst, pp == 1 or tp == node_tp))
+            candidates.append(Candidate(tp, pp, nodes, worst, pp == 1 or tp == node_tp, tokens))
     beyond = tuple(t for t in valid if t > gpus_per_node)
     if beyond:
         rejected.append(
@@ -91,7 +102,7 @@ def suggest_layout(
             )
         )
     candidates.sort(key=lambda c: (not c.pp_across_nodes, c.world, -c.tp))
-    return Suggestion(gpu, budget, gpus_per_node, tuple(candidates), tuple(rejected))
+    return Suggestion(gpu, budget, limits, gpus_per_node, tuple(candidates), tuple(rejected))
 
 
 @dataclass(frozen=True)
@@ -154,88 +165,99 @@ def _layer_signatures(shapes: ModelShapes) -> list[tuple]:
     return [tuple(sorted(s)) for s in sig]
 
 
-def layout_ranks(
-    shapes: ModelShapes, base: Recipe, budget: KvBudget, gpu: Gpu | None, tb: TpBytes, pp: int
-) -> list[RankMemory]:
-    """One replica's ranks at (tb.tp, pp), with the stages convert would use."""
+@dataclass(frozen=True)
+class Fit:
+    """What every rank must fit: the GPU's budget, the KV cache demand, the engine settings."""
+
+    gpu: Gpu | None
+    budget: KvBudget
+    limits: EngineLimits
+
+
+def layout_ranks(shapes: ModelShapes, base: Recipe, fit: Fit, tb: TpBytes, pp: int) -> list:
+    """One replica's ranks (RankMemory) at (tb.tp, pp), with the stages convert would use."""
     hp, tp = shapes.hparams, tb.tp
     stages = resolve_stages(hp, dataclasses.replace(base, tp=tp, pp=pp))
-    ranks = []
-    for stage in stages:
-        kv = sum(layer_kv_bytes(hp, i, tp, budget) for i in stage.layers)
-        for tp_rank in range(tp):
-            weights = tb.rank_weights(stage, tp_rank)
-            room = None if gpu is None else gpu.usable_bytes - weights - kv
-            span = (stage.first_layer, stage.last_layer)
-            rank = stage.stage * tp + tp_rank
-            ranks.append(RankMemory(rank, 0, stage.stage, tp_rank, span, weights, kv, room))
-    return ranks
+    return [_stage_rank(hp, stage, tp_rank, tb, fit) for stage in stages for tp_rank in range(tp)]
+
+
+def _stage_rank(hp: HParams, stage: Stage, tp_rank: int, tb: TpBytes, fit: Fit) -> RankMemory:
+    coord = (stage.stage * tb.tp + tp_rank, 0, stage.stage, tp_rank)
+    weights = tb.rank_weights(stage, tp_rank)
+    return rank_memory(
+        hp, stage, coord, weights, tp=tb.tp, gpu=fit.gpu, budget=fit.budget, limits=fit.limits
+    )
 
 
 def _fewest_stages(
-    shapes: ModelShapes, base: Recipe, gpu: Gpu, budget: KvBudget, tp: int, weights: int
-) -> tuple[tuple[int, RankMemory] | None, list[Rejection]]:
+    shapes: ModelShapes, base: Recipe, fit: Fit, tp: int, weights: int
+) -> tuple[tuple[int, RankMemory, int] | None, list[Rejection]]:
     """The smallest pp that fits at this tp, and why each smaller pp does not."""
-    hp = shapes.hparams
-    usable = gpu.usable_bytes
+    hp, gpu = shapes.hparams, fit.gpu
     tb = tp_bytes(shapes, base, tp)
-    edge = _edge_bound(hp, tb, budget)
-    if edge > usable:
-        return None, [
-            Rejection(
-                (tp,),
-                None,
-                f"even one decoder layer per stage puts {_gb(edge)} on an end stage's rank "
-                f"(embedding or lm_head + a layer + its KV cache); {_gb(usable)} usable",
-            )
-        ]
-    # The average rank holds (weights + KV) / world: no fewer stages can fit.
-    kv = tp * sum(layer_kv_bytes(hp, i, tp, budget) for i in range(hp.num_layers))
-    first = max(1, -(-(weights + kv) // (tp * usable)))
+    edge = _edge_rank(hp, tb, fit)
+    if edge.headroom_bytes < 0:
+        return None, [Rejection((tp,), None, "even one decoder layer per stage: " + why_not(edge))]
+    # Every rank holds at least the non-torch memory; the rest (weights + KV) averages out
+    # over the world: no fewer stages can fit.
+    kv = tp * sum(layer_kv_bytes(hp, i, tp, fit.budget) for i in range(hp.num_layers))
+    room = gpu.budget_bytes - fit.limits.non_torch_bytes
+    first = max(1, -(-(weights + kv) // (tp * room))) if room > 0 else hp.num_layers + 1
     why = []
     if first > 1:
-        average = _average_reason(weights, kv, tp * (first - 1), gpu)
+        average = _average_reason(weights, kv, tp * (first - 1), fit)
         at = f"at pp {first - 1}, " if first > 2 else ""
-        why.append(Rejection((tp,), (1, first - 1), at + average))
+        why.append(Rejection((tp,), (1, min(first - 1, hp.num_layers)), at + average))
     for pp in range(first, hp.num_layers + 1):
-        worst = max(layout_ranks(shapes, base, budget, gpu, tb, pp), key=_fullness)
+        ranks = layout_ranks(shapes, base, fit, tb, pp)
+        worst = min(ranks, key=_room)
         if worst.headroom_bytes >= 0:
-            return (pp, worst), why
-        why.append(
-            Rejection(
-                (tp,),
-                (pp, pp),
-                f"rank {worst.rank} (stage {worst.pp_stage}) needs {_gb(worst.total_bytes)} "
-                f"({_gb(worst.weight_bytes)} weights + {_gb(worst.kv_bytes)} KV); "
-                f"{_gb(usable)} usable",
-            )
-        )
+            return (pp, worst, min(r.kv_tokens for r in ranks if r.kv_token_bytes)), why
+        why.append(Rejection((tp,), (pp, pp), why_not(worst)))
     return None, why
 
 
-def _fullness(r: RankMemory) -> tuple[int, int]:
-    return r.total_bytes, -r.rank
+def why_not(r: RankMemory) -> str:
+    """Why a rank does not fit, in vLLM's terms and with every number."""
+    parts = (
+        f"weights {_gb(r.weight_bytes)} + non-torch {_gb(r.non_torch_bytes)} + activation "
+        f"peak {_gb(r.activation_bytes)} = {_gb(r.fixed_bytes)} of the "
+        f"{_gb(r.budget_bytes)} budget"
+    )
+    where = f"rank {r.rank} (stage {r.pp_stage})"
+    if r.kv_cache_bytes <= 0:
+        return f"{where}: {parts}, no memory left for the KV cache"
+    return (
+        f"{where}: {parts} leaves {_gb(r.kv_cache_bytes)} of KV cache ({r.kv_tokens:,} tokens), "
+        f"{_gb(r.kv_bytes)} needed"
+    )
 
 
-def _edge_bound(hp: HParams, tb: TpBytes, budget: KvBudget) -> int:
+def _room(r: RankMemory) -> tuple[int, int]:
+    return r.headroom_bytes, r.rank
+
+
+def _edge_rank(hp: HParams, tb: TpBytes, fit: Fit) -> RankMemory:
     """The fullest rank of any pp holds at least an end stage with a single layer: the
     embedding and layer 0, or the head (and its tied copy) and the last layer."""
     last = hp.num_layers - 1
     first_stage = Stage(0, 0, 0, True, False)
     last_stage = Stage(1, last, last, False, True)
-    return max(
-        tb.rank_weights(stage, r) + layer_kv_bytes(hp, stage.first_layer, tb.tp, budget)
+    ranks = [
+        _stage_rank(hp, stage, r, tb, fit)
         for stage in (first_stage, last_stage)
         for r in range(tb.tp)
-    )
+    ]
+    return min(ranks, key=_room)
 
 
-def _average_reason(weights: int, kv: int, world: int, gpu: Gpu) -> str:
+def _average_reason(weights: int, kv: int, world: int, fit: Fit) -> str:
     gpus = "one GPU" if world == 1 else f"{world} GPUs"
+    gpu, non_torch = fit.gpu, fit.limits.non_torch_bytes
     return (
         f"{_gb(weights)} of weights + {_gb(kv)} of KV cache on {gpus} is at least "
-        f"{_gb(-(-(weights + kv) // world))} a GPU; {_gb(gpu.usable_bytes)} usable of "
-        f"{gpu.memory_bytes / GB:g} GB"
+        f"{_gb(-(-(weights + kv) // world))} a GPU, + {_gb(non_torch)} non-torch; the budget is "
+        f"{_gb(gpu.budget_bytes)} ({gpu.utilization:g} x {_gb(gpu.total_bytes)})"
     )
 
 

@@ -26,19 +26,21 @@ class StagePlan:
     explicit: bool  # the recipe gave the boundaries
 
 
-def stage_costs(hp: HParams, recipe: Recipe) -> tuple[list[Item], str]:
+def stage_costs(hp: HParams, recipe: Recipe, *, device: str = "H100") -> tuple[list[Item], str]:
+    """Measured costs when the recipe names a costs.json, else the roofline on `device`."""
     if recipe.costs is not None:
         items = item_costs_from_profile(hp, read_costs(recipe.costs), where=str(recipe.costs))
         return items, f"measured: {recipe.costs}"
     dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
     if recipe.dtype != "keep":
         dtype_bytes = DTYPE_BYTES[recipe.dtype]
-    items = analytic_costs(hp, dtype_bytes=dtype_bytes)
-    return items, "analytic roofline (decode, batch 1, H100); measure with `reshard profile layers`"
+    items = analytic_costs(hp, dtype_bytes=dtype_bytes, device=device)
+    source = f"analytic roofline (decode, batch 1, {device})"
+    return items, source + "; measure with `reshard profile layers`"
 
 
-def plan_stages(hp: HParams, recipe: Recipe) -> StagePlan:
-    items, cost_source = stage_costs(hp, recipe)
+def plan_stages(hp: HParams, recipe: Recipe, *, device: str = "H100") -> StagePlan:
+    items, cost_source = stage_costs(hp, recipe, device=device)
     costs = [i.cost for i in items]
     weights = [i.weight_bytes for i in items]
     if recipe.stages is not None:
