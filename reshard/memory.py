@@ -236,7 +236,8 @@ def rank_memory(
 def memory_report(
     plan: Plan, gpu: Gpu | None, budget: KvBudget, limits: EngineLimits | None = None
 ) -> MemoryReport:
-    limits = limits or EngineLimits()
+    if limits is None:  # vllm serve's defaults for the GPU
+        limits = EngineLimits.for_gpu(gpu and gpu.name, gpu and gpu.total_bytes)
     lay = plan.layout
     file_bytes = {f.name: f.nbytes for f in plan.files}
     ranks = []

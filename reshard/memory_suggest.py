@@ -73,7 +73,7 @@ def suggest_layout(
     Candidates (the fewest fitting stages per tp) in order: those with PP only across nodes
     before those with PP inside a node, then fewest GPUs, then the most TP."""
     hp = shapes.hparams
-    limits = limits or EngineLimits()
+    limits = limits or EngineLimits.for_gpu(gpu.name, gpu.total_bytes)
     if gpus_per_node < 1:
         raise LayoutError(f"--gpus-per-node {gpus_per_node}: need at least 1.")
     base = dataclasses.replace(base, tp=1, pp=1, ep=1, dp=1, stages=None)
