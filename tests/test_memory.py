@@ -18,7 +18,6 @@ from reshard.memory import (
     memory_report,
     resolve_gpu,
 )
-from reshard.memory_plan import build_layout, config_shapes, kv_budget, weight_lower_bound
 from reshard.memory_activation import (
     EngineLimits,
     activation_peak_bytes,
@@ -27,6 +26,7 @@ from reshard.memory_activation import (
     layer_transient,
     sampler_peak_bytes,
 )
+from reshard.memory_plan import build_layout, config_shapes, kv_budget, weight_lower_bound
 from reshard.memory_suggest import Fit, layout_ranks, suggest_layout, tp_bytes
 from reshard.recipe import build_recipe
 

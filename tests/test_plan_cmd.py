@@ -78,9 +78,25 @@ def test_pp4_json_stages_and_rank_sums(tmp_path):
     replica0 = [r for r in doc["ranks"] if r["dp_index"] == 0]
     assert len(doc["ranks"]) == 8 and len(replica0) == 4
     assert sum(r["weight_bytes"] for r in replica0) == doc["weight_bytes_total"]
+    budget = doc["gpu"]["budget_bytes"]
+    assert budget == round(round(79.22 * 2**30) * 0.9)  # total_gpu_memory x 0.9, as vLLM
     for r in doc["ranks"]:
-        assert r["total_bytes"] == r["weight_bytes"] + r["kv_bytes"]
-        assert r["headroom_bytes"] == 72 * 10**9 - r["total_bytes"]
+        fixed = r["weight_bytes"] + r["non_torch_bytes"] + r["activation_bytes"]
+        assert r["total_bytes"] == fixed + r["kv_bytes"]
+        assert r["kv_cache_bytes"] == budget - fixed
+        assert r["headroom_bytes"] == budget - r["total_bytes"]
+        first, last = r["layers"]
+        per_token = (last - first + 1) * 8 * 128 * 2 * 2  # kv heads x head_dim x K,V x bf16
+        assert r["kv_cache_tokens"] == 16 * (r["kv_cache_bytes"] // (16 * per_token))
+    # the sampler runs only on the last stage's ranks
+    assert [r["activation_bytes"] > 5 * 10**9 for r in replica0] == [False] * 3 + [True]
+    assert doc["kv_cache_tokens"] == min(r["kv_cache_tokens"] for r in doc["ranks"])
+    assert doc["engine"] == {
+        "max_num_batched_tokens": 8192,  # vllm serve's defaults on an H100
+        "max_num_seqs": 1024,
+        "block_size": 16,
+        "non_torch_bytes": 2**30,
+    }
     assert doc["fits"] is True and doc["gpu"]["name"] == "H100"
     assert (doc["context"], doc["batch"]) == (8192, 1)  # max_position_embeddings
     assert doc["stage_report"]["knob"].startswith("VLLM_PP_LAYER_PARTITION=")
@@ -88,20 +104,23 @@ def test_pp4_json_stages_and_rank_sums(tmp_path):
 
 def test_kv_per_token_through_the_cli(tmp_path):
     folder = config_dir(tmp_path, "Llama-3-8B")
-    one = plan_json(folder, "--context", 1)
-    assert one["kv_bytes_per_token"] == 131072 == one["ranks"][0]["kv_bytes"]
-    tp8 = plan_json(folder, "--tp", 8, "--context", 1)
-    assert {r["kv_bytes"] for r in tp8["ranks"]} == {16384}
+    one = plan_json(folder, "--context", 16)  # one whole block of 16 tokens
+    assert one["kv_bytes_per_token"] == 131072 and one["ranks"][0]["kv_bytes"] == 16 * 131072
+    tp8 = plan_json(folder, "--tp", 8, "--context", 1)  # 1 token still takes a block
+    assert {r["kv_bytes"] for r in tp8["ranks"]} == {16 * 16384}
     batch = plan_json(folder, "--tp", 8, "--context", 1000, "--batch", 3)
-    assert batch["ranks"][0]["kv_bytes"] == 16384 * 3000
+    assert batch["ranks"][0]["kv_bytes"] == 16384 * 3 * 1008
 
 
 def test_pp4_text(tmp_path):
     result = cli(config_dir(tmp_path, "Llama-3-8B"), "--pp", 4, "--gpu", "H100")
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "fits: every rank fits in the 72.00 GB usable per H100" in out
-    assert "10% reserve" in out and "analytic roofline" in out
+    assert "weights   16.06 GB written in all" in out  # the seed's exact figure
+    assert "budget 76.56 GB = --gpu-memory-utilization 0.9 x 85.06 GB" in out
+    assert "deployable: KV cache 1,918,320 tokens (119,895 blocks of 16), maximum " in out
+    assert "concurrency 234.17x at 8,192 tokens a request" in out
+    assert "analytic roofline (decode, batch 1, H100)" in out
     assert "VLLM_PP_LAYER_PARTITION=" in out and "efficiency" in out
     bars = [
         line for line in out.splitlines() if line.startswith("stage ") and "cost \u2588" in line
@@ -112,8 +131,43 @@ def test_pp4_text(tmp_path):
 def test_does_not_fit_names_the_worst_rank(tmp_path):
     result = cli(config_dir(tmp_path, "Llama-3-70B"), "--gpu", "H100", "--context", 8192)
     assert result.exit_code == 0, result.output
-    assert "does not fit: rank 0 (stage 0, tp_rank 0) needs 143.79 GB" in result.output
+    assert (
+        "not deployable (1 of 1 ranks short): rank 0 (stage 0): weights 141.11 GB + non-torch "
+        "1.07 GB + activation peak 5.52 GB = 147.70 GB of the 76.56 GB budget, no memory left "
+        "for the KV cache."
+    ) in result.output
     assert "--suggest" in result.output
+
+
+def test_utilization_flag_sets_the_budget(tmp_path):
+    folder = config_dir(tmp_path, "Llama-3-8B")
+    doc = plan_json(folder, "--gpu-memory", 40, "--gpu-memory-utilization", 0.5)
+    assert doc["gpu"]["gpu_memory_utilization"] == 0.5 and doc["gpu"]["budget_bytes"] == 20 * 10**9
+    # 40 GB is under 70 GiB: vllm serve's small-GPU defaults
+    assert (doc["engine"]["max_num_batched_tokens"], doc["engine"]["max_num_seqs"]) == (2048, 256)
+    result = cli(folder, "--gpu", "H100", "--gpu-memory-utilization", 1.2)
+    assert result.exit_code == 2
+    error = "error: --gpu-memory-utilization 1.2: give the share of the GPU's memory"
+    assert error in result.output
+
+
+def test_engine_flags_change_the_activation_peak(tmp_path):
+    folder = config_dir(tmp_path, "Llama-3-8B")
+    small = plan_json(folder, "--gpu", "H100", "--max-num-seqs", 1, "--max-num-batched-tokens", 16)
+    large = plan_json(folder, "--gpu", "H100", "--max-num-seqs", 512)
+    assert small["ranks"][0]["activation_bytes"] < large["ranks"][0]["activation_bytes"]
+    assert small["ranks"][0]["activation_bytes"] == 1 * 128256 * (2 + 40)  # one sampled row
+    assert small["kv_cache_tokens"] > large["kv_cache_tokens"]
+
+
+def test_roofline_follows_the_gpu(tmp_path):
+    folder = config_dir(tmp_path, "Llama-3-8B")
+    for gpu in ("L40S", "A100"):
+        result = cli(folder, "--pp", 2, "--gpu", gpu)
+        assert f"analytic roofline (decode, batch 1, {gpu})" in result.output
+        assert "H100" not in result.output
+    doc = plan_json(folder, "--pp", 2, "--gpu-memory", 40)
+    assert doc["cost_source"].startswith("analytic roofline (decode, batch 1, H100)")
 
 
 @pytest.mark.parametrize(
