@@ -18,7 +18,7 @@ from .hparams import HParams, parse_hparams
 from .memory import Gpu, KvBudget, MemoryReport, memory_report
 from .memory_activation import EngineLimits
 from .pipeline import StagePlan, plan_stages
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, check_layout
 from .recipe import Recipe
 from .safetensors_io import CAST_DTYPES, DTYPE_SIZES
 from .source import INDEX, SINGLE, Source, open_config, open_source
@@ -67,19 +67,20 @@ def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") 
     return ModelShapes(model, hp, tensors, roles, origin, None)
 
 
-def build_layout(shapes: ModelShapes, recipe: Recipe) -> Plan:
-    """The steps of convert.plan_source over shapes already matched (the suggest loop's path)."""
+def build_layout(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
+    """The steps of convert.plan_source over shapes already matched (the suggest loop's path).
+    `stages`: already solved, else solved here."""
     hp = shapes.hparams
-    stages = resolve_stages(hp, recipe)
+    stages = stages or resolve_stages(hp, recipe)
     placements = resolve_placements(hp, recipe)
     return build_plan(hp, shapes.tensors, shapes.roles, recipe, stages, placements)
 
 
-def plan_model(shapes: ModelShapes, recipe: Recipe) -> Plan:
-    """Exactly the plan `reshard convert` would execute for this recipe."""
+def plan_model(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
+    """Exactly the plan `reshard convert` would execute for this recipe (and these stages)."""
     if shapes.source is not None:
-        return plan_source(shapes.source, recipe)
-    return build_layout(shapes, recipe)
+        return plan_source(shapes.source, recipe, stages)
+    return build_layout(shapes, recipe, stages)
 
 
 def out_dtype(shapes: ModelShapes, recipe: Recipe) -> str:
@@ -126,11 +127,14 @@ def plan_memory(
     limits: EngineLimits | None = None,
 ) -> PlanMemory:
     hp = shapes.hparams
-    plan = plan_model(shapes, recipe)
+    check_layout(hp, recipe)  # the layout's own errors come before the stage solver's
+    # One split for the report and the memory: solved on --gpu's roofline (at decode batch 1
+    # every item is bandwidth-bound, so convert's H100 roofline picks the same split).
+    stages = plan_stages(hp, recipe, device=roofline_device(gpu))
+    plan = plan_model(shapes, recipe, stages.stages if recipe.pp > 1 else None)
     tokens, origin = resolve_context(hp, context)
     budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
     report = memory_report(plan, gpu, budget, limits)
-    stages = plan_stages(hp, recipe, device=roofline_device(gpu))
     placement = expert_report(shapes, recipe)
     return PlanMemory(shapes, recipe, report, stages, placement, origin, _notes(hp, recipe, budget))
 
