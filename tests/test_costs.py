@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from reshard.costs import (
+    DEVICES,
     analytic_costs,
     item_costs_from_profile,
     item_kinds,
@@ -15,6 +16,7 @@ from reshard.costs import (
     write_costs,
 )
 from reshard.errors import InputError
+from reshard.gpus import GPUS
 from reshard.hparams import parse_hparams
 from reshard.layer_profile import profile_layers
 from reshard.stage_report import report_stages
@@ -147,6 +149,17 @@ def test_bad_arguments_are_input_errors():
         analytic_costs(hp, mode="train")
     with pytest.raises(InputError, match="batch=0"):
         analytic_costs(hp, batch=0)
+
+
+def test_roofline_device_comes_from_the_gpu_table():
+    hp = parse_hparams(LLAMA3_8B)
+    h100 = analytic_costs(hp)  # decode at batch 1: every item is bandwidth-bound
+    l40s = analytic_costs(hp, device="l40s")  # the --gpu spelling, any case
+    for a, b in zip(h100, l40s, strict=True):
+        assert a.weight_bytes == b.weight_bytes
+        # cost = bytes / bandwidth: 3.35 TB/s (H100) against 0.864 TB/s (L40S), to a ns
+        assert b.cost == pytest.approx(a.cost * 3.35 / 0.864, abs=4)
+    assert set(DEVICES) == set(GPUS)
 
 
 def fake_profile(hp, median_us=None):
