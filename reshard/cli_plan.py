@@ -10,7 +10,8 @@ import click
 from .cli import layout_options, recipe_from, run_command
 
 PLAN_HELP = """Plan a layout without reading weights: each rank's weight bytes (exactly what
-convert writes), its KV cache, the headroom on a GPU, the stage report and the expert report.
+convert writes), its memory in vLLM's terms and KV cache capacity on a GPU, the stage report
+and the expert report.
 Or, with --suggest, the fewest GPUs that hold the model and the KV cache, with TP inside a
 node and PP across nodes.
 
@@ -34,9 +35,10 @@ CONTEXT_HELP = "Tokens per sequence in the KV cache (default: max_position_embed
 BATCH_HELP = "Sequences in the KV cache at once."
 UTIL_HELP = "Share of the GPU's memory the engine may use (vLLM's flag)."
 TOKENS_HELP = (
-    "Tokens in the profile run's forward pass (vLLM's flag; default: vllm serve's on H100)."
+    "Tokens in the profile run's forward pass (vLLM's flag). Default: vllm serve's, 8192 on "
+    "GPUs of 70+ GiB but the A100, else 2048."
 )
-SEQS_HELP = "Rows the profile run samples (vLLM's flag)."
+SEQS_HELP = "Rows the profile run samples (vLLM's flag). Default: vllm serve's, 1024 or 256 alike."
 # Layout flags --suggest chooses or does not use: giving one would silently do nothing.
 SUGGEST_CONFLICTS = {
     "tp": "--tp",
