@@ -214,11 +214,12 @@ def rank_memory(
     gpu: Gpu | None,
     budget: KvBudget,
     limits: EngineLimits,
+    ep: int = 1,
 ) -> RankMemory:
     """One rank's memory; coord = (rank, dp_index, pp_stage, tp_rank)."""
     layers = stage.layers
     activation = activation_peak_bytes(
-        hp, layers, tp, head=stage.head, limits=limits, dtype_bytes=budget.dtype_bytes
+        hp, layers, tp, head=stage.head, limits=limits, dtype_bytes=budget.dtype_bytes, ep=ep
     )
     return RankMemory(
         *coord,
@@ -255,6 +256,7 @@ def memory_report(
                 gpu=gpu,
                 budget=budget,
                 limits=limits,
+                ep=lay.ep,
             )
         )
     return MemoryReport(plan, tuple(ranks), gpu, budget, limits)

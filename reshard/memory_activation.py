@@ -69,23 +69,27 @@ def engine_defaults(gpu_name: str | None, total_bytes: int | None) -> tuple[int,
     return LARGE_GPU_DEFAULTS if large else SMALL_GPU_DEFAULTS
 
 
-def layer_transient(hp: HParams, layer: int, tp: int) -> int:
+def layer_transient(hp: HParams, layer: int, tp: int, ep: int = 1) -> int:
     """Elements per token one rank holds inside a layer beyond the residual stream: the larger
     of attention (q/k/v out + attention out) and the MLP (gate/up out + activation out;
-    for MoE the fused kernel's per-token caches over top-k experts)."""
+    for MoE the fused kernel's per-token caches over top-k experts, each expert split tp/ep
+    ways)."""
     kv_local = max(hp.num_kv_heads // tp, 1) * hp.head_dim
     attention = 2 * (hp.q_size // tp) + 2 * kv_local
     if layer not in hp.moe_layers:
         return max(attention, 3 * (hp.intermediate_size // tp))
-    routed = hp.num_experts_per_tok * (3 * (hp.moe_intermediate_size // tp) + hp.hidden_size)
+    expert_local = hp.moe_intermediate_size // (tp // ep)
+    routed = hp.num_experts_per_tok * (3 * expert_local + hp.hidden_size)
     shared = 3 * (hp.shared_expert_intermediate_size // tp)
     return max(attention, routed, shared)
 
 
-def forward_peak_bytes(hp: HParams, layers, tp: int, tokens: int, dtype_bytes: int) -> int:
+def forward_peak_bytes(
+    hp: HParams, layers, tp: int, tokens: int, dtype_bytes: int, ep: int = 1
+) -> int:
     """Peak of one forward pass over `tokens`: residual + hidden state [T, hidden] plus the
     largest in-layer transient of the rank's layers (0 for a rank without layers)."""
-    transient = max((layer_transient(hp, i, tp) for i in layers), default=0)
+    transient = max((layer_transient(hp, i, tp, ep) for i in layers), default=0)
     return tokens * dtype_bytes * (2 * hp.hidden_size + transient)
 
 
@@ -97,11 +101,19 @@ def sampler_peak_bytes(hp: HParams, rows: int, tp: int, dtype_bytes: int) -> int
 
 
 def activation_peak_bytes(
-    hp: HParams, layers, tp: int, *, head: bool, limits: EngineLimits, dtype_bytes: int
+    hp: HParams,
+    layers,
+    tp: int,
+    *,
+    head: bool,
+    limits: EngineLimits,
+    dtype_bytes: int,
+    ep: int = 1,
 ) -> int:
     """The PyTorch activation peak vLLM's profile run measures on one rank: the forward pass,
     or the sampler on a rank of the last stage, whichever is larger (they do not overlap)."""
-    forward = forward_peak_bytes(hp, layers, tp, limits.max_num_batched_tokens, dtype_bytes)
+    tokens = limits.max_num_batched_tokens
+    forward = forward_peak_bytes(hp, layers, tp, tokens, dtype_bytes, ep)
     if not head:
         return forward
     return max(forward, sampler_peak_bytes(hp, limits.sampled_rows, tp, dtype_bytes))

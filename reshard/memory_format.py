@@ -151,11 +151,18 @@ def _verdict(mem: MemoryReport) -> str:
 def _capacity(tokens: int, budget: KvBudget, limits: EngineLimits) -> str:
     """vLLM's "GPU KV cache size" and "Maximum concurrency" lines, from our numbers."""
     blocks = tokens // limits.block_size
-    per_request = -(-budget.context // limits.block_size)
     return (
         f"KV cache {tokens:,} tokens ({blocks:,} blocks of {limits.block_size}), maximum "
-        f"concurrency {blocks / per_request:.2f}x at {budget.context:,} tokens a request"
+        f"concurrency {_concurrency(tokens, budget, limits):.2f}x at {budget.context:,} "
+        "tokens a request"
     )
+
+
+def _concurrency(tokens: int | None, budget: KvBudget, limits: EngineLimits) -> float | None:
+    """Requests of --context tokens the KV cache holds at once: blocks / blocks a request."""
+    if tokens is None:
+        return None
+    return (tokens // limits.block_size) / -(-budget.context // limits.block_size)
 
 
 def _balance_bars(pm: PlanMemory) -> list[str]:
@@ -227,6 +234,7 @@ def plan_json(pm: PlanMemory) -> dict[str, Any]:
         "kv_cache_blocks": None
         if mem.kv_tokens is None
         else mem.kv_tokens // mem.limits.block_size,
+        "max_concurrency": _concurrency(mem.kv_tokens, mem.budget, mem.limits),
         "fits": mem.fits,
         "worst_rank": mem.worst.rank,
         "stages": stages,

@@ -274,6 +274,8 @@ def test_moe_transient_uses_top_k_experts():
     # fused MoE caches per token: top-2 x (gate/up 2 x 14336/tp + act 14336/tp + out 4096)
     assert layer_transient(hp, 0, 2) == 2 * (3 * 7168 + 4096)
     assert layer_transient(hp, 0, 8) == 2 * (3 * 1792 + 4096)
+    # ep 8 of tp 8 places whole experts: each is split tp/ep = 1 way
+    assert layer_transient(hp, 0, 8, ep=8) == 2 * (3 * 14336 + 4096)
 
 
 def test_kv_capacity_in_tokens_and_blocks():

@@ -91,6 +91,8 @@ def test_pp4_json_stages_and_rank_sums(tmp_path):
     # the sampler runs only on the last stage's ranks
     assert [r["activation_bytes"] > 5 * 10**9 for r in replica0] == [False] * 3 + [True]
     assert doc["kv_cache_tokens"] == min(r["kv_cache_tokens"] for r in doc["ranks"])
+    blocks = doc["kv_cache_tokens"] // 16
+    assert doc["kv_cache_blocks"] == blocks and doc["max_concurrency"] == blocks / (8192 // 16)
     assert doc["engine"] == {
         "max_num_batched_tokens": 8192,  # vllm serve's defaults on an H100
         "max_num_seqs": 1024,
