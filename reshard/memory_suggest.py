@@ -2,10 +2,10 @@
 non-torch memory and activation peak (vLLM's terms, memory.py), still holds the KV cache that
 --context x --batch needs in the GPU's budget, keeping TP inside a node and PP across nodes:
 tp grows up to a node (tp <= gpus_per_node, from plan.valid_tp) before pp > 1 is used, and
-then only with the node's largest valid tp. Layouts with fewer GPUs that need PP inside a node are listed as
-alternatives. Per-rank bytes come from the real slicing (build_plan over one representative
-layer per layer shape; see TpBytes) and the stages convert would use; every smaller or invalid
-layout's rejection is recorded.
+then only with the node's largest valid tp. Layouts with fewer GPUs that need PP inside a
+node are listed as alternatives. Per-rank bytes come from the real slicing (build_plan over
+one representative layer per layer shape; see TpBytes) and the stages convert would use;
+every smaller or invalid layout's rejection is recorded with its numbers.
 """
 
 from __future__ import annotations
