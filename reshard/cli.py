@@ -99,9 +99,9 @@ def recipe_from(recipe, dtype=None, **flags):
 @run_command
 def inspect(model: str, as_json: bool, allow_pickle: bool) -> None:
     from .inspect import format_inspect, inspect_source
-    from .source import open_source
+    from .output_source import open_model
 
-    info = inspect_source(open_source(model, allow_pickle=allow_pickle))
+    info = inspect_source(open_model(model, allow_pickle=allow_pickle))
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
 
 

@@ -17,9 +17,10 @@ from .errors import InputError
 from .hparams import HParams
 from .manifest import MANIFEST, build_manifest, write_manifest
 from .moe_layout import SGLANG_FILE, TRTLLM_FILE
+from .output_source import open_model
 from .plan import Plan, Stage, build_plan, check_layout
 from .recipe import Recipe
-from .source import Source, open_source
+from .source import Source
 from .specs import match_tensors
 from .writer import fsync_dir, write_atomic, write_plan
 
@@ -81,7 +82,8 @@ def convert_model(
     check_no_output(out_dir, force=force)  # before any work: refuse early and cheaply
     scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle"
     try:
-        source = open_source(model, allow_pickle=allow_pickle, scratch=scratch)
+        source = open_model(model, allow_pickle=allow_pickle, scratch=scratch)
+        check_not_source(source, out_dir)
         stage_plan = _stage_plan(source.hparams, recipe)
         plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
         prepare_out_dir(out_dir, force=force)
@@ -140,6 +142,14 @@ def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
     from .moe_layout import placements_entry
 
     return placements_entry(plan, recipe)
+
+
+def check_not_source(source: Source, out_dir: Path) -> None:
+    if source.reader is not None and source.path == out_dir.resolve():
+        raise InputError(
+            f"{out_dir}: is the reshard output being read; converting it into itself would "
+            "delete its rank files. Choose another folder with -o."
+        )
 
 
 def check_no_output(out_dir: Path, *, force: bool) -> None:

@@ -34,14 +34,7 @@ def build_manifest(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "reshard_version": __version__,
-        "source": {
-            "model": source.model,
-            "path": str(source.path),
-            "repo_id": source.repo_id,
-            "revision": source.revision,
-            "pickle": source.pickle,
-            "files": [{"name": h.path.name, "size": h.size} for h in source.headers],
-        },
+        "source": source_record(source),
         "config": source.config,
         "hparams": plan.hparams.to_dict(),
         "layout": _layout_entry(plan, experts),
@@ -55,6 +48,29 @@ def build_manifest(
             for f in plan.files
         },
         "ranks": _rank_entries(plan, source, written.tensors),
+    }
+
+
+def source_record(source: Source) -> dict[str, Any]:
+    """Where the bytes came from. Each file lists its tensors in file order, so an output can
+    stand in for its source (re-layout, export). A reshard output as the source carries the
+    original's record over and adds `made_from`."""
+    if source.reader is not None:
+        return source.reader.source_record()
+    return {
+        "model": source.model,
+        "path": str(source.path),
+        "repo_id": source.repo_id,
+        "revision": source.revision,
+        "pickle": source.pickle,
+        "files": [
+            {
+                "name": h.path.name,
+                "size": h.size,
+                "tensors": [[t.name, t.dtype, list(t.shape)] for t in h.tensors.values()],
+            }
+            for h in source.headers
+        ],
     }
 
 

@@ -15,13 +15,15 @@ from .errors import InputError
 from .expert_report import PlacementReport, read_expert_load, report_placement
 from .gpus import GPUS
 from .hparams import HParams, parse_hparams
+from .manifest import MANIFEST
 from .memory import Gpu, KvBudget, MemoryReport, memory_report
 from .memory_activation import EngineLimits
+from .output_source import open_model
 from .pipeline import StagePlan, plan_stages
 from .plan import Plan, build_plan, check_layout
 from .recipe import Recipe
 from .safetensors_io import CAST_DTYPES, DTYPE_SIZES
-from .source import INDEX, SINGLE, Source, open_config, open_source
+from .source import INDEX, SINGLE, Source, open_config
 from .specs import TensorRole, match_tensors
 from .specs.shapes import synthesize_tensors
 
@@ -42,8 +44,8 @@ def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
     """Shapes from the headers of a local safetensors checkpoint, else from config.json alone
     (in its torch_dtype, or in `dtype` when the config's is not a float dtype reshard sizes)."""
     path = Path(model).expanduser()
-    if path.is_dir() and ((path / INDEX).is_file() or (path / SINGLE).is_file()):
-        source = open_source(model)
+    if path.is_dir() and any((path / n).is_file() for n in (INDEX, SINGLE, MANIFEST)):
+        source = open_model(model)  # a reshard output describes its original's tensors
         tensors = {n: (i.dtype, i.shape) for h in source.headers for n, i in h.tensors.items()}
         roles = match_tensors(source.hparams, tensors, where=str(source.path))
         files = len(source.headers)

@@ -44,6 +44,9 @@ class Source:
     headers: tuple[Header, ...]  # in file-name order
     tensors: dict[str, tuple[Header, TensorInfo]]
     pickle: bool = False  # weights came from pytorch_model*.bin (opt-in, converted)
+    # A reshard output as the source: headers are virtual, and this object (an
+    # output_source.OutputReader) reassembles row blocks of each tensor from the rank files.
+    reader: object | None = None
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name][1]

@@ -161,6 +161,9 @@ def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, pro
     for target in targets:
         for piece in target.tensor.pieces:
             consumers.setdefault(piece.source, []).append((target, piece))
+    if source.reader is not None:  # a reshard output: tensors reassembled from rank files
+        _stream_reassembled(source, consumers, chunk_bytes, progress, queue)
+        return
     for header in source.headers:  # file order, then offset order within a file
         needed = [t for name, t in header.tensors.items() if name in consumers]
         if not needed:
@@ -174,6 +177,21 @@ def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, pro
             queue.drain()  # queued kernel copies still read from fd
         finally:
             os.close(fd)
+
+
+def _stream_reassembled(source: Source, consumers, chunk_bytes: int, progress, queue) -> None:
+    """Row blocks come from source.reader (output_source.OutputReader); its rank-file hashes
+    are checked once everything needed has been read."""
+    for name, (_, info) in source.tensors.items():
+        if name not in consumers:
+            continue
+        for a, b, chunk in source.reader.iter_rows(name, info, chunk_bytes):
+            for target, piece in consumers[name]:
+                _scatter(target, piece, chunk, a, b, queue, None)
+        if progress is not None:
+            progress.update(info.nbytes)
+    queue.drain()
+    source.reader.check_hashes()
 
 
 def _stream_tensor(fd, path: Path, info, consumers, chunk_bytes: int, queue: WriteQueue) -> None:
@@ -230,6 +248,9 @@ def _scatter(target: Target, piece: Piece, chunk: torch.Tensor, a: int, b: int, 
         # Whole rows to whole rows, uncast: one byte range to one byte range.
         row_bytes = block[0].numel() * block.element_size()
         data = tensor_bytes(block)
+        if at is None:  # no source file to copy from (a reassembled block)
+            queue.submit(target, dest[0] * row_bytes, data)
+            return
         src = (at[0], at[1] + (lo - a) * row_bytes)
         queue.submit_copy(target, dest[0] * row_bytes, src, data)
         return
