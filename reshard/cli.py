@@ -137,6 +137,33 @@ def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, **layout)
         click.echo(result.stage_plan.report.render())
 
 
+EXPORT_HELP = """Write a reshard output back as a standard Hugging Face checkpoint: the original
+tensors (names, dtypes, shapes, bytes; padding removed, replicas once, tied embeddings as in
+the original) in model-0000X-of-0000N.safetensors files, the index (written last), config,
+generation config and tokenizer.
+
+\b
+Example:
+  reshard export out/ -o Llama-3-8B-hf/ --max-shard-size 5GB
+"""
+
+
+@main.command(help=EXPORT_HELP)
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "hf_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Per safetensors file.")
+@click.option("--force", is_flag=True, help="Replace a checkpoint already in the folder.")
+@run_command
+def export(out_dir, hf_dir, max_shard_size, force) -> None:
+    from .export import export_output
+    from .recipe import parse_size
+    from .report import format_export_summary
+
+    size = parse_size(max_shard_size, where="--max-shard-size")
+    result = export_output(out_dir, hf_dir, max_shard_size=size, force=force)
+    click.echo(format_export_summary(result))
+
+
 VERIFY_HELP = """Prove an output folder: hashes, bitwise weights, and generation.
 
 \b

@@ -28,6 +28,20 @@ def format_convert_summary(result) -> str:
     return "\n".join(lines)
 
 
+def format_export_summary(result) -> str:
+    rate = result.bytes_written / result.seconds if result.seconds else 0.0
+    lines = [
+        f"wrote {result.tensors} tensors in {len(result.files)} files to {result.hf_dir}",
+        f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({human_bytes(rate)}/s)",
+    ]
+    if result.cast:
+        lines.append(
+            f"{len(result.cast)} tensors keep the dtype convert cast them to (e.g. "
+            f"'{result.cast[0]}'); the original bytes are not in the output"
+        )
+    return "\n".join(lines)
+
+
 def verify_report(manifest: dict, results) -> dict[str, Any]:
     ran = [r for r in results if r.passed is not None]
     # Nothing ran and nothing was delegated to another rank: nothing was proven.
