@@ -50,6 +50,8 @@ def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
         roles = match_tensors(source.hparams, tensors, where=str(source.path))
         files = len(source.headers)
         origin = f"safetensors headers ({files} file{'s' if files > 1 else ''}; no weights read)"
+        if source.reader is not None:
+            origin = f"the manifest of a reshard output ({files} original files; no weights read)"
         return ModelShapes(model, source.hparams, tensors, roles, origin, source)
     config, _, where = open_config(model)
     return config_shapes(model, config, where=where, dtype=dtype)

@@ -105,35 +105,53 @@ def _check_file_hashes(path: Path, header, manifest: dict, rank: int) -> list[st
 
 
 def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
+    """--source, else the output a re-layout was made from, else the original's path."""
     if source is not None:
         from .source import resolve_model
 
         return resolve_model(source)[0]
+    made_from = manifest["source"].get("made_from")
+    if made_from and Path(made_from["path"]).is_dir():
+        return Path(made_from["path"])
     path = Path(manifest["source"]["path"])
     return path if path.is_dir() else None
+
+
+def reference_dir(manifest: dict, source_dir: Path) -> Path | None:
+    """The generate tier's reference runs an HF checkpoint: for a reshard output as the
+    source, the original it records (if still there)."""
+    from .output_source import is_output
+
+    if not is_output(source_dir):
+        return source_dir
+    path = Path(manifest["source"]["path"])
+    return path if path.is_dir() and not is_output(path) else None
 
 
 def verify_weights(out_dir: Path, manifest: dict, source_dir: Path) -> LevelResult:
     """Compare every piece with the source, bitwise; check coverage and zero padding."""
     import tempfile
 
-    from .source import open_source
+    from .output_source import open_model
 
     with tempfile.TemporaryDirectory(prefix="reshard-verify-") as scratch:
         # A source the user converted from pickle with --allow-pickle is re-read the same way.
         allow = bool(manifest["source"].get("pickle"))
-        src = open_source(str(source_dir), allow_pickle=allow, scratch=Path(scratch))
+        src = open_model(str(source_dir), allow_pickle=allow, scratch=Path(scratch))
         return _verify_weights(out_dir, manifest, src)
 
 
 def _verify_weights(out_dir: Path, manifest: dict, src) -> LevelResult:
     failures: list[str] = []
-    with SafetensorsReader(src) as blocks:
+    reader = SafetensorsReader if src.reader is None else ReassembledReader
+    with reader(src) as blocks:
         for entry in manifest["ranks"]:
             if entry.get("replica_of") is not None:
                 continue
             for fname in entry["files"]:
                 failures += _check_file_weights(Path(out_dir) / fname, entry, blocks)
+        if src.reader is not None:
+            src.reader.check_hashes()  # the output it was made from is intact
     failures += check_coverage(manifest, {n: src.info(n).shape for n in src.tensors})
     n = sum(len(e.get("tensors") or {}) for e in manifest["ranks"])
     return LevelResult("weights", not failures, f"{n} tensors vs {src.path}", failures)
@@ -249,6 +267,19 @@ class SafetensorsReader:
         return tensor
 
 
+class ReassembledReader(SafetensorsReader):
+    """Source blocks reassembled from the rank files of a reshard output (the one a re-layout
+    was made from); blocks of the output under test still come through safetensors."""
+
+    def source_path(self, name: str) -> None:
+        return None
+
+    def read(self, path: Path | None, name: str, index: tuple) -> torch.Tensor:
+        if path is not None:
+            return super().read(path, name, index)
+        return self.src.reader.read_block(name, self.src.info(name), index)
+
+
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
@@ -295,10 +326,17 @@ def verify_output(
             )  # fmt: skip
         elif level == "weights":
             results.append(verify_weights(out_dir, manifest, source_dir))
+        elif reference_dir(manifest, source_dir) is None:
+            results.append(
+                LevelResult(
+                    level, None,
+                    f"skipped: {source_dir} is a reshard output and the original is gone; "
+                    "pass the original as --source",
+                )
+            )  # fmt: skip
         else:
             from .runtime.verify_generate import verify_generation
 
-            results.append(
-                verify_generation(out_dir, manifest, source_dir, **(generate_options or {}))
-            )
+            ref = reference_dir(manifest, source_dir)
+            results.append(verify_generation(out_dir, manifest, ref, **(generate_options or {})))
     return manifest, results
