@@ -28,8 +28,9 @@ CHUNK_BYTES = 64 << 20
 
 def open_model(model: str, *, allow_pickle: bool = False, scratch: Path | None = None) -> Source:
     """MODEL as `open_source` takes it, or a reshard output folder (it holds manifest.json)."""
-    if (Path(model).expanduser() / MANIFEST).is_file():
-        return open_output_source(Path(model).expanduser())
+    path = Path(model).expanduser()
+    if (path / MANIFEST).is_file() or any(path.glob("rank-*.safetensors*")):
+        return open_output_source(path)  # without a manifest: refused as incomplete
     return open_source(model, allow_pickle=allow_pickle, scratch=scratch)
 
 

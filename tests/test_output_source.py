@@ -1,0 +1,259 @@
+"""A reshard output as a source: export back to HF and re-layout, checked against what we did
+not write (the transformers checkpoint read by safetensors' own reader, transformers' own
+loading and generation, and the bytes of a direct conversion)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import write_checkpoint
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from reshard.cli import main
+from reshard.convert import convert_model
+from reshard.export import export_output, split_shards
+from reshard.output_source import open_output_source
+from reshard.recipe import build_recipe
+from reshard.safetensors_io import TensorInfo
+
+# family -> (architecture, checkpoint options, layout of the tp 4 x pp 2 output)
+FAMILIES = {
+    "llama-tied-pp": ("LlamaForCausalLM", {"tie_word_embeddings": True}, {}),
+    "llama-sharded": ("LlamaForCausalLM", {"shard_size": "30KB"}, {}),
+    "mistral": ("MistralForCausalLM", {}, {}),
+    "qwen2-bias-bf16": ("Qwen2ForCausalLM", {"dtype": torch.bfloat16}, {}),
+    "qwen3-qknorm-tied": ("Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}, {}),
+    "mixtral-ep2-redundant": ("MixtralForCausalLM", {}, {"ep": 2, "redundant": 2}),
+    "qwen2moe-ep4-redundant": ("Qwen2MoeForCausalLM", {}, {"ep": 4, "redundant": 4}),
+    "qwen3moe-ep2": ("Qwen3MoeForCausalLM", {}, {"ep": 2}),
+}
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def load_folder(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name, t in a.items():
+        assert (b[name].dtype, b[name].shape) == (t.dtype, t.shape), name
+        assert torch.equal(b[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def relaid(request, tmp_path_factory):
+    """(source checkpoint, its tp 4 x pp 2 output, family options)."""
+    arch, options, layout = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    src = write_checkpoint(root / "src", arch, **options)
+    out = root / "tp4pp2"
+    convert_model(str(src), out, build_recipe(tp=4, pp=2, **layout))
+    return src, out, layout
+
+
+def test_export_round_trip_is_bitwise(relaid, tmp_path):
+    src, out, _ = relaid
+    hf = tmp_path / "hf"
+    result = run("export", out, "-o", hf, "--max-shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    assert_same_tensors(load_folder(src), load_folder(hf))
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(load_folder(src))
+    files = sorted(p.name for p in hf.glob("*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == files
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors" and len(files) > 1
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in load_folder(src).values()
+    )
+    assert (hf / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert not list(hf.glob("*.partial"))
+
+
+def test_relayout_is_byte_identical_to_direct_conversion(relaid, tmp_path):
+    src, out, layout = relaid
+    target = {"ep": 2} if layout.get("ep") else {}
+    via, direct = tmp_path / "via", tmp_path / "direct"
+    result = run("convert", out, "--tp", 2, *(["--ep", 2] if target else []), "-o", via)
+    assert result.exit_code == 0, result.output
+    convert_model(str(src), direct, build_recipe(tp=2, **target))
+    names = sorted(p.name for p in direct.iterdir())
+    assert names == sorted(p.name for p in via.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (via / name).read_bytes() == (direct / name).read_bytes(), name
+    m_via = json.loads((via / "manifest.json").read_text())
+    m_direct = json.loads((direct / "manifest.json").read_text())
+    assert [k for k in m_direct if m_via[k] != m_direct[k]] == ["source"]
+    made_from = m_via["source"].pop("made_from")
+    assert m_via["source"] == m_direct["source"]  # the original's provenance, carried over
+    assert made_from["path"] == str(out.resolve())
+    assert made_from["layout"] == {"tp": 4, "pp": 2, "ep": layout.get("ep", 1), "dp": 1}
+
+
+def test_row_blocks_of_any_size_rebuild_the_source(tmp_path):
+    """Chunks far smaller than a piece, and ones that straddle vocab and head boundaries."""
+    src = write_checkpoint(tmp_path / "src", "Qwen2MoeForCausalLM")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=4, pp=2, ep=2, redundant=2))
+    source = open_output_source(out)
+    original = load_folder(src)
+    for chunk in (7, 300, 5000):
+        for name, (_, info) in source.tensors.items():
+            parts = [rows for _, _, rows in source.reader.iter_rows(name, info, chunk)]
+            rebuilt = torch.cat(parts) if info.shape else parts[0]
+            assert torch.equal(rebuilt, original[name]), (name, chunk)
+    source.reader.check_hashes()
+
+
+def test_transformers_loads_the_export_and_generates_the_same(tmp_path):
+    import transformers
+
+    src = write_checkpoint(tmp_path / "src", tie_word_embeddings=True, vocab_size=101)
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=4, pp=2))
+    export_output(out, tmp_path / "hf", max_shard_size=40_000)
+    prompt = torch.tensor([[5, 17, 93, 2, 40, 11, 64]])
+    ids, logits = [], []
+    for folder in (src, tmp_path / "hf"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            gen = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+            logits.append(model(prompt).logits)
+        ids.append(gen)
+    assert "lm_head.weight" not in load_folder(tmp_path / "hf")  # tied, as in the original
+    assert torch.equal(ids[0], ids[1]) and ids[0].shape[1] == 19
+    assert torch.equal(logits[0], logits[1])  # same bytes, same kernels: identical
+
+
+def test_verify_relayout_against_its_output_then_the_original(tmp_path):
+    src = write_checkpoint(tmp_path / "src", tie_word_embeddings=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    convert_model(str(src), a, build_recipe(tp=4, pp=2))
+    convert_model(str(a), b, build_recipe(tp=2))
+    weights = ["--level", "hashes", "--level", "weights"]
+    result = run("verify", b, *weights)
+    assert result.exit_code == 0, result.output
+    assert f"vs {a.resolve()}" in result.output
+    result = run("verify", b, *weights, "--source", src)
+    assert result.exit_code == 0 and f"vs {src.resolve()}" in result.output, result.output
+    a.rename(tmp_path / "moved")  # without the output it was made from: the original
+    result = run("verify", b, *weights)
+    assert result.exit_code == 0 and f"vs {src.resolve()}" in result.output, result.output
+    (tmp_path / "moved").rename(a)
+    # the weights tier compares bytes: a flipped byte in b fails it against a
+    rank = b / "rank-00001.safetensors"
+    data = bytearray(rank.read_bytes())
+    data[-3] ^= 0x40
+    rank.write_bytes(bytes(data))
+    result = run("verify", b, "--level", "weights")
+    assert result.exit_code == 1 and "differs from source" in result.output, result.output
+
+
+def test_inspect_and_plan_read_an_output_as_its_original(tmp_path):
+    src = write_checkpoint(tmp_path / "src", "Qwen3MoeForCausalLM")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=4, pp=2, ep=2))
+    docs = [json.loads(run("inspect", m, "--json").output) for m in (src, out)]
+    for doc in docs:
+        del doc["model"], doc["path"]
+    assert docs[0] == docs[1] and docs[0]["experts"] == 4
+    plans = [run("plan", m, "--tp", 2, "--ep", 2, "--json") for m in (src, out)]
+    assert plans[0].exit_code == plans[1].exit_code == 0, plans[1].output
+    a, b = (json.loads(p.output) for p in plans)
+    assert "reshard output" in b.pop("shapes_from") and "headers" in a.pop("shapes_from")
+    del a["model"], b["model"]
+    assert a == b and len(a["ranks"]) == 2
+
+
+def test_export_refuses_an_occupied_folder_and_an_old_manifest(tmp_path):
+    src = write_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2))
+    assert run("export", out, "-o", tmp_path / "hf").exit_code == 0
+    result = run("export", out, "-o", tmp_path / "hf")
+    assert result.exit_code == 2
+    assert "model.safetensors.index.json). Pass --force" in result.output
+    assert run("export", out, "-o", tmp_path / "hf", "--force").exit_code == 0
+    result = run("export", out, "-o", out)
+    assert result.exit_code == 2 and "write the checkpoint elsewhere" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    for f in manifest["source"]["files"]:
+        del f["tensors"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run("export", out, "-o", tmp_path / "hf2")
+    assert result.exit_code == 2
+    assert "no per-file tensor list in 'source'" in result.output
+
+
+@pytest.fixture
+def output(tmp_path):
+    src = write_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2, pp=2))
+    return out
+
+
+def test_incomplete_output_is_refused_naming_what_is_wrong(output, tmp_path):
+    (output / "rank-00002.safetensors").unlink()
+    for cmd in (
+        ["convert", output, "--tp", 2, "-o", tmp_path / "x"],
+        ["export", output, "-o", tmp_path / "y"],
+    ):
+        result = run(*cmd)
+        assert result.exit_code == 2, result.output
+        assert "rank-00002.safetensors: missing (rank 2)" in result.output
+    (output / "manifest.json").unlink()
+    result = run("inspect", output)
+    assert result.exit_code == 2
+    assert "manifest.json: missing, so" in result.output
+    assert "is not a complete reshard output" in result.output
+
+
+def test_altered_header_is_refused(output, tmp_path):
+    rank = output / "rank-00000.safetensors"
+    data = bytearray(rank.read_bytes())
+    data[data.index(b'"rank":"0"') + 8] = ord("7")
+    rank.write_bytes(bytes(data))
+    result = run("convert", output, "--tp", 2, "-o", tmp_path / "x")
+    assert result.exit_code == 2
+    assert "rank-00000.safetensors: header hash" in result.output, result.output
+
+
+def test_corrupt_data_is_refused_and_nothing_is_committed(output, tmp_path):
+    rank = output / "rank-00002.safetensors"  # stage 1, tp rank 0: the first copy of the norm
+    data = bytearray(rank.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor (the final norm)
+    rank.write_bytes(bytes(data))
+    for cmd, made in (("convert", tmp_path / "x"), ("export", tmp_path / "y")):
+        extra = ["--tp", 2] if cmd == "convert" else []
+        result = run(cmd, output, *extra, "-o", made)
+        assert result.exit_code == 2, result.output
+        assert "rank-00002.safetensors: tensor 'model.norm.weight' hash" in result.output
+        assert "the output is corrupt" in result.output
+        assert not (made / "manifest.json").exists()
+        assert not (made / "model.safetensors.index.json").exists()
+        assert not list(made.glob("*.safetensors"))  # only *.partial: incomplete by definition
+
+
+def test_convert_into_itself_is_refused(output):
+    result = run("convert", output, "--tp", 4, "-o", output, "--force")
+    assert result.exit_code == 2
+    assert "converting it into itself would delete its rank files" in result.output
+    assert (output / "manifest.json").exists()
+
+
+def test_split_shards_like_save_pretrained():
+    infos = [TensorInfo(f"t{i}", "F32", (n,), 0, 4 * n) for i, n in enumerate([3, 3, 10, 1, 1])]
+    shards = split_shards(infos, 24)
+    assert [[i.name for i in s] for s in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"]]
