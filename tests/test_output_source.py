@@ -136,6 +136,17 @@ def test_transformers_loads_the_export_and_generates_the_same(tmp_path):
     assert torch.equal(logits[0], logits[1])  # same bytes, same kernels: identical
 
 
+def test_export_of_a_cast_output_keeps_the_cast_and_says_so(tmp_path):
+    src = write_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2, dtype="bfloat16", max_file_size=40_000))
+    result = run("export", out, "-o", tmp_path / "hf")
+    assert result.exit_code == 0, result.output
+    assert "tensors keep the dtype convert cast them to" in result.output
+    cast = {k: v.to(torch.bfloat16) for k, v in load_folder(src).items()}
+    assert_same_tensors(cast, load_folder(tmp_path / "hf"))
+
+
 def test_verify_relayout_against_its_output_then_the_original(tmp_path):
     src = write_checkpoint(tmp_path / "src", tie_word_embeddings=True)
     a, b = tmp_path / "a", tmp_path / "b"
