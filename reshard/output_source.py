@@ -20,8 +20,10 @@ import xxhash
 from .errors import OutputError
 from .hparams import parse_hparams
 from .manifest import MANIFEST, read_manifest
-from .safetensors_io import DTYPE_SIZES, TORCH_DTYPES, Header, TensorInfo, pread_exact, read_header
+from .safetensors_io import DTYPE_SIZES, TORCH_DTYPES, Header, TensorInfo, read_header
 from .source import Source, open_source
+from .tensor_bytes import tensor_bytes
+from .writer import io_error
 
 CHUNK_BYTES = 64 << 20
 
@@ -177,6 +179,7 @@ class OutputReader:
         self.blocks = blocks
         self.headers = headers
         self.hashers: dict[tuple[str, str], list] = {}  # (file, tensor) -> [xxh3, bytes hashed]
+        self.scratch = torch.empty(0, dtype=torch.uint8)  # rows on their way to a gather
 
     def source_record(self) -> dict[str, Any]:
         """The original's record, carried over, plus the output the bytes were read from."""
@@ -193,9 +196,10 @@ class OutputReader:
         record["made_from"] = made_from
         return record
 
-    def iter_rows(self, name: str, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES):
+    def iter_rows(self, name: str, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES, *, alloc=None):
         """Yield (a, b, rows a:b of the tensor) in row order, each about chunk_bytes or less;
-        a scalar is yielded once as (0, 1, tensor)."""
+        a scalar is yielded once as (0, 1, tensor). alloc(n) gives the uint8 buffer each block
+        is assembled in (a recycled one: fresh memory costs a page fault per 4 KiB)."""
         if not info.shape:
             yield 0, 1, self._assemble(name, info, 0, 1).reshape(())
             return
@@ -204,7 +208,7 @@ class OutputReader:
         step = max(1, chunk_bytes // max(row_bytes, 1))
         for a in range(0, rows, step):
             b = min(rows, a + step)
-            yield a, b, self._assemble(name, info, a, b)
+            yield a, b, self._assemble(name, info, a, b, alloc)
 
     def read_block(self, name: str, info: TensorInfo, index: tuple) -> torch.Tensor:
         """tensor[index] for an index of slices whose first one picks rows (verify's reads)."""
@@ -214,9 +218,14 @@ class OutputReader:
         a, b = rows.start or 0, info.shape[0] if rows.stop is None else rows.stop
         return self._assemble(name, info, a, b)[(slice(None), *index[1:])]
 
-    def _assemble(self, name: str, info: TensorInfo, a: int, b: int) -> torch.Tensor:
+    def _assemble(self, name: str, info: TensorInfo, a: int, b: int, alloc=None) -> torch.Tensor:
         shape = info.shape or (1,)
-        buf = torch.empty((b - a, *shape[1:]), dtype=TORCH_DTYPES[info.dtype])
+        dtype = TORCH_DTYPES[info.dtype]
+        if alloc is not None:
+            n = (b - a) * math.prod(shape[1:]) * dtype.itemsize
+            buf = alloc(n).view(dtype).view(b - a, *shape[1:])
+        else:
+            buf = torch.empty((b - a, *shape[1:]), dtype=dtype)
         groups: dict[tuple[str, str], list[Block]] = {}
         for block in self.blocks.get(name, []):
             if not info.shape or (block.start[0] < b and block.stop[0] > a):
@@ -226,12 +235,17 @@ class OutputReader:
         return buf
 
     def _copy_group(self, key, blocks: list[Block], buf: torch.Tensor, a: int, b: int, has_rows):
-        """Read the rank-file rows these blocks need once, then copy each block into buf."""
+        """Read the rank-file rows these blocks need once, and put each block into buf."""
         out = self.headers[key[0]].tensors[key[1]]
-        if not has_rows:
-            buf.view(-1).copy_(self._read_rows(key, out, 0, 1).view(-1))
+        if not has_rows:  # a scalar
+            self._read_rows(key, out, 0, 1, into=buf.view(-1))
             return
         spans = [(k.dest[0] + max(a, k.start[0]) - k.start[0], k) for k in blocks]
+        if len(spans) == 1 and _whole_rows(spans[0][1], out, buf):
+            d, k = spans[0]  # whole rows to whole rows: read straight into buf
+            lo, hi = max(a, k.start[0]), min(b, k.stop[0])
+            self._read_rows(key, out, d, d + hi - lo, into=buf[lo - a : hi - a])
+            return
         r0 = min(d for d, _ in spans)
         r1 = max(d + min(b, k.stop[0]) - max(a, k.start[0]) for d, k in spans)
         rows = self._read_rows(key, out, r0, r1)
@@ -245,24 +259,23 @@ class OutputReader:
             )
             buf[dst] = rows[src]
 
-    def _read_rows(self, key, out: TensorInfo, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 of a rank-file tensor, hashed on the way when read in order."""
+    def _read_rows(self, key, out: TensorInfo, r0: int, r1: int, into=None) -> torch.Tensor:
+        """Rows r0:r1 of a rank-file tensor, into `into` (contiguous) or a reused scratch
+        buffer, hashed on the way when read in order."""
         shape = out.shape or (1,)
         row_bytes = out.nbytes // shape[0] if shape[0] else 0
-        path = self.out_dir / key[0]
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = pread_exact(fd, (r1 - r0) * row_bytes, out.begin + r0 * row_bytes, path)
-        finally:
-            os.close(fd)
+        n = (r1 - r0) * row_bytes
+        if into is None:
+            if self.scratch.numel() < n:
+                self.scratch = torch.empty(n, dtype=torch.uint8)
+            into = self.scratch[:n].view(TORCH_DTYPES[out.dtype]).view(r1 - r0, *shape[1:])
+        data = tensor_bytes(into)
+        _read_exact(self.out_dir / key[0], data, out.begin + r0 * row_bytes)
         state = self.hashers.setdefault(key, [xxhash.xxh3_128(), 0])
         if state[1] == r0 * row_bytes:
             state[0].update(data)
-            state[1] += len(data)
-        rows = torch.frombuffer(data, dtype=TORCH_DTYPES[out.dtype]) if data else None
-        if rows is None:
-            return torch.empty((0, *shape[1:]), dtype=TORCH_DTYPES[out.dtype])
-        return rows.view(r1 - r0, *shape[1:])
+            state[1] += n
+        return into
 
     def check_hashes(self) -> None:
         """Every rank-file tensor read so far matches its manifest hash (the unread rest, e.g.
@@ -285,6 +298,50 @@ class OutputReader:
                     "the output is corrupt. Re-copy it, or convert from the original model."
                 )
         self.hashers.clear()
+
+
+def reused_buffer():
+    """An alloc for iter_rows whose blocks all share one buffer, grown as needed: for a
+    caller that is done with a block before it asks for the next."""
+    held = [torch.empty(0, dtype=torch.uint8)]
+
+    def alloc(n: int) -> torch.Tensor:
+        if held[0].numel() < n:
+            held[0] = torch.empty(n, dtype=torch.uint8)
+        return held[0][:n]
+
+    return alloc
+
+
+def _whole_rows(block: Block, out: TensorInfo, buf: torch.Tensor) -> bool:
+    """The block is whole rows of the source, stored as whole rows of the rank-file tensor."""
+    full = tuple(buf.shape[1:])
+    return (
+        not any(block.start[1:])
+        and not any(block.dest[1:])
+        and tuple(block.stop[1:]) == full
+        and tuple(out.shape[1:]) == full
+        and TORCH_DTYPES[out.dtype] == buf.dtype
+    )
+
+
+def _read_exact(path: Path, view: memoryview, offset: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < len(view):
+                step = os.preadv(fd, [view[got:]], offset + got)
+                if step == 0:
+                    raise OutputError(
+                        f"{path}: ended at {offset + got} bytes while reading {len(view)} at "
+                        f"{offset}. The file shrank while being read; re-copy it."
+                    )
+                got += step
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise io_error(e, path) from None
 
 
 def _tensor_entries(manifest: dict) -> dict[tuple[str, str], dict]:

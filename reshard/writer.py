@@ -182,12 +182,19 @@ def _stream_sources(source: Source, targets: list[Target], chunk_bytes: int, pro
 def _stream_reassembled(source: Source, consumers, chunk_bytes: int, progress, queue) -> None:
     """Row blocks come from source.reader (output_source.OutputReader); its rank-file hashes
     are checked once everything needed has been read."""
+    taken: list[torch.Tensor] = []  # the pool buffer each block was assembled in
+
+    def take(n: int) -> torch.Tensor:
+        taken.append(queue.take_buffer(n))
+        return taken[-1]
+
     for name, (_, info) in source.tensors.items():
         if name not in consumers:
             continue
-        for a, b, chunk in source.reader.iter_rows(name, info, chunk_bytes):
+        for a, b, chunk in source.reader.iter_rows(name, info, chunk_bytes, alloc=take):
             for target, piece in consumers[name]:
                 _scatter(target, piece, chunk, a, b, queue, None)
+            queue.release_buffer(taken.pop())
         if progress is not None:
             progress.update(info.nbytes)
     queue.drain()
