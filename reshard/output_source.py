@@ -1,9 +1,10 @@
 """A reshard output (a folder with manifest.json) as a source: the original checkpoint's
 tensors, reassembled in row blocks from the rank files the manifest says hold them.
 
-Each source tensor is read from one copy of each of its distinct blocks (replicas and vocab
-padding are never read), one row block at a time. Each rank-file tensor read is hashed as it
-streams and checked against the manifest by `check_hashes`. Does not write anything.
+Each source tensor is read from one copy of each of its distinct blocks (replicas are never
+read), one row block at a time. Each rank-file tensor used is hashed as it streams and
+checked against the manifest by `check_hashes`, which reads only what the stream skipped
+(vocab padding rows). Does not write anything.
 """
 
 from __future__ import annotations
