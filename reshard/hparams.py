@@ -7,12 +7,22 @@ derived elsewhere. Nothing here knows about parallelism.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, UnsupportedModelError
+from .config_values import (
+    FIX,
+    get_bool,
+    get_dict,
+    get_float,
+    get_int,
+    get_int_list,
+    get_str,
+    get_str_list,
+)
+from .errors import CheckpointError, ReshardIOError, UnsupportedModelError
+from .strict_json import read_json
 
 # config.json "architectures" entry -> model family (one spec module per family).
 ARCHITECTURES: dict[str, str] = {
@@ -89,130 +99,192 @@ class HParams:
 
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path, what="config.json", fix="Re-download config.json.")
     except FileNotFoundError:
         raise CheckpointError(
             f"{path}: no config.json. A Hugging Face model folder needs one; "
             "download it with the weights."
         ) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}). Re-download config.json.") from None
+    except OSError as e:
+        raise ReshardIOError(
+            f"{path}: cannot read ({e.strerror}). Check the file's permissions."
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{path}: config.json is a JSON {type(config).__name__}, not an object. "
+            "Re-download config.json."
+        )
+    return config
 
 
 def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HParams:
-    """Normalise a config.json dict. Architecture comes only from `architectures`."""
-    archs = config.get("architectures") or []
+    """Normalise a config.json dict. Architecture comes only from `architectures`. Every value
+    is type-checked (config_values): a wrong type is an error naming the key, not a crash."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: config.json is not a JSON object. {FIX}")
+    arch = _architecture(config, where)
+    family = ARCHITECTURES[arch]
+    heads = get_int(config, "num_attention_heads", where, arch=arch)
+    layers = get_int(config, "num_hidden_layers", where, arch=arch)
+    rope_theta, rope_scaling = _rope(config, where)
+    return HParams(
+        architecture=arch,
+        family=family,
+        hidden_size=get_int(config, "hidden_size", where, arch=arch),
+        intermediate_size=get_int(config, "intermediate_size", where, default=0, minimum=0),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=_kv_heads(config, heads, where),
+        head_dim=_head_dim(config, heads, where, arch),
+        vocab_size=get_int(config, "vocab_size", where, arch=arch),
+        rms_norm_eps=get_float(config, "rms_norm_eps", where, default=1e-6),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=get_int(config, "max_position_embeddings", where, default=4096),
+        tie_word_embeddings=get_bool(config, "tie_word_embeddings", where, default=False),
+        attention_bias=family == "qwen2"
+        or get_bool(config, "qkv_bias", where, default=family == "qwen2_moe")
+        or get_bool(config, "attention_bias", where, default=False),
+        o_bias=get_bool(config, "attention_bias", where, default=False)
+        and family not in ("qwen2", "qwen2_moe"),
+        mlp_bias=get_bool(config, "mlp_bias", where, default=False),
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        hidden_act=get_str(config, "hidden_act", where, default="silu"),
+        layer_types=_layer_types(config, layers, family, where),
+        sliding_window=_sliding_window(config, where),
+        torch_dtype=_torch_dtype(config, where),
+        **_moe_fields(config, family, layers, where),
+    )
+
+
+def _architecture(config: dict[str, Any], where: str) -> str:
+    archs = get_str_list(config, "architectures", where)
     known = [a for a in archs if a in ARCHITECTURES]
     if not known:
         raise UnsupportedModelError(
             f"{where}: architectures={archs} is not supported. Supported: "
             f"{', '.join(sorted(ARCHITECTURES))}."
         )
-    arch = known[0]
-    family = ARCHITECTURES[arch]
+    return known[0]
 
-    def need(key: str) -> Any:
-        if key not in config:
-            raise CheckpointError(f"{where}: missing '{key}', which {arch} requires.")
-        return config[key]
 
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    layers = int(need("num_hidden_layers"))
-    rope_theta, rope_scaling = _rope(config)
+def _kv_heads(config: dict[str, Any], heads: int, where: str) -> int:
+    kv_heads = get_int(config, "num_key_value_heads", where, default=heads)
+    if heads % kv_heads:
+        raise CheckpointError(
+            f"{where}: num_attention_heads={heads} is not a multiple of "
+            f"num_key_value_heads={kv_heads}; every kv head must serve a whole group. {FIX}"
+        )
+    return kv_heads
 
-    return HParams(
-        architecture=arch,
-        family=family,
-        hidden_size=hidden,
-        intermediate_size=int(config.get("intermediate_size") or 0),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=int(need("vocab_size")),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=family == "qwen2"
-        or bool(config.get("qkv_bias", family == "qwen2_moe"))
-        or bool(config.get("attention_bias", False)),
-        o_bias=bool(config.get("attention_bias", False)) and family not in ("qwen2", "qwen2_moe"),
-        mlp_bias=bool(config.get("mlp_bias", False)),
-        qk_norm=family in ("qwen3", "qwen3_moe"),
-        hidden_act=str(config.get("hidden_act", "silu")),
-        layer_types=_layer_types(config, layers, family),
-        sliding_window=_sliding_window(config),
-        torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
-        **_moe_fields(config, family, layers, where),
-    )
+
+def _head_dim(config: dict[str, Any], heads: int, where: str, arch: str) -> int:
+    if config.get("head_dim") is not None:
+        return get_int(config, "head_dim", where)
+    hidden = get_int(config, "hidden_size", where, arch=arch)
+    if hidden < heads:
+        raise CheckpointError(
+            f"{where}: no 'head_dim', and hidden_size={hidden} // num_attention_heads={heads} "
+            f"is 0. {FIX}"
+        )
+    return hidden // heads
+
+
+def _torch_dtype(config: dict[str, Any], where: str) -> str:
+    key = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
+    return get_str(config, key, where, default="float32")
 
 
 def _moe_fields(config: dict[str, Any], family: str, layers: int, where: str) -> dict[str, Any]:
     """The MoE fields of HParams; all zero / empty for dense families."""
     if family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
         return {}
-    num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    key = "num_local_experts" if config.get("num_local_experts") else "num_experts"
+    num_experts = get_int(config, key, where, default=0, minimum=0)
     if num_experts <= 0:
         raise CheckpointError(f"{where}: {family} needs num_experts/num_local_experts > 0.")
-    step = int(config.get("decoder_sparse_step") or 1)
-    dense = set(config.get("mlp_only_layers") or [])
-    shared = int(config.get("shared_expert_intermediate_size") or 0)
+    step = get_int(config, "decoder_sparse_step", where, default=1, minimum=0) or 1
+    dense = set(get_int_list(config, "mlp_only_layers", where))
+    shared = get_int(config, "shared_expert_intermediate_size", where, default=0, minimum=0)
+    top_k = get_int(config, "num_experts_per_tok", where, default=0, minimum=0)
+    if top_k > num_experts:
+        raise CheckpointError(
+            f"{where}: num_experts_per_tok={top_k} is more than {key}={num_experts}. {FIX}"
+        )
     return {
         "num_experts": num_experts,
-        "num_experts_per_tok": int(config.get("num_experts_per_tok") or 0),
-        "moe_intermediate_size": _expert_width(config, family),
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": _expert_width(config, family, where),
         "shared_expert_intermediate_size": shared if family == "qwen2_moe" else 0,
         # Mixtral always renormalises its top-k weights, whatever the config says.
-        "norm_topk_prob": family == "mixtral" or bool(config.get("norm_topk_prob", False)),
+        "norm_topk_prob": family == "mixtral"
+        or get_bool(config, "norm_topk_prob", where, default=False),
         "moe_layers": tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
     }
 
 
-def _expert_width(config: dict[str, Any], family: str) -> int:
+def _expert_width(config: dict[str, Any], family: str, where: str) -> int:
     # Mixtral's experts are intermediate_size wide; the Qwen MoEs have their own key.
     key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
-    return int(config.get(key) or 0)
+    return get_int(config, key, where, default=0, minimum=0)
 
 
-def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    params = config.get("rope_parameters")
-    if isinstance(params, dict):  # transformers >= 5
-        theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-        rest = {k: v for k, v in params.items() if k != "rope_theta"}
-        if rest.get("rope_type", rest.get("type", "default")) == "default":
-            return theta, None
-        return theta, rest
-    theta = float(config.get("rope_theta", 10000.0))
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        return theta, dict(scaling)
-    return theta, None
+# Keys each rope type reads (reshard/runtime/rope.py); present and numeric, or refused here.
+ROPE_NUMBERS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+    ),
+    "yarn": ("factor",),
+}  # fmt: skip
 
 
-def _sliding_window(config: dict[str, Any]) -> int | None:
-    window = config.get("sliding_window")
-    if "use_sliding_window" in config and not config["use_sliding_window"]:
+def _rope(config: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
+    params = get_dict(config, "rope_parameters", where)
+    key = "rope_parameters" if params is not None else "rope_scaling"
+    scaling = params if params is not None else get_dict(config, "rope_scaling", where)
+    scaling = dict(scaling or {})
+    holder = scaling if "rope_theta" in scaling else config  # transformers >= 5 nests theta
+    theta = get_float(holder, "rope_theta", where, default=10000.0, positive=True)
+    scaling.pop("rope_theta", None)
+    rope_type = get_str(scaling, "rope_type", where, default=scaling.get("type") or "default")
+    for name in ROPE_NUMBERS.get(rope_type, ()):
+        value = scaling.get(name)
+        if type(value) not in (int, float) or value <= 0:
+            raise CheckpointError(
+                f"{where}: '{key}.{name}' is {value!r}; rope type '{rope_type}' needs a "
+                f"positive number. {FIX}"
+            )
+    return theta, (None if rope_type == "default" else scaling)
+
+
+def _sliding_window(config: dict[str, Any], where: str) -> int | None:
+    if not get_bool(config, "use_sliding_window", where, default=True):
         return None
-    return int(window) if window else None
+    window = get_int(config, "sliding_window", where, default=0, minimum=0)
+    return window or None
 
 
-def _layer_types(config: dict[str, Any], layers: int, family: str) -> tuple[str, ...]:
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _layer_types(config: dict[str, Any], layers: int, family: str, where: str) -> tuple[str, ...]:
     """Which layers use the sliding window, following transformers' config classes: an explicit
     `layer_types` wins; else Qwen2 slides from max_window_layers on, Qwen2-MoE slides on even
     layers below it, and Mistral / Qwen3-MoE slide on every layer."""
-    types = config.get("layer_types")
-    window = _sliding_window(config)
+    types = get_str_list(config, "layer_types", where)
+    if types and (len(types) != layers or not set(types) <= set(LAYER_TYPES)):
+        raise CheckpointError(
+            f"{where}: 'layer_types' must list one of {', '.join(LAYER_TYPES)} for each of the "
+            f"{layers} layers (num_hidden_layers); it has {len(types)} entries. {FIX}"
+        )
     full = tuple("full_attention" for _ in range(layers))
-    if window is None:
+    if _sliding_window(config, where) is None:
         return full
     if types:
         return tuple(types)
-    first = int(config.get("max_window_layers", 0))
+    first = get_int(config, "max_window_layers", where, default=0, minimum=0)
     if family == "qwen2":
         slides = [i >= first for i in range(layers)]
     elif family == "qwen2_moe":

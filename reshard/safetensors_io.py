@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ReshardIOError
+from .strict_json import load_json
 
 MAX_HEADER = 100_000_000
+U64 = 1 << 64  # the reference reads shapes and offsets as u64 and checks their products
+REEXPORT = "The file is corrupt or was written by a buggy tool; re-download or re-export it."
 ALIGN = 8  # output headers are padded with spaces so data starts 8-byte aligned
 
 DTYPE_SIZES: dict[str, int] = {
@@ -64,21 +67,6 @@ class Header:
     metadata: dict[str, str]
 
 
-def _reject_duplicates(path: Path):
-    def hook(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise CheckpointError(
-                    f"{path}: tensor '{key}' appears twice in the safetensors header. "
-                    "The file is corrupt or was written by a buggy tool; re-export it."
-                )
-            seen.add(key)
-        return dict(pairs)
-
-    return hook
-
-
 def read_header(path: Path) -> Header:
     """Parse and fully validate the header of one safetensors file."""
     path = Path(path)
@@ -104,16 +92,13 @@ def read_header(path: Path) -> Header:
                 )
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror}).") from None
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{path}: the header is not valid UTF-8 JSON ({e}). The file is corrupt; "
-            "re-download it."
+        raise ReshardIOError(
+            f"{path}: cannot read ({e.strerror}). Check the file's permissions and that the "
+            "disk is mounted."
         ) from None
+    doc = load_json(raw, path, what="the safetensors header", fix=REEXPORT)
     if not isinstance(doc, dict):
-        raise CheckpointError(f"{path}: the header is not a JSON object. Re-download it.")
+        raise CheckpointError(f"{path}: the header is not a JSON object. {REEXPORT}")
     return _validate(path, size, 8 + n, doc)
 
 
@@ -125,7 +110,8 @@ def _validate(path: Path, size: int, data_start: int, doc: dict) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise CheckpointError(
-            f"{path}: __metadata__ must map strings to strings. The file is corrupt; re-export it."
+            f"{path}: __metadata__ must map strings to strings, got {_short(metadata)}. "
+            "The file is corrupt; re-export it."
         )
     infos = [_parse_entry(path, data_start, name, entry) for name, entry in doc.items()]
     infos.sort(key=lambda t: (t.begin, t.end))
@@ -157,35 +143,67 @@ def _parse_entry(path: Path, data_start: int, name: str, entry) -> TensorInfo:
             f"{path}: tensor '{name}': header entry is not an object. The file is corrupt; "
             "re-export it."
         )
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    dtype = _entry_field(path, name, entry, "dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointError(
-            f"{path}: tensor '{name}' has unknown dtype {dtype!r}; known: "
+            f"{path}: tensor '{name}' has unknown dtype {_short(dtype)}; known: "
             f"{', '.join(DTYPE_SIZES)}. The file is corrupt or uses a dtype reshard does not "
             "know; re-export it."
         )
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    shape = _u64_list(path, name, entry, "shape")
+    offsets = _u64_list(path, name, entry, "data_offsets")
+    if len(offsets) != 2 or offsets[0] > offsets[1]:
         raise CheckpointError(
-            f"{path}: tensor '{name}' has a bad shape {shape!r}. The file is corrupt; re-export it."
+            f"{path}: tensor '{name}' has bad data_offsets {_short(offsets)}: expected "
+            f"[begin, end] with begin <= end. {REEXPORT}"
         )
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise CheckpointError(
-            f"{path}: tensor '{name}' has bad data_offsets {offsets!r}. The file is corrupt; "
-            "re-export it."
-        )
-    numel = math.prod(shape)  # Python ints: no overflow
-    if numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+    nbytes = _checked_nbytes(path, name, shape, dtype)
+    if nbytes != offsets[1] - offsets[0]:
         raise CheckpointError(
             f"{path}: tensor '{name}' shape {shape} x {dtype} needs "
-            f"{numel * DTYPE_SIZES[dtype]} bytes but its offsets span {offsets[1] - offsets[0]}. "
+            f"{nbytes} bytes but its offsets span {offsets[1] - offsets[0]}. "
             "The file is corrupt; re-export it."
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _entry_field(path: Path, name: str, entry: dict, key: str):
+    if key not in entry:
+        raise CheckpointError(f"{path}: tensor '{name}' has no '{key}' field. {REEXPORT}")
+    return entry[key]
+
+
+def _u64_list(path: Path, name: str, entry: dict, key: str) -> list[int]:
+    """A list of integers in [0, 2^64), as the reference's Vec<usize> reads them."""
+    value = _entry_field(path, name, entry, key)
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v < U64 for v in value):
+        raise CheckpointError(
+            f"{path}: tensor '{name}' has a bad {key} {_short(value)}: expected a list of "
+            f"integers from 0 to 2^64-1. {REEXPORT}"
+        )
+    return value
+
+
+def _checked_nbytes(path: Path, name: str, shape: list[int], dtype: str) -> int:
+    """Byte length, refusing what overflows u64 in the reference: it multiplies the dims left
+    to right (stopping at the first overflow, even when a later dim is 0), then by the bits
+    per element."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel >= U64:
+            break
+    if numel >= U64 or numel * DTYPE_SIZES[dtype] * 8 >= U64:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' shape {_short(shape)} x {dtype} overflows a 64-bit byte "
+            f"count. {REEXPORT}"
+        )
+    return numel * DTYPE_SIZES[dtype]
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):

@@ -7,7 +7,6 @@ refused unless the caller opts in, and then converted to safetensors in a scratc
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from .errors import CheckpointError, InputError, RefusalError, ReshardIOError
 from .hparams import HParams, parse_hparams, read_config
 from .safetensors_io import Header, TensorInfo, read_header
+from .strict_json import read_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -126,13 +126,16 @@ def list_weight_files(path: Path, *, allow_pickle: bool, scratch: Path | None) -
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
+    fix = "Re-download the index."
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: cannot be read as JSON ({e}). Re-download it.") from None
+        doc = read_json(index, what="the index", fix=fix)
+    except OSError as e:
+        raise ReshardIOError(
+            f"{index}: cannot read ({e.strerror}). Check the file's permissions."
+        ) from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: has no 'weight_map' object. Re-download it.")
+        raise CheckpointError(f"{index}: has no 'weight_map' object. {fix}")
     for tensor, name in weight_map.items():
         _check_plain_name(index, tensor, name)
     return weight_map

@@ -128,14 +128,14 @@ F32_4 = entry("F32", [4], 0, 16)
 BAD_HEADERS = {
     "header_longer_than_file": (b"{}", b"", 1000, "is larger than the file"),
     "header_over_100MB": (b"{}", b"", MAX_HEADER + 1, f"exceeds the {MAX_HEADER}-byte limit"),
-    "invalid_json": (b'{"w": {"dtype": "F32",', b"", None, "not valid UTF-8 JSON"),
-    "non_utf8": (b'{"\xff\xfe": {}}', b"", None, "not valid UTF-8 JSON"),
+    "invalid_json": (b'{"w": {"dtype": "F32",', b"", None, "header is not valid JSON"),
+    "non_utf8": (b'{"\xff\xfe": {}}', b"", None, "not valid UTF-8 (byte 0xff at offset 2)"),
     "not_an_object": (b"[1, 2]", b"", None, "not a JSON object"),
     "duplicate_names": (
         b'{"w": ' + json.dumps(F32_4).encode() + b', "w": ' + json.dumps(F32_4).encode() + b"}",
         bytes(16),
         None,
-        "tensor 'w' appears twice",
+        "key 'w' appears twice",
     ),
     "unknown_dtype": ({"w": entry("F17", [4], 0, 16)}, bytes(16), None, "unknown dtype 'F17'"),
     "lowercase_dtype": ({"w": entry("f32", [4], 0, 16)}, bytes(16), None, "unknown dtype 'f32'"),
@@ -145,12 +145,12 @@ BAD_HEADERS = {
         None,
         "needs 16 bytes but its offsets span 12",
     ),
-    # Python ints: a product that overflows 64 bits is still compared exactly.
+    # Refused as the reference refuses it, not wrapped around.
     "shape_product_overflows_u64": (
         {"w": entry("F32", [2**62, 2**62], 0, 16)},
         bytes(16),
         None,
-        "its offsets span 16",
+        "overflows a 64-bit byte count",
     ),
     "negative_shape": ({"w": entry("F32", [-4], 0, 16)}, bytes(16), None, "bad shape [-4]"),
     "float_shape": ({"w": entry("F32", [4.0], 0, 16)}, bytes(16), None, "bad shape [4.0]"),
@@ -263,7 +263,7 @@ def test_corrupt_header_in_a_shard_fails_convert(sharded, tmp_path):
     victim = sorted(sharded.glob("model-*.safetensors"))[1]
     raw = victim.read_bytes()
     victim.write_bytes(raw[:8] + b"X" + raw[9:])  # first byte of the JSON
-    convert_fails(sharded, tmp_path / "out", 2, str(victim), "not valid UTF-8 JSON")
+    convert_fails(sharded, tmp_path / "out", 2, str(victim), "header is not valid JSON")
 
 
 # --- the index -----------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def test_same_tensor_in_two_files(sharded, tmp_path):
 
 def test_index_that_is_not_json(sharded, tmp_path):
     (sharded / INDEX).write_text("{not json")
-    convert_fails(sharded, tmp_path / "out", 2, str(sharded / INDEX), "cannot be read as JSON")
+    convert_fails(sharded, tmp_path / "out", 2, str(sharded / INDEX), "index is not valid JSON")
 
 
 def test_index_without_weight_map(sharded, tmp_path):
