@@ -4,6 +4,7 @@ a traceback. A null value reads as absent, as transformers reads it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .errors import CheckpointError
@@ -42,7 +43,8 @@ def get_float(
     config: dict, key: str, where: str, *, default: float, positive: bool = False
 ) -> float:
     value = _lookup(config, key, where, default, "")
-    if type(value) not in (int, float) or (positive and value <= 0) or value < 0:
+    numeric = type(value) in (int, float) and math.isfinite(value)
+    if not numeric or value < 0 or (positive and value == 0):
         raise _bad(where, key, value, "a positive number" if positive else "a number >= 0")
     return float(value)
 

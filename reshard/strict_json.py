@@ -126,7 +126,7 @@ def _check_values(value, keys: tuple, path, what: str, fix: str) -> None:
         _check_surrogates(value, keys, path, what, fix)
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_surrogates(k, keys, path, what, fix)
+            _check_surrogates(k, (*keys, k), path, what, fix)
             _check_values(v, (*keys, k), path, what, fix)
     elif isinstance(value, list):
         for i, v in enumerate(value):
