@@ -22,6 +22,7 @@ from .plan import Plan, Stage, build_plan, check_layout
 from .recipe import Recipe
 from .source import Source
 from .specs import match_tensors
+from .specs.consistency import check_tensors_against_config
 from .writer import fsync_dir, write_atomic, write_plan
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
@@ -47,6 +48,7 @@ def plan_source(source: Source, recipe: Recipe, stages: tuple[Stage, ...] | None
         name: (info.dtype, info.shape) for h in source.headers for name, info in h.tensors.items()
     }
     roles = match_tensors(hp, tensors, where=str(source.path))
+    check_tensors_against_config(hp, tensors, roles, cast=recipe.dtype, where=str(source.path))
     stages = stages or resolve_stages(hp, recipe)
     placements = resolve_placements(hp, recipe)
     return build_plan(hp, tensors, roles, recipe, stages, placements)
