@@ -55,6 +55,7 @@ class PromptComparison:
     first_mismatch: int | None  # step of the first differing token
     near_tie: bool  # at that step the sharded pick is within tolerance in the reference
     passed: bool
+    source_nonfinite: int = 0  # compared rows where the reference itself has NaN/inf logits
 
 
 def logits_kl(reference: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
@@ -67,9 +68,13 @@ def logits_kl(reference: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
 def compare_prompt(ref: PromptResult, got: PromptResult, tol: Tolerance) -> PromptComparison:
     mismatch = _first_mismatch(ref.tokens, got.tokens)
     rows = len(ref.tokens) if mismatch is None else mismatch + 1
-    diff = (ref.logits[:rows] - got.logits[:rows]).abs().amax(dim=-1)  # [rows]
-    bound = tol.atol + tol.rtol * ref.logits[:rows].abs().amax(dim=-1)  # [rows]
-    kl = logits_kl(ref.logits[:rows], got.logits[:rows])  # [rows]
+    ref_rows, got_rows = ref.logits[:rows], got.logits[:rows]  # [rows, V]
+    same = _same_values(ref_rows, got_rows)  # [rows, V]: NaN == NaN, inf == inf
+    diff = (ref_rows - got_rows).abs().masked_fill(same, 0).nan_to_num(nan=torch.inf)
+    diff = diff.amax(dim=-1)  # [rows]
+    scale = ref_rows.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=-1)  # [rows]
+    bound = tol.atol + tol.rtol * scale  # [rows]
+    kl = logits_kl(ref_rows, got_rows).masked_fill(same.all(dim=-1), 0)  # [rows]
     near_tie = mismatch is not None and _is_near_tie(
         ref.logits[mismatch], got.tokens[mismatch], bound[-1]
     )
@@ -79,13 +84,20 @@ def compare_prompt(ref: PromptResult, got: PromptResult, tol: Tolerance) -> Prom
         reference_ids=list(ref.tokens),
         sharded_ids=list(got.tokens),
         max_abs=float(diff.max()),
-        kl=float(kl.max()),
+        kl=float(kl.nan_to_num(nan=torch.inf).max()),
         first_mismatch=mismatch,
         near_tie=bool(near_tie),
         passed=(mismatch is None or near_tie)
         and bool((diff <= bound).all())
         and bool((kl <= tol.kl).all()),
+        source_nonfinite=int((~ref_rows.isfinite()).any(dim=-1).sum()),
     )
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise equality where NaN equals NaN: a source whose weights hold NaN gives NaN
+    logits, and a bitwise-faithful shard gives the same NaN, which is a match, not 'max nan'."""
+    return (a == b) | (a.isnan() & b.isnan())
 
 
 def compare_results(

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, OutputError
 from ..hparams import HParams, load_hparams
+from ..specs import rules_for
 from .dist import Comm
 from .model import CausalLM, build_model
 
@@ -42,8 +43,17 @@ def load_source_model(
     tensors: dict[str, torch.Tensor] = {}
     for file, names in _source_files(source_dir).items():
         tensors.update(read_tensors(source_dir / file, names, resolve_dtype(dtype), device))
+    for name in derived_names(hp, tensors):
+        del tensors[name]
     tie_lm_head(hp, tensors)
     return build_model(hp, tensors, where=str(source_dir))
+
+
+def derived_names(hp: HParams, names) -> set[str]:
+    """Source tensors the family's spec marks derivable from config.json (old exports'
+    rotary_emb.inv_freq): convert does not write them, and the reference does not load them."""
+    drops = [rule.regex for rule in rules_for(hp) if rule.role == "drop"]
+    return {name for name in names if any(rx.match(name) for rx in drops)}
 
 
 def _source_files(source_dir: Path) -> dict[str, list[str] | None]:

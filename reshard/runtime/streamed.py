@@ -23,7 +23,7 @@ from ..hparams import HParams, load_hparams
 from .cache import KVCache, pad_left
 from .dist import Comm
 from .generate import PromptResult
-from .load import _source_files
+from .load import _source_files, derived_names
 from .model import build_model
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -38,6 +38,8 @@ def tensor_files(source_dir: Path) -> dict[str, Path]:
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())
         where.update((name, path) for name in names)
+    for name in derived_names(load_hparams(source_dir), where):
+        del where[name]
     return where
 
 

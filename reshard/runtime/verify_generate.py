@@ -121,6 +121,12 @@ def _level_result(
     )
     if ties:
         detail += f"; prompts {ties} diverge at a near tie (compared up to it)"
+    nonfinite = sum(c.source_nonfinite for c in comparisons)
+    if nonfinite:
+        detail += (
+            f"; the source model itself gives NaN/inf logits in {nonfinite} rows (its weights "
+            "hold NaN or inf); NaN is compared as NaN"
+        )
     prompts = [_prompt_entry(c) for c in comparisons]
     data = {
         "backend": backend,
