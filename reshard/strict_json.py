@@ -22,6 +22,7 @@ MAX_DEPTH = 127
 # double overflows and it refuses the number. Longer literals are refused before int().
 MAX_INT_DIGITS = 310
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -51,7 +52,9 @@ def load_json(raw: bytes, path: Path | str, *, what: str, fix: str) -> Any:
             f"meant is ambiguous. {fix}"
         ) from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({e}). {fix}") from None
+        raise CheckpointError(
+            f"{path}: {what} is not valid JSON ({e}){_near(text, e.pos)}. {fix}"
+        ) from None
     _check_values(doc, (), path, what, fix)
     return doc
 
@@ -65,9 +68,10 @@ def _decode(raw: bytes, path, what: str, fix: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        prefix = raw[: e.start].decode("utf-8", "replace")
         raise CheckpointError(
             f"{path}: {what} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset "
-            f"{e.start}). {fix}"
+            f"{e.start}){_near(prefix, len(prefix))}. {fix}"
         ) from None
 
 
@@ -79,9 +83,37 @@ def _check_depth(text: str, path, what: str, fix: str) -> None:
         depth += 1 if ch in "[{" else -1
         if depth > MAX_DEPTH:
             raise CheckpointError(
-                f"{path}: {what} nests deeper than {MAX_DEPTH} levels; the safetensors "
-                f"reference refuses that too. {fix}"
+                f"{path}: {what} nests deeper than {MAX_DEPTH} levels{_near(text, _deep(text))}"
+                f"; the safetensors reference refuses that too. {fix}"
             )
+
+
+def _deep(text: str) -> int:
+    """The character offset where nesting first passes MAX_DEPTH."""
+    depth = 0
+    for m in _TOKEN.finditer(text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return m.start()
+        elif m.group() in "]}":
+            depth -= 1
+    return len(text)
+
+
+def _near(text: str, pos: int) -> str:
+    """', near key 'a.b'': the object keys open at character `pos`, for a positional error."""
+    keys: list[str | None] = []
+    for m in _TOKEN.finditer(text, 0, pos):
+        token = m.group()
+        if token in "[{":
+            keys.append(None)
+        elif token in "]}":
+            keys = keys[:-1]
+        elif keys and text[m.end() : m.end() + 10].lstrip().startswith(":"):
+            keys[-1] = token[1:-1]  # a key: the string before a colon
+    named = [k for k in keys if k is not None]
+    return f", near key {_key_path(tuple(named))}" if named else ""
 
 
 def _parse_float(s: str):
