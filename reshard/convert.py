@@ -48,7 +48,10 @@ def plan_source(source: Source, recipe: Recipe, stages: tuple[Stage, ...] | None
         name: (info.dtype, info.shape) for h in source.headers for name, info in h.tensors.items()
     }
     roles = match_tensors(hp, tensors, where=str(source.path))
-    check_tensors_against_config(hp, tensors, roles, cast=recipe.dtype, where=str(source.path))
+    files = {name: str(header.path) for name, (header, _) in source.tensors.items()}
+    check_tensors_against_config(
+        hp, tensors, roles, cast=recipe.dtype, files=files, config=str(source.path / "config.json")
+    )
     stages = stages or resolve_stages(hp, recipe)
     placements = resolve_placements(hp, recipe)
     return build_plan(hp, tensors, roles, recipe, stages, placements)

@@ -23,15 +23,17 @@ def check_tensors_against_config(
     roles: Mapping[str, TensorRole],
     *,
     cast: str,
-    where: str,
+    files: Mapping[str, str],
+    config: str,
 ) -> None:
-    """`tensors`: name -> (dtype, shape); `cast`: the recipe's dtype ("keep" or a target)."""
+    """`tensors`: name -> (dtype, shape); `cast`: the recipe's dtype ("keep" or a target);
+    `files`: name -> the file that holds it; `config`: the config.json path, for messages."""
     checked = {n: v for n, v in tensors.items() if roles[n].role != "drop"}
     for name, (dtype, shape) in checked.items():
-        _check_shape(hp, name, tuple(shape), where)
-        _check_float(name, dtype, len(shape), where)
+        _check_shape(hp, name, tuple(shape), files[name], config)
+        _check_float(name, dtype, len(shape), files[name])
     if cast == "keep":
-        _check_one_dtype(checked, where)
+        _check_one_dtype(checked, files)
 
 
 def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
@@ -81,18 +83,18 @@ def _mlp_shape(hp: HParams, name: str, leaf: str, hidden, experts):
     return (inner, hidden)
 
 
-def _check_shape(hp: HParams, name: str, shape: tuple[int, ...], where: str) -> None:
+def _check_shape(hp: HParams, name: str, shape: tuple, where: str, config: str) -> None:
     expected = labelled_shape(hp, name)
     if len(shape) != len(expected):
         raise CheckpointError(
-            f"{where}: tensor '{name}' has shape {list(shape)}, but config.json implies "
+            f"{where}: tensor '{name}' has shape {list(shape)}, but {config} implies "
             f"{[v for _, v in expected]} ({', '.join(k for k, _ in expected)}). {FIX}"
         )
     for dim, (size, (keys, want)) in enumerate(zip(shape, expected, strict=True)):
         if size != want:
             raise CheckpointError(
                 f"{where}: tensor '{name}' has {size} in dim {dim} (shape {list(shape)}), but "
-                f"config.json's {keys} implies {want}. {FIX}"
+                f"{config} says {keys}, which implies {want}. {FIX}"
             )
 
 
@@ -106,7 +108,7 @@ def _check_float(name: str, dtype: str, ndim: int, where: str) -> None:
         )
 
 
-def _check_one_dtype(tensors: Mapping[str, tuple[str, tuple]], where: str) -> None:
+def _check_one_dtype(tensors: Mapping[str, tuple[str, tuple]], files: Mapping[str, str]) -> None:
     """The runtime runs every layer in the weights' own dtype: one dtype, or a cast."""
     counts: dict[str, list[str]] = {}
     for name, (dtype, _) in tensors.items():
@@ -115,8 +117,9 @@ def _check_one_dtype(tensors: Mapping[str, tuple[str, tuple]], where: str) -> No
         return
     common = max(counts, key=lambda d: len(counts[d]))
     odd = next(d for d in counts if d != common)
+    first = counts[odd][0]
     raise CheckpointError(
-        f"{where}: tensor '{counts[odd][0]}' is {odd} but {len(counts[common])} others (e.g. "
+        f"{files[first]}: tensor '{first}' is {odd} but {len(counts[common])} others (e.g. "
         f"'{counts[common][0]}') are {common}; {len(counts[odd])} tensors are {odd}. Pass "
         f"--dtype bfloat16/float16/float32 to write one dtype, or re-export the checkpoint."
     )
