@@ -6,7 +6,6 @@ parameters; the model is never materialised twice. No planning, no verification 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError, OutputError
 from ..hparams import HParams, load_hparams
 from ..specs import rules_for
+from ..strict_json import read_json
 from .dist import Comm
 from .model import CausalLM, build_model
 
@@ -60,7 +60,10 @@ def _source_files(source_dir: Path) -> dict[str, list[str] | None]:
     """{file name: tensor names (None = all)} from the index or the single file."""
     index = source_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        doc = read_json(index, what="the index", fix="Re-download the index.")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: has no 'weight_map' object. Re-download the index.")
         files: dict[str, list[str] | None] = {}
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)  # type: ignore[union-attr]
