@@ -260,7 +260,10 @@ def _rope(config: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | N
 
 
 def _sliding_window(config: dict[str, Any], where: str) -> int | None:
-    if not get_bool(config, "use_sliding_window", where, default=True):
+    # A present but false or null use_sliding_window switches the window off (Qwen2).
+    if "use_sliding_window" in config and not get_bool(
+        config, "use_sliding_window", where, default=False
+    ):
         return None
     window = get_int(config, "sliding_window", where, default=0, minimum=0)
     return window or None
