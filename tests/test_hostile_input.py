@@ -1,9 +1,9 @@
 """A named corpus of hostile and careless inputs (issue 10, the input side): inputs that used
 to crash with a traceback, inputs safetensors' own reader refuses, config.json values that
 contradict the tensors, and unreadable files. Each case is a copy of a tiny real checkpoint
-with one defect. `reshard convert` (and `inspect`, where the defect is in what it reads) must
-exit with the documented code and one line naming the file and the tensor or key, write no
-manifest.json, and leave the source folder byte-identical.
+with one defect. `reshard convert` (and `inspect` and `plan`, where the defect is in what they
+read) must exit with the documented code and one line naming the file and the tensor or key,
+write no manifest.json, and leave the source folder byte-identical.
 
 Also here: the drop of `rotary_emb.inv_freq` in the reference, and NaN weights in generate.
 """
@@ -317,6 +317,8 @@ def test_hostile_input_is_refused_cleanly(name, sources, workdir):
         results = [run_cli("convert", model, "-o", out, "--tp", "2", "--quiet")]
         if case.cls != "3":  # inspect reads the same files; shapes are convert's check
             results.append(run_cli("inspect", model))
+        if name.startswith("config_"):  # plan reads config.json (and no weights)
+            results.append(run_cli("plan", model, "--tp", "2"))
     for code, stderr in results:
         check_refusal(code, stderr, case, named)
     assert not (out / "manifest.json").exists()
