@@ -235,6 +235,8 @@ CORPUS: dict[str, Case] = {
     "norm_in_int32": Case("3", "single", rewrite({NORM: torch.ones(64, dtype=torch.int32)}), (NORM, "is I32", "float dtype")),  # noqa: E501
     "moe_expert_width_off": Case("3", "moe", cfg(moe_intermediate_size=34), ("model.layers.0.mlp.experts.0.down_proj.weight", "moe_intermediate_size=34", "has 32 in dim 1")),  # noqa: E501
     "moe_shared_expert_width_off": Case("3", "moe", cfg(shared_expert_intermediate_size=40), ("model.layers.0.mlp.shared_expert.down_proj.weight", "shared_expert_intermediate_size=40", "has 48 in dim 1")),  # noqa: E501
+    "moe_router_rows_not_num_experts": Case("3", "moe", rewrite({"model.layers.1.mlp.gate.weight": torch.ones(3, 64)}), ("model.layers.1.mlp.gate.weight", "num_experts=4", "has 3 in dim 0")),  # noqa: E501
+    "config_top_k_over_experts": Case("1", "moe", cfg(num_experts_per_tok=5), ("num_experts_per_tok=5", "num_experts=4")),  # noqa: E501
     # 7: permissions are I/O failures
     "unreadable_config": Case("7", "single", lambda m: m / "config.json", ("cannot read", "ermission"), code=3),  # noqa: E501
     "unreadable_index": Case("7", "sharded", lambda m: m / INDEX, ("cannot read", "ermission"), code=3),  # noqa: E501
