@@ -1,7 +1,8 @@
 """`reshard convert`: source -> roles -> stages/experts -> plan -> writer -> manifest.
 
 This module wires the pure pieces to the I/O pieces in the order of the data flow. It owns
-the output folder's life cycle: stale files out, shards in, side files copied, manifest last.
+the output folder's life cycle, under OUT's lock (reshard/out_dir.py): the previous run's own
+files out, shards in, side files copied, manifest last.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from .errors import InputError
 from .hparams import HParams
 from .manifest import MANIFEST, build_manifest, write_manifest
 from .moe_layout import SGLANG_FILE, TRTLLM_FILE
+from .out_dir import check_out_apart, claim_out_dir, lock_out_dir, plan_fingerprint
 from .output_source import open_model
 from .plan import Plan, Stage, build_plan, check_layout
 from .recipe import Recipe
 from .source import Source
 from .specs import match_tensors
 from .specs.consistency import check_tensors_against_config
-from .writer import fsync_dir, write_atomic, write_plan
+from .writer import write_atomic, write_plan
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 
@@ -89,10 +91,12 @@ def convert_model(
     try:
         source = open_model(model, allow_pickle=allow_pickle, scratch=scratch)
         check_not_source(source, out_dir)
+        check_out_apart(out_dir, source)
         stage_plan = _stage_plan(source.hparams, recipe)
         plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
-        prepare_out_dir(out_dir, force=force)
-        read_total, sizes = _write_output(plan, source, recipe, out_dir, progress)
+        with lock_out_dir(out_dir):  # a second convert into OUT exits 2 from here on
+            prepare_out_dir(out_dir, output_names(plan, source), plan_fingerprint(plan), force=force)
+            read_total, sizes = _write_output(plan, source, recipe, out_dir, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -165,15 +169,15 @@ def check_no_output(out_dir: Path, *, force: bool) -> None:
         )
 
 
-def prepare_out_dir(out_dir: Path, *, force: bool) -> None:
-    """Refuse to clobber a finished output unless forced; clear our own stale files."""
+def output_names(plan: Plan, source: Source) -> list[str]:
+    """Every file this run writes into OUT (each also as `.partial` while being written)."""
+    names = [f.name for f in plan.files] + [p.name for p in source.side_files()]
+    exports = list(EXPORT_FILES) if plan.placements else []
+    return names + exports + [MANIFEST]
+
+
+def prepare_out_dir(out_dir: Path, names: list[str], fingerprint: str, *, force: bool) -> None:
+    """Under the lock: refuse to clobber a finished output unless forced (checked again: a
+    convert that finished while this one planned has written its manifest), then claim OUT."""
     check_no_output(out_dir, force=force)
-    manifest = out_dir / MANIFEST
-    if manifest.exists():
-        manifest.unlink()  # first: from here on the folder is incomplete by definition
-        fsync_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ours = {*out_dir.glob("rank-*.safetensors*"), *out_dir.glob("*.partial")}
-    ours |= {out_dir / n for n in EXPORT_FILES}
-    for stale in ours:
-        stale.unlink(missing_ok=True)
+    claim_out_dir(out_dir, names, fingerprint)

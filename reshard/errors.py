@@ -33,6 +33,10 @@ class OutputError(InputError):
     """The output folder is not a complete reshard output (no manifest, missing files)."""
 
 
+class OutputBusyError(InputError):
+    """Another reshard convert holds the output folder's lock."""
+
+
 class VerificationError(ReshardError):
     """Verification found a mismatch or corruption."""
 

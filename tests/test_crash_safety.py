@@ -3,6 +3,8 @@ verify refuses such a folder, and the next convert into it cleans up and succeed
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from checkpoints import write_checkpoint
 from click.testing import CliRunner
@@ -30,7 +32,10 @@ def test_interrupted_convert_then_rerun(tmp_path, monkeypatch, stage):
     assert "interrupted: nothing was committed" in result.output
     left = sorted(p.name for p in out.iterdir())
     assert "manifest.json" not in left
-    assert left == ["rank-00000.safetensors.partial", "rank-00001.safetensors.partial"]
+    partials = ["rank-00000.safetensors.partial", "rank-00001.safetensors.partial"]
+    assert left == sorted([".reshard.lock", "reshard-record.json", *partials])
+    record = json.loads((out / "reshard-record.json").read_text())  # names what it left
+    assert {"rank-00000.safetensors", "rank-00001.safetensors"} <= set(record["files"])
 
     result = run("verify", out)
     assert result.exit_code == 2, result.output

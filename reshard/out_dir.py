@@ -1,0 +1,187 @@
+"""Who owns what in OUT: an exclusive lock held for the length of a convert, and a record of
+the files a reshard run writes there. convert replaces or deletes only files a record names;
+everything else in OUT is the user's and stays untouched. It never writes into its source.
+
+The record (`reshard-record.json`) is written before the first shard, so an interrupted run's
+leftovers are still named by it. Later `--ranks` / `--resume` build on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import xxhash
+
+from .errors import OutputBusyError, OutputError
+from .plan import Plan
+from .source import Source
+from .writer import fsync_dir, io_error, partial_path, write_atomic
+
+LOCK = ".reshard.lock"
+RECORD = "reshard-record.json"
+RECORD_FORMAT = "reshard-record"
+RECORD_VERSION = 1
+
+
+@contextmanager
+def lock_out_dir(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive flock on OUT/.reshard.lock (created with OUT) until the block ends.
+    The lock dies with the process, so a killed convert never leaves OUT locked."""
+    lock = out_dir / LOCK
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        raise io_error(e, out_dir if e.filename != str(lock) else lock) from None
+    try:
+        _take_lock(fd, out_dir, lock)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _take_lock(fd: int, out_dir: Path, lock: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise io_error(e, lock) from None
+        raise OutputBusyError(
+            f"{out_dir}: another reshard convert is writing into this folder (it holds "
+            f"{lock}). Wait for it to finish, or write elsewhere with -o."
+        ) from None
+
+
+def check_out_apart(out_dir: Path, source: Source) -> None:
+    """Refuse an OUT that is the source folder or inside it, or that holds a source file: convert
+    would write its shards among, or over, the files it reads. A source in a sub-folder of OUT
+    is fine: convert only touches the files its record names, at OUT's top level."""
+    out = out_dir.resolve()
+    src = source.path.resolve()
+    if out == src or src in out.parents:
+        raise OutputError(
+            f"{out_dir}: is the source folder {source.path} or inside it; convert would mix "
+            f"its shards with the source's files. Choose an -o outside {source.path}."
+        )
+    for path in [h.path for h in source.headers] + source.side_files():
+        if path.resolve().parent == out:
+            raise OutputError(
+                f"{out_dir}: holds source file {path} (it resolves to {path.resolve()}); "
+                "convert would overwrite what it reads. Choose another -o."
+            )
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """xxh3-128 of everything the plan writes: layout, files, tensors and their pieces."""
+    lay = plan.layout
+    body = {
+        "layout": [lay.tp, lay.pp, lay.ep, lay.dp, lay.dtype, lay.vocab_padded],
+        "stages": [[s.first_layer, s.last_layer, s.embed, s.head] for s in lay.stages],
+        "files": [
+            [f.name, f.rank, [_tensor_key(t) for t in f.tensors]] for f in plan.files
+        ],
+    }
+    return xxhash.xxh3_128(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+def _tensor_key(t) -> list:
+    pieces = [[p.source, p.start, p.stop, p.dest] for p in t.pieces]
+    return [t.name, t.dtype, list(t.shape), t.padding, pieces]
+
+
+def read_record(out_dir: Path) -> dict | None:
+    """The record in OUT, checked; None when there is none."""
+    path = out_dir / RECORD
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise io_error(e, path) from None
+    except (ValueError, RecursionError):
+        doc = None
+    if not _valid_record(doc):
+        raise OutputError(
+            f"{path}: not a valid {RECORD_FORMAT} {RECORD_VERSION} (field 'files' must list "
+            "plain file names), so convert cannot tell which files in the folder are its own. "
+            "Remove that folder's reshard files and the record by hand, or choose another -o."
+        )
+    return doc
+
+
+def _valid_record(doc) -> bool:
+    if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
+        return False
+    files = doc.get("files")
+    return (
+        doc.get("format_version") == RECORD_VERSION
+        and isinstance(files, list)
+        and all(isinstance(n, str) and is_plain_name(n) for n in files)
+    )
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name directly in OUT: no folder part, not '.', '..' or hidden."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def owned_names(out_dir: Path) -> set[str]:
+    """Files a reshard record in OUT names (each also owns its `.partial`). An output from a
+    reshard without records: the manifest and the rank files it lists."""
+    record = read_record(out_dir)
+    if record is not None:
+        return {*record["files"], RECORD}
+    return _legacy_names(out_dir)
+
+
+def _legacy_names(out_dir: Path) -> set[str]:
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return set()
+    try:
+        files = json.loads(path.read_bytes()).get("files")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return {path.name}
+    names = [n for n in files if isinstance(n, str) and is_plain_name(n)] if isinstance(
+        files, dict
+    ) else []
+    return {path.name, *names}
+
+
+def claim_out_dir(out_dir: Path, names: list[str], fingerprint: str) -> None:
+    """Under the lock: refuse if a file this run writes exists and no record names it; delete
+    what the previous record names; record what this run will write, before it writes."""
+    owned = owned_names(out_dir)
+    for name in names:
+        for path in (out_dir / name, partial_path(out_dir / name)):
+            if name not in owned and os.path.lexists(path):
+                raise OutputError(
+                    f"{path}: exists, and no reshard record in {out_dir} names it; convert "
+                    "replaces only files it wrote. Move it away, or choose another -o."
+                )
+    _remove_owned(out_dir, owned - {RECORD})
+    record = {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_VERSION,
+        "plan_xxh3_128": fingerprint,
+        "files": sorted(names),
+    }
+    write_atomic(out_dir / RECORD, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def _remove_owned(out_dir: Path, names: set[str]) -> None:
+    """The manifest goes first: from then on the folder is incomplete by definition."""
+    for name in sorted(names, key=lambda n: n != "manifest.json"):
+        for path in (out_dir / name, partial_path(out_dir / name)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise io_error(e, path) from None
+        if name == "manifest.json":
+            fsync_dir(out_dir)
