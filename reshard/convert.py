@@ -95,7 +95,8 @@ def convert_model(
         stage_plan = _stage_plan(source.hparams, recipe)
         plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
         with lock_out_dir(out_dir):  # a second convert into OUT exits 2 from here on
-            prepare_out_dir(out_dir, output_names(plan, source), plan_fingerprint(plan), force=force)
+            names = output_names(plan, source)
+            prepare_out_dir(out_dir, names, plan_fingerprint(plan), force=force)
             read_total, sizes = _write_output(plan, source, recipe, out_dir, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -83,9 +83,7 @@ def plan_fingerprint(plan: Plan) -> str:
     body = {
         "layout": [lay.tp, lay.pp, lay.ep, lay.dp, lay.dtype, lay.vocab_padded],
         "stages": [[s.first_layer, s.last_layer, s.embed, s.head] for s in lay.stages],
-        "files": [
-            [f.name, f.rank, [_tensor_key(t) for t in f.tensors]] for f in plan.files
-        ],
+        "files": [[f.name, f.rank, [_tensor_key(t) for t in f.tensors]] for f in plan.files],
     }
     return xxhash.xxh3_128(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
@@ -148,9 +146,11 @@ def _legacy_names(out_dir: Path) -> set[str]:
         files = json.loads(path.read_bytes()).get("files")
     except (OSError, ValueError, RecursionError, AttributeError):
         return {path.name}
-    names = [n for n in files if isinstance(n, str) and is_plain_name(n)] if isinstance(
-        files, dict
-    ) else []
+    names = (
+        [n for n in files if isinstance(n, str) and is_plain_name(n)]
+        if isinstance(files, dict)
+        else []
+    )
     return {path.name, *names}
 
 
