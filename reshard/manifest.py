@@ -12,12 +12,13 @@ from typing import Any
 
 from . import __version__
 from .errors import OutputError
+from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
 from .plan import OutTensor, Plan
 from .source import Source
-from .writer import Written, write_atomic
+from .writer import Written, io_error, write_atomic
 
 FORMAT = "reshard-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed by manifest_xxh3_128, checked against a schema on read
 MANIFEST = "manifest.json"
 RANK_ORDER = "rank = (dp_index * pp + pp_stage) * tp + tp_rank"
 
@@ -155,30 +156,72 @@ def _slice_summary(t: OutTensor, source: Source) -> dict[str, int] | None:
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest sealed: its last key is the xxh3-128 of the file's own bytes (with
+    the digest zeroed), so every byte of it is covered."""
     path = Path(out_dir) / MANIFEST
-    write_atomic(path, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
+    text = (json.dumps({**manifest, SEAL_KEY: UNSEALED}, indent=1) + "\n").encode()
+    write_atomic(path, seal_bytes(text))
     return path
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest of OUT, checked against the schema: any damage is an OutputError (exit 2)
+    naming the field. The seal is checked by the hashes tier (`manifest_seal_failure`)."""
     path = Path(out_dir) / MANIFEST
     if not Path(out_dir).is_dir():
         raise OutputError(f"{out_dir}: no such folder. Give the -o folder of reshard convert.")
+    doc = parse_manifest(path, _read_bytes(path, out_dir))
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise OutputError(
+            f"{path}: field 'format' is {got!r}, not {FORMAT!r}: not a reshard manifest. "
+            "Give the -o folder of reshard convert."
+        )
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise OutputError(
+            f"{path}: field 'format_version' is {doc.get('format_version')!r}; this reshard "
+            f"({__version__}) reads version {FORMAT_VERSION} only. Convert again with it."
+        )
+    check_manifest(path, doc)
+    return doc
+
+
+def _read_bytes(path: Path, out_dir: Path) -> bytes:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         raise OutputError(
             f"{path}: missing, so {out_dir} is not a complete reshard output (the manifest is "
             "written last; an interrupted convert leaves none). Re-run reshard convert."
         ) from None
-    except json.JSONDecodeError as e:
-        raise OutputError(f"{path}: not valid JSON ({e}). Re-run reshard convert.") from None
-    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+    except OSError as e:
+        raise io_error(e, path) from None
+
+
+def parse_manifest(path: Path, raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise OutputError(
-            f"{path}: format {doc.get('format')!r} version {doc.get('format_version')!r} is not "
-            f"{FORMAT} {FORMAT_VERSION}. Convert again with this reshard ({__version__})."
-        )
-    return doc
+            f"{path}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); the manifest "
+            "is damaged. Restore it, or re-run reshard convert."
+        ) from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, ints past 4300 digits
+        raise OutputError(
+            f"{path}: not valid JSON ({_first_line(e)}). Restore it, or re-run reshard convert."
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0][:120]
+
+
+def manifest_seal_failure(out_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """None when manifest.json is byte for byte what convert sealed, else why not."""
+    path = Path(out_dir) / MANIFEST
+    return check_seal(path, _read_bytes(path, out_dir), manifest)
 
 
 def rank_tensors(manifest: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:

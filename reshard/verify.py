@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import xxhash
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import OutputError
-from .manifest import read_manifest
+from .manifest import manifest_seal_failure, read_manifest
 from .safetensors_io import DTYPE_SIZES, TORCH_DTYPES, read_header
 
 LEVELS = ("hashes", "weights", "generate")
@@ -51,7 +51,8 @@ def check_complete(out_dir: Path, manifest: dict) -> None:
 
 
 def verify_hashes(out_dir: Path, manifest: dict) -> LevelResult:
-    failures = []
+    """The manifest's seal, then every rank file's size, header and tensor hashes."""
+    failures = [f for f in [manifest_seal_failure(out_dir, manifest)] if f]
     checked = 0
     for name, meta in manifest["files"].items():
         path = Path(out_dir) / name
@@ -89,6 +90,9 @@ def _check_file_hashes(path: Path, header, manifest: dict, rank: int) -> list[st
             if entry is None:
                 failures.append(f"{path}: tensor '{name}' is not in the manifest")
                 continue
+            if problem := header_mismatch(info, entry):
+                failures.append(f"{path}: tensor '{name}' (rank {rank}) {problem}")
+                continue
             f.seek(info.begin)
             h = xxhash.xxh3_128()
             left = info.nbytes
@@ -102,6 +106,16 @@ def _check_file_hashes(path: Path, header, manifest: dict, rank: int) -> list[st
                     f"{entry['xxh3_128']}: the file is corrupt; re-copy it or re-run convert"
                 )
     return failures
+
+
+def header_mismatch(info, entry: dict) -> str | None:
+    """The rank file's header and the manifest disagree on a tensor's dtype or shape."""
+    if info.dtype != entry["dtype"] or list(info.shape) != entry["shape"]:
+        return (
+            f"is {info.dtype} {list(info.shape)} in the file but {entry['dtype']} "
+            f"{entry['shape']} in the manifest; one of them was altered"
+        )
+    return None
 
 
 def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
@@ -142,11 +156,11 @@ def verify_weights(out_dir: Path, manifest: dict, source_dir: Path) -> LevelResu
 
 
 def _verify_weights(out_dir: Path, manifest: dict, src) -> LevelResult:
-    failures: list[str] = []
+    failures = unknown_sources(manifest, src)
     reader = SafetensorsReader if src.reader is None else ReassembledReader
     with reader(src) as blocks:
         for entry in manifest["ranks"]:
-            if entry.get("replica_of") is not None:
+            if entry.get("replica_of") is not None or failures:
                 continue
             for fname in entry["files"]:
                 failures += _check_file_weights(Path(out_dir) / fname, entry, blocks)
@@ -155,6 +169,21 @@ def _verify_weights(out_dir: Path, manifest: dict, src) -> LevelResult:
     failures += check_coverage(manifest, {n: src.info(n).shape for n in src.tensors})
     n = sum(len(e.get("tensors") or {}) for e in manifest["ranks"])
     return LevelResult("weights", not failures, f"{n} tensors vs {src.path}", failures)
+
+
+def unknown_sources(manifest: dict, src) -> list[str]:
+    """Pieces whose source tensor the source does not hold: the wrong source, or an edit."""
+    failures = []
+    for entry in manifest["ranks"]:
+        for name, meta in (entry.get("tensors") or {}).items():
+            for j, p in enumerate(meta["pieces"]):
+                if p["source"] not in src.tensors:
+                    failures.append(
+                        f"ranks[{entry['rank']}].tensors['{name}'].pieces[{j}].source "
+                        f"'{p['source']}' is not a tensor of {src.path}: the manifest was "
+                        "altered, or pass the right --source"
+                    )
+    return failures
 
 
 def check_coverage(manifest: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
@@ -195,9 +224,29 @@ def _overlap(found) -> bool:
 
 def _check_file_weights(path: Path, entry: dict, blocks: SafetensorsReader) -> list[str]:
     """Compare one output file with the source, piece by piece, in bounded row chunks."""
+    try:
+        header = read_header(path)
+    except Exception as e:  # a corrupt header is a verification failure, not bad input
+        return [f"{path}: unreadable header ({_first_line(e)})"]
+    try:
+        return _compare_file(path, header, entry, blocks)
+    except SafetensorError as e:  # safetensors refuses what reshard's reader let through
+        return [f"{path}: safetensors cannot read it ({_first_line(e)})"]
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0][:200]
+
+
+def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader) -> list[str]:
     failures = []
     for name, meta in entry["tensors"].items():
         if meta["file"] != path.name:
+            continue
+        info = header.tensors.get(name)
+        problem = header_mismatch(info, meta) if info else "is missing from the file"
+        if problem:
+            failures.append(f"{path}: tensor '{name}' (rank {entry['rank']}) {problem}")
             continue
         shape = meta["shape"]
         for p in meta["pieces"]:

@@ -180,7 +180,7 @@ def test_side_files_and_manifest_record(tmp_path):
     assert (out / "config.json").read_bytes() == (src_dir / "config.json").read_bytes()
     assert (out / "generation_config.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["layout"]["world_size"] == 4
     assert [r["replica_of"] for r in manifest["ranks"]] == [None, None, 0, 1]
     assert manifest["ranks"][3]["files"] == ["rank-00001.safetensors"]

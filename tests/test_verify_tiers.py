@@ -14,6 +14,8 @@ from safetensors import safe_open
 
 from reshard.cli import main
 from reshard.convert import convert_model
+from reshard.manifest import write_manifest
+from reshard.manifest_check import SEAL_KEY
 from reshard.recipe import build_recipe
 from reshard.safetensors_io import read_header
 
@@ -28,7 +30,7 @@ def converted(tmp_path_factory):
 
 
 def corrupt_consistently(out, rank_file: str, tensor: str, *, at_end: bool = False) -> None:
-    """Flip a byte of `tensor` in `rank_file` and re-hash it in the manifest."""
+    """Flip a byte of `tensor` in `rank_file`, re-hash it in the manifest and re-seal that."""
     path = out / rank_file
     info = read_header(path).tensors[tensor]
     data = bytearray(path.read_bytes())
@@ -39,7 +41,8 @@ def corrupt_consistently(out, rank_file: str, tensor: str, *, at_end: bool = Fal
     rank = manifest["files"][rank_file]["rank"]
     entry = manifest["ranks"][rank]["tensors"][tensor]
     entry["xxh3_128"] = xxhash.xxh3_128(bytes(data[info.begin : info.end])).hexdigest()
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    del manifest[SEAL_KEY]
+    write_manifest(out, manifest)  # re-sealed: only the weights tier can tell
 
 
 def run_verify(out, src, *levels):
