@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
+import os
 import random
 import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -380,25 +379,55 @@ BUSY = "another reshard convert is writing into this folder"
 DONE = "already holds a reshard output"
 
 
-def _convert(src: Path, out: Path, *layout: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "reshard", "convert", str(src), "-o", str(out), "--quiet"]
-    return subprocess.Popen([*cmd, *layout], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _convert_child(args: list[str], log: str) -> None:
+    """A child process: `reshard convert ARGS`, its output into `log`, its exit code as ours."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from reshard.cli import main
+
+    main(["convert", *args, "--quiet"])
 
 
-def _race(src: Path, out: Path, delay: float) -> tuple[int, int, str]:
-    """`convert --tp 2 --pp 2 -o O & (sleep delay; convert --tp 4 -o O)`."""
-    first = _convert(src, out, "--tp", "2", "--pp", "2")
-    time.sleep(delay)
-    second = _convert(src, out, "--tp", "4")
-    results = [(p.wait(), p.communicate()[1].decode()) for p in (first, second)]
-    (code_a, err_a), (code_b, err_b) = results
-    return code_a, code_b, err_a + err_b
+@pytest.fixture(scope="module")
+def forkserver():
+    """Children forked from one server that imported reshard (and torch) once: each convert
+    then costs a fork, not a 2 s interpreter start-up, so 40 of them race in a few seconds."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["reshard.cli", "reshard.convert"])
+    return ctx
 
 
-def test_concurrent_converts_never_leave_mixed_layouts(source, tmp_path):
-    delays = [0.1 * i for i in range(20)]  # python start-up to past a whole tiny convert
-    with ThreadPoolExecutor(4) as pool:
-        runs = list(pool.map(lambda i: _race(source[0], tmp_path / f"o{i}", delays[i]), range(20)))
+def _race(ctx, src: Path, outs: list[Path], delays: list[float]) -> list[tuple]:
+    """For each OUT: `convert --tp 2 --pp 2 -o OUT & (sleep delay; convert --tp 4 -o OUT)`,
+    every pair at once. Processes are started from this thread only (forkserver's start is
+    not thread-safe); returns (exit code of the first, of the second, their output)."""
+    layouts = (["--tp", "2", "--pp", "2"], ["--tp", "4"])
+    starts = sorted((d * which, i, which) for i, d in enumerate(delays) for which in (0, 1))
+    procs: dict[tuple[int, int], object] = {}
+    t0 = time.perf_counter()
+    for at, i, which in starts:
+        time.sleep(max(0.0, at - (time.perf_counter() - t0)))
+        args = [str(src), "-o", str(outs[i]), *layouts[which]]
+        proc = ctx.Process(target=_convert_child, args=(args, f"{outs[i]}.{which}.log"))
+        proc.start()
+        procs[i, which] = proc
+    for proc in procs.values():
+        proc.join()
+    return [(procs[i, 0].exitcode, procs[i, 1].exitcode, _logs(outs[i])) for i in range(len(outs))]
+
+
+def _logs(out: Path) -> str:
+    return "".join(Path(f"{out}.{which}.log").read_text() for which in (0, 1))
+
+
+def test_concurrent_converts_never_leave_mixed_layouts(source, tmp_path, forkserver):
+    delays = [0.02 * i for i in range(20)]  # from together to past a whole tiny convert
+    outs = [tmp_path / f"o{i}" for i in range(20)]
+    runs = []
+    for batch in range(0, 20, 5):  # five races at a time
+        part = slice(batch, batch + 5)
+        runs += _race(forkserver, source[0], outs[part], delays[part])
     outcomes = []
     for i, (code_a, code_b, err) in enumerate(runs):
         assert sorted([code_a, code_b]) == [0, 2], (i, code_a, code_b, err)
