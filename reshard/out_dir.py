@@ -19,6 +19,7 @@ from pathlib import Path
 import xxhash
 
 from .errors import OutputBusyError, OutputError
+from .manifest import MANIFEST
 from .plan import Plan
 from .source import Source
 from .writer import fsync_dir, io_error, partial_path, write_atomic
@@ -139,7 +140,7 @@ def owned_names(out_dir: Path) -> set[str]:
 
 
 def _legacy_names(out_dir: Path) -> set[str]:
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST
     if not path.is_file():
         return set()
     try:
@@ -177,11 +178,11 @@ def claim_out_dir(out_dir: Path, names: list[str], fingerprint: str) -> None:
 
 def _remove_owned(out_dir: Path, names: set[str]) -> None:
     """The manifest goes first: from then on the folder is incomplete by definition."""
-    for name in sorted(names, key=lambda n: n != "manifest.json"):
+    for name in sorted(names, key=lambda n: n != MANIFEST):
         for path in (out_dir / name, partial_path(out_dir / name)):
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:
                 raise io_error(e, path) from None
-        if name == "manifest.json":
+        if name == MANIFEST:
             fsync_dir(out_dir)
