@@ -185,22 +185,32 @@ def _check_layout(f: Fields, layout: dict, hp: HParams) -> dict:
     stages = f.get(layout, "stages", list, "layout.stages")
     if len(stages) != pp:
         f.fail("layout.stages", f"has {len(stages)} entries, but pp is {pp}")
+    first = 0
     for i, stage in enumerate(stages):
-        _check_stage(f, stage, i, pp, hp.num_layers)
+        first = _check_stage(f, stage, i, pp, first)
+    if first != hp.num_layers:
+        f.fail("layout.stages", f"cover layers 0-{first - 1}, but the model has {hp.num_layers}")
     return {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "world_size": world}
 
 
-def _check_stage(f: Fields, stage, i: int, pp: int, num_layers: int) -> None:
+def _check_stage(f: Fields, stage, i: int, pp: int, first: int) -> int:
+    """Stage i holds layers [first, last] (last = first - 1: none); returns the next first."""
     field = f"layout.stages[{i}]"
     if not isinstance(stage, dict):
         f.fail(field, "is not an object")
     f.int(stage, "stage", f"{field}.stage", lo=i, hi=i + 1)
-    f.ints(stage, "layers", f"{field}.layers", 2)
-    if stage["layers"][1] >= num_layers:
-        f.fail(f"{field}.layers", f"ends at layer {stage['layers'][1]} of {num_layers}")
+    layers = f.get(stage, "layers", list, f"{field}.layers")
+    if (
+        len(layers) != 2
+        or layers[0] != first
+        or type(layers[1]) is not int
+        or layers[1] < first - 1
+    ):
+        f.fail(f"{field}.layers", f"is {_short(layers)}, expected [{first}, last >= {first - 1}]")
     for key, expected in (("embed", i == 0), ("head", i == pp - 1)):
         if f.get(stage, key, bool, f"{field}.{key}") != expected:
             f.fail(f"{field}.{key}", f"is {stage[key]}, expected {expected} for stage {i} of {pp}")
+    return layers[1] + 1
 
 
 def _check_files(f: Fields, files: dict, world: int) -> dict:

@@ -20,8 +20,9 @@ import xxhash
 
 from .errors import OutputBusyError, OutputError
 from .manifest import MANIFEST
+from .moe_layout import SGLANG_FILE, TRTLLM_FILE
 from .plan import Plan
-from .source import Source
+from .source import SIDE_FILES, Source
 from .writer import fsync_dir, io_error, partial_path, write_atomic
 
 LOCK = ".reshard.lock"
@@ -132,7 +133,8 @@ def is_plain_name(name: str) -> bool:
 
 def owned_names(out_dir: Path) -> set[str]:
     """Files a reshard record in OUT names (each also owns its `.partial`). An output from a
-    reshard without records: the manifest and the rank files it lists."""
+    reshard without records: the manifest, the rank files it lists and the side files that
+    reshard copies beside them."""
     record = read_record(out_dir)
     if record is not None:
         return {*record["files"], RECORD}
@@ -152,7 +154,7 @@ def _legacy_names(out_dir: Path) -> set[str]:
         if isinstance(files, dict)
         else []
     )
-    return {path.name, *names}
+    return {path.name, *names, *SIDE_FILES, SGLANG_FILE, TRTLLM_FILE}
 
 
 def claim_out_dir(out_dir: Path, names: list[str], fingerprint: str) -> None:

@@ -148,6 +148,10 @@ MANIFEST_CASES = {
         _set(["hparams", "num_layers"], "3"),
         "'hparams.num_layers' is string '3'",
     ),
+    "stage layers": (
+        _set(["layout", "stages", 0, "layers"], [0, 1]),
+        "'layout.stages' cover layers 0-1, but the model has 3",
+    ),
     "stage count": (lambda d: d["layout"]["stages"].append({}), "'layout.stages' has 2 entries"),
     "replica of the wrong rank": (
         _set(["ranks", 2, "replica_of"], 1),
@@ -327,6 +331,17 @@ def test_files_that_are_not_reshards_stay(source, tmp_path):
         for name, data in mine.items():
             assert (o / name).read_bytes() == data
     assert sorted(p.name for p in o.glob("rank-*.safetensors")) == [RANK0]  # tp 2 -> 1
+
+
+def test_force_over_an_output_without_a_record_deletes_only_what_its_manifest_names(out, source):
+    """An output of a reshard without records: its manifest says which rank files are its own."""
+    (out / "reshard-record.json").unlink()
+    (out / "rank-00042.safetensors.bak").write_bytes(b"backup")
+    result = cli("convert", source[0], "-o", out, "--quiet", "--force")  # tp 2 x dp 2 -> tp 1
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("rank-*")) == [RANK0, "rank-00042.safetensors.bak"]
+    assert (out / "rank-00042.safetensors.bak").read_bytes() == b"backup"
+    assert verify_code(out)[0] == 0
 
 
 def test_a_rank_file_no_record_names_is_not_replaced(source, tmp_path):
