@@ -181,7 +181,8 @@ def _check_layout(f: Fields, layout: dict, hp: HParams) -> dict:
     vocab = f.int(layout, "vocab_size", "layout.vocab_size", lo=1)
     f.int(layout, "vocab_padded", "layout.vocab_padded", lo=vocab)
     f.get(layout, "tie_word_embeddings", bool, "layout.tie_word_embeddings")
-    f.get(layout, "experts", (dict, type(None)), "layout.experts")
+    if f.get(layout, "experts", (dict, type(None)), "layout.experts") is not None:
+        _check_experts(f, layout["experts"], hp, ep)
     stages = f.get(layout, "stages", list, "layout.stages")
     if len(stages) != pp:
         f.fail("layout.stages", f"has {len(stages)} entries, but pp is {pp}")
@@ -211,6 +212,37 @@ def _check_stage(f: Fields, stage, i: int, pp: int, first: int) -> int:
         if f.get(stage, key, bool, f"{field}.{key}") != expected:
             f.fail(f"{field}.{key}", f"is {stage[key]}, expected {expected} for stage {i} of {pp}")
     return layers[1] + 1
+
+
+def _check_experts(f: Fields, experts: dict, hp: HParams, ep: int) -> None:
+    """The expert maps the runtime builds its routing from (docs/manifest.md)."""
+    f.int(experts, "ep", "layout.experts.ep", lo=ep, hi=ep + 1)
+    for layer, entry in f.get(experts, "layers", dict, "layout.experts.layers").items():
+        field = f"layout.experts.layers['{layer}']"
+        if not isinstance(entry, dict):
+            f.fail(field, "is not an object")
+        slots = f.int(entry, "slots_per_rank", f"{field}.slots_per_rank", lo=1)
+        phy2log = _int_list(f, entry, "phy2log", field, slots * ep, -1, hp.num_experts)
+        logcnt = _int_list(f, entry, "logcnt", field, hp.num_experts, 1, len(phy2log) + 1)
+        log2phy = f.get(entry, "log2phy", list, f"{field}.log2phy")
+        if len(log2phy) != hp.num_experts:
+            f.fail(f"{field}.log2phy", f"has {len(log2phy)} rows, expected {hp.num_experts}")
+        for e, row in enumerate(log2phy):
+            _check_slots(f, row, logcnt[e], len(phy2log), f"{field}.log2phy[{e}]")
+
+
+def _check_slots(f: Fields, row, count: int, slots: int, field: str) -> None:
+    """A logical expert's physical slots: `count` valid ones first, then -1 padding."""
+    ok = isinstance(row, list) and all(type(v) is int and -1 <= v < slots for v in row)
+    if not ok or len(row) < count or any(v < 0 for v in row[:count]):
+        f.fail(field, f"is {_short(row)}, expected {count} slots in [0, {slots}) first")
+
+
+def _int_list(f: Fields, obj: dict, key: str, field: str, n: int, lo: int, hi: int) -> list[int]:
+    value = f.get(obj, key, list, f"{field}.{key}")
+    if len(value) != n or not all(type(v) is int and lo <= v < hi for v in value):
+        f.fail(f"{field}.{key}", f"is {_short(value)}, expected {n} integers in [{lo}, {hi})")
+    return value
 
 
 def _check_files(f: Fields, files: dict, world: int) -> dict:

@@ -203,6 +203,33 @@ def test_unreadable_manifest_exits_2(out, case):
     expect_error(cli("verify", out), 2, str(out / MANIFEST), needle)
 
 
+EXPERT_CASES = {
+    "phy2log a string": (["phy2log"], "x", ".phy2log' is string 'x', expected array"),
+    "expert id out of range": (["phy2log", 0], 7, ".phy2log' is [7,"),
+    "log2phy slot missing": (["log2phy", 0], [-1], ".log2phy[0]' is [-1], expected 1 slots"),
+    "slots_per_rank zero": (["slots_per_rank"], 0, ".slots_per_rank' is 0, outside >= 1"),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_out(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("moe")
+    src = write_checkpoint(base / "src", "MixtralForCausalLM", num_hidden_layers=2)
+    convert_model(str(src), base / "out", build_recipe(tp=2, ep=2))
+    return base / "out"
+
+
+@pytest.mark.parametrize("case", EXPERT_CASES)
+def test_damaged_expert_map_exits_2(moe_out, tmp_path, case):
+    path, value, needle = EXPERT_CASES[case]
+    out = tmp_path / "out"
+    shutil.copytree(moe_out, out)
+    doc = load(out)
+    _set(["layout", "experts", "layers", "1", *path], value)(doc)
+    save(out, doc)
+    expect_error(cli("verify", out), 2, str(out / MANIFEST), "layout.experts.layers['1']", needle)
+
+
 # --- a tampered manifest that still parses: exit 1 -----------------------------------------
 
 
