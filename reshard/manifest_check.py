@@ -75,8 +75,8 @@ class Fields:
     def int(self, obj: dict, key: str, field: str, lo: int = 0, hi: int | None = None) -> int:
         value = self.get(obj, key, int, field)
         if value < lo or (hi is not None and value >= hi):
-            bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-            self.fail(field, f"is {value}, outside {bound}")
+            bound = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
+            self.fail(field, f"is {value}, expected {bound}")
         return value
 
     def ints(self, obj: dict, key: str, field: str, n: int) -> list[int]:

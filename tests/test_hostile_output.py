@@ -207,7 +207,7 @@ EXPERT_CASES = {
     "phy2log a string": (["phy2log"], "x", ".phy2log' is string 'x', expected array"),
     "expert id out of range": (["phy2log", 0], 7, ".phy2log' is [7,"),
     "log2phy slot missing": (["log2phy", 0], [-1], ".log2phy[0]' is [-1], expected 1 slots"),
-    "slots_per_rank zero": (["slots_per_rank"], 0, ".slots_per_rank' is 0, outside >= 1"),
+    "slots_per_rank zero": (["slots_per_rank"], 0, ".slots_per_rank' is 0, expected >= 1"),
 }
 
 

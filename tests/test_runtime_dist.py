@@ -24,6 +24,8 @@ from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError, OutputError  # noqa: E402
 from reshard.experts import Placement  # noqa: E402
 from reshard.hparams import load_hparams  # noqa: E402
+from reshard.manifest import write_manifest  # noqa: E402
+from reshard.manifest_check import SEAL_KEY  # noqa: E402
 from reshard.recipe import build_recipe  # noqa: E402
 from reshard.runtime.compare import Tolerance, compare_results  # noqa: E402
 from reshard.runtime.dist import Comm  # noqa: E402
@@ -131,9 +133,9 @@ def test_tp4_ep2_qwen3_moe_fused_experts(tmp_path):
 
 
 def test_generate_catches_an_expert_map_the_files_disagree_with(tmp_path):
-    """Swap two slots of one rank in the manifest's map, files untouched: hashes and weights
-    still pass (each piece is still its source block); only generation can see that the
-    fused slots now compute the wrong experts, and it must fail."""
+    """Swap two slots of one rank in the manifest's map, files untouched, manifest re-sealed:
+    hashes and weights still pass (each piece is still its source block); only generation can
+    see that the fused slots now compute the wrong experts, and it must fail."""
     src = write_fused_checkpoint(tmp_path / "src", "Qwen3MoeForCausalLM", initializer_range=0.5)
     out = tmp_path / "out"
     convert_model(str(src), out, build_recipe(tp=2, ep=2, redundant=2))
@@ -142,7 +144,8 @@ def test_generate_catches_an_expert_map_the_files_disagree_with(tmp_path):
     phy2log = entry["phy2log"]
     phy2log[0], phy2log[1] = phy2log[1], phy2log[0]
     entry["log2phy"] = [list(row) for row in Placement.from_phy2log(phy2log, 2, 4).log2phy]
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    del manifest[SEAL_KEY]
+    write_manifest(out, manifest)  # sealed again, as convert would
     options = {"prompt_ids": PROMPTS, "max_new_tokens": NEW_TOKENS, "device": "cpu"}
     _, results = verify_output(out, levels=LEVELS, generate_options=options)
     assert [r.passed for r in results] == [True, True, False]
