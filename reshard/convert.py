@@ -18,7 +18,7 @@ from .errors import InputError
 from .hparams import HParams
 from .manifest import MANIFEST, build_manifest, write_manifest
 from .moe_layout import SGLANG_FILE, TRTLLM_FILE
-from .out_dir import check_out_apart, claim_out_dir, lock_out_dir, plan_fingerprint
+from .out_dir import build_record, check_out_apart, claim_out_dir, lock_out_dir
 from .output_source import open_model
 from .plan import Plan, Stage, build_plan, check_layout
 from .recipe import Recipe
@@ -95,8 +95,8 @@ def convert_model(
         stage_plan = _stage_plan(source.hparams, recipe)
         plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
         with lock_out_dir(out_dir):  # a second convert into OUT exits 2 from here on
-            names = output_names(plan, source)
-            prepare_out_dir(out_dir, names, plan_fingerprint(plan), force=force)
+            record = build_record(plan, source, output_names(plan, source))
+            prepare_out_dir(out_dir, record, force=force)
             read_total, sizes = _write_output(plan, source, recipe, out_dir, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -177,8 +177,8 @@ def output_names(plan: Plan, source: Source) -> list[str]:
     return names + exports + [MANIFEST]
 
 
-def prepare_out_dir(out_dir: Path, names: list[str], fingerprint: str, *, force: bool) -> None:
+def prepare_out_dir(out_dir: Path, record: dict, *, force: bool) -> None:
     """Under the lock: refuse to clobber a finished output unless forced (checked again: a
     convert that finished while this one planned has written its manifest), then claim OUT."""
     check_no_output(out_dir, force=force)
-    claim_out_dir(out_dir, names, fingerprint)
+    claim_out_dir(out_dir, record)

@@ -157,11 +157,27 @@ def _legacy_names(out_dir: Path) -> set[str]:
     return {path.name, *names, *SIDE_FILES, SGLANG_FILE, TRTLLM_FILE}
 
 
-def claim_out_dir(out_dir: Path, names: list[str], fingerprint: str) -> None:
+def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
+    """What a run owns in OUT and what it writes there: the plan's fingerprint and the source
+    it reads (so a later --resume can tell a matching run from another)."""
+    return {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_VERSION,
+        "plan_xxh3_128": plan_fingerprint(plan),
+        "source": {
+            "path": str(source.path),
+            "revision": source.revision,
+            "files": [[h.path.name, h.size] for h in source.headers],
+        },
+        "files": sorted(names),
+    }
+
+
+def claim_out_dir(out_dir: Path, record: dict) -> None:
     """Under the lock: refuse if a file this run writes exists and no record names it; delete
-    what the previous record names; record what this run will write, before it writes."""
+    what the previous record names; write `record` (from build_record) before any shard."""
     owned = owned_names(out_dir)
-    for name in names:
+    for name in record["files"]:
         for path in (out_dir / name, partial_path(out_dir / name)):
             if name not in owned and os.path.lexists(path):
                 raise OutputError(
@@ -169,12 +185,6 @@ def claim_out_dir(out_dir: Path, names: list[str], fingerprint: str) -> None:
                     "replaces only files it wrote. Move it away, or choose another -o."
                 )
     _remove_owned(out_dir, owned - {RECORD})
-    record = {
-        "format": RECORD_FORMAT,
-        "format_version": RECORD_VERSION,
-        "plan_xxh3_128": fingerprint,
-        "files": sorted(names),
-    }
     write_atomic(out_dir / RECORD, (json.dumps(record, indent=1) + "\n").encode())
 
 

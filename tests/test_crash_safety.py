@@ -36,6 +36,8 @@ def test_interrupted_convert_then_rerun(tmp_path, monkeypatch, stage):
     assert left == sorted([".reshard.lock", "reshard-record.json", *partials])
     record = json.loads((out / "reshard-record.json").read_text())  # names what it left
     assert {"rank-00000.safetensors", "rank-00001.safetensors"} <= set(record["files"])
+    shards = sorted(src.glob("*.safetensors"))
+    assert record["source"]["files"] == [[p.name, p.stat().st_size] for p in shards]
 
     result = run("verify", out)
     assert result.exit_code == 2, result.output
@@ -45,6 +47,8 @@ def test_interrupted_convert_then_rerun(tmp_path, monkeypatch, stage):
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if n.endswith(".partial")]
+    rerun = json.loads((out / "reshard-record.json").read_text())
+    assert rerun["plan_xxh3_128"] == record["plan_xxh3_128"]  # same layout, same plan
     assert "manifest.json" in names
     assert run("verify", out, "--level", "hashes", "--level", "weights").exit_code == 0
 

@@ -352,11 +352,14 @@ def test_files_that_are_not_reshards_stay(source, tmp_path):
     mine = {"thesis.partial": b"chapter 1", "rank-00042.safetensors.bak": b"backup"}
     for name, data in mine.items():
         (o / name).write_bytes(data)
+    plans = []
     for args in (["--tp", "2"], ["--tp", "2", "--force"], ["--force"]):
         result = cli("convert", source[0], "-o", o, "--quiet", *args)
         assert result.exit_code == 0, result.output
         for name, data in mine.items():
             assert (o / name).read_bytes() == data
+        plans.append(json.loads((o / "reshard-record.json").read_text())["plan_xxh3_128"])
+    assert plans[0] == plans[1] != plans[2]  # the record's fingerprint follows the layout
     assert sorted(p.name for p in o.glob("rank-*.safetensors")) == [RANK0]  # tp 2 -> 1
 
 
