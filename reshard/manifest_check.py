@@ -138,10 +138,34 @@ def _check_source(f: Fields, source: dict) -> None:
         f.get(source, key, (str, type(None)), f"source.{key}")
     f.get(source, "pickle", bool, "source.pickle")
     for i, entry in enumerate(f.get(source, "files", list, "source.files")):
-        if not isinstance(entry, dict):
-            f.fail(f"source.files[{i}]", "is not an object")
-        f.get(entry, "name", str, f"source.files[{i}].name")
-        f.int(entry, "size", f"source.files[{i}].size")
+        _check_source_file(f, entry, f"source.files[{i}]")
+    made_from = source
+    while "made_from" in made_from:  # re-layouts: the outputs read, newest first
+        made_from = f.get(made_from, "made_from", (dict, type(None)), "source.made_from")
+        if made_from is None:
+            break
+        f.get(made_from, "path", str, "source.made_from.path")
+        f.hex(made_from, "manifest_xxh3_128", "source.made_from.manifest_xxh3_128")
+        f.get(made_from, "layout", dict, "source.made_from.layout")
+
+
+def _check_source_file(f: Fields, entry, field: str) -> None:
+    if not isinstance(entry, dict):
+        f.fail(field, "is not an object")
+    f.get(entry, "name", str, f"{field}.name")
+    f.int(entry, "size", f"{field}.size")
+    if "tensors" in entry:  # absent: refused where needed (a reshard output as a source)
+        for j, tensor in enumerate(f.get(entry, "tensors", list, f"{field}.tensors")):
+            _check_source_tensor(f, tensor, f"{field}.tensors[{j}]")
+
+
+def _check_source_tensor(f: Fields, tensor, field: str) -> None:
+    """[name, dtype, shape], in the source file's order."""
+    ok = isinstance(tensor, list) and len(tensor) == 3 and isinstance(tensor[0], str)
+    ok = ok and isinstance(tensor[1], str) and tensor[1] in DTYPE_SIZES
+    ok = ok and isinstance(tensor[2], list)
+    if not ok or not all(type(n) is int and n >= 0 for n in tensor[2]):
+        f.fail(field, f"is {_short(tensor)}, expected [name, dtype, shape]")
 
 
 # HParams annotation -> JSON types its value may have (ints are not bools).

@@ -167,6 +167,10 @@ MANIFEST_CASES = {
     ),
     "seal missing": (_del(SEAL_KEY), f"'{SEAL_KEY}' is missing"),
     "source files not a list": (_set(["source", "files"], {}), "'source.files' is object"),
+    "source tensor entry": (
+        lambda d: d["source"]["files"][0]["tensors"][0].__setitem__(1, ["F32"]),
+        "'source.files[0].tensors[0]' is [",
+    ),
     "old format version": (_set(["format_version"], 1), "'format_version' is 1"),
     "not a manifest": (_set(["format"], "x"), "'format' is 'x'"),
 }
@@ -309,12 +313,16 @@ def test_corrupt_rank_file_header_exits_1_naming_the_file(out, level):
 # --- convert: whose files are these? ----------------------------------------------------------
 
 
-def test_out_equal_to_the_source_is_refused(source, tmp_path):
+@pytest.mark.parametrize("shard", ["model.safetensors", RANK0])
+def test_out_equal_to_the_source_is_refused(source, tmp_path, shard):
+    """A source shard named like a rank file makes the folder read as an (incomplete) reshard
+    output: refused as such, before anything is written."""
     src = tmp_path / "model"
     shutil.copytree(source[0], src)
-    shutil.copy(src / "model.safetensors", src / RANK0)  # a source shard with our name
+    (src / "model.safetensors").rename(src / shard)
     before = digest_tree(src)
-    expect_error(cli("convert", src, "-o", src, "--quiet"), 2, f"{src}: is the source folder")
+    needle = f"{src}: is the source folder" if shard != RANK0 else "manifest.json: missing"
+    expect_error(cli("convert", src, "-o", src, "--quiet"), 2, str(src), needle)
     assert digest_tree(src) == before
 
 
