@@ -189,7 +189,15 @@ Example:
     "--prompts", "prompts_file", type=click.Path(path_type=Path), help="Text prompts, one per line."
 )
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--device", help="cpu or cuda for the generate tier (default: cuda if available).")
+@click.option("--device", help="cpu, cuda or cuda:N for the generate tier (default: cuda if any).")
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["float32", "checkpoint"]),
+    default="float32",
+    show_default=True,
+    help="float32: weights upcast as they load, tokens must be identical; checkpoint: the "
+    "shards' own dtype (less memory), near ties exempted and counted.",
+)
 @click.option(
     "--reference",
     type=click.Choice(["auto", "full", "streamed"]),
@@ -202,8 +210,9 @@ Example:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
 @run_command
 def verify(
-    out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, reference, json_path
-):
+    out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, compute_dtype,
+    reference, json_path,
+):  # fmt: skip
     from .expert_profile import parse_prompt_ids
     from .report import format_verify, verify_report
     from .verify import LEVELS, verify_output
@@ -214,6 +223,7 @@ def verify(
         "max_new_tokens": max_new_tokens,
         "device": device,
         "reference": reference,
+        "compute_dtype": compute_dtype,
     }
     manifest, results = verify_output(
         out_dir, levels=tuple(levels) or LEVELS, source=source, generate_options=options

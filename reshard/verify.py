@@ -353,7 +353,12 @@ def verify_output(
     source: str | None = None,
     generate_options: dict | None = None,
 ) -> tuple[dict, list[LevelResult]]:
-    """Run the requested tiers in order. Raises OutputError when OUT is incomplete."""
+    """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
+    InputError for bad generate options before any tier runs."""
+    if "generate" in levels:
+        from .runtime.verify_generate import check_generate_options
+
+        check_generate_options(**(generate_options or {}))
     manifest = read_manifest(out_dir)
     check_complete(out_dir, manifest)
     results = []

@@ -17,7 +17,7 @@ import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -57,21 +57,32 @@ def run_world(
     max_new_tokens: int,
     *,
     device: str | None = None,
+    dtype: str | None = None,
 ) -> list[PromptResult]:
-    """Join the torchrun world if there is one, else spawn `world_size` local processes."""
+    """Join the torchrun world if there is one, else spawn `world_size` local processes.
+    dtype: 'float32' upcasts every rank's weights as they load (None: as stored)."""
     manifest = read_manifest(out_dir)
-    kind = device or default_device()
+    kind = "cuda" if (device or default_device()).startswith("cuda") else "cpu"
+    job = Job(prompts, max_new_tokens, kind, dtype)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return _run_in_torchrun(Path(out_dir), manifest, prompts, max_new_tokens, kind)
-    return _spawn_world(Path(out_dir), manifest, prompts, max_new_tokens, kind)
+        return _run_in_torchrun(Path(out_dir), manifest, job)
+    return _spawn_world(Path(out_dir), manifest, job)
 
 
 generate_sharded = run_world
 
 
-def _spawn_world(
-    out_dir: Path, manifest: dict, prompts: list[list[int]], max_new_tokens: int, kind: str
-) -> list[PromptResult]:
+class Job(NamedTuple):
+    """What every rank runs; a NamedTuple so that it pickles into spawned processes."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int
+    kind: str  # "cpu" (gloo) or "cuda" (nccl, rank r on cuda:r % count)
+    dtype: str | None  # cast weights as they load; None: as stored
+
+
+def _spawn_world(out_dir: Path, manifest: dict, job: Job) -> list[PromptResult]:
+    kind = job.kind
     world_size = int(manifest["layout"]["world_size"])
     if kind == "cuda" and world_size > torch.cuda.device_count():
         raise InputError(
@@ -80,7 +91,7 @@ def _spawn_world(
             "torchrun across nodes, or on CPU processes with device 'cpu'."
         )
     with tempfile.TemporaryDirectory(prefix="reshard-world-") as tmp:
-        args = (world_size, _free_port(), str(out_dir), prompts, max_new_tokens, tmp, kind)
+        args = (world_size, _free_port(), str(out_dir), job, tmp)
         try:
             with _quiet_children():
                 mp.start_processes(
@@ -115,16 +126,14 @@ def _spawned_rank(
     world_size: int,
     port: int,
     out_dir: str,
-    prompts: list[list[int]],
-    max_new_tokens: int,
+    job: Job,
     tmp: str,
-    kind: str,
 ) -> None:
     """Entry point of a spawned process (module-level so that `spawn` can import it)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        device = _init_world(kind, f"tcp://127.0.0.1:{port}", rank, world_size, rank)
-        results = _generate_rank(Path(out_dir), rank, prompts, max_new_tokens, device)
+        device = _init_world(job.kind, f"tcp://127.0.0.1:{port}", rank, world_size, rank)
+        results = _generate_rank(Path(out_dir), rank, job, device)
         if rank == 0:
             torch.save([_to_dict(r) for r in results], Path(tmp) / "results.pt")
         dist.destroy_process_group()
@@ -134,9 +143,8 @@ def _spawned_rank(
         raise
 
 
-def _run_in_torchrun(
-    out_dir: Path, manifest: dict, prompts: list[list[int]], max_new_tokens: int, kind: str
-) -> list[PromptResult]:
+def _run_in_torchrun(out_dir: Path, manifest: dict, job: Job) -> list[PromptResult]:
+    kind = job.kind
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world_size != int(manifest["layout"]["world_size"]):
         raise InputError(
@@ -151,7 +159,7 @@ def _run_in_torchrun(
     else:
         device = _rank_device(kind, local_rank)
     try:
-        return _generate_rank(out_dir, rank, prompts, max_new_tokens, device)
+        return _generate_rank(out_dir, rank, job, device)
     finally:
         if owner:
             dist.destroy_process_group()
@@ -177,15 +185,14 @@ def _rank_device(kind: str, local_rank: int) -> torch.device:
     return device
 
 
-def _generate_rank(
-    out_dir: Path, rank: int, prompts: list[list[int]], max_new_tokens: int, device
-) -> list[PromptResult]:
+def _generate_rank(out_dir: Path, rank: int, job: Job, device) -> list[PromptResult]:
     """Load this rank's stage, generate its replica's prompts, gather every result."""
+    prompts, max_new_tokens = job.prompts, job.max_new_tokens
     manifest = read_manifest(out_dir)
     layout = manifest["layout"]
     comm = build_comm(layout, rank)
     gather_group = dist.new_group(backend="gloo")  # results travel as CPU objects
-    stage = load_rank(out_dir, manifest, rank, comm=comm, device=device)
+    stage = load_rank(out_dir, manifest, rank, comm=comm, device=device, dtype=job.dtype)
     dp, dp_index = int(layout["dp"]), rank // (int(layout["tp"]) * int(layout["pp"]))
     indices = [i for i in range(len(prompts)) if i % dp == dp_index]
     mine = [prompts[i] for i in indices]

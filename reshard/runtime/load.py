@@ -109,12 +109,14 @@ def load_rank(
     *,
     comm: Comm | None = None,
     device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
 ) -> CausalLM:
-    """Rank `rank`'s stage, reading only its files (those of `replica_of` for DP replicas)."""
+    """Rank `rank`'s stage, reading only its files (those of `replica_of` for DP replicas).
+    dtype: cast each tensor as it is read (None: as stored)."""
     entry = rank_entry(manifest, rank)
     source = entry if entry.get("replica_of") is None else rank_entry(manifest, entry["replica_of"])
     hp = HParams.from_dict(manifest["hparams"])
-    tensors = _read_rank_tensors(Path(out_dir), source, device)
+    tensors = _read_rank_tensors(Path(out_dir), source, device, resolve_dtype(dtype))
     tie_lm_head(hp, tensors)
     return build_model(
         hp,
@@ -134,7 +136,7 @@ def rank_entry(manifest: dict[str, Any], rank: int) -> dict[str, Any]:
 
 
 def _read_rank_tensors(
-    out_dir: Path, entry: dict[str, Any], device: str | torch.device
+    out_dir: Path, entry: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     by_file: dict[str, list[str]] = {}
     for name, info in entry["tensors"].items():
@@ -145,7 +147,7 @@ def _read_rank_tensors(
             raise OutputError(
                 f"{out_dir / file}: missing (rank {entry['rank']}). Re-run `reshard convert`."
             )
-        tensors.update(read_tensors(out_dir / file, names, None, device))
+        tensors.update(read_tensors(out_dir / file, names, dtype, device))
     for name, info in entry["tensors"].items():
         if list(tensors[name].shape) != list(info["shape"]):
             raise OutputError(
