@@ -29,8 +29,12 @@ SIDE_FILES = (
     "vocab.json",
     "merges.txt",
 )
-HUB_PATTERNS = [*SIDE_FILES, "*.safetensors", INDEX]
-REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
+# A hub download fetches these first, then only the weight files the index names (or
+# model.safetensors): Mistral repos also ship consolidated.safetensors, and `*.safetensors`
+# would download the weights twice.
+HUB_PATTERNS = [*SIDE_FILES, INDEX]
+# org/name[@revision]; names start with a letter, digit or _ so "./x" and "../x" are paths.
+REPO_ID = re.compile(r"^\w[\w.\-]*/\w[\w.\-]*(@[\w.\-/]+)?$")
 
 
 @dataclass(frozen=True)
@@ -82,13 +86,23 @@ def resolve_model(model: str) -> tuple[Path, str | None, str | None]:
 
 def _download(model: str) -> tuple[Path, str, str]:
     import huggingface_hub
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     repo_id, _, revision = model.partition("@")
     try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS
+        meta = Path(
+            huggingface_hub.snapshot_download(
+                repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS
+            )
         )
+        weights = _hub_weight_files(meta)
+        folder = huggingface_hub.snapshot_download(
+            repo_id, revision=meta.name, allow_patterns=[*HUB_PATTERNS, *weights]
+        )
+    except HFValidationError:
+        raise InputError(
+            f"{model}: no such folder, and not a hub repo id of the form org/name[@revision]."
+        ) from None
     except LocalEntryNotFoundError as e:
         raise ReshardIOError(
             f"{model}: not (completely) in the local Hugging Face cache and the hub cannot be "
@@ -102,6 +116,12 @@ def _download(model: str) -> tuple[Path, str, str]:
     folder = Path(folder)
     # snapshot folders are named by the commit sha: that is the pinned revision we record.
     return folder, repo_id, folder.name
+
+
+def _hub_weight_files(meta: Path) -> list[str]:
+    """The weight files to fetch: those the index names, else model.safetensors."""
+    index = meta / INDEX
+    return sorted(set(_read_weight_map(index).values())) if index.is_file() else [SINGLE]
 
 
 def list_weight_files(path: Path, *, allow_pickle: bool, scratch: Path | None) -> list[Path]:

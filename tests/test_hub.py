@@ -124,18 +124,50 @@ def test_repo_id_converts_and_records_the_commit(hub_cache, download_calls, tmp_
 
 
 def test_only_what_is_needed_is_requested(hub_cache, download_calls, tmp_path):
+    """First config, tokenizer and index; then, pinned to the commit that resolved to, exactly
+    the shards the index names."""
     open_source(REPO)
-    (call,) = download_calls
-    assert call["repo_id"] == REPO
-    patterns = call["allow_patterns"]
-    for needed in (
-        "config.json",
-        "model.safetensors.index.json",
-        "model-00001-of-00003.safetensors",
-    ):
+    first, second = download_calls
+    assert first["repo_id"] == second["repo_id"] == REPO
+    assert second["revision"] == COMMIT
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert not any(fnmatch.fnmatch(s, p) for s in shards for p in first["allow_patterns"])
+    patterns = second["allow_patterns"]
+    for needed in ("config.json", "tokenizer.json", "model.safetensors.index.json", *shards):
         assert any(fnmatch.fnmatch(needed, p) for p in patterns), (needed, patterns)
-    for unwanted in ("pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "model.pt"):
+    for unwanted in (
+        "pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "model.pt",
+        "consolidated.safetensors", "model.safetensors", "original/model.safetensors",
+    ):  # fmt: skip
         assert not any(fnmatch.fnmatch(unwanted, p) for p in patterns), (unwanted, patterns)
+
+
+def test_consolidated_weights_beside_the_shards_are_not_fetched(tmp_path, monkeypatch):
+    """A Mistral-style repo: the tree lists consolidated.safetensors (never downloaded) beside
+    the HF shards. Offline, huggingface_hub refuses a snapshot that lacks a listed file the
+    patterns match, so this resolves only if reshard does not ask for it."""
+    folder = write_checkpoint(tmp_path / "src", "MistralForCausalLM", shard_size="200KB")
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    cache = tmp_path / "hf-home" / "hub"
+    repo_dir = add_snapshot(cache, "mistralai/tiny", COMMIT, files, ref="main")
+    write_tree_listing(repo_dir, COMMIT, {**files, "consolidated.safetensors": b"x" * 64})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    source = open_source("mistralai/tiny")
+    assert source.revision == COMMIT
+    assert sorted(h.path.name for h in source.headers) == sorted(
+        n for n in files if n.startswith("model-")
+    )
+
+
+def test_single_file_repo_fetches_model_safetensors(hub_cache, download_calls, tmp_path):
+    files = {p.name: p.read_bytes() for p in write_checkpoint(tmp_path / "one").iterdir()}
+    add_snapshot(hub_cache, "org/single", COMMIT, files, ref="main")
+    open_source("org/single")
+    assert [c["allow_patterns"][-1] for c in download_calls] == [
+        "model.safetensors.index.json",
+        "model.safetensors",
+    ]
 
 
 def test_pinned_commit(hub_cache, tmp_path):
@@ -179,10 +211,13 @@ def test_partly_downloaded_snapshot_fails_without_output(hub_cache, tmp_path):
     assert not (out / "manifest.json").exists()
 
 
-def test_bad_repo_id_is_bad_input(hub_cache, tmp_path):
-    result = convert("not a repo id", tmp_path / "out")
+@pytest.mark.parametrize("model", ["not a repo id", "./nope", "../nope/x", "org/-x"])
+def test_bad_repo_id_is_bad_input(hub_cache, tmp_path, model):
+    result = CliRunner().invoke(main, ["inspect", model])
     assert result.exit_code == 2, result.output
-    assert "org/name[@revision]" in result.stderr
+    assert result.stderr == (
+        f"error: {model}: no such folder, and not a hub repo id of the form org/name[@revision].\n"
+    )
 
 
 def test_cli_in_a_fresh_process_honours_the_environment(hub_cache, tmp_path):
