@@ -355,11 +355,12 @@ def verify_output(
 ) -> tuple[dict, list[LevelResult]]:
     """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
     InputError for bad generate options before any tier runs."""
+    manifest = read_manifest(out_dir)
     if "generate" in levels:
         from .runtime.verify_generate import check_generate_options
 
-        check_generate_options(**(generate_options or {}))
-    manifest = read_manifest(out_dir)
+        vocab = int(manifest["hparams"]["vocab_size"])
+        check_generate_options(vocab=vocab, **(generate_options or {}))
     check_complete(out_dir, manifest)
     results = []
     file_checks = _checks_files_here()

@@ -52,13 +52,50 @@ def test_profile_layers_bad_device_exits_2(tmp_path):
     assert "device='tpu'" in result.output and "cpu or cuda" in result.output
 
 
-@no_gpu
-def test_verify_generate_on_cuda_without_gpus_exits_2(tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "out"
     assert run("convert", EXAMPLES / "tiny-llama", "--tp", 2, "-o", out, "--quiet").exit_code == 0
-    result = run("verify", out, "--level", "generate", "--device", "cuda")
+    return out
+
+
+@pytest.fixture
+def no_spawn(monkeypatch):
+    """Bad generate options must be refused before any rank process starts."""
+    import torch.multiprocessing as mp
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank was spawned")
+
+    monkeypatch.setattr(mp, "start_processes", refuse)
+
+
+@no_gpu
+def test_verify_generate_on_cuda_without_gpus_exits_2(tiny_out, no_spawn):
+    result = run("verify", tiny_out, "--level", "generate", "--device", "cuda")
     assert result.exit_code == 2, result.output
-    assert "one GPU per rank" in result.output
+    assert result.output == (
+        "error: --device cuda: this machine has 0 CUDA device(s) visible to torch; use "
+        "--device cpu (gloo processes) or a GPU index below the count.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "gpu"], "--device 'gpu': use cpu, cuda or cuda:N (e.g. cuda:0)."),
+        (["--device", "cuda:x"], "--device 'cuda:x': use cpu, cuda or cuda:N (e.g. cuda:0)."),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: generate at least 1 token."),
+        (["--max-new-tokens", "-3"], "--max-new-tokens -3: generate at least 1 token."),
+        (["--prompt-ids", "5,999"], "prompt 0 has token ids outside [0, 509) (vocab_size of "
+         "the model)."),
+    ],
+)  # fmt: skip
+def test_bad_generate_options_are_one_line_before_any_tier(tiny_out, no_spawn, args, message):
+    """Every tier is asked for: the refusal comes before the hashes tier prints anything."""
+    result = run("verify", tiny_out, *args)
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: {message}\n"
 
 
 def test_version():

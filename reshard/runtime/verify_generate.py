@@ -39,6 +39,8 @@ def check_generate_options(
     device: str | None = None,
     compute_dtype: str = "float32",
     reference: str = "auto",
+    vocab: int | None = None,
+    prompt_ids: list[list[int]] | None = None,
     **_,
 ) -> None:
     """Refuse bad generate options before any tier runs or any rank is spawned."""
@@ -50,6 +52,8 @@ def check_generate_options(
         raise InputError(f"--compute-dtype {compute_dtype!r}: use one of float32, checkpoint.")
     if device is not None:
         check_device(device)
+    if prompt_ids and vocab is not None:
+        check_prompts(prompt_ids, vocab, max_new_tokens)
 
 
 def check_device(device: str) -> None:
