@@ -133,9 +133,11 @@ def place_experts(
       (SGLang's `init_trivial`; TRT-LLM's default when num_slots == E). R > 0 adds copies
       of experts 0..R-1 on the last ranks, blind to load, as SGLang's default does.
     round_robin: expert e on rank e % ep; needs redundant == 0.
+
+    `load` is one number per expert: a list, tuple or 1-D tensor (read with .tolist()).
     """
+    load = check_load(load)
     check_layout(len(load), ep, redundant, placement)
-    check_load(load)
     num_experts = len(load)
     if placement == "contiguous":
         phy2log = [p % num_experts for p in range(num_experts + redundant)]
@@ -148,6 +150,9 @@ def place_experts(
 
 def check_layout(num_experts: int, ep: int, redundant: int, placement: str) -> None:
     """Raise LayoutError, with the numbers and a fix, for a layout no placement can meet."""
+    for name, value in (("ep", ep), ("redundant", redundant)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{name}={value!r} ({type(value).__name__}); give an int.")
     if placement not in PLACEMENTS:
         raise LayoutError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
     if num_experts < 1 or ep < 1 or redundant < 0:
@@ -185,11 +190,22 @@ def suggest_redundant(num_experts: int, ep: int, redundant: int) -> list[int]:
     return [below, above] if below >= 0 else [above, above + ep]
 
 
-def check_load(load: Sequence[float]) -> None:
-    """Loads are token counts: finite and non-negative."""
+def check_load(load: Sequence[float]) -> list[float]:
+    """Loads are token counts: finite and non-negative, one per expert. Returns a list
+    (a tensor row is read with .tolist())."""
+    if hasattr(load, "tolist"):
+        load = load.tolist()
+    if isinstance(load, (str, bytes)) or not isinstance(load, Sequence):
+        raise InputError(
+            f"load is a {type(load).__name__}; give one number per expert (list or 1-D tensor)"
+        )
     for e, x in enumerate(load):
         if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
-            raise InputError(f"expert {e} has load {x!r}; loads are token counts >= 0")
+            raise InputError(
+                f"expert {e} has load {x!r} ({type(x).__name__}); loads are token counts >= 0, "
+                "one number per expert"
+            )
+    return list(load)
 
 
 def place_balanced(load: Sequence[float], ep: int, redundant: int) -> list[int]:
@@ -307,7 +323,14 @@ def place_model(
     placement: str = "balanced",
 ) -> dict[int, Placement]:
     """A Placement per MoE layer (global layer index). Without measured loads every expert
-    counts 1 (uniform); with loads, every MoE layer must have one of E numbers."""
+    counts 1 (uniform); with loads ({layer: E numbers}), every MoE layer must have one."""
+    if loads is not None and not isinstance(loads, Mapping):
+        raise InputError(
+            f"loads is a {type(loads).__name__}; give a dict {{MoE layer index: [load per "
+            "expert]} (as `reshard profile experts` writes it), or None for uniform"
+        )
+    if isinstance(moe_layers, (str, bytes)) or not isinstance(moe_layers, Sequence):
+        raise InputError(f"moe_layers is {moe_layers!r}; give a list of layer indices")
     if loads is not None:
         check_model_loads(loads, num_experts, moe_layers)
     uniform = [1.0] * num_experts

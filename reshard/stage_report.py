@@ -127,7 +127,7 @@ def report_stages(
     return StageReport(
         pp=pp,
         total_cost=total,
-        lower_bound=max(-(-total // pp), max(costs)),
+        lower_bound=max(-(-total // pp) if isinstance(total, int) else total / pp, max(costs)),
         stages=_rows(costs, weights, item_split, n_layers),
         even=_rows(costs, weights, even_items, n_layers),
         engine=engine,

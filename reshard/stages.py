@@ -1,13 +1,17 @@
 """Pipeline stages: split the chain of items [embedding, decoder layer 0..L-1, final norm +
 lm_head] into contiguous stages that minimise the slowest stage, optionally under a per-stage
 memory cap, and report that split against the lower bound and the engines' default even split.
-Pure functions over integers: no I/O, no torch. Item costs come from reshard.costs.
+Pure functions over plain numbers: no I/O, no torch. Item costs come from reshard.costs
+(integer ns); float costs are solved exactly too (scaled to integers by a power of two).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import accumulate
 
 from .errors import InputError, LayoutError
@@ -20,14 +24,15 @@ ENGINE_KNOBS = {"vllm": "VLLM_PP_LAYER_PARTITION", "sglang": "SGLANG_PP_LAYER_PA
 
 
 def balance_stages(
-    costs: Sequence[int],
+    costs: Sequence[float],
     pp: int,
     *,
-    weights: Sequence[int] | None = None,
-    mem_cap: int | None = None,
+    weights: Sequence[float] | None = None,
+    mem_cap: float | None = None,
 ) -> Split:
     """Split items 0..n-1 into exactly `pp` non-empty contiguous stages, minimising the largest
-    stage cost sum, with every stage's weight sum <= `mem_cap` when given. Exact.
+    stage cost sum, with every stage's weight sum <= `mem_cap` when given. Exact, for int and
+    float costs alike (finite, >= 0); anything else is an InputError.
 
     Tie-break among splits with the smallest bottleneck: the smallest sum of squared stage costs
     (the most even split), then the lexicographically smallest tuple of stage ends (earlier
@@ -63,11 +68,11 @@ def balance_layers(
     return items_from_layers(split)
 
 
-def _fold_ends(values: Sequence[int]) -> list[int]:
-    # [embed, l0, ..., lL-1, head] -> [embed + l0, ..., lL-1 + head]
-    folded = list(values[1:-1])
-    folded[0] += values[0]
-    folded[-1] += values[-1]
+def _fold_ends(values: Sequence[float]) -> list[Fraction]:
+    # [embed, l0, ..., lL-1, head] -> [embed + l0, ..., lL-1 + head], summed exactly
+    folded = [Fraction(v) for v in values[1:-1]]
+    folded[0] += Fraction(values[0])
+    folded[-1] += Fraction(values[-1])
     return folded
 
 
@@ -79,38 +84,62 @@ def _layer_labels(n_layers: int) -> list[str]:
 
 
 def _solve(
-    costs: Sequence[int],
-    weights: Sequence[int] | None,
+    costs: Sequence[float],
+    weights: Sequence[float] | None,
     pp: int,
-    mem_cap: int | None,
+    mem_cap: float | None,
     labels: Sequence[str],
 ) -> Split:
+    if not isinstance(pp, int) or isinstance(pp, bool):
+        raise InputError(f"pp={pp!r}: the number of stages is an int.")
     costs = check_costs(costs)
     weights = [0] * len(costs) if weights is None else check_weights(weights, len(costs))
+    if mem_cap is not None:
+        _check_number("mem_cap", mem_cap)
     _check_feasible(costs, weights, pp, mem_cap, labels)
-    bottleneck = _min_bottleneck(costs, weights, pp, mem_cap)
-    return _most_even(costs, weights, pp, bottleneck, mem_cap)
+    # Exact integers with the same order and ratios: floats are dyadic rationals.
+    int_costs = exact_integers(costs)
+    *int_weights, int_cap = exact_integers([*weights, 0 if mem_cap is None else mem_cap])
+    cap = None if mem_cap is None else int_cap
+    bottleneck = _min_bottleneck(int_costs, int_weights, pp, cap)
+    return _most_even(int_costs, int_weights, pp, bottleneck, cap)
 
 
-def check_costs(costs: Sequence[int]) -> list[int]:
-    costs = [int(c) for c in costs]
-    if any(c < 0 for c in costs):
-        raise InputError(f"item costs must be >= 0, got {costs}.")
+def exact_integers(values: Sequence[float]) -> list[int]:
+    """Scale numbers by one common power of two (or denominator) to integers, exactly."""
+    fractions = [Fraction(v) for v in values]
+    scale = math.lcm(1, *(f.denominator for f in fractions))
+    return [int(f * scale) for f in fractions]
+
+
+def check_costs(costs: Sequence[float]) -> list[float]:
+    """Item costs: finite numbers >= 0 (int or float), returned as a list."""
+    costs = list(costs)
+    for i, c in enumerate(costs):
+        _check_number(f"costs[{i}]", c)
     return costs
 
 
-def check_weights(weights: Sequence[int], n_items: int) -> list[int]:
-    weights = [int(w) for w in weights]
+def check_weights(weights: Sequence[float], n_items: int) -> list[float]:
+    weights = list(weights)
     if len(weights) != n_items:
         raise InputError(f"{len(weights)} weights for {n_items} items: give one per item.")
-    if any(w < 0 for w in weights):
-        raise InputError(f"item weights must be >= 0, got {weights}.")
+    for i, w in enumerate(weights):
+        _check_number(f"weights[{i}]", w)
     return weights
 
 
+def _check_number(what: str, value) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise InputError(f"{what} is {value!r} ({type(value).__name__}); give an int or float.")
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"{what} is {value!r}; costs, weights and caps must be finite and >= 0.")
+
+
 def _check_feasible(
-    costs: list[int], weights: list[int], pp: int, mem_cap: int | None, labels: Sequence[str]
-) -> None:
+    costs: list[float], weights: list[float], pp: int, mem_cap: float | None,
+    labels: Sequence[str],
+) -> None:  # fmt: skip
     n = len(costs)
     if pp < 1:
         raise LayoutError(f"pp={pp}: a pipeline needs at least 1 stage.")
@@ -137,7 +166,9 @@ def _check_feasible(
         )
 
 
-def _count_stages(costs: list[int], weights: list[int], cost_cap: int, mem_cap: int | None) -> int:
+def _count_stages(
+    costs: list[float], weights: list[float], cost_cap: float, mem_cap: float | None
+) -> int:
     """Fewest stages with every cost sum <= cost_cap and weight sum <= mem_cap. Greedy is exact
     here: both limits hold for every sub-interval of a stage that meets them."""
     stages, cost, weight = 1, 0, 0

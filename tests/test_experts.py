@@ -374,3 +374,31 @@ def test_report_balanced_beats_contiguous():
     assert balanced.gap >= 0 and balanced.extra_bytes == 4 * 1000 * 2
     text = format_placement_report(report)
     assert "balanced R=4" in text and len(text.splitlines()) == 4 + 2 + 4  # head, layers, overall
+
+
+def test_place_experts_reads_a_tensor_row_and_checks_its_types():
+    torch = pytest.importorskip("torch")
+    counts = torch.tensor([5.0, 1.0, 1.0, 3.0])
+    assert place_experts(counts, 2) == place_experts([5.0, 1.0, 1.0, 3.0], 2)
+    with pytest.raises(InputError) as e:
+        place_experts(torch.ones(2, 4), 2)
+    assert str(e.value) == (
+        "expert 0 has load [1.0, 1.0, 1.0, 1.0] (list); loads are token counts >= 0, one "
+        "number per expert"
+    )
+    with pytest.raises(InputError, match=r"^ep=2.0 \(float\); give an int.$"):
+        place_experts([1, 2, 3, 4], 2.0)
+    with pytest.raises(InputError, match=r"^load is a str; give one number per expert"):
+        place_experts("1234", 2)
+
+
+def test_place_model_wants_a_dict_of_layers():
+    with pytest.raises(InputError) as e:
+        place_model([[1, 2, 3, 4]], 4, [0], 2)
+    assert str(e.value) == (
+        "loads is a list; give a dict {MoE layer index: [load per expert]} (as `reshard "
+        "profile experts` writes it), or None for uniform"
+    )
+    with pytest.raises(InputError, match=r"^moe_layers is 0; give a list of layer indices$"):
+        place_model({0: [1, 2, 3, 4]}, 4, 0, 2)
+    assert place_model({0: (1, 2, 3, 4)}, 4, [0], 2)[0] == place_experts([1, 2, 3, 4], 2)

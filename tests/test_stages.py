@@ -207,3 +207,44 @@ def test_report_serialises_and_renders():
     }
     text = report.render()
     assert "VLLM_PP_LAYER_PARTITION=2,2,3,1" in text and "lower bound 40" in text
+
+
+def test_float_costs_are_solved_exactly_not_truncated():
+    """int() would make every cost 0 and return a split with bottleneck 1.3, not 1.2."""
+    assert balance_stages([0.4, 0.4, 0.4, 0.9], 2) == ((0, 2), (3, 3))
+    assert balance_stages([0.1, 0.2, 0.3], 3) == ((0, 0), (1, 1), (2, 2))
+    assert balance_stages([0.25, 0.5, 0.125, 0.625], 2) == ((0, 2), (3, 3))  # 0.875 vs 0.625
+
+
+@settings(max_examples=200, deadline=None)
+@given(costs=st.lists(st.floats(0, 30, allow_subnormal=False), min_size=1, max_size=8),
+       pp=st.integers(1, 4))  # fmt: skip
+def test_float_balance_matches_exact_brute_force(costs, pp):
+    from fractions import Fraction
+
+    exact = [Fraction(c) for c in costs]
+    best = brute_force(exact, pp)
+    if best is not None:
+        split = balance_stages(costs, pp)
+        assert max(sum(exact[a : b + 1]) for a, b in split) == best[0][0]
+        assert split == best[1]
+
+
+@pytest.mark.parametrize(
+    "costs, message",
+    [
+        ([1, -1, 2], "costs[1] is -1; costs, weights and caps must be finite and >= 0."),
+        ([1, float("nan")], "costs[1] is nan; costs, weights and caps must be finite and >= 0."),
+        ([float("inf"), 1], "costs[0] is inf; costs, weights and caps must be finite and >= 0."),
+        (["3", 1], "costs[0] is '3' (str); give an int or float."),
+        ([True, 1], "costs[0] is True (bool); give an int or float."),
+    ],
+)
+def test_bad_costs_are_refused_by_name(costs, message):
+    with pytest.raises(InputError) as e:
+        balance_stages(costs, 1)
+    assert str(e.value) == message
+    with pytest.raises(InputError, match="weights\\[0\\] is -5"):
+        balance_stages([1, 2], 1, weights=[-5, 1], mem_cap=10)
+    with pytest.raises(InputError, match=r"pp=2.0 \(float\)|pp=2.0: the number of stages"):
+        balance_stages([1, 2], 2.0)

@@ -6,7 +6,8 @@ condition on different text and their logits are not comparable. With float32 co
 default) a differing token always fails. With checkpoint-dtype compute (bf16 on GPUs) a
 differing token may be exempted as a "near tie": the reference's margin of its own pick over
 the sharded pick is at most twice the |dlogit| measured at that very row (and that |dlogit|
-is within the tolerance), i.e. the rounding seen there is enough to swap the two. Exemptions are counted and reported with the margin.
+is within the tolerance), i.e. the rounding seen there is enough to swap the two. Exemptions
+are counted and reported with the margin.
 """
 
 from __future__ import annotations
