@@ -213,7 +213,7 @@ def test_float_costs_are_solved_exactly_not_truncated():
     """int() would make every cost 0 and return a split with bottleneck 1.3, not 1.2."""
     assert balance_stages([0.4, 0.4, 0.4, 0.9], 2) == ((0, 2), (3, 3))
     assert balance_stages([0.1, 0.2, 0.3], 3) == ((0, 0), (1, 1), (2, 2))
-    assert balance_stages([0.25, 0.5, 0.125, 0.625], 2) == ((0, 2), (3, 3))  # 0.875 vs 0.625
+    assert balance_stages([2.5, 0.5, 0.5, 2.75], 2) == ((0, 1), (2, 3))  # int(): ((0, 0), (1, 3))
 
 
 @settings(max_examples=200, deadline=None)
