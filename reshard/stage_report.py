@@ -19,6 +19,7 @@ from .stages import (
     items_from_layers,
     stage_layers,
 )
+from .units import format_bytes, format_ns
 
 
 @dataclass(frozen=True)
@@ -82,17 +83,20 @@ class StageReport:
         }
 
     def render(self) -> str:
-        """A plain-text table for the CLI to print."""
-        lines = ["stage  layers       items     cost        weight bytes   even: layers  cost"]
+        """A plain-text table for the CLI: costs (ns) as durations, weights in GB (10^9)."""
+        lines = [
+            f"{'stage':>5}  {'layers':<11}  {'items':<8} {'cost':>11}  {'weights':>10}   "
+            f"{'even: layers':<12}  {'cost':>10}"
+        ]
         for i, (row, even) in enumerate(zip(self.stages, self.even, strict=True)):
             lines.append(
                 f"{i:>5}  {_layers_text(row.layers):<11}  {row.items[0]:>3}-{row.items[1]:<4} "
-                f"{row.cost:>11}  {row.weight_bytes:>14}   {_layers_text(even.layers):<12}  "
-                f"{even.cost}"
+                f"{format_ns(row.cost):>11}  {format_bytes(row.weight_bytes):>10}   "
+                f"{_layers_text(even.layers):<12}  {format_ns(even.cost):>10}"
             )
         lines.append(
-            f"bottleneck {self.bottleneck} (even {self.even_bottleneck}); lower bound "
-            f"{self.lower_bound}; efficiency {self.efficiency:.3f} (even "
+            f"bottleneck {format_ns(self.bottleneck)} (even {format_ns(self.even_bottleneck)}); "
+            f"lower bound {format_ns(self.lower_bound)}; efficiency {self.efficiency:.3f} (even "
             f"{self.even_efficiency:.3f}); gap {self.gap:.1%} (even {self.even_gap:.1%})"
         )
         lines.append(self.knob)

@@ -18,9 +18,11 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("transformers")
 
 from checkpoints import config_for, write_checkpoint  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
 from test_convert import assert_bitwise_rebuild  # noqa: E402
 from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E402
 
+from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError, OutputError  # noqa: E402
 from reshard.experts import Placement  # noqa: E402
@@ -39,6 +41,7 @@ from reshard.verify import LEVELS, verify_output  # noqa: E402
 
 PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 30, 7, 12, 90], [33, 2, 71], [64, 8, 19, 27, 50, 4], [1, 99]]
 NEW_TOKENS = 6
+PROMPT_FLAGS = [f for p in PROMPTS for f in ("--prompt-ids", ",".join(map(str, p)))]
 # E=4 experts on ep=2 ranks with 3 slots each: experts 0 and 1 have two replicas.
 REDUNDANT = {
     "ep": 2,
@@ -132,6 +135,35 @@ def test_tp4_ep2_qwen3_moe_fused_experts(tmp_path):
         mine = phy2log[entry["ep_rank"] * 3 : entry["ep_rank"] * 3 + 3]
         assert [p["start"][0] for p in down["pieces"]] == mine  # slot order, logical ids
     assert_all_tiers_pass(out, prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
+
+
+def test_bf16_qwen2_tp4_verifies_in_float32_with_identical_tokens(tmp_path):
+    """The common real case: bf16 weights. With float32 compute (the default) the sharded
+    tokens equal the reference's on every prompt, nothing is exempted, and the logits agree to
+    fp32 rounding of their own scale. The JSON names dtypes as plain strings."""
+    src = write_checkpoint(
+        tmp_path / "src", "Qwen2ForCausalLM", dtype=torch.bfloat16, hidden_size=96,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=1001, initializer_range=0.5,
+        num_hidden_layers=2,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=4))
+    report = tmp_path / "verify.json"
+    result = CliRunner().invoke(
+        main, ["verify", str(out), "--level", "generate", "--device", "cpu", "--json",
+               str(report), "--prompt-ids", "5,17,300,999", *PROMPT_FLAGS],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "bfloat16 weights computed in float32" in result.output
+    generation = json.loads(report.read_text())["generation"]
+    assert (generation["dtype"], generation["compute_dtype"]) == ("bfloat16", "float32")
+    assert generation["exempted"] == 0
+    rows = generation["prompts"]
+    for row in rows:
+        assert row["reference_ids"] == row["sharded_ids"] and not row["near_tie"], row
+        bound = scaled_bound(torch.tensor(row["max_abs_logit"]), MODEL_ULPS, torch.float32)
+        assert row["max_abs_logit_diff"] <= bound, row
+    assert len({t for r in rows for t in r["reference_ids"]}) > 8  # tokens vary
 
 
 def test_generate_catches_an_expert_map_the_files_disagree_with(tmp_path):

@@ -206,7 +206,9 @@ def test_report_serialises_and_renders():
         "weight_bytes": 3,
     }
     text = report.render()
-    assert "VLLM_PP_LAYER_PARTITION=2,2,3,1" in text and "lower bound 40" in text
+    assert "VLLM_PP_LAYER_PARTITION=2,2,3,1" in text and "lower bound 40 ns;" in text
+    row = ["0", "0-1", "0-2", "21", "ns", "3", "B", "0-1", "21", "ns"]  # costs in ns, sizes in B
+    assert text.splitlines()[1].split() == row
 
 
 def test_float_costs_are_solved_exactly_not_truncated():
