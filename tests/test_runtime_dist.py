@@ -151,7 +151,7 @@ def test_bf16_qwen2_tp4_verifies_in_float32_with_identical_tokens(tmp_path):
     report = tmp_path / "verify.json"
     result = CliRunner().invoke(
         main, ["verify", str(out), "--level", "generate", "--device", "cpu", "--json",
-               str(report), "--prompt-ids", "5,17,300,999", *PROMPT_FLAGS],
+               str(report), "--max-new-tokens", "8", "--prompt-ids", "5,17,300,999", *PROMPT_FLAGS],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "bfloat16 weights computed in float32" in result.output
