@@ -208,10 +208,11 @@ Example:
     "auto: full if it fits in 80% of the free memory.",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @run_command
 def verify(
     out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, compute_dtype,
-    reference, json_path,
+    reference, json_path, quiet,
 ):  # fmt: skip
     from .expert_profile import parse_prompt_ids
     from .report import format_verify, verify_report
@@ -226,8 +227,9 @@ def verify(
         "compute_dtype": compute_dtype,
     }
     manifest, results = verify_output(
-        out_dir, levels=tuple(levels) or LEVELS, source=source, generate_options=options
-    )
+        out_dir, levels=tuple(levels) or LEVELS, source=source, generate_options=options,
+        progress=not quiet,
+    )  # fmt: skip
     report = verify_report(manifest, results)
     click.echo(format_verify(report, results))
     if json_path:

@@ -33,8 +33,9 @@ def profile() -> None:
 @click.option("--iters", type=int, default=30, show_default=True)
 @click.option("--dtype", help="float32 | bfloat16 | float16 (default bf16 on CUDA, fp32 on CPU).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @run_command
-def layers(model, device, batch, seq, mode, warmup, iters, dtype, out) -> None:
+def layers(model, device, batch, seq, mode, warmup, iters, dtype, out, quiet) -> None:
     from .costs import write_costs
     from .layer_profile import profile_layers
     from .source import open_config
@@ -42,7 +43,7 @@ def layers(model, device, batch, seq, mode, warmup, iters, dtype, out) -> None:
     _, hp, _ = open_config(model)
     result = profile_layers(
         hp, device=device, batch=batch, seq=seq, mode=mode, warmup=warmup, iters=iters,
-        dtype=dtype,
+        dtype=dtype, progress=not quiet,
     )  # fmt: skip
     write_costs(out, result)
     click.echo(f"{result['device']} {result['dtype']} {mode} batch {batch} seq {seq}:")
@@ -78,14 +79,17 @@ Example:
 @click.option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")
 @click.option("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @run_command
-def experts(model, prompts_file, prompt_ids, heldout, max_new_tokens, ep, device, dtype, out):
+def experts(
+    model, prompts_file, prompt_ids, heldout, max_new_tokens, ep, device, dtype, out, quiet
+):
     from .expert_profile import format_profile, profile_experts
     from .expert_report import write_expert_load
 
     result = profile_experts(
         model, prompts_file=prompts_file, prompt_ids=list(prompt_ids), heldout=heldout,
-        max_new_tokens=max_new_tokens, device=device, dtype=dtype, ep=ep,
+        max_new_tokens=max_new_tokens, device=device, dtype=dtype, ep=ep, progress=not quiet,
     )  # fmt: skip
     write_expert_load(out, result.load)
     click.echo(format_profile(result))

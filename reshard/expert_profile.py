@@ -15,6 +15,7 @@ from .errors import InputError
 from .expert_report import ExpertLoad, PlacementReport, format_placement_report, report_placement
 from .experts import check_layout
 from .hparams import HParams, load_hparams
+from .progress import progress_bar
 
 # The report's ep when none is given: the largest that divides E and leaves each rank at
 # least 2 experts (at ep = E every placement puts one expert per rank: nothing to compare).
@@ -42,6 +43,7 @@ def profile_experts(
     device: str | None = None,
     dtype: str | None = None,
     ep: int | None = None,
+    progress: bool = False,
 ) -> ExpertProfile:
     """Load MODEL at world size 1, run the prompts, count tokens per expert per MoE layer.
     `ep` is only the report's (checked before the model runs); the load file has none."""
@@ -65,8 +67,10 @@ def profile_experts(
     prompts = read_calibration_prompts(path, hp.vocab_size, prompts_file, prompt_ids)
     calib, held = split_heldout(prompts, heldout)
     runtime = load_source_model(path, dtype=dtype, device=device or default_device())
-    layers = count_routed(runtime, calib, max_new_tokens)
-    held_layers = count_routed(runtime, held, max_new_tokens) if held else {}
+    total = len(prompts) * max_new_tokens
+    with progress_bar(total, desc="profile", unit="tok", enabled=progress) as bar:
+        layers = count_routed(runtime, calib, max_new_tokens, bar=bar)
+        held_layers = count_routed(runtime, held, max_new_tokens, bar=bar) if held else {}
     load = ExpertLoad(model, hp.num_experts, layers, held_layers, len(calib), len(held))
     return ExpertProfile(
         load, hp, routed_tokens(calib, max_new_tokens), routed_tokens(held, max_new_tokens),
@@ -74,13 +78,15 @@ def profile_experts(
     )  # fmt: skip
 
 
-def count_routed(runtime, prompts: list[list[int]], max_new_tokens: int) -> dict[int, tuple]:
+def count_routed(
+    runtime, prompts: list[list[int]], max_new_tokens: int, *, bar=None
+) -> dict[int, tuple]:
     """{layer: tokens routed to each logical expert} over `prompts`, counted from zero."""
     from .runtime.generate import generate_greedy
 
     runtime.enable_expert_load()  # resets the counters
     for start in range(0, len(prompts), BATCH):
-        generate_greedy(runtime, prompts[start : start + BATCH], max_new_tokens)
+        generate_greedy(runtime, prompts[start : start + BATCH], max_new_tokens, bar=bar)
     return {layer: tuple(counts) for layer, counts in runtime.read_expert_load().items()}
 
 

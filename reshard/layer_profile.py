@@ -26,6 +26,7 @@ from .costs import (
 )
 from .errors import InputError, ReshardIOError
 from .hparams import DTYPE_BYTES, HParams
+from .progress import progress_bar
 
 # ---- profiling -----------------------------------------------------------------------------
 # Self-contained modules with the decoder's math (GQA attention with RoPE, RMSNorm, SwiGLU or
@@ -168,6 +169,7 @@ def profile_layers(
     warmup: int = 10,
     iters: int = 30,
     dtype: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Time one module of each distinct item kind at the real shapes with random weights, and
     return the costs.json content. dtype defaults to bfloat16 on CUDA, float32 on CPU."""
@@ -181,13 +183,16 @@ def profile_layers(
     factory = {"device": dev, "dtype": getattr(torch, dtype)}
     weights = dict(zip(item_kinds(hp), _weight_bytes(hp), strict=True))
     kinds = {}
-    for kind, layers in _layers_by_kind(hp).items():
-        run = _build_run(hp, kind, layers, batch, seq, mode, factory)
-        times = _time_us(run, dev, warmup, iters)
-        kinds[kind] = {**_summarise(times), "weight_bytes": weights[kind], "layers": layers}
-        del run
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    by_kind = _layers_by_kind(hp)
+    with progress_bar(len(by_kind), desc="profile", unit="kind", enabled=progress) as bar:
+        for kind, layers in by_kind.items():
+            run = _build_run(hp, kind, layers, batch, seq, mode, factory)
+            times = _time_us(run, dev, warmup, iters)
+            kinds[kind] = {**_summarise(times), "weight_bytes": weights[kind], "layers": layers}
+            del run
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.update(1)
     return {
         "format": COSTS_FORMAT,
         "version": COSTS_VERSION,

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import OutputError
 from .manifest import manifest_seal_failure, read_manifest
+from .progress import progress_bar
 from .safetensors_io import DTYPE_SIZES, TORCH_DTYPES, read_header
 
 LEVELS = ("hashes", "weights", "generate")
@@ -50,8 +51,17 @@ def check_complete(out_dir: Path, manifest: dict) -> None:
             )
 
 
-def verify_hashes(out_dir: Path, manifest: dict) -> LevelResult:
+def verify_hashes(out_dir: Path, manifest: dict, *, progress: bool = False) -> LevelResult:
     """The manifest's seal, then every rank file's size, header and tensor hashes."""
+    total = sum(meta["size"] for meta in manifest["files"].values())
+    with progress_bar(total, desc="hashes", enabled=progress) as bar:
+        failures, checked = _hash_files(out_dir, manifest, bar)
+    return LevelResult(
+        "hashes", not failures, f"{checked} tensors in {len(manifest['files'])} files", failures
+    )
+
+
+def _hash_files(out_dir: Path, manifest: dict, bar) -> tuple[list[str], int]:
     failures = [f for f in [manifest_seal_failure(out_dir, manifest)] if f]
     checked = 0
     for name, meta in manifest["files"].items():
@@ -67,19 +77,18 @@ def verify_hashes(out_dir: Path, manifest: dict) -> LevelResult:
             continue
         with open(path, "rb") as f:
             digest = xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
+        bar.update(header.data_start)
         if digest != meta["header_xxh3_128"]:
             failures.append(
                 f"{path}: header hash {digest} != manifest {meta['header_xxh3_128']}: the "
                 "header (names, shapes, offsets or metadata) was altered; re-copy the file"
             )
-        failures += _check_file_hashes(path, header, manifest, meta["rank"])
+        failures += _check_file_hashes(path, header, manifest, meta["rank"], bar)
         checked += len(header.tensors)
-    return LevelResult(
-        "hashes", not failures, f"{checked} tensors in {len(manifest['files'])} files", failures
-    )
+    return failures, checked
 
 
-def _check_file_hashes(path: Path, header, manifest: dict, rank: int) -> list[str]:
+def _check_file_hashes(path: Path, header, manifest: dict, rank: int, bar) -> list[str]:
     expected = {
         t: e for t, e in manifest["ranks"][rank]["tensors"].items() if e["file"] == path.name
     }
@@ -100,6 +109,7 @@ def _check_file_hashes(path: Path, header, manifest: dict, rank: int) -> list[st
                 block = f.read(min(left, 64 << 20))
                 h.update(block)
                 left -= len(block)
+                bar.update(len(block))
             if h.hexdigest() != entry["xxh3_128"]:
                 failures.append(
                     f"{path}: tensor '{name}' (rank {rank}) hash {h.hexdigest()} != manifest "
@@ -142,7 +152,9 @@ def reference_dir(manifest: dict, source_dir: Path) -> Path | None:
     return path if path.is_dir() and not is_output(path) else None
 
 
-def verify_weights(out_dir: Path, manifest: dict, source_dir: Path) -> LevelResult:
+def verify_weights(
+    out_dir: Path, manifest: dict, source_dir: Path, *, progress: bool = False
+) -> LevelResult:
     """Compare every piece with the source, bitwise; check coverage and zero padding."""
     import tempfile
 
@@ -152,10 +164,17 @@ def verify_weights(out_dir: Path, manifest: dict, source_dir: Path) -> LevelResu
         # A source the user converted from pickle with --allow-pickle is re-read the same way.
         allow = bool(manifest["source"].get("pickle"))
         src = open_model(str(source_dir), allow_pickle=allow, scratch=Path(scratch))
-        return _verify_weights(out_dir, manifest, src)
+        total = sum(_output_bytes(e) for e in manifest["ranks"] if e.get("replica_of") is None)
+        with progress_bar(total, desc="weights", enabled=progress) as bar:
+            return _verify_weights(out_dir, manifest, src, bar)
 
 
-def _verify_weights(out_dir: Path, manifest: dict, src) -> LevelResult:
+def _output_bytes(entry: dict) -> int:
+    tensors = (entry.get("tensors") or {}).values()
+    return sum(math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]] for t in tensors)
+
+
+def _verify_weights(out_dir: Path, manifest: dict, src, bar) -> LevelResult:
     failures = unknown_sources(manifest, src)
     reader = SafetensorsReader if src.reader is None else ReassembledReader
     with reader(src) as blocks:
@@ -163,7 +182,7 @@ def _verify_weights(out_dir: Path, manifest: dict, src) -> LevelResult:
             if entry.get("replica_of") is not None or failures:
                 continue
             for fname in entry["files"]:
-                failures += _check_file_weights(Path(out_dir) / fname, entry, blocks)
+                failures += _check_file_weights(Path(out_dir) / fname, entry, blocks, bar)
         if src.reader is not None:
             src.reader.check_hashes()  # the output it was made from is intact
     failures += check_coverage(manifest, {n: src.info(n).shape for n in src.tensors})
@@ -222,14 +241,14 @@ def _overlap(found) -> bool:
     return False
 
 
-def _check_file_weights(path: Path, entry: dict, blocks: SafetensorsReader) -> list[str]:
+def _check_file_weights(path: Path, entry: dict, blocks: SafetensorsReader, bar) -> list[str]:
     """Compare one output file with the source, piece by piece, in bounded row chunks."""
     try:
         header = read_header(path)
     except Exception as e:  # a corrupt header is a verification failure, not bad input
         return [f"{path}: unreadable header ({_first_line(e)})"]
     try:
-        return _compare_file(path, header, entry, blocks)
+        return _compare_file(path, header, entry, blocks, bar)
     except SafetensorError as e:  # safetensors refuses what reshard's reader let through
         return [f"{path}: safetensors cannot read it ({_first_line(e)})"]
 
@@ -238,7 +257,7 @@ def _first_line(e: Exception) -> str:
     return (str(e) or type(e).__name__).splitlines()[0][:200]
 
 
-def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader) -> list[str]:
+def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader, bar) -> list[str]:
     failures = []
     for name, meta in entry["tensors"].items():
         if meta["file"] != path.name:
@@ -253,6 +272,7 @@ def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader) ->
             for src_index, out_index in _row_chunks(p, meta["dtype"]):
                 block = blocks.read(blocks.source_path(p["source"]), p["source"], src_index)
                 out = blocks.read(path, name, out_index)
+                bar.update(out.numel() * out.element_size())
                 if not _bitwise_equal(out, block.to(TORCH_DTYPES[meta["dtype"]])):
                     failures.append(
                         f"{path}: tensor '{name}' (rank {entry['rank']}) differs from source "
@@ -352,6 +372,7 @@ def verify_output(
     levels: tuple[str, ...] = LEVELS,
     source: str | None = None,
     generate_options: dict | None = None,
+    progress: bool = False,
 ) -> tuple[dict, list[LevelResult]]:
     """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
     InputError for bad generate options before any tier runs."""
@@ -365,7 +386,8 @@ def verify_output(
     results = []
     file_checks = _checks_files_here()
     if "hashes" in levels:
-        results.append(verify_hashes(out_dir, manifest) if file_checks else _elsewhere("hashes"))
+        hashes = verify_hashes(out_dir, manifest, progress=progress) if file_checks else None
+        results.append(hashes or _elsewhere("hashes"))
     source_dir = resolve_source_dir(manifest, source)
     for level in ("weights", "generate"):
         if level not in levels:
@@ -380,7 +402,7 @@ def verify_output(
                 )
             )  # fmt: skip
         elif level == "weights":
-            results.append(verify_weights(out_dir, manifest, source_dir))
+            results.append(verify_weights(out_dir, manifest, source_dir, progress=progress))
         elif reference_dir(manifest, source_dir) is None:
             results.append(
                 LevelResult(
@@ -393,5 +415,6 @@ def verify_output(
             from .runtime.verify_generate import verify_generation
 
             ref = reference_dir(manifest, source_dir)
-            results.append(verify_generation(out_dir, manifest, ref, **(generate_options or {})))
+            options = {"progress": progress, **(generate_options or {})}
+            results.append(verify_generation(out_dir, manifest, ref, **options))
     return manifest, results

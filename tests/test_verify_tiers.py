@@ -3,8 +3,10 @@ corruption (a buggy writer, a tampered manifest) still fails against the source,
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 
 import pytest
 import xxhash
@@ -18,6 +20,7 @@ from reshard.manifest import write_manifest
 from reshard.manifest_check import SEAL_KEY
 from reshard.recipe import build_recipe
 from reshard.safetensors_io import read_header
+from reshard.verify import verify_hashes, verify_weights
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,30 @@ def test_file_tiers_run_once_per_node_under_torchrun(converted, monkeypatch, loc
     assert f"hashes    {status}" in result.output and f"weights   {status}" in result.output
     if status == "ELSEWHERE":
         assert "checked by local rank 0 of this node" in result.output
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_file_tiers_show_byte_progress_on_a_terminal(converted, monkeypatch, quiet):
+    """hashes and weights count bytes (decimal units); --quiet shows nothing."""
+    src, out = converted
+    manifest = json.loads((out / "manifest.json").read_text())
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    results = [
+        verify_hashes(out, manifest, progress=not quiet),
+        verify_weights(out, manifest, src, progress=not quiet),
+    ]
+    assert all(r.passed for r in results)
+    text = terminal.getvalue()
+    if quiet:
+        assert text == ""
+        return
+    file_bytes = sum(m["size"] for m in manifest["files"].values())
+    final = {line.split(":")[0]: line for line in text.replace("\r", "\n").splitlines() if line}
+    assert f"{file_bytes / 1e3:.0f}k/{file_bytes / 1e3:.0f}k" in final["hashes"], final
+    assert "100%" in final["hashes"] and "100%" in final["weights"] and "B/s" in final["weights"]

@@ -47,8 +47,10 @@ def generate_greedy(
     max_new_tokens: int,
     *,
     indices: list[int] | None = None,
+    bar=None,
 ) -> list[PromptResult]:
-    """Greedy decode on this rank. Returns results on the last stage, [] on the others."""
+    """Greedy decode on this rank. Returns results on the last stage, [] on the others.
+    `bar` (a tqdm or None) advances by one token per prompt per step."""
     check_prompts(prompts, stage.hp.vocab_size, max_new_tokens)
     device = stage.device
     ids, valid = pad_left(prompts, device)  # [B, S] each
@@ -60,6 +62,8 @@ def generate_greedy(
         next_ids = stage.comm.broadcast_tokens(next_ids, len(prompts), device)  # [B]
         tokens.append(next_ids)
         rows.append(logits)
+        if bar is not None:
+            bar.update(len(prompts))
         ids, valid = next_ids[:, None], torch.ones_like(next_ids[:, None], dtype=torch.bool)
     if not stage.has_head:
         return []

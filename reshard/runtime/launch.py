@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from .. import errors
 from ..errors import InputError
 from ..manifest import read_manifest
+from ..progress import progress_bar
 from ..tensor_bytes import all_gather_objects
 from .dist import build_comm
 from .generate import PromptResult, generate_greedy
@@ -41,10 +42,13 @@ def generate_reference(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> list[PromptResult]:
     """Greedy results of the unsharded source model at world size 1, in this process."""
     model = load_source_model(source_dir, dtype=dtype, device=device or default_device())
-    return generate_greedy(model, prompts, max_new_tokens)
+    total = len(prompts) * max_new_tokens
+    with progress_bar(total, desc="reference", unit="tok", enabled=progress) as bar:
+        return generate_greedy(model, prompts, max_new_tokens, bar=bar)
 
 
 def default_device() -> str:
@@ -58,12 +62,14 @@ def run_world(
     *,
     device: str | None = None,
     dtype: str | None = None,
+    progress: bool = False,
 ) -> list[PromptResult]:
     """Join the torchrun world if there is one, else spawn `world_size` local processes.
-    dtype: 'float32' upcasts every rank's weights as they load (None: as stored)."""
+    dtype: 'float32' upcasts every rank's weights as they load (None: as stored).
+    progress: global rank 0 shows its replica's generated tokens."""
     manifest = read_manifest(out_dir)
     kind = "cuda" if (device or default_device()).startswith("cuda") else "cpu"
-    job = Job(prompts, max_new_tokens, kind, dtype)
+    job = Job(prompts, max_new_tokens, kind, dtype, progress)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         return _run_in_torchrun(Path(out_dir), manifest, job)
     return _spawn_world(Path(out_dir), manifest, job)
@@ -79,6 +85,7 @@ class Job(NamedTuple):
     max_new_tokens: int
     kind: str  # "cpu" (gloo) or "cuda" (nccl, rank r on cuda:r % count)
     dtype: str | None  # cast weights as they load; None: as stored
+    progress: bool  # a token bar on global rank 0
 
 
 def _spawn_world(out_dir: Path, manifest: dict, job: Job) -> list[PromptResult]:
@@ -196,7 +203,11 @@ def _generate_rank(out_dir: Path, rank: int, job: Job, device) -> list[PromptRes
     dp, dp_index = int(layout["dp"]), rank // (int(layout["tp"]) * int(layout["pp"]))
     indices = [i for i in range(len(prompts)) if i % dp == dp_index]
     mine = [prompts[i] for i in indices]
-    results = generate_greedy(stage, mine, max_new_tokens, indices=indices) if mine else []
+    show = job.progress and rank == 0
+    with progress_bar(len(mine) * max_new_tokens, desc="sharded", unit="tok", enabled=show) as bar:
+        results = (
+            generate_greedy(stage, mine, max_new_tokens, indices=indices, bar=bar) if mine else []
+        )
     results = results if comm.tp_rank == 0 else []  # one copy per replica
     gathered = all_gather_objects(results, group=gather_group)
     return sorted((r for part in gathered for r in part), key=lambda r: r.index)

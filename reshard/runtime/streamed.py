@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..hparams import HParams, load_hparams
+from ..progress import progress_bar
 from .cache import KVCache, pad_left
 from .dist import Comm
 from .generate import PromptResult
@@ -64,8 +65,10 @@ def reference_streamed(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> list[PromptResult]:
-    """Reference results for the sharded ones, teacher-forced on their tokens."""
+    """Reference results for the sharded ones, teacher-forced on their tokens. Weights are
+    cast to `dtype` tensor by tensor as they load; one piece is held at a time."""
     source_dir = Path(source_dir)
     hp = load_hparams(source_dir)
     files = tensor_files(source_dir)
@@ -74,7 +77,9 @@ def reference_streamed(
     cache = KVCache(len(sequences), ids.shape[1], device)
     step = cache.begin_step(valid, hp.sliding_window)
     x = ids
-    for comm, names in piece_groups(hp, list(files)):
+    groups = piece_groups(hp, list(files))
+    bar = progress_bar(len(groups), desc="reference (streamed)", unit="piece", enabled=progress)
+    for comm, names in groups:
         tensors = _read(files, names, dtype, device)
         if comm.pp_stage == 2 and "lm_head.weight" not in tensors:  # tied embeddings
             tensors["lm_head.weight"] = _read(files, ["model.embed_tokens.weight"], dtype, device)[
@@ -83,6 +88,8 @@ def reference_streamed(
         piece = build_model(hp, tensors, comm=comm, where=str(source_dir))
         x = piece(x, step, cache, last_only=False)  # hidden [B, S, H], then logits [B, S, V]
         del piece, tensors
+        bar.update(1)
+    bar.close()
     return [_result(r, x[b, valid[b]]) for b, r in enumerate(sharded)]
 
 

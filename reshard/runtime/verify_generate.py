@@ -82,6 +82,7 @@ def verify_generation(
     device: str | None = None,
     reference: str = "auto",
     compute_dtype: str = "float32",
+    progress: bool = False,
 ) -> LevelResult:
     check_generate_options(
         max_new_tokens=max_new_tokens, device=device, compute_dtype=compute_dtype,
@@ -94,7 +95,9 @@ def verify_generation(
     stored = shard_dtype(manifest)
     compute = torch.float32 if compute_dtype == "float32" else stored
     cast = None if compute == stored else dtype_name(compute)
-    sharded = generate_sharded(out_dir, prompts, max_new_tokens, device=device, dtype=cast)
+    sharded = generate_sharded(
+        out_dir, prompts, max_new_tokens, device=device, dtype=cast, progress=progress
+    )
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if int(os.environ.get("RANK", "0")) != 0:
         return LevelResult(
@@ -103,9 +106,13 @@ def verify_generation(
         )  # fmt: skip
     mode = choose_reference(reference, source_dir, compute, device)
     if mode == "full":
-        ref = generate_reference(source_dir, prompts, max_new_tokens, dtype=compute, device=device)
+        ref = generate_reference(
+            source_dir, prompts, max_new_tokens, dtype=compute, device=device, progress=progress
+        )
     else:
-        ref = reference_streamed(source_dir, sharded, dtype=compute, device=device)
+        ref = reference_streamed(
+            source_dir, sharded, dtype=compute, device=device, progress=progress
+        )
     near_ties = compute != torch.float32
     comparisons = compare_results(ref, sharded, tolerance_for(compute), near_ties=near_ties)
     run = GenerateRun(stored, compute, backend, mode, compute_memory(manifest, source_dir, compute))
