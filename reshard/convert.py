@@ -119,7 +119,7 @@ def _stage_plan(hp: HParams, recipe: Recipe):
 def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, progress: bool):
     read_total = _bytes_to_read(plan, source)
     with tqdm(
-        total=read_total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+        total=read_total, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress,
         desc="convert", mininterval=0.5,
     ) as bar:  # fmt: skip
         written = write_plan(plan, source, out_dir, progress=bar)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from reshard.errors import InputError, LayoutError, ReshardIOError
 from reshard.experts import Placement, place_model, replica_counts
+from reshard.units import GB
 
 LOAD_FORMAT = "reshard-expert-load"
 LOAD_VERSION = 1
@@ -309,8 +310,8 @@ def format_placement_report(report: PlacementReport) -> str:
     trtllm = [format_cells(1 / s.sum - 1, held_imbalance(s), None) for s in strategies]
     lines.append(format_row("trtllm", trtllm) + "  (max-mean)/mean from the sum row")
     if strategies[0].extra_bytes is not None:
-        extra = [f"{s.extra_bytes / 2**30:>10.2f} GiB".ljust(CELL) for s in strategies]
-        lines.append(format_row("GiB+", extra) + "  redundant slots, whole EP group")
+        extra = [f"{s.extra_bytes / GB:>10.2f} GB".ljust(CELL) for s in strategies]
+        lines.append(format_row("GB+", extra) + "  redundant slots, whole EP group")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .source import Source
+from .units import format_bytes
 
 
 def inspect_source(source: Source) -> dict[str, Any]:
@@ -40,11 +41,11 @@ def inspect_source(source: Source) -> dict[str, Any]:
 
 
 def format_inspect(info: dict[str, Any]) -> str:
-    dtypes = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(info["bytes_by_dtype"].items()))
+    dtypes = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(info["bytes_by_dtype"].items()))
     lines = [
         f"model         {info['model']}" + (f" @ {info['revision']}" if info["revision"] else ""),
         f"architecture  {info['architecture']} ({info['family']})",
-        f"parameters    {info['parameters']:,} ({human_bytes(info['bytes'])}: {dtypes})",
+        f"parameters    {info['parameters']:,} ({format_bytes(info['bytes'])}: {dtypes})",
         f"files         {info['files']} safetensors, {info['tensors']} tensors",
         f"layers        {info['layers']}   hidden {info['hidden_size']}   "
         f"intermediate {info['intermediate_size']}",
@@ -58,11 +59,3 @@ def format_inspect(info: dict[str, Any]) -> str:
             f"on {info['moe_layers']} MoE layers"
         )
     return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .inspect import human_bytes
+from .moe_layout import SGLANG_FILE, TRTLLM_FILE
+from .units import format_bytes
 
 
 def format_convert_summary(result) -> str:
@@ -14,8 +15,8 @@ def format_convert_summary(result) -> str:
     lines = [
         f"wrote {len(plan.files)} files for {lay.world_size} ranks "
         f"(tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ep {lay.ep}) to {result.out_dir}",
-        f"read {human_bytes(result.bytes_read)}, wrote {human_bytes(result.bytes_written)} in "
-        f"{result.seconds:.2f} s ({human_bytes(rate)}/s)",
+        f"read {format_bytes(result.bytes_read)}, wrote {format_bytes(result.bytes_written)} in "
+        f"{result.seconds:.2f} s ({format_bytes(rate)}/s)",
     ]
     if lay.vocab_padded != lay.vocab_size:
         lines.append(f"vocab {lay.vocab_size} zero-padded to {lay.vocab_padded} (multiple of tp)")
@@ -24,6 +25,8 @@ def format_convert_summary(result) -> str:
         lines.append(f"stages (layers): {spans}")
     if plan.dropped:
         lines.append(f"not written (derived from config.json): {len(plan.dropped)} tensors")
+    if plan.placements:  # the expert maps, as each engine reads them
+        lines.append(f"engine files: {SGLANG_FILE} (SGLang --init-expert-location), {TRTLLM_FILE}")
     lines.append(f"manifest: {result.out_dir / 'manifest.json'}")
     return "\n".join(lines)
 

@@ -101,3 +101,20 @@ def test_bad_generate_options_are_one_line_before_any_tier(tiny_out, no_spawn, a
 def test_version():
     result = run("--version")
     assert result.exit_code == 0 and "reshard, version" in result.output
+
+
+def test_convert_summary_names_engine_files_and_uses_decimal_units(tmp_path):
+    from checkpoints import write_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", "Qwen3MoeForCausalLM")
+    out = tmp_path / "out"
+    result = run("convert", src, "--tp", 2, "--ep", 2, "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    engine = "engine files: expert_location.sglang.json (SGLang --init-expert-location), "
+    assert engine + "moe_load_balancer.yaml\n" in result.output
+    assert (out / "expert_location.sglang.json").is_file()
+    assert (out / "moe_load_balancer.yaml").is_file()
+    value, unit = result.output.split("read ")[1].split(",")[0].split()  # e.g. "499.33 kB"
+    nbytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))  # data + small headers
+    assert unit == "kB" and abs(float(value) * 1e3 - nbytes) < 0.02 * nbytes, (value, nbytes)
+    assert "MiB" not in result.output and "GiB" not in result.output
