@@ -59,6 +59,38 @@ def main() -> None:
     pass
 
 
+def with_revision(model: str, revision: str | None) -> str:
+    """MODEL plus --revision -> 'org/name@rev' (the one form the library reads)."""
+    from .errors import InputError
+
+    if revision is None:
+        return model
+    if "@" in model:
+        raise InputError(f"{model}: gives a revision and so does --revision {revision}; use one.")
+    if Path(model).expanduser().exists():
+        raise InputError(
+            f"{model}: --revision {revision} is for hub repo ids, and {model} is a local path."
+        )
+    return f"{model}@{revision}"
+
+
+def model_argument(fn):
+    """MODEL and --revision (a hub branch, tag or commit; same as MODEL@REV)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, model, revision, **kwargs):
+        return fn(*args, model=run_command(with_revision)(model, revision), **kwargs)
+
+    wrapper = click.option("--revision", help="Hub branch, tag or commit (same as MODEL@REV).")(
+        wrapper
+    )
+    return click.argument("model")(wrapper)
+
+
+DTYPE_CHOICES = ["auto", "keep", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]
+PLACEMENT_CHOICES = ["contiguous", "round_robin", "balanced"]
+
+
 def layout_options(fn):
     for option in reversed(
         [
@@ -68,13 +100,16 @@ def layout_options(fn):
             click.option("--ep", type=int, help="Expert-parallel degree (divides tp)."),
             click.option("--dp", type=int, help="Data-parallel replicas (files are shared)."),
             click.option(
-                "--dtype", help="keep | bfloat16/bf16 | float16/fp16 | float32/fp32 (default keep)."
+                "--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False),
+                help="Cast on write (default keep; auto = keep).",
             ),
             click.option("--costs", type=click.Path(path_type=Path), help="Stage costs JSON."),
             click.option(
                 "--expert-load", "load", type=click.Path(path_type=Path), help="Load JSON."
             ),
-            click.option("--placement", help="contiguous | round_robin | balanced."),
+            click.option(
+                "--placement", type=click.Choice(PLACEMENT_CHOICES), help="Expert placement."
+            ),
             click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
         ]
     ):  # fmt: skip
@@ -85,15 +120,15 @@ def layout_options(fn):
 def recipe_from(recipe, dtype=None, **flags):
     from .recipe import build_recipe, normalise_dtype
 
-    if dtype is not None:
-        flags["dtype"] = normalise_dtype(dtype)
+    if dtype is not None:  # --dtype auto is vLLM's word for keep
+        flags["dtype"] = "keep" if dtype.lower() == "auto" else normalise_dtype(dtype)
     return build_recipe(recipe, **flags)
 
 
 @main.command(
     help="Show what is in a checkpoint.\n\n\b\nExample:\n  reshard inspect ./Llama-3-8B --json"
 )
-@click.argument("model")
+@model_argument
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (weights_only).")
 @run_command
@@ -115,7 +150,7 @@ Example:
 
 
 @main.command(help=CONVERT_HELP)
-@click.argument("model")
+@model_argument
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @layout_options
 @click.option("--max-file-size", help="Split a rank's file past this size (e.g. 20GB).")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .cli import layout_options, recipe_from, run_command
+from .cli import layout_options, model_argument, recipe_from, run_command
 
 PLAN_HELP = """Plan a layout without reading weights: each rank's weight bytes (exactly what
 convert writes), its memory in vLLM's terms and KV cache capacity on a GPU, the stage report
@@ -53,7 +53,7 @@ SUGGEST_CONFLICTS = {
 
 
 @click.command(help=PLAN_HELP)
-@click.argument("model")
+@model_argument
 @layout_options
 @click.option("--gpu", "gpu_name", help="GPU model: B200 B100 H200 H100 L4 L40S L40 A100.")
 @click.option("--gpu-memory", type=float, help="Memory of another GPU, in decimal GB.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import run_command
+from .cli import model_argument, run_command
 
 LAYERS_HELP = """Time one layer of each distinct kind (plus the embedding and the head) at the
 model's real shapes with random weights. Needs only config.json.
@@ -24,7 +24,7 @@ def profile() -> None:
 
 
 @profile.command(help=LAYERS_HELP)
-@click.argument("model")
+@model_argument
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--seq", type=int, default=128, show_default=True)
@@ -70,7 +70,7 @@ Example:
 
 
 @profile.command(help=EXPERTS_HELP)
-@click.argument("model")
+@model_argument
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="One per line.")
 @click.option("--prompt-ids", multiple=True, help="Comma-separated token ids; repeatable.")
 @click.option("--heldout", type=float, default=0.25, show_default=True, help="Held-out fraction.")

@@ -19,7 +19,7 @@ def solve_placements(hp: HParams, recipe: Recipe) -> dict[int, Placement]:
     if recipe.ep == 1:
         if recipe.redundant:
             raise LayoutError(
-                f"{recipe.origin}: redundant={recipe.redundant} needs ep > 1 (a replica on the "
+                f"{recipe.where('redundant')}={recipe.redundant} needs ep > 1 (a replica on the "
                 "rank that already holds the expert saves nothing). Set ep or drop redundant."
             )
         return {}

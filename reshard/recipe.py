@@ -36,6 +36,12 @@ SECTIONS = {
     "experts": ("placement", "redundant", "load"),
     "costs": ("file",),
 }
+# Recipe field -> the CLI flag that sets it, so that an error names what the user typed.
+FLAGS = {
+    "tp": "--tp", "pp": "--pp", "ep": "--ep", "dp": "--dp", "dtype": "--dtype",
+    "max_file_size": "--max-file-size", "placement": "--placement", "redundant": "--redundant",
+    "load": "--expert-load", "costs": "--costs",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,30 +58,29 @@ class Recipe:
     load: Path | None = None  # expert_load.json
     costs: Path | None = None  # costs.json from `reshard profile layers`
     origin: str = "defaults"  # the recipe file, for messages
+    flags: frozenset[str] = frozenset()  # fields given by CLI flags, for messages
 
     def __post_init__(self):
         for name in ("tp", "pp", "ep", "dp"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise InputError(
-                    f"{self.origin}: {name} must be a positive integer, got {value!r}."
-                )
+                raise InputError(f"{self.where(name)} must be a positive integer, got {value!r}.")
         if self.tp % self.ep:
             raise InputError(
-                f"{self.origin}: ep={self.ep} must divide tp={self.tp} (experts are spread "
-                f"inside a stage's TP group). Valid ep: {_divisors(self.tp)}."
+                f"{self.where('ep', 'tp')}: ep={self.ep} must divide tp={self.tp} (experts are "
+                f"spread inside a stage's TP group). Valid ep: {_divisors(self.tp)}."
             )
         if self.dtype not in DTYPES.values():
             raise InputError(
-                f"{self.origin}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}."
+                f"{self.where('dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}."
             )
         if self.placement not in PLACEMENTS:
             raise InputError(
-                f"{self.origin}: experts.placement {self.placement!r} is not one of "
+                f"{self.where('placement')} {self.placement!r} is not one of "
                 f"{', '.join(PLACEMENTS)}."
             )
         if type(self.redundant) is not int or self.redundant < 0:
-            raise InputError(f"{self.origin}: experts.redundant must be >= 0.")
+            raise InputError(f"{self.where('redundant')} must be >= 0, got {self.redundant!r}.")
         if self.stages is not None and len(self.stages) != self.pp:
             raise InputError(
                 f"{self.origin}: stages lists {len(self.stages)} stages but pp={self.pp}. "
@@ -86,13 +91,26 @@ class Recipe:
     def world_size(self) -> int:
         return self.dp * self.pp * self.tp
 
+    def where(self, *names: str) -> str:
+        """Where a value came from, for messages: the flag ('--tp') when a flag gave it,
+        else the recipe key ('r.toml: layout.tp')."""
+        return where_from(self.origin, self.flags, *names)
+
+
+def where_from(origin: str, flags: frozenset[str], *names: str) -> str:
+    given = [FLAGS[n] for n in names if n in flags]
+    if given:
+        return "/".join(given)
+    section = next(s for s, keys in SECTIONS.items() if names[0] in keys)
+    return f"{origin}: {section}.{names[0]}"
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def parse_size(value: Any, *, where: str) -> int:
-    """'20GB', '512MiB', 1000000 -> bytes."""
+    """'20GB', '512MiB', 1000000 -> bytes. `where` names the flag or recipe key."""
     if type(value) is int and value > 0:
         return value
     text = "" if isinstance(value, bool) else str(value)  # `true` is no size
@@ -100,8 +118,7 @@ def parse_size(value: Any, *, where: str) -> int:
     unit = SIZE_UNITS.get(m.group(2).upper()) if m else None
     if unit is None or int(float(m.group(1)) * unit) < 1:  # "0.5B" would be 0 bytes
         raise InputError(
-            f"{where}: max_file_size {value!r} is not a size; write e.g. 20GB, 512MiB or a "
-            "byte count."
+            f"{where} {value!r} is not a size; write e.g. 20GB, 512MiB or a byte count."
         )
     return int(float(m.group(1)) * unit)
 
@@ -133,19 +150,22 @@ def load_recipe(path: Path) -> Recipe:
     return _from_values(values, origin=str(path), base=path.parent)
 
 
-def _from_values(values: dict[str, Any], *, origin: str, base: Path | None) -> Recipe:
+def _from_values(
+    values: dict[str, Any], *, origin: str, base: Path | None, flags: frozenset[str] = frozenset()
+) -> Recipe:
     v = dict(values)
     if "dtype" in v:
-        v["dtype"] = normalise_dtype(v["dtype"], where=origin)
+        v["dtype"] = normalise_dtype(v["dtype"], where=where_from(origin, flags, "dtype"))
     if "max_file_size" in v and v["max_file_size"] is not None:
-        v["max_file_size"] = parse_size(v["max_file_size"], where=origin)
+        where = where_from(origin, flags, "max_file_size")
+        v["max_file_size"] = parse_size(v["max_file_size"], where=where)
     if v.get("stages") is not None:
         v["stages"] = _parse_stages(v["stages"], where=origin)
     for key in ("load", "costs"):
         if v.get(key) is not None:
             p = Path(v[key])
             v[key] = p if p.is_absolute() or base is None else base / p
-    return Recipe(**v, origin=origin)
+    return Recipe(**v, origin=origin, flags=flags)
 
 
 def _parse_stages(stages: Any, *, where: str) -> tuple[tuple[int, int], ...]:
@@ -162,9 +182,10 @@ def _parse_stages(stages: Any, *, where: str) -> tuple[tuple[int, int], ...]:
 
 
 def normalise_dtype(value: str, *, where: str = "--dtype") -> str:
+    """'bf16' -> 'bfloat16'."""
     key = str(value).lower()
     if key not in DTYPES:
-        raise InputError(f"{where}: dtype {value!r} is not one of {', '.join(DTYPES)}.")
+        raise InputError(f"{where} {value!r} is not one of {', '.join(DTYPES)}.")
     return DTYPES[key]
 
 
@@ -177,9 +198,11 @@ def build_recipe(path: Path | None = None, **flags: Any) -> Recipe:
     if not given:
         return recipe
     origin = f"{recipe.origin} + flags" if path else "flags"
-    merged = {f.name: getattr(recipe, f.name) for f in fields(Recipe) if f.name != "origin"}
+    merged = {
+        f.name: getattr(recipe, f.name) for f in fields(Recipe) if f.name not in ("origin", "flags")
+    }
     if "pp" in given and "stages" not in given and recipe.stages is not None:
         if given["pp"] != recipe.pp:
             merged["stages"] = None  # --pp overrides the recipe's explicit stages
     merged.update(given)
-    return _from_values(merged, origin=origin, base=None)
+    return _from_values(merged, origin=origin, base=None, flags=frozenset(given))

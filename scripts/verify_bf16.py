@@ -101,10 +101,14 @@ def main() -> None:
     print(f"bf16 compute:    {'PASS' if bf16['passed'] else 'FAIL'}, exempted {bf16['exempted']}")
     for failure in bf16["failures"]:
         print(f"  bf16 compute: {failure}")
-    print("prompt len max|logit| | fp32: same  max|dlogit| | bf16: same  max|dlogit|  exempt | hf==fp32 hf==bf16")
+    print(
+        "prompt len max|logit| | fp32: same  max|dlogit| | bf16: same  max|dlogit|  exempt "
+        "| hf==fp32 hf==bf16"
+    )
     for i, (a, b, h) in enumerate(zip(fp32["prompts"], bf16["prompts"], hf, strict=True)):
         print(
-            f"{i:>6} {len(a['prompt_ids']):>3} {a['max_abs_logit']:>10.1f} | {_same(a):>10}  {a['max_abs_logit_diff']:.2e}  "
+            f"{i:>6} {len(a['prompt_ids']):>3} {a['max_abs_logit']:>10.1f} | {_same(a):>10}  "
+            f"{a['max_abs_logit_diff']:.2e}  "
             f"| {_same(b):>10}  {b['max_abs_logit_diff']:.2e}  {str(b['near_tie']):>6} | "
             f"{str(a['sharded_ids'] == h):>8} {str(b['sharded_ids'] == h):>8}"
         )

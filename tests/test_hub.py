@@ -179,6 +179,23 @@ def test_pinned_commit(hub_cache, tmp_path):
     assert source["model"] == f"{REPO}@{OTHER_COMMIT}"
 
 
+def test_revision_flag_is_the_same_as_at_rev(hub_cache, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["convert", REPO, "--revision", OTHER_COMMIT, "-o", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    assert (source["model"], source["revision"]) == (f"{REPO}@{OTHER_COMMIT}", OTHER_COMMIT)
+    both = CliRunner().invoke(main, ["inspect", f"{REPO}@main", "--revision", OTHER_COMMIT])
+    assert both.exit_code == 2
+    assert both.output == (
+        f"error: {REPO}@main: gives a revision and so does --revision {OTHER_COMMIT}; use one.\n"
+    )
+    local = CliRunner().invoke(main, ["inspect", str(tmp_path), "--revision", "main"])
+    assert local.exit_code == 2 and "--revision main is for hub repo ids" in local.output
+
+
 def test_branch_resolves_to_its_commit(hub_cache):
     source = open_source(f"{REPO}@main")
     assert (source.repo_id, source.revision) == (REPO, COMMIT)

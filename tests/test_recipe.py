@@ -281,12 +281,34 @@ def test_cli_bad_recipe_exits_2_without_output(model_dir, tmp_path):
     "args, needle",
     [
         (["--recipe", "missing.toml"], "recipe not found"),
-        (["--dtype", "int4"], "--dtype: dtype 'int4' is not one of"),
-        (["--max-file-size", "lots"], "max_file_size 'lots' is not a size"),
-        (["--placement", "random"], "placement 'random'"),
+        (["--dtype", "int4"], "Invalid value for '--dtype': 'int4' is not one of 'auto', 'keep'"),
+        (["--max-file-size", "lots"], "error: --max-file-size 'lots' is not a size"),
+        (["--placement", "random"], "Invalid value for '--placement': 'random' is not one of"),
+        (["--tp", "0"], "error: --tp must be a positive integer, got 0.\n"),
+        (["--tp", "2", "--ep", "3"], "error: --ep/--tp: ep=3 must divide tp=2"),
     ],
 )
-def test_cli_bad_flags_exit_2(model_dir, tmp_path, args, needle):
+def test_cli_bad_flags_exit_2_naming_the_flag(model_dir, tmp_path, args, needle):
     code, output = convert(model_dir, "-o", tmp_path / "out", *args)
     assert code == 2 and needle in output, output
+    assert "flags:" not in output and "experts.placement" not in output
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_recipe_values_are_named_by_their_key_and_flags_by_their_flag(tmp_path):
+    path = write_recipe(tmp_path / "r.toml", '[experts]\nplacement = "greedy"\n')
+    with pytest.raises(InputError) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(f"{path}: experts.placement 'greedy' is not one of")
+    ok = write_recipe(tmp_path / "ok.toml", "[layout]\ntp = 4\n")
+    with pytest.raises(InputError) as e:
+        build_recipe(ok, ep=3)
+    assert str(e.value).startswith("--ep: ep=3 must divide tp=4")
+    with pytest.raises(InputError, match=r"^--max-file-size '0.5B' is not a size"):
+        build_recipe(max_file_size="0.5B")
+
+
+def test_dtype_auto_means_keep(model_dir, tmp_path):
+    code, output = convert(model_dir, "-o", tmp_path / "out", "--dtype", "auto")
+    assert code == 0, output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["layout"]["dtype"] == "keep"
