@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .source import Source
-from .units import format_bytes
+from .units import dtype_name, format_bytes
 
 
 def inspect_source(source: Source) -> dict[str, Any]:
@@ -13,7 +13,8 @@ def inspect_source(source: Source) -> dict[str, Any]:
     by_dtype: dict[str, int] = {}
     params = 0
     for _, info in source.tensors.values():
-        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+        name = dtype_name(info.dtype)
+        by_dtype[name] = by_dtype.get(name, 0) + info.nbytes
         params += info.numel
     return {
         "model": source.model,

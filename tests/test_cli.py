@@ -118,3 +118,12 @@ def test_convert_summary_names_engine_files_and_uses_decimal_units(tmp_path):
     nbytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))  # data + small headers
     assert unit == "kB" and abs(float(value) * 1e3 - nbytes) < 0.02 * nbytes, (value, nbytes)
     assert "MiB" not in result.output and "GiB" not in result.output
+
+
+def test_json_names_dtypes_like_torch_without_the_prefix():
+    import json
+
+    result = run("inspect", EXAMPLES / "tiny-llama", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["bytes_by_dtype"] == {"float32": info["bytes"]}

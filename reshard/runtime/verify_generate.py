@@ -21,6 +21,7 @@ import torch
 
 from ..errors import InputError
 from ..safetensors_io import DTYPE_SIZES
+from ..units import GB, dtype_name
 from ..verify import LevelResult
 from .compare import PromptComparison, compare_results, tolerance_for
 from .generate import check_prompts
@@ -130,11 +131,6 @@ class GenerateRun:
     memory: str  # what the compute dtype costs, in words
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bfloat16' (the name every --json report uses)."""
-    return str(dtype).removeprefix("torch.")
-
-
 def compute_memory(manifest: dict[str, Any], source_dir: Path, compute: torch.dtype) -> str:
     """The weight memory of the largest rank and of the reference at `compute` vs as stored."""
     ranks = [e for e in manifest["ranks"] if e.get("replica_of") is None]
@@ -142,8 +138,8 @@ def compute_memory(manifest: dict[str, Any], source_dir: Path, compute: torch.dt
     held = max(_rank_bytes(e, compute) for e in ranks)
     reference = source_bytes(source_dir, compute)
     return (
-        f"weights in {dtype_name(compute)}: {held / 1e9:.3f} GB on the largest rank "
-        f"({held / stored:.1f}x the {stored / 1e9:.3f} GB stored), {reference / 1e9:.3f} GB "
+        f"weights in {dtype_name(compute)}: {held / GB:.3f} GB on the largest rank "
+        f"({held / stored:.1f}x the {stored / GB:.3f} GB stored), {reference / GB:.3f} GB "
         "for a full reference (streamed: one layer at a time)"
     )
 
