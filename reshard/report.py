@@ -60,6 +60,13 @@ def verify_report(manifest: dict, results) -> dict[str, Any]:
     return report
 
 
+def _tokens_verdict(p: dict[str, Any]) -> str:
+    if p["first_mismatch"] is None:
+        return "same"
+    what = "near tie, exempted" if p["near_tie"] else "DIFFERENT"
+    return f"{what} from token {p['first_mismatch']} (reference margin {p['margin']:.3g})"
+
+
 def format_verify(report: dict[str, Any], results) -> str:
     lines = []
     for r in results:
@@ -72,12 +79,14 @@ def format_verify(report: dict[str, Any], results) -> str:
             lines.append(f"          ... and {len(r.failures) - 20} more")
     gen = report.get("generation")
     if gen:
-        lines.append("prompt  len  max|dlogit|   KL         new tokens (reference == sharded)")
+        lines.append(
+            "prompt  len  max|logit|  max|dlogit|  KL         new tokens (reference == sharded)"
+        )
         for i, p in enumerate(gen["prompts"]):
-            same = "same" if p["reference_ids"] == p["sharded_ids"] else "DIFFERENT"
             lines.append(
-                f"{i:>6}  {len(p['prompt_ids']):>3}  {p['max_abs_logit_diff']:.3e}   "
-                f"{p['kl']:.3e}  {len(p['reference_ids'])} {same}"
+                f"{i:>6}  {len(p['prompt_ids']):>3}  {p['max_abs_logit']:>10.3g}  "
+                f"{p['max_abs_logit_diff']:.3e}    {p['kl']:.3e}  {len(p['reference_ids'])} "
+                f"{_tokens_verdict(p)}"
             )
     lines.append("verify: " + ("PASSED" if report["passed"] else "FAILED"))
     return "\n".join(lines)

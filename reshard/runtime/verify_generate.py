@@ -21,7 +21,7 @@ import torch
 
 from ..errors import InputError
 from ..safetensors_io import DTYPE_SIZES
-from ..units import GB, dtype_name
+from ..units import dtype_name, format_bytes
 from ..verify import LevelResult
 from .compare import PromptComparison, compare_results, tolerance_for
 from .generate import check_prompts
@@ -138,8 +138,8 @@ def compute_memory(manifest: dict[str, Any], source_dir: Path, compute: torch.dt
     held = max(_rank_bytes(e, compute) for e in ranks)
     reference = source_bytes(source_dir, compute)
     return (
-        f"weights in {dtype_name(compute)}: {held / GB:.3f} GB on the largest rank "
-        f"({held / stored:.1f}x the {stored / GB:.3f} GB stored), {reference / GB:.3f} GB "
+        f"weights in {dtype_name(compute)}: {format_bytes(held)} on the largest rank "
+        f"({held / stored:.1f}x the {format_bytes(stored)} stored), {format_bytes(reference)} "
         "for a full reference (streamed: one layer at a time)"
     )
 
