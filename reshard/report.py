@@ -35,7 +35,7 @@ def format_export_summary(result) -> str:
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
     lines = [
         f"wrote {result.tensors} tensors in {len(result.files)} files to {result.hf_dir}",
-        f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({human_bytes(rate)}/s)",
+        f"{format_bytes(result.bytes_written)} in {result.seconds:.2f} s ({format_bytes(rate)}/s)",
     ]
     if result.cast:
         lines.append(
