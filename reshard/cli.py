@@ -157,14 +157,23 @@ Example:
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (weights_only).")
 @click.option("--force", is_flag=True, help="Replace an existing output in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Tensors copied at once (default: the cores)."
+)
 @run_command
-def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, **layout) -> None:
+def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, workers, **layout) -> None:
     from .convert import convert_model
     from .report import format_convert_summary
 
     recipe = recipe_from(max_file_size=max_file_size, **layout)
     result = convert_model(
-        model, out_dir, recipe, allow_pickle=allow_pickle, force=force, progress=not quiet
+        model,
+        out_dir,
+        recipe,
+        allow_pickle=allow_pickle,
+        force=force,
+        progress=not quiet,
+        workers=workers,
     )
     click.echo(format_convert_summary(result))
     if result.stage_plan is not None:  # the split just written, against the even split

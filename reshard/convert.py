@@ -7,12 +7,11 @@ files out, shards in, side files copied, manifest last.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from .errors import InputError
 from .hparams import HParams
@@ -83,6 +82,7 @@ def convert_model(
     allow_pickle: bool = False,
     force: bool = False,
     progress: bool = False,
+    workers: int | None = None,
 ) -> ConvertResult:
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -97,7 +97,7 @@ def convert_model(
         with lock_out_dir(out_dir):  # a second convert into OUT exits 2 from here on
             record = build_record(plan, source, output_names(plan, source))
             prepare_out_dir(out_dir, record, force=force)
-            read_total, sizes = _write_output(plan, source, recipe, out_dir, progress)
+            read_total, sizes = _write_output(plan, source, recipe, out_dir, progress, workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -116,13 +116,10 @@ def _stage_plan(hp: HParams, recipe: Recipe):
     return plan_stages(hp, recipe)
 
 
-def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, progress: bool):
+def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, progress, workers):
     read_total = _bytes_to_read(plan, source)
-    with tqdm(
-        total=read_total, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress,
-        desc="convert", mininterval=0.5,
-    ) as bar:  # fmt: skip
-        written = write_plan(plan, source, out_dir, progress=bar)
+    with _progress_bar(read_total, progress) as bar:
+        written = write_plan(plan, source, out_dir, progress=bar, workers=workers)
     for side in source.side_files():
         write_atomic(out_dir / side.name, side.read_bytes())
     for name, data in _exports(plan).items():
@@ -131,6 +128,16 @@ def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, pro
     manifest = build_manifest(plan, source, written, sizes, experts=_experts_entry(plan, recipe))
     write_manifest(out_dir, manifest)
     return read_total, sizes
+
+
+def _progress_bar(total: int, show: bool):
+    if not show:  # no bar, no tqdm import: a quiet run starts faster
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", mininterval=0.5
+    )
 
 
 def _bytes_to_read(plan: Plan, source: Source) -> int:

@@ -13,18 +13,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import xxhash
 
 from .errors import OutputError
 from .hparams import parse_hparams
 from .manifest import MANIFEST, read_manifest
-from .safetensors_io import DTYPE_SIZES, TORCH_DTYPES, Header, TensorInfo, read_header
+from .safetensors_io import DTYPE_SIZES, Header, TensorInfo, read_header
 from .source import Source, open_source
-from .tensor_bytes import tensor_bytes
 from .writer import io_error
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 64 << 20
 
@@ -180,6 +181,10 @@ class OutputReader:
         self.blocks = blocks
         self.headers = headers
         self.hashers: dict[tuple[str, str], list] = {}  # (file, tensor) -> [xxh3, bytes hashed]
+        # torch is imported here, not at the top: convert of a plain checkpoint needs
+        # open_model from this module and no torch at all.
+        import torch
+
         self.scratch = torch.empty(0, dtype=torch.uint8)  # rows on their way to a gather
 
     def source_record(self) -> dict[str, Any]:
@@ -220,6 +225,10 @@ class OutputReader:
         return self._assemble(name, info, a, b)[(slice(None), *index[1:])]
 
     def _assemble(self, name: str, info: TensorInfo, a: int, b: int, alloc=None) -> torch.Tensor:
+        import torch
+
+        from .safetensors_io import TORCH_DTYPES
+
         shape = info.shape or (1,)
         dtype = TORCH_DTYPES[info.dtype]
         if alloc is not None:
@@ -263,6 +272,11 @@ class OutputReader:
     def _read_rows(self, key, out: TensorInfo, r0: int, r1: int, into=None) -> torch.Tensor:
         """Rows r0:r1 of a rank-file tensor, into `into` (contiguous) or a reused scratch
         buffer, hashed on the way when read in order."""
+        import torch
+
+        from .safetensors_io import TORCH_DTYPES
+        from .tensor_bytes import tensor_bytes
+
         shape = out.shape or (1,)
         row_bytes = out.nbytes // shape[0] if shape[0] else 0
         n = (r1 - r0) * row_bytes
@@ -304,6 +318,8 @@ class OutputReader:
 def reused_buffer():
     """An alloc for iter_rows whose blocks all share one buffer, grown as needed: for a
     caller that is done with a block before it asks for the next."""
+    import torch
+
     held = [torch.empty(0, dtype=torch.uint8)]
 
     def alloc(n: int) -> torch.Tensor:
@@ -316,6 +332,8 @@ def reused_buffer():
 
 def _whole_rows(block: Block, out: TensorInfo, buf: torch.Tensor) -> bool:
     """The block is whole rows of the source, stored as whole rows of the rank-file tensor."""
+    from .safetensors_io import TORCH_DTYPES
+
     full = tuple(buf.shape[1:])
     return (
         not any(block.start[1:])

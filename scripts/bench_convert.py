@@ -1,17 +1,25 @@
-"""Benchmark: `reshard convert --tp 4` against `cp -r` of the same checkpoint, and peak RSS.
+"""Benchmark: whole-process `reshard convert --tp 4` at each --workers against `cp -r` + `sync`
+of the same checkpoint and against a naive load-and-slice converter, with peak RSS.
 
-Builds Llama-shaped bf16 checkpoints (random bytes, several shard files) of two sizes, then
-alternates cp and convert runs on a warm page cache and reports medians, the ratio
-convert/cp, and the peak RSS of each convert next to the RSS of merely importing reshard:
-a flat RSS across model sizes is what "memory does not grow with model size" means.
+Builds Llama-shaped bf16 checkpoints (random values, ~256 MB shard files), then runs rounds in
+which every contender runs once (the order rotates from round to round, so none always runs
+first on a machine others share), on a warm page cache. Every contender ends with its bytes
+on disk: cp is followed by sync (system-wide, the issue's baseline) or by `sync OUT/*` (fsync
+of the copy's files only: on a shared machine a plain sync also flushes what others wrote),
+reshard fsyncs its files, the naive converter calls os.sync(). Reports medians, the ratio to
+the median of cp -r + sync from the same run, and the 1-minute load average, since on a
+shared machine that is what the figures move with.
 
-    python scripts/bench_convert.py [--gb 1.0] [--repeats 5] [--workdir /tmp/reshard-bench]
+    python scripts/bench_convert.py [--gb 1 --gb 4] [--repeats 5] [--workers 1 --workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -19,21 +27,40 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 # VmHWM, not ru_maxrss: Linux carries the parent's peak across fork+exec into ru_maxrss.
 PEAK = "int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
-RSS_WRAPPER = f"""
-import sys, time
+RESHARD = f"""
+import sys
 from reshard.cli import main
-start = time.perf_counter()
 try:
     main(sys.argv[1:], standalone_mode=False)
 finally:
-    print("PEAK_RSS_KB", {PEAK}, "SECONDS", time.perf_counter() - start, file=sys.stderr)
+    print("PEAK_RSS_KB", {PEAK}, file=sys.stderr)
 """
-IMPORT_ONLY = f"import reshard.cli, reshard.convert, reshard.writer; print({PEAK})"
+# The converter without a plan: load each source file whole, slice with torch, hold every
+# rank's tensors until the end, save_file each rank. kv heads (4) divide tp (4) here.
+NAIVE = f"""
+import os, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, out, tp = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+ROW = ("o_proj", "down_proj")
+REPLICATE = ("norm",)
+out.mkdir()
+ranks = [{{}} for _ in range(tp)]
+for f in sorted(src.glob("*.safetensors")):
+    for name, t in load_file(f).items():
+        for r in range(tp):
+            if any(k in name for k in REPLICATE):
+                part = t
+            else:
+                part = t.chunk(tp, dim=1 if any(k in name for k in ROW) else 0)[r]
+            ranks[r][name] = part.contiguous()
+for r, tensors in enumerate(ranks):
+    save_file(tensors, str(out / f"rank-{{r:05d}}.safetensors"), metadata={{"format": "pt"}})
+os.sync()
+print("PEAK_RSS_KB", {PEAK}, file=sys.stderr)
+"""
 
 
 def llama_config(layers: int) -> dict:
@@ -52,139 +79,142 @@ def llama_config(layers: int) -> dict:
     }
 
 
-def layer_tensors(cfg: dict, i: int) -> dict[str, torch.Tensor]:
+def layer_shapes(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     p = f"model.layers.{i}."
-    shapes = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (h, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, h),
-        "mlp.gate_proj.weight": (inter, h),
-        "mlp.up_proj.weight": (inter, h),
-        "mlp.down_proj.weight": (h, inter),
+    return {
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (h, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "self_attn.o_proj.weight": (h, h),
+        p + "mlp.gate_proj.weight": (inter, h),
+        p + "mlp.up_proj.weight": (inter, h),
+        p + "mlp.down_proj.weight": (h, inter),
     }
-    return {p + k: torch.randn(s, dtype=torch.bfloat16) for k, s in shapes.items()}
 
 
 def build_checkpoint(path: Path, gb: float) -> int:
     """Write a Llama-shaped bf16 checkpoint of about `gb` GB in ~256 MB shard files."""
+    import torch
+    from safetensors.torch import save_file
+
     cfg = llama_config(1)
-    per_layer = sum(t.numel() * 2 for t in layer_tensors(cfg, 0).values())
-    embed = 2 * cfg["vocab_size"] * cfg["hidden_size"] * 2
-    layers = max(1, round((gb * 1e9 - embed) / per_layer))
+    per_layer = sum(2 * math.prod(s) for s in layer_shapes(cfg, 0).values())
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    layers = max(1, round((gb * 1e9 - 2 * 2 * v * h) / per_layer))
     cfg = llama_config(layers)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
-    groups: list[dict[str, torch.Tensor]] = [
-        {"model.embed_tokens.weight": torch.randn(v, h, dtype=torch.bfloat16)}
-    ]
+    groups: list[dict[str, tuple[int, ...]]] = [{"model.embed_tokens.weight": (v, h)}]
     for i in range(layers):
-        if sum(t.numel() * 2 for t in groups[-1].values()) > 256e6:
+        if sum(2 * math.prod(s) for s in groups[-1].values()) > 256e6:
             groups.append({})
-        groups[-1].update(layer_tensors(cfg, i))
-    groups[-1]["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-    groups[-1]["lm_head.weight"] = torch.randn(v, h, dtype=torch.bfloat16)
+        groups[-1].update(layer_shapes(cfg, i))
+    groups[-1].update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
     weight_map, total = {}, 0
     for n, group in enumerate(groups):
         name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(group, str(path / name), metadata={"format": "pt"})
+        tensors = {k: torch.randn(s, dtype=torch.bfloat16) for k, s in group.items()}
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in group})
-        total += sum(t.numel() * 2 for t in group.values())
-        group.clear()
+        total += sum(2 * math.prod(s) for s in group.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     return total
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def run_once(cmd: list[str], out: Path) -> tuple[float, int | None]:
+    """Seconds for the whole process and its peak RSS in KiB (None for cp)."""
+    subprocess.run(["sync"], check=True)  # start from no dirty pages, ours or others'
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return time.perf_counter() - start, done.stderr
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"benchmark command failed ({done.returncode}): {cmd}\n{done.stderr}")
+    shutil.rmtree(out)
+    peak = done.stderr.split("PEAK_RSS_KB")[1].split()[0] if "PEAK_RSS_KB" in done.stderr else None
+    return seconds, int(peak) if peak else None
 
 
-PY_COPY = """
-import os, sys
-src, dst = sys.argv[1], sys.argv[2]
-buf = memoryview(bytearray(64 << 20))
-os.makedirs(dst)
-for name in sorted(os.listdir(src)):
-    fi = os.open(os.path.join(src, name), os.O_RDONLY)
-    fo = os.open(os.path.join(dst, name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-    off = 0
-    while n := os.preadv(fi, [buf], off):
-        os.pwrite(fo, buf[:n], off)
-        off += n
-    os.fsync(fo)
-    os.close(fi)
-    os.close(fo)
-"""
-
-
-def bench(src: Path, work: Path, repeats: int) -> dict:
-    """Every side ends with its bytes on disk: cp is followed by sync, the others fsync.
-    GNU cp copies in the kernel (copy_file_range); the Python copy moves the same bytes
-    through user space with pread/pwrite, as any converter that slices them must."""
-    cp, py, conv, inner, rss = [], [], [], [], []
-    for _ in range(repeats):
-        subprocess.run(["sync"], check=True)
-        cp.append(timed(["sh", "-c", f"cp -r '{src}' '{work / 'cp'}' && sync"])[0])
-        shutil.rmtree(work / "cp")
-        subprocess.run(["sync"], check=True)
-        py.append(timed([sys.executable, "-c", PY_COPY, str(src), str(work / "py")])[0])
-        shutil.rmtree(work / "py")
-        subprocess.run(["sync"], check=True)
-        cmd = [sys.executable, "-c", RSS_WRAPPER, "convert", str(src), "--tp", "4"]
-        seconds, err = timed([*cmd, "-o", str(work / "out"), "--quiet"])
-        conv.append(seconds)
-        fields = err.split("PEAK_RSS_KB")[1].split()
-        rss.append(int(fields[0]))
-        inner.append(float(fields[2]))
-        shutil.rmtree(work / "out")
-    med = statistics.median
-    return {
-        "py_s": med(py),
-        "py_ratio": med(conv) / med(py),
-        "cp_s": med(cp),
-        "convert_s": med(conv),
-        "convert_inner_s": med(inner),
-        "ratio": med(conv) / med(cp),
-        "inner_ratio": med(inner) / med(cp),
-        "peak_rss_mib": max(rss) / 1024,
+def contenders(src: Path, work: Path, workers: list[int]) -> dict[str, tuple[list[str], Path]]:
+    py = sys.executable
+    out = work / "out"
+    copy = f"cp -r '{src}' '{out}'"
+    runs = {
+        "cp -r + sync": (["sh", "-c", f"{copy} && sync"], out),
+        # fsync of the copy's own files and folder: sync alone also flushes what others wrote
+        "cp -r + sync OUT/*": (["sh", "-c", f"{copy} && sync '{out}'/* '{out}'"], out),
     }
+    for w in workers:
+        cmd = [py, "-c", RESHARD, "convert", str(src), "--tp", "4", "-o", str(out)]
+        runs[f"reshard --workers {w}"] = ([*cmd, "--quiet", "--workers", str(w)], out)
+    runs["naive load+slice+save"] = ([py, "-c", NAIVE, str(src), str(out), "4"], out)
+    return runs
+
+
+def bench(src: Path, work: Path, workers: list[int], repeats: int, loads: list[float]):
+    """{contender: [(seconds, peak KiB)]}; `loads` gets the load average before each run."""
+    runs = contenders(src, work, workers)
+    names = list(runs)
+    results: dict[str, list] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            loads.append(os.getloadavg()[0])
+            results[name].append(run_once(*runs[name]))
+    return results
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def print_table(gb: float, total: int, results: dict[str, list], loads: list[float]) -> None:
+    cp = statistics.median(s for s, _ in results["cp -r + sync"])
+    print(
+        f"\n{total / 1e9:.2f} GB ({gb:g} GB asked), {len(next(iter(results.values())))} rounds, "
+        f"1-min load average {min(loads):.1f}-{max(loads):.1f} (median "
+        f"{statistics.median(loads):.1f}) on {os.cpu_count()} cores"
+    )
+    print(f"{'what':<24} {'median_s':>9} {'min_s':>7} {'x cp':>6} {'peak_RSS_MiB':>13}")
+    for name, runs in results.items():
+        med = statistics.median(s for s, _ in runs)
+        peaks = [p for _, p in runs if p is not None]
+        rss = f"{max(peaks) / 1024:.0f}" if peaks else "-"
+        print(f"{name:<24} {med:9.2f} {min(s for s, _ in runs):7.2f} {med / cp:6.2f} {rss:>13}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--gb", type=float, action="append", help="checkpoint size(s); default 1 4")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workers", type=int, action="append", help="default: 1, 2, cores")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/reshard-bench"))
     args = ap.parse_args()
+    sizes = args.gb or [1.0, 4.0]
+    workers = sorted(set(args.workers or [1, 2, os.cpu_count() or 1]))
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; {platform.platform()}")
+    print("whole-process wall seconds (interpreter start to exit, data on disk), medians;")
+    print("x cp = median / median of cp -r + sync in the same run; RSS = peak (VmHWM).")
     shutil.rmtree(args.workdir, ignore_errors=True)
-    base = subprocess.run([sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True)
-    print(f"import-only peak RSS: {int(base.stdout) / 1024:.0f} MiB (python + torch + reshard)")
-    print("medians; cp = cp -r + sync (in-kernel copy); pycopy = pread/pwrite + fsync in Python;")
-    print("convert = whole process (python + torch import included), in-process = the convert")
-    print("call alone; RSS = peak of the convert process (VmHWM).")
-    print(
-        "size_GB  cp_s  pycopy_s  convert_s  in-process_s  convert/cp  convert/pycopy"
-        "  in-process/cp  peak_RSS_MiB"
-    )
-    for gb in (args.gb / 4, args.gb):
-        src = args.workdir / f"src-{gb:g}"
-        total = build_checkpoint(src, gb)
-        r = bench(src, args.workdir, args.repeats)
-        print(
-            f"{total / 1e9:7.2f}  {r['cp_s']:4.2f}  {r['py_s']:8.2f}  {r['convert_s']:9.2f}  "
-            f"{r['convert_inner_s']:12.2f}  {r['ratio']:10.2f}  {r['py_ratio']:14.2f}  "
-            f"{r['inner_ratio']:13.2f}  {r['peak_rss_mib']:12.0f}"
-        )
-        shutil.rmtree(src)
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    try:
+        for gb in sizes:
+            src = args.workdir / f"src-{gb:g}"
+            total = build_checkpoint(src, gb)
+            loads: list[float] = []
+            results = bench(src, args.workdir, workers, args.repeats, loads)
+            print_table(gb, total, results, loads)
+            shutil.rmtree(src)
+    finally:
+        shutil.rmtree(args.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
