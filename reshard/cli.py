@@ -122,15 +122,18 @@ Example:
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (weights_only).")
 @click.option("--force", is_flag=True, help="Replace an existing output in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ranks", help="Write only these ranks' files (0-3, 4-7, 0,2,5).")
+@click.option("--resume", is_flag=True, help="Keep finished ranks, write the rest.")
 @run_command
-def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, **layout) -> None:
+def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, ranks, resume, **layout):
     from .convert import convert_model
     from .report import format_convert_summary
 
     recipe = recipe_from(max_file_size=max_file_size, **layout)
     result = convert_model(
-        model, out_dir, recipe, allow_pickle=allow_pickle, force=force, progress=not quiet
-    )
+        model, out_dir, recipe, allow_pickle=allow_pickle, force=force, progress=not quiet,
+        ranks=ranks, resume=resume,
+    )  # fmt: skip
     click.echo(format_convert_summary(result))
     if result.stage_plan is not None:  # the split just written, against the even split
         click.echo(f"stage costs: {result.stage_plan.cost_source}")
