@@ -171,7 +171,8 @@ def _legacy_names(out_dir: Path) -> set[str]:
 
 def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
     """What a run owns in OUT and what it writes there: the plan's fingerprint and the source
-    it reads (so a later --resume can tell a matching run from another)."""
+    it reads: path, revision, each file's name, size and header hash (so a later --resume or
+    --ranks run can tell a matching run from another)."""
     return {
         "format": RECORD_FORMAT,
         "format_version": RECORD_VERSION,
@@ -180,10 +181,20 @@ def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
         "source": {
             "path": str(source.path),
             "revision": source.revision,
-            "files": [[h.path.name, h.size] for h in source.headers],
+            "files": [[h.path.name, h.size, header_digest(h)] for h in source.headers],
         },
         "files": sorted(names),
     }
+
+
+def header_digest(header) -> str:
+    """xxh3-128 of a source file's first 8 + N bytes (its safetensors header): with the size,
+    what --resume checks of the source bytes (tensor data is not re-read)."""
+    try:
+        with open(header.path, "rb") as f:
+            return xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
+    except OSError as e:
+        raise io_error(e, header.path) from None
 
 
 def _layout_key(plan: Plan) -> dict:

@@ -30,6 +30,7 @@ from .writer import Written, io_error, write_atomic
 
 SUBSETS_LOCK = ".reshard.subsets.lock"
 MARKER_FORMAT = "reshard-rank-marker"
+_MARKER = re.compile(r"^reshard-rank-(\d{5})\.json$")
 _SPEC_PART = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -179,21 +180,38 @@ def missing_ranks(plan: Plan, markers: dict[int, dict]) -> list[int]:
 
 
 def check_record_matches(out_dir: Path, record: dict, mine: dict) -> None:
-    """A subset or resumed run joins OUT's runs only with the same plan and source."""
-    path = out_dir / RECORD
-    for key, what in (("layout", "layout"), ("source", "source")):
-        if record.get(key) != mine.get(key):
-            raise InputError(
-                f"{path}: the runs in {out_dir} were made with {what} "
-                f"{_describe(record.get(key))}; this run has {_describe(mine.get(key))}. "
-                "Use the same model and flags, or start over with --force (no --ranks)."
-            )
-    if record.get("plan_xxh3_128") != mine["plan_xxh3_128"]:
+    """A subset or resumed run joins OUT's runs only with the same layout, source and plan."""
+    change = _what_changed(record, mine)
+    if change:
         raise InputError(
-            f"{path}: plan_xxh3_128 {record.get('plan_xxh3_128')} differs from this run's "
-            f"{mine['plan_xxh3_128']} (same layout and source: another --max-file-size, "
-            "stage costs or placement?). Use the same flags, or start over with --force."
+            f"{out_dir / RECORD}: {change}. The ranks already in {out_dir} were made from "
+            "another source or layout; use the same model and flags, or start over with "
+            "convert --force (no --ranks/--resume)."
         )
+
+
+def _what_changed(record: dict, mine: dict) -> str | None:
+    if record.get("layout") != mine["layout"]:
+        return f"layout was {_describe(record.get('layout'))}, this run asks {_describe(mine['layout'])}"
+    old, new = record.get("source") or {}, mine["source"]
+    for key in ("path", "revision"):
+        if old.get(key) != new[key]:
+            return f"source {key} was {old.get(key)!r}, now {new[key]!r}"
+    before = {f[0]: f[1:] for f in old.get("files") or [] if isinstance(f, list) and f}
+    for name, size, digest in new["files"]:
+        if name not in before:
+            return f"source file {name} is new"
+        if before.pop(name) != [size, digest]:
+            return f"source file {name} changed (size or header hash: now {size} bytes)"
+    if before:
+        return f"source file {sorted(before)[0]} is gone"
+    if record.get("plan_xxh3_128") != mine["plan_xxh3_128"]:
+        return (
+            f"plan_xxh3_128 was {record.get('plan_xxh3_128')}, this run's is "
+            f"{mine['plan_xxh3_128']} (same layout and source: another --max-file-size, stage "
+            "costs or placement?)"
+        )
+    return None
 
 
 def _describe(value) -> str:
@@ -206,6 +224,20 @@ def check_manifest_absent(out_dir: Path) -> None:
             f"{out_dir}: already holds a complete reshard output ({MANIFEST}); every rank is "
             "written. Verify it, or replace it with a full convert --force."
         )
+
+
+def check_partial_set(out_dir: Path) -> None:
+    """No manifest, a record, and markers for some ranks: OutputError naming the ranks whose
+    files the record names and no marker vouches for (yet)."""
+    if (out_dir / MANIFEST).exists() or not out_dir.is_dir():
+        return
+    record = read_record(out_dir)
+    if record is None:
+        return
+    expected = {int(m[1]) for n in record["files"] if (m := _MARKER.match(n))}
+    done = {r for r in expected if (out_dir / marker_name(r)).is_file()}
+    if done:
+        raise missing_ranks_error(out_dir, sorted(expected - done))
 
 
 def missing_ranks_error(out_dir: Path, missing: list[int]) -> OutputError:

@@ -354,6 +354,9 @@ def verify_output(
     generate_options: dict | None = None,
 ) -> tuple[dict, list[LevelResult]]:
     """Run the requested tiers in order. Raises OutputError when OUT is incomplete."""
+    from .rank_subset import check_partial_set
+
+    check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
     manifest = read_manifest(out_dir)
     check_complete(out_dir, manifest)
     results = []
