@@ -192,7 +192,8 @@ def check_record_matches(out_dir: Path, record: dict, mine: dict) -> None:
 
 def _what_changed(record: dict, mine: dict) -> str | None:
     if record.get("layout") != mine["layout"]:
-        return f"layout was {_describe(record.get('layout'))}, this run asks {_describe(mine['layout'])}"
+        was, now = _describe(record.get("layout")), _describe(mine["layout"])
+        return f"layout was {was}, this run asks {now}"
     old, new = record.get("source") or {}, mine["source"]
     for key in ("path", "revision"):
         if old.get(key) != new[key]:
