@@ -133,7 +133,14 @@ def convert_model(
         plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
         if subset:
             read_total, sizes = convert_subset(
-                plan, source, recipe, out_dir, ranks=ranks, world=world, progress=progress
+                plan,
+                source,
+                recipe,
+                out_dir,
+                ranks=ranks,
+                world=world,
+                resume=resume,
+                progress=progress,
             )
         else:
             read_total, sizes = _convert_full(plan, source, recipe, out_dir, force, progress)
@@ -162,12 +169,13 @@ def _busy_subsets(out_dir: Path) -> str:
     )
 
 
-def convert_subset(plan, source, recipe, out_dir: Path, *, ranks, world, progress):
+def convert_subset(plan, source, recipe, out_dir: Path, *, ranks, world, resume, progress):
     """Claim (short lock), write the chosen ranks' files, mark them, finish (short lock)."""
+    chosen = _chosen_ranks(plan, ranks, world)  # a bad --ranks is refused before OUT exists
     with lock_out_dir(out_dir, wait=True):
         check_manifest_absent(out_dir)
         record = build_record(plan, source, output_names(plan, source))
-        todo = _ranks_to_write(plan, out_dir, ranks, world)
+        todo = _unfinished(plan, out_dir, chosen) if resume else chosen
         _join_out_dir(out_dir, record, plan, todo)
     with hold_subset_locks(out_dir, todo):
         part = subset_plan(plan, todo)
@@ -186,17 +194,20 @@ def convert_subset(plan, source, recipe, out_dir: Path, *, ranks, world, progres
     return read_total, sizes
 
 
-def _ranks_to_write(plan: Plan, out_dir: Path, ranks, world) -> tuple[int, ...]:
+def _chosen_ranks(plan: Plan, ranks, world) -> tuple[int, ...]:
     if ranks is not None:
         chosen = file_ranks(plan, parse_ranks(ranks, plan.layout.world_size))
     else:
         chosen = all_file_ranks(plan)
     if world is not None:  # whole files each, round robin over the world's processes
         chosen = chosen[world.rank :: world.size]
-    if ranks is None and world is None:  # --resume: what is not finished yet
-        done = read_markers(out_dir, plan) if read_record(out_dir) else {}
-        chosen = tuple(r for r in chosen if r not in done)
     return chosen
+
+
+def _unfinished(plan: Plan, out_dir: Path, chosen) -> tuple[int, ...]:
+    """--resume: the chosen ranks without a marker whose files match (size, header hash)."""
+    done = read_markers(out_dir, plan) if read_record(out_dir) else {}
+    return tuple(r for r in chosen if r not in done)
 
 
 def _join_out_dir(out_dir: Path, record: dict, plan: Plan, todo) -> None:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import xxhash
 
 from .errors import InputError, OutputError
 from .manifest import MANIFEST
@@ -131,14 +134,15 @@ def write_marker(out_dir: Path, plan: Plan, rank: int, written: Written, sizes: 
 
 
 def read_markers(out_dir: Path, plan: Plan) -> dict[int, dict]:
-    """Markers of this plan whose files are still there at their recorded size."""
+    """Markers of this plan whose files are still there with their recorded size and header
+    hash (tensor data is not re-read: `verify --level hashes` does that)."""
     fingerprint = plan_fingerprint(plan)
     found = {}
     for rank in all_file_ranks(plan):
         doc = _read_marker(out_dir / marker_name(rank))
         if doc is None or doc.get("plan_xxh3_128") != fingerprint or doc.get("rank") != rank:
             continue
-        if all(_has_size(out_dir / n, e.get("size")) for n, e in doc["files"].items()):
+        if all(_file_matches(out_dir / n, e) for n, e in doc["files"].items()):
             found[rank] = doc
     return found
 
@@ -156,13 +160,18 @@ def _read_marker(path: Path) -> dict | None:
     return doc if ok and isinstance(doc.get("files"), dict) else None
 
 
-def _has_size(path: Path, size) -> bool:
+def _file_matches(path: Path, entry: dict) -> bool:
     try:
-        return path.stat().st_size == size
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != entry.get("size"):
+                return False
+            head = f.read(8)
+            head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
     except FileNotFoundError:
         return False
     except OSError as e:
         raise io_error(e, path) from None
+    return xxhash.xxh3_128(head).hexdigest() == entry.get("header_xxh3_128")
 
 
 def written_from_markers(markers: dict[int, dict]) -> tuple[Written, dict[str, int]]:
