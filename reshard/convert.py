@@ -64,6 +64,8 @@ class ConvertResult:
     bytes_read: int
     bytes_written: int
     stage_plan: object | None = None  # pipeline.StagePlan when pp > 1
+    ranks_written: tuple[int, ...] | None = None  # some ranks only (--ranks, --resume, torchrun)
+    missing: tuple[int, ...] | None = None  # ranks still unwritten (None: not known here)
 
 
 def plan_source(source: Source, recipe: Recipe, stages: tuple[Stage, ...] | None = None) -> Plan:
@@ -131,8 +133,9 @@ def convert_model(
         check_out_apart(out_dir, source)
         stage_plan = _stage_plan(source.hparams, recipe)
         plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
+        done = None
         if subset:
-            read_total, sizes = convert_subset(
+            read_total, sizes, done = convert_subset(
                 plan,
                 source,
                 recipe,
@@ -148,8 +151,9 @@ def convert_model(
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
     return ConvertResult(
-        out_dir, plan, source, seconds, read_total, sum(sizes.values()), stage_plan
-    )
+        out_dir, plan, source, seconds, read_total, sum(sizes.values()), stage_plan,
+        *(done or (None, None)),
+    )  # fmt: skip
 
 
 def _convert_full(plan, source, recipe, out_dir: Path, force: bool, progress: bool):
@@ -188,10 +192,10 @@ def convert_subset(plan, source, recipe, out_dir: Path, *, ranks, world, resume,
     if world is not None:
         world.barrier()
         if world.rank != 0:
-            return read_total, sizes
+            return read_total, sizes, (todo, None)
     with lock_out_dir(out_dir, wait=True):
-        finish_if_complete(plan, source, recipe, out_dir)
-    return read_total, sizes
+        missing = finish_if_complete(plan, source, recipe, out_dir)
+    return read_total, sizes, (todo, missing)
 
 
 def _chosen_ranks(plan: Plan, ranks, world) -> tuple[int, ...]:
@@ -222,19 +226,22 @@ def _join_out_dir(out_dir: Path, record: dict, plan: Plan, todo) -> None:
     remove_names(out_dir, names + [marker_name(r) for r in todo])
 
 
-def finish_if_complete(plan: Plan, source: Source, recipe: Recipe, out_dir: Path) -> None:
+def finish_if_complete(plan: Plan, source: Source, recipe: Recipe, out_dir: Path) -> tuple:
     """Under the lock: when every rank has its marker and no manifest is there yet, write the
-    side files, exports and manifest (exactly once), then drop the markers."""
+    side files, exports and manifest (exactly once), then drop the markers. Returns the ranks
+    still missing."""
     if (out_dir / MANIFEST).exists():
-        return
+        return ()
     markers = read_markers(out_dir, plan)
-    if missing_ranks(plan, markers):
-        return
+    missing = tuple(missing_ranks(plan, markers))
+    if missing:
+        return missing
     written, sizes = written_from_markers(markers)
     _write_side_files(plan, source, out_dir)
     manifest = build_manifest(plan, source, written, sizes, experts=_experts_entry(plan, recipe))
     write_manifest(out_dir, manifest)
     remove_names(out_dir, marker_names(plan))
+    return ()
 
 
 def _progress_bar(total: int, progress: bool):
