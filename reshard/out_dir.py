@@ -181,10 +181,19 @@ def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
         "source": {
             "path": str(source.path),
             "revision": source.revision,
-            "files": [[h.path.name, h.size, header_digest(h)] for h in source.headers],
+            "files": _source_files(source),
         },
         "files": sorted(names),
     }
+
+
+def _source_files(source: Source) -> list[list]:
+    """[name, size, digest]: the header hash of each file, or for a reshard output read as the
+    source, the hash of its manifest file (whose hashes cover every byte of its rank files)."""
+    if source.reader is not None:
+        digest = source.reader.source_record()["made_from"]["manifest_file_xxh3_128"]
+        return [[h.path.name, h.size, digest] for h in source.headers]
+    return [[h.path.name, h.size, header_digest(h)] for h in source.headers]
 
 
 def header_digest(header) -> str:
