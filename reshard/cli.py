@@ -160,8 +160,12 @@ Example:
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Tensors copied at once (default: the cores)."
 )
+@click.option("--ranks", help="Write only these ranks' files (0-3, 4-7, 0,2,5).")
+@click.option("--resume", is_flag=True, help="Keep finished ranks, write the rest.")
 @run_command
-def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, workers, **layout) -> None:
+def convert(
+    model, out_dir, max_file_size, allow_pickle, force, quiet, workers, ranks, resume, **layout
+) -> None:
     from .convert import convert_model
     from .report import format_convert_summary
 
@@ -174,6 +178,8 @@ def convert(model, out_dir, max_file_size, allow_pickle, force, quiet, workers, 
         force=force,
         progress=not quiet,
         workers=workers,
+        ranks=ranks,
+        resume=resume,
     )
     click.echo(format_convert_summary(result))
     if result.stage_plan is not None:  # the split just written, against the even split

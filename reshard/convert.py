@@ -17,13 +17,38 @@ from .errors import InputError
 from .hparams import HParams
 from .manifest import MANIFEST, build_manifest, write_manifest
 from .moe_layout import SGLANG_FILE, TRTLLM_FILE
-from .out_dir import build_record, check_out_apart, claim_out_dir, lock_out_dir
+from .out_dir import (
+    build_record,
+    check_out_apart,
+    claim_out_dir,
+    flock_path,
+    lock_out_dir,
+    read_record,
+    remove_names,
+)
 from .output_source import open_model
 from .plan import Plan, Stage, build_plan, check_layout
+from .rank_subset import (
+    SUBSETS_LOCK,
+    all_file_ranks,
+    check_manifest_absent,
+    check_record_matches,
+    file_ranks,
+    hold_subset_locks,
+    marker_name,
+    marker_names,
+    missing_ranks,
+    parse_ranks,
+    read_markers,
+    subset_plan,
+    write_marker,
+    written_from_markers,
+)
 from .recipe import Recipe
 from .source import Source
 from .specs import match_tensors
 from .specs.consistency import check_tensors_against_config
+from .torchrun import torchrun_world
 from .writer import write_atomic, write_plan
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
@@ -38,6 +63,8 @@ class ConvertResult:
     bytes_read: int
     bytes_written: int
     stage_plan: object | None = None  # pipeline.StagePlan when pp > 1
+    ranks_written: tuple[int, ...] | None = None  # some ranks only (--ranks, --resume, torchrun)
+    missing: tuple[int, ...] | None = None  # ranks still unwritten (None: not known here)
 
 
 def plan_source(source: Source, recipe: Recipe, stages: tuple[Stage, ...] | None = None) -> Plan:
@@ -83,10 +110,22 @@ def convert_model(
     force: bool = False,
     progress: bool = False,
     workers: int | None = None,
+    ranks: str | None = None,
+    resume: bool = False,
 ) -> ConvertResult:
+    """`ranks` (a --ranks spec), `resume`, or a torchrun world (WORLD_SIZE > 1): write some
+    ranks' files; the run completing the set writes the manifest (reshard/rank_subset.py)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    check_no_output(out_dir, force=force)  # before any work: refuse early and cheaply
+    world = torchrun_world()
+    subset = ranks is not None or resume or world is not None
+    if subset and force:
+        raise InputError(
+            "--force: cannot be combined with --ranks, --resume or a torchrun world (it would "
+            "delete other runs' ranks). Clear OUT with one full convert --force, or use -o."
+        )
+    if not subset:
+        check_no_output(out_dir, force=force)  # before any work: refuse early and cheaply
     scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle"
     try:
         source = open_model(model, allow_pickle=allow_pickle, scratch=scratch)
@@ -94,16 +133,116 @@ def convert_model(
         check_out_apart(out_dir, source)
         stage_plan = _stage_plan(source.hparams, recipe)
         plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
-        with lock_out_dir(out_dir):  # a second convert into OUT exits 2 from here on
-            record = build_record(plan, source, output_names(plan, source))
-            prepare_out_dir(out_dir, record, force=force)
-            read_total, sizes = _write_output(plan, source, recipe, out_dir, progress, workers)
+        done = None
+        if subset:
+            read_total, sizes, done = convert_subset(
+                plan,
+                source,
+                recipe,
+                out_dir,
+                ranks=ranks,
+                world=world,
+                resume=resume,
+                progress=progress,
+                workers=workers,
+            )
+        else:
+            read_total, sizes = _convert_full(plan, source, recipe, out_dir, force, progress, workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
     return ConvertResult(
-        out_dir, plan, source, seconds, read_total, sum(sizes.values()), stage_plan
+        out_dir, plan, source, seconds, read_total, sum(sizes.values()), stage_plan,
+        *(done or (None, None)),
+    )  # fmt: skip
+
+
+def _convert_full(plan, source, recipe, out_dir: Path, force: bool, progress: bool, workers):
+    with (
+        lock_out_dir(out_dir),  # a second convert into OUT exits 2 from here on
+        flock_path(out_dir, SUBSETS_LOCK, busy=_busy_subsets(out_dir)),
+    ):
+        record = build_record(plan, source, output_names(plan, source))
+        prepare_out_dir(out_dir, record, force=force)
+        return _write_output(plan, source, recipe, out_dir, progress, workers)
+
+
+def _busy_subsets(out_dir: Path) -> str:
+    return (
+        f"{out_dir}: reshard convert --ranks runs are writing into this folder. Wait for them, "
+        "or write elsewhere with -o."
     )
+
+
+def convert_subset(plan, source, recipe, out_dir: Path, *, ranks, world, resume, progress, workers=None):
+    """Claim (short lock), write the chosen ranks' files, mark them, finish (short lock)."""
+    chosen = _chosen_ranks(plan, ranks, world)  # a bad --ranks is refused before OUT exists
+    with lock_out_dir(out_dir, wait=True):
+        check_manifest_absent(out_dir)
+        record = build_record(plan, source, output_names(plan, source))
+        todo = _unfinished(plan, out_dir, chosen) if resume else chosen
+        _join_out_dir(out_dir, record, plan, todo)
+    with hold_subset_locks(out_dir, todo):
+        part = subset_plan(plan, todo)
+        read_total = _bytes_to_read(part, source)
+        with _progress_bar(read_total, progress) as bar:
+            written = write_plan(part, source, out_dir, progress=bar, workers=workers)
+        sizes = {f.name: (out_dir / f.name).stat().st_size for f in part.files}
+        for rank in todo:
+            write_marker(out_dir, plan, rank, written, sizes)
+    if world is not None:
+        world.barrier()
+        if world.rank != 0:
+            return read_total, sizes, (todo, None)
+    with lock_out_dir(out_dir, wait=True):
+        missing = finish_if_complete(plan, source, recipe, out_dir)
+    return read_total, sizes, (todo, missing)
+
+
+def _chosen_ranks(plan: Plan, ranks, world) -> tuple[int, ...]:
+    if ranks is not None:
+        chosen = file_ranks(plan, parse_ranks(ranks, plan.layout.world_size))
+    else:
+        chosen = all_file_ranks(plan)
+    if world is not None:  # whole files each, round robin over the world's processes
+        chosen = chosen[world.rank :: world.size]
+    return chosen
+
+
+def _unfinished(plan: Plan, out_dir: Path, chosen) -> tuple[int, ...]:
+    """--resume: the chosen ranks without a marker whose files match (size, header hash)."""
+    done = read_markers(out_dir, plan) if read_record(out_dir) else {}
+    return tuple(r for r in chosen if r not in done)
+
+
+def _join_out_dir(out_dir: Path, record: dict, plan: Plan, todo) -> None:
+    """Under the lock: the first run claims OUT; later ones must match its plan and source.
+    The ranks this run writes are cleared (their files, partials and markers)."""
+    existing = read_record(out_dir)
+    if existing is None:
+        claim_out_dir(out_dir, record)
+        return
+    check_record_matches(out_dir, existing, record)
+    names = [f.name for f in plan.files if f.rank in set(todo)]
+    remove_names(out_dir, names + [marker_name(r) for r in todo])
+
+
+def finish_if_complete(plan: Plan, source: Source, recipe: Recipe, out_dir: Path) -> tuple:
+    """Under the lock: when every rank has its marker and no manifest is there yet, write the
+    side files, exports and manifest (exactly once), then drop the markers. Returns the ranks
+    still missing."""
+    if (out_dir / MANIFEST).exists():
+        return ()
+    markers = read_markers(out_dir, plan)
+    missing = tuple(missing_ranks(plan, markers))
+    if missing:
+        return missing
+    written, sizes = written_from_markers(markers)
+    _write_side_files(plan, source, out_dir)
+    manifest = build_manifest(plan, source, written, sizes, experts=_experts_entry(plan, recipe))
+    write_manifest(out_dir, manifest)
+    remove_names(out_dir, marker_names(plan))
+    return ()
 
 
 def _stage_plan(hp: HParams, recipe: Recipe):
@@ -120,10 +259,7 @@ def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, pro
     read_total = _bytes_to_read(plan, source)
     with _progress_bar(read_total, progress) as bar:
         written = write_plan(plan, source, out_dir, progress=bar, workers=workers)
-    for side in source.side_files():
-        write_atomic(out_dir / side.name, side.read_bytes())
-    for name, data in _exports(plan).items():
-        write_atomic(out_dir / name, data)
+    _write_side_files(plan, source, out_dir)
     sizes = {f.name: (out_dir / f.name).stat().st_size for f in plan.files}
     manifest = build_manifest(plan, source, written, sizes, experts=_experts_entry(plan, recipe))
     write_manifest(out_dir, manifest)
@@ -138,6 +274,13 @@ def _progress_bar(total: int, show: bool):
     return tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", mininterval=0.5
     )
+
+
+def _write_side_files(plan: Plan, source: Source, out_dir: Path) -> None:
+    for side in source.side_files():
+        write_atomic(out_dir / side.name, side.read_bytes())
+    for name, data in _exports(plan).items():
+        write_atomic(out_dir / name, data)
 
 
 def _bytes_to_read(plan: Plan, source: Source) -> int:
@@ -181,7 +324,7 @@ def output_names(plan: Plan, source: Source) -> list[str]:
     """Every file this run writes into OUT (each also as `.partial` while being written)."""
     names = [f.name for f in plan.files] + [p.name for p in source.side_files()]
     exports = list(EXPORT_FILES) if plan.placements else []
-    return names + exports + [MANIFEST]
+    return names + exports + [MANIFEST] + marker_names(plan)
 
 
 def prepare_out_dir(out_dir: Path, record: dict, *, force: bool) -> None:

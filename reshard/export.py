@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .out_dir import RECORD_FORMAT, RECORD_VERSION, claim_out_dir, lock_out_dir, owned_names
 from .output_source import CHUNK_BYTES, open_output_source, reused_buffer
 from .safetensors_io import TensorInfo, encode_header
 from .source import INDEX, Source
@@ -63,7 +64,22 @@ def export_output(
     infos = _exported_tensors(source)
     shards = split_shards(infos, max_shard_size)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
-    prepare_hf_dir(hf_dir)
+    with lock_out_dir(hf_dir):  # like convert: one writer, and only its own files go
+        prepare_hf_dir(hf_dir, _export_record(names, source))
+        _write_checkpoint(source, hf_dir, names, shards)
+    return ExportResult(
+        hf_dir, tuple(names), len(infos), sum(i.nbytes for i in infos),
+        time.perf_counter() - start, _cast_tensors(source, infos),
+    )  # fmt: skip
+
+
+def _export_record(names: list[str], source: Source) -> dict:
+    """The files export owns in HF_DIR (reshard/out_dir.py's record, without a plan)."""
+    owned = [*names, *(p.name for p in source.side_files()), INDEX]
+    return {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "files": sorted(owned)}
+
+
+def _write_checkpoint(source: Source, hf_dir: Path, names: list[str], shards) -> None:
     alloc = reused_buffer()  # one block at a time: written before the next is read
     for name, shard in zip(names, shards, strict=True):
         _write_shard(source, hf_dir / name, shard, alloc)
@@ -74,10 +90,6 @@ def export_output(
     for side in source.side_files():
         write_atomic(hf_dir / side.name, side.read_bytes())
     write_atomic(hf_dir / INDEX, _index_json(names, shards))
-    return ExportResult(
-        hf_dir, tuple(names), len(infos), sum(i.nbytes for i in infos),
-        time.perf_counter() - start, _cast_tensors(source, infos),
-    )  # fmt: skip
 
 
 def _exported_tensors(source: Source) -> list[TensorInfo]:
@@ -107,15 +119,15 @@ def _check_hf_dir(hf_dir: Path, source: Source, *, force: bool) -> None:
         )
 
 
-def prepare_hf_dir(hf_dir: Path) -> None:
-    """The index goes first: from here on the folder is incomplete by definition."""
+def prepare_hf_dir(hf_dir: Path, record: dict) -> None:
+    """Under the lock: the index goes first (from then on the folder is incomplete by
+    definition), then the files a previous export's record names; a file this export would
+    write that no record names is refused (exit 2), never deleted."""
     index = hf_dir / INDEX
-    if index.exists():
+    if index.exists() and INDEX in owned_names(hf_dir):
         index.unlink()
         fsync_dir(hf_dir)
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*hf_dir.glob("model-*-of-*.safetensors*"), *hf_dir.glob("*.partial")]:
-        stale.unlink()
+    claim_out_dir(hf_dir, record)
 
 
 def _write_shard(source: Source, path: Path, shard: list[TensorInfo], alloc) -> None:

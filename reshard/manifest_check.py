@@ -145,7 +145,7 @@ def _check_source(f: Fields, source: dict) -> None:
         if made_from is None:
             break
         f.get(made_from, "path", str, "source.made_from.path")
-        f.hex(made_from, "manifest_xxh3_128", "source.made_from.manifest_xxh3_128")
+        f.hex(made_from, "manifest_file_xxh3_128", "source.made_from.manifest_file_xxh3_128")
         f.get(made_from, "layout", dict, "source.made_from.layout")
 
 

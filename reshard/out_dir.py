@@ -32,32 +32,44 @@ RECORD_VERSION = 1
 
 
 @contextmanager
-def lock_out_dir(out_dir: Path) -> Iterator[None]:
+def lock_out_dir(out_dir: Path, *, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive flock on OUT/.reshard.lock (created with OUT) until the block ends.
-    The lock dies with the process, so a killed convert never leaves OUT locked."""
-    lock = out_dir / LOCK
+    The lock dies with the process, so a killed convert never leaves OUT locked. `wait`: block
+    until it is free (the short steps of --ranks runs), else a held lock is exit 2."""
+    busy = (
+        f"{out_dir}: another reshard convert is writing into this folder (it holds "
+        f"{out_dir / LOCK}). Wait for it to finish, or write elsewhere with -o."
+    )
+    with flock_path(out_dir, LOCK, busy=busy, wait=wait):
+        yield
+
+
+@contextmanager
+def flock_path(
+    out_dir: Path, name: str, *, busy: str, shared: bool = False, wait: bool = False
+) -> Iterator[None]:
+    """Hold a flock on OUT/name; a lock held elsewhere is OutputBusyError(busy) unless `wait`."""
+    lock = out_dir / name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as e:
         raise io_error(e, out_dir if e.filename != str(lock) else lock) from None
     try:
-        _take_lock(fd, out_dir, lock)
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        _take_lock(fd, lock, mode, busy)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def _take_lock(fd: int, out_dir: Path, lock: Path) -> None:
+def _take_lock(fd: int, lock: Path, mode: int, busy: str) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode)
     except OSError as e:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise io_error(e, lock) from None
-        raise OutputBusyError(
-            f"{out_dir}: another reshard convert is writing into this folder (it holds "
-            f"{lock}). Wait for it to finish, or write elsewhere with -o."
-        ) from None
+        raise OutputBusyError(busy) from None
 
 
 def check_out_apart(out_dir: Path, source: Source) -> None:
@@ -159,18 +171,44 @@ def _legacy_names(out_dir: Path) -> set[str]:
 
 def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
     """What a run owns in OUT and what it writes there: the plan's fingerprint and the source
-    it reads (so a later --resume can tell a matching run from another)."""
+    it reads: path, revision, each file's name, size and header hash (so a later --resume or
+    --ranks run can tell a matching run from another)."""
     return {
         "format": RECORD_FORMAT,
         "format_version": RECORD_VERSION,
         "plan_xxh3_128": plan_fingerprint(plan),
+        "layout": _layout_key(plan),
         "source": {
             "path": str(source.path),
             "revision": source.revision,
-            "files": [[h.path.name, h.size] for h in source.headers],
+            "files": _source_files(source),
         },
         "files": sorted(names),
     }
+
+
+def _source_files(source: Source) -> list[list]:
+    """[name, size, digest]: the header hash of each file, or for a reshard output read as the
+    source, the hash of its manifest file (whose hashes cover every byte of its rank files)."""
+    if source.reader is not None:
+        digest = source.reader.source_record()["made_from"]["manifest_file_xxh3_128"]
+        return [[h.path.name, h.size, digest] for h in source.headers]
+    return [[h.path.name, h.size, header_digest(h)] for h in source.headers]
+
+
+def header_digest(header) -> str:
+    """xxh3-128 of a source file's first 8 + N bytes (its safetensors header): with the size,
+    what --resume checks of the source bytes (tensor data is not re-read)."""
+    try:
+        with open(header.path, "rb") as f:
+            return xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
+    except OSError as e:
+        raise io_error(e, header.path) from None
+
+
+def _layout_key(plan: Plan) -> dict:
+    lay = plan.layout
+    return {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "dp": lay.dp, "dtype": lay.dtype}
 
 
 def claim_out_dir(out_dir: Path, record: dict) -> None:
@@ -184,11 +222,11 @@ def claim_out_dir(out_dir: Path, record: dict) -> None:
                     f"{path}: exists, and no reshard record in {out_dir} names it; convert "
                     "replaces only files it wrote. Move it away, or choose another -o."
                 )
-    _remove_owned(out_dir, owned - {RECORD})
+    remove_names(out_dir, owned - {RECORD})
     write_atomic(out_dir / RECORD, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def _remove_owned(out_dir: Path, names: set[str]) -> None:
+def remove_names(out_dir: Path, names) -> None:
     """The manifest goes first: from then on the folder is incomplete by definition."""
     for name in sorted(names, key=lambda n: n != MANIFEST):
         for path in (out_dir / name, partial_path(out_dir / name)):

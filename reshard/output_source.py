@@ -192,7 +192,7 @@ class OutputReader:
         record = dict(self.manifest["source"])
         made_from = {
             "path": str(self.out_dir),
-            "manifest_xxh3_128": xxhash.xxh3_128(
+            "manifest_file_xxh3_128": xxhash.xxh3_128(
                 (self.out_dir / MANIFEST).read_bytes()
             ).hexdigest(),
             "layout": {k: self.manifest["layout"][k] for k in ("tp", "pp", "ep", "dp")},

@@ -12,9 +12,12 @@ def format_convert_summary(result) -> str:
     plan = result.plan
     lay = plan.layout
     rate = result.bytes_read / result.seconds if result.seconds else 0.0
+    what = f"{len(plan.files)} files for {lay.world_size} ranks"
+    if result.ranks_written is not None:
+        mine = [f for f in plan.files if f.rank in set(result.ranks_written)]
+        what = f"{len(mine)} files for ranks {_ranks(result.ranks_written)} of {lay.world_size}"
     lines = [
-        f"wrote {len(plan.files)} files for {lay.world_size} ranks "
-        f"(tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ep {lay.ep}) to {result.out_dir}",
+        f"wrote {what} (tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ep {lay.ep}) to {result.out_dir}",
         f"read {format_bytes(result.bytes_read)}, wrote {format_bytes(result.bytes_written)} in "
         f"{result.seconds:.2f} s ({format_bytes(rate)}/s)",
     ]
@@ -27,8 +30,20 @@ def format_convert_summary(result) -> str:
         lines.append(f"not written (derived from config.json): {len(plan.dropped)} tensors")
     if plan.placements:  # the expert maps, as each engine reads them
         lines.append(f"engine files: {SGLANG_FILE} (SGLang --init-expert-location), {TRTLLM_FILE}")
-    lines.append(f"manifest: {result.out_dir / 'manifest.json'}")
+    lines.append(_manifest_line(result))
     return "\n".join(lines)
+
+
+def _manifest_line(result) -> str:
+    if result.ranks_written is not None and result.missing is None:
+        return "manifest: written by global rank 0 of the torchrun world"
+    if result.missing:
+        return f"manifest: not yet: ranks {_ranks(result.missing)} are still to be written"
+    return f"manifest: {result.out_dir / 'manifest.json'}"
+
+
+def _ranks(ranks) -> str:
+    return ",".join(map(str, ranks)) if ranks else "none"
 
 
 def format_export_summary(result) -> str:

@@ -376,6 +376,9 @@ def verify_output(
 ) -> tuple[dict, list[LevelResult]]:
     """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
     InputError for bad generate options before any tier runs."""
+    from .rank_subset import check_partial_set
+
+    check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
     manifest = read_manifest(out_dir)
     if "generate" in levels:
         from .runtime.verify_generate import check_generate_options

@@ -268,3 +268,36 @@ def test_split_shards_like_save_pretrained():
     infos = [TensorInfo(f"t{i}", "F32", (n,), 0, 4 * n) for i, n in enumerate([3, 3, 10, 1, 1])]
     shards = split_shards(infos, 24)
     assert [[i.name for i in s] for s in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"]]
+
+
+def test_export_force_deletes_only_its_own_files_and_takes_the_lock(tmp_path):
+    src = write_checkpoint(tmp_path / "src", shard_size="30KB")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2))
+    hf = tmp_path / "hf"
+    assert run("export", out, "-o", hf, "--max-shard-size", "40KB").exit_code == 0
+    many = sorted(p.name for p in hf.glob("model-*.safetensors"))
+    assert run("export", out, "-o", hf, "--force").exit_code == 0  # one shard now
+    assert sorted(p.name for p in hf.glob("model-*.safetensors")) == [
+        "model-00001-of-00001.safetensors"
+    ]  # the earlier export's shards were its own: gone
+    assert len(many) > 1
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    result = run("export", out, "-o", src, "--force")  # a checkpoint export never wrote
+    assert result.exit_code == 2
+    assert f"{src / 'config.json'}: exists, and no reshard record in {src} names it" in (
+        result.output
+    )
+    after = {p.name: p.read_bytes() for p in src.iterdir() if not p.name.startswith(".")}
+    assert after == before  # nothing of it deleted or changed
+
+    import fcntl
+    import os
+
+    fd = os.open(hf / ".reshard.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        result = run("export", out, "-o", hf, "--force")
+    finally:
+        os.close(fd)
+    assert result.exit_code == 2 and "another reshard convert is writing" in result.output
