@@ -147,7 +147,9 @@ def convert_model(
                 workers=workers,
             )
         else:
-            read_total, sizes = _convert_full(plan, source, recipe, out_dir, force, progress, workers)
+            read_total, sizes = _convert_full(
+                plan, source, recipe, out_dir, force, progress, workers
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -174,7 +176,9 @@ def _busy_subsets(out_dir: Path) -> str:
     )
 
 
-def convert_subset(plan, source, recipe, out_dir: Path, *, ranks, world, resume, progress, workers=None):
+def convert_subset(
+    plan, source, recipe, out_dir: Path, *, ranks, world, resume, progress, workers=None
+):
     """Claim (short lock), write the chosen ranks' files, mark them, finish (short lock)."""
     chosen = _chosen_ranks(plan, ranks, world)  # a bad --ranks is refused before OUT exists
     with lock_out_dir(out_dir, wait=True):
