@@ -205,23 +205,23 @@ def score(placement: Placement, load: Sequence[float]) -> float:
     return 1.0 if peak == 0 else sum(loads) / len(loads) / peak
 
 
-def cross_node_share(placement: Placement, load: Sequence[float], nodes: NodeLayout) -> float:
+def cross_node_share(phy2log: Sequence[int], load: Sequence[float], nodes: NodeLayout) -> float:
     """Share of routed tokens served off their group's home node (the node serving most
-    of the group's tokens), tokens split evenly over replicas.
+    of the group's tokens), each expert's tokens split evenly over its replicas.
 
     Model: with grouped routing a token that picks a group sends its hidden state to that
     group's home node once; each visit served on another node is an extra inter-node send.
-    0 when every group lives on one node; about 1 - 1/nodes when groups are scattered."""
-    size = placement.num_experts // nodes.num_groups
+    0 when every group lives on one node; about 1 - 1/nodes when groups are scattered.
+    Takes phy2log (GPU-major slots) so maps with duplicates on a GPU (EPLB's) score too."""
     total = sum(load)
     if total == 0:
         return 0.0
-    per_node = placement.slots_per_rank * nodes.gpus_per_node
-    away = 0.0
-    for g in range(nodes.num_groups):
-        served = [0.0] * nodes.num_nodes
-        for e in range(g * size, (g + 1) * size):
-            for slot in placement.log2phy[e][: placement.logcnt[e]]:
-                served[slot // per_node] += load[e] / placement.logcnt[e]
-        away += sum(served) - max(served)
-    return away / total
+    size = len(load) // nodes.num_groups
+    per_node = len(phy2log) // nodes.num_nodes
+    count = [0] * len(load)
+    for e in phy2log:
+        count[e] += 1
+    served = [[0.0] * nodes.num_nodes for _ in range(nodes.num_groups)]
+    for slot, e in enumerate(phy2log):
+        served[e // size][slot // per_node] += load[e] / count[e]
+    return sum(sum(row) - max(row) for row in served) / total
