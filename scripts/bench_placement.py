@@ -133,8 +133,11 @@ def main() -> None:
     print("balancedness = mean/max tokens per GPU; mean = over layers, sum = sum of means / sum")
     print("of maxima; dup = layers with two replicas of an expert on one GPU; cross = share of")
     print("held-out routed tokens served off their expert group's home node (grouped routing)")
+    columns = ("calib", "held", "calib", "held")
     print(
-        f"{'placement':<31} {'calib':>7} {'held':>7} {'calib':>7} {'held':>7} {'dup':>5} {'cross':>6} {'s':>6}"
+        f"{'placement':<31} "
+        + " ".join(f"{c:>7}" for c in columns)
+        + f" {'dup':>5} {'cross':>6} {'s':>6}"
     )
     print(f"{'':<31} {'mean':>7} {'mean':>7} {'sum':>7} {'sum':>7}")
     for name, place in strategies(popularity, heldout).items():

@@ -1,0 +1,138 @@
+"""Node-aware placement, the variance-penalised placement and the EPLB re-implementation on
+plain numbers: no duplicate on a GPU and groups on nodes under hypothesis, the cross-node
+share on hand-made maps, EPLB against the published algorithm's known behaviour."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reshard.eplb import count_duplicates, pack_balanced, rebalance_experts, replicate
+from reshard.errors import LayoutError
+from reshard.expert_nodes import (
+    NodeLayout,
+    check_node_layout,
+    cross_node_share,
+    place_node_aware,
+    place_on_nodes,
+)
+from reshard.expert_robust import place_robust
+from reshard.experts import place_experts
+
+
+@st.composite
+def grouped_layouts(draw):
+    """(load, NodeLayout, redundant): nodes divide groups, R a multiple of nodes."""
+    nodes = draw(st.sampled_from([1, 2, 4]))
+    gpn = draw(st.sampled_from([1, 2, 4]))
+    groups = nodes * draw(st.integers(1, 3))
+    size = draw(st.integers(1, 4))
+    num_experts = groups * size
+    per_node = num_experts // nodes
+    extra = [r for r in range(0, 3 * gpn + 1) if (per_node + r) % gpn == 0]
+    extra = [r for r in extra if r <= per_node * (gpn - 1)]
+    redundant = nodes * draw(st.sampled_from(extra))
+    load = draw(st.lists(st.integers(0, 1000), min_size=num_experts, max_size=num_experts))
+    return load, NodeLayout(nodes * gpn, gpn, groups), redundant
+
+
+def nodes_of_group(phy2log, nodes, num_experts):
+    size = num_experts // nodes.num_groups
+    per_node = len(phy2log) // nodes.num_nodes
+    out = {}
+    for slot, e in enumerate(phy2log):
+        out.setdefault(e // size, set()).add(slot // per_node)
+    return out
+
+
+@settings(max_examples=120, deadline=None)
+@given(grouped_layouts())
+def test_groups_on_nodes_never_duplicate_and_keep_groups_whole(case):
+    load, nodes, redundant = case
+    p = place_on_nodes(load, nodes, redundant)
+    assert count_duplicates(p.phy2log, nodes.ep) == 0
+    assert sorted(set(p.phy2log)) == list(range(len(load)))
+    assert all(len(n) == 1 for n in nodes_of_group(p.phy2log, nodes, len(load)).values())
+    assert cross_node_share(p.phy2log, load, nodes) == 0.0
+
+
+@settings(max_examples=120, deadline=None)
+@given(grouped_layouts(), st.sampled_from([0.0, 0.01, 1.0]))
+def test_node_aware_never_duplicates_and_keeps_its_promise(case, max_loss):
+    load, nodes, redundant = case
+    p, kind = place_node_aware(load, nodes, redundant, max_loss=max_loss)
+    assert count_duplicates(p.phy2log, nodes.ep) == 0
+    flat = place_experts(load, nodes.ep, redundant)
+    assert balance(p, load) >= balance(flat, load) - max_loss - 1e-12
+    if kind == "grouped":
+        assert all(len(n) == 1 for n in nodes_of_group(p.phy2log, nodes, len(load)).values())
+    if max_loss == 1.0:
+        assert kind == "grouped"
+
+
+def balance(p, load):
+    loads = p.rank_load(load)
+    return 1.0 if max(loads) == 0 else sum(loads) / len(loads) / max(loads)
+
+
+def test_cross_node_share_counts_tokens_off_the_group_home():
+    nodes = NodeLayout(ep=2, gpus_per_node=1, num_groups=2)  # 2 nodes, groups {0,1}, {2,3}
+    # node 0 holds experts 0, 2; node 1 holds 1, 3: each group splits over both nodes
+    assert cross_node_share([0, 2, 1, 3], [10, 30, 5, 5], nodes) == pytest.approx(15 / 50)
+    assert cross_node_share([0, 1, 2, 3], [10, 30, 5, 5], nodes) == 0.0
+
+
+def test_node_layout_errors_name_the_numbers():
+    with pytest.raises(LayoutError, match="gpus_per_node=3 does not divide ep=8"):
+        check_node_layout(NodeLayout(8, 3, 4), 16, 0)
+    with pytest.raises(LayoutError, match="16 experts in 3 groups over 2 nodes"):
+        check_node_layout(NodeLayout(8, 4, 3), 16, 0)
+    with pytest.raises(LayoutError, match="redundant=3 does not split evenly over 2 nodes"):
+        check_node_layout(NodeLayout(8, 4, 4), 16, 3)
+
+
+def test_node_aware_falls_back_when_grouping_costs_balance():
+    # one group carries nearly all tokens: whole groups per node would idle the other node
+    load = [100, 100, 100, 100, 1, 1, 1, 1]
+    nodes = NodeLayout(ep=4, gpus_per_node=2, num_groups=2)
+    p, kind = place_node_aware(load, nodes, 4, max_loss=0.01)
+    assert kind != "grouped"
+    assert balance(p, load) >= balance(place_experts(load, 4, 4), load) - 0.01
+
+
+@settings(max_examples=60, deadline=None)
+@given(grouped_layouts(), st.floats(0.0, 2.0))
+def test_robust_placement_is_a_valid_map(case, penalty):
+    load, nodes, redundant = case
+    p = place_robust(load, nodes.ep, redundant, penalty=penalty)
+    assert count_duplicates(p.phy2log, nodes.ep) == 0
+    assert p.logcnt == place_experts(load, nodes.ep, redundant).logcnt
+
+
+def test_robust_search_never_raises_the_peak_risk():
+    load = [60, 25, 20, 14, 9, 8, 5, 3, 1, 1, 1, 1]
+    for penalty in (0.5, 1.0, 3.0):
+        assert peak_risk(place_robust(load, 4, 4, penalty=penalty), load, penalty) <= peak_risk(
+            place_experts(load, 4, 4), load, penalty
+        )
+
+
+def peak_risk(p, load, penalty):
+    weight = [x / c for x, c in zip(load, p.logcnt, strict=True)]
+    ranks = [[weight[e] for e in p.rank_experts(r)] for r in range(p.ep)]
+    return max(sum(w) + penalty * sum(x * x for x in w) ** 0.5 for w in ranks)
+
+
+def test_eplb_pack_and_replicate_follow_the_published_greedy():
+    assert pack_balanced([5, 1, 4, 2], 2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    phy2log, logcnt = replicate([9, 3, 1], 5)
+    assert phy2log == [0, 1, 2, 0, 0] and logcnt == [3, 1, 1]
+
+
+def test_eplb_stacks_replicas_reshard_does_not():
+    # EPLB replicates experts 1 and 2, then packs the six equal-share replicas by weight
+    # alone: each GPU gets both replicas of one expert; reshard's placement never does
+    load = [4, 10, 10, 1]
+    phy2log = rebalance_experts(load, 6, 1, 1, 2)
+    assert phy2log == [1, 1, 0, 2, 2, 3]
+    assert count_duplicates(phy2log, 2) == 2
+    assert count_duplicates(place_experts(load, 2, 2).phy2log, 2) == 0
