@@ -76,6 +76,11 @@ def layout_options(fn):
             ),
             click.option("--placement", help="contiguous | round_robin | balanced."),
             click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
+            click.option(
+                "--gpus-per-node",
+                type=click.IntRange(min=1),
+                help="Keep expert groups on nodes of N GPUs (grouped routing).",
+            ),
         ]
     ):  # fmt: skip
         fn = option(fn)

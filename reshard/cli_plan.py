@@ -75,11 +75,9 @@ SUGGEST_CONFLICTS = {
 )
 @click.option("--max-num-seqs", type=click.IntRange(min=1), help=SEQS_HELP)
 @click.option("--suggest", is_flag=True, help="Pick tp x pp for the GPU (needs --gpu).")
-@click.option("--gpus-per-node", type=click.IntRange(min=1), help="With --suggest (default 8).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @run_command
-def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as_json, **flags):
-    from .errors import InputError
+def plan(model, gpu_name, gpu_memory, context, batch, suggest, as_json, **flags):
     from .memory import resolve_gpu
     from .memory_activation import EngineLimits
 
@@ -92,10 +90,9 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as
     )
     layout = flags
     if suggest:
-        _suggest(model, gpu, context, batch, gpus_per_node or 8, as_json, layout, limits)
+        gpus_per_node = layout.pop("gpus_per_node") or 8
+        _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout, limits)
         return
-    if gpus_per_node is not None:
-        raise InputError("--gpus-per-node does nothing without --suggest; drop it.")
     from .memory_format import format_plan, plan_json
     from .memory_plan import load_shapes, plan_memory
 

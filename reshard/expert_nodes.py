@@ -5,11 +5,11 @@ replicas on one GPU) and only where it costs little balance. Pure functions, no 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from reshard.errors import LayoutError
-from reshard.experts import Placement, place_experts, replica_counts
+from reshard.experts import Placement, check_model_loads, place_experts, replica_counts
 
 
 @dataclass(frozen=True)
@@ -225,3 +225,20 @@ def cross_node_share(phy2log: Sequence[int], load: Sequence[float], nodes: NodeL
     for slot, e in enumerate(phy2log):
         served[e // size][slot // per_node] += load[e] / count[e]
     return sum(sum(row) - max(row) for row in served) / total
+
+
+def place_model_on_nodes(
+    loads: Mapping[int, Sequence[float]] | None,
+    num_experts: int,
+    moe_layers: Sequence[int],
+    nodes: NodeLayout,
+    redundant: int,
+) -> dict[int, Placement]:
+    """place_node_aware per MoE layer; uniform load when none was measured."""
+    if loads is not None:
+        check_model_loads(loads, num_experts, moe_layers)
+    uniform = [1.0] * num_experts
+    return {
+        layer: place_node_aware(uniform if loads is None else loads[layer], nodes, redundant)[0]
+        for layer in moe_layers
+    }

@@ -2,10 +2,15 @@
 plain numbers: no duplicate on a GPU and groups on nodes under hypothesis, the cross-node
 share on hand-made maps, EPLB against the published algorithm's known behaviour."""
 
+import json
+from pathlib import Path
+
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reshard.cli import main
 from reshard.eplb import count_duplicates, pack_balanced, rebalance_experts, replicate
 from reshard.errors import LayoutError
 from reshard.expert_nodes import (
@@ -17,6 +22,8 @@ from reshard.expert_nodes import (
 )
 from reshard.expert_robust import place_robust
 from reshard.experts import place_experts
+
+CONFIGS = Path(__file__).parent.parent / "examples" / "configs"
 
 
 @st.composite
@@ -136,3 +143,57 @@ def test_eplb_stacks_replicas_reshard_does_not():
     assert phy2log == [1, 1, 0, 2, 2, 3]
     assert count_duplicates(phy2log, 2) == 2
     assert count_duplicates(place_experts(load, 2, 2).phy2log, 2) == 0
+
+
+def grouped_mixtral(tmp_path):
+    """Mixtral-8x7B's config.json plus n_group = 4 (DeepSeek's grouped-routing key), and a
+    load file whose groups {0,1} {2,3} {4,5} {6,7} carry equal tokens."""
+    config = json.loads((CONFIGS / "mixtral-8x7b" / "config.json").read_text())
+    model = tmp_path / "grouped"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**config, "n_group": 4}))
+    layers = {str(i): [70, 10, 50, 30, 60, 20, 45, 35] for i in range(32)}
+    doc = {"format": "reshard-expert-load", "version": 1, "num_experts": 8, "layers": layers}
+    load = tmp_path / "expert_load.json"
+    load.write_text(json.dumps(doc))
+    return model, load
+
+
+def test_plan_reports_cross_node_share_before_and_after(tmp_path):
+    model, load = grouped_mixtral(tmp_path)
+    flags = ["--tp", 4, "--ep", 4, "--redundant", 4, "--expert-load", load]
+    result = CliRunner().invoke(
+        main, ["plan", str(model), *map(str, flags), "--gpus-per-node", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "nodes of 2 GPUs, 4 expert groups, R=4, on calibration load (layers: 32 homed)" in (
+        result.output
+    )
+    # balanced: ranks {0,4,1} {0,2,6} | {7,2,6} {3,4,5}; off-home tokens per group: 0, 25
+    # (half of expert 2), 30 (half of 4), 22.5 (half of 6) = 77.5 of 320 = 24.2%
+    assert "tokens served off their group's node: balanced 24.2% -> node-aware 17.2%" in (
+        result.output
+    )
+    assert "balancedness (sum): balanced 0.9697 -> node-aware 0.9697" in result.output
+
+
+def test_recipe_key_and_refusal_without_groups(tmp_path):
+    model, load = grouped_mixtral(tmp_path)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[layout]\ntp = 4\nep = 4\n[experts]\ngpus_per_node = 2\nload = "{load}"\n')
+    result = CliRunner().invoke(main, ["plan", str(model), "--recipe", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "nodes of 2 GPUs, 4 expert groups, R=0" in result.output
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text((CONFIGS / "mixtral-8x7b" / "config.json").read_text())
+    result = CliRunner().invoke(main, ["plan", str(plain), "--recipe", str(recipe)])
+    assert result.exit_code == 2
+    assert (
+        f"error: {recipe}: gpus_per_node=2 keeps expert groups (config.json n_group) on nodes, "
+        "but MixtralForCausalLM has no expert groups; drop --gpus-per-node" in result.output
+    )
+    recipe.write_text("[experts]\ngpus_per_node = 0\n")
+    result = CliRunner().invoke(main, ["plan", str(model), "--recipe", str(recipe)])
+    assert result.exit_code == 2
+    assert "experts.gpus_per_node must be a positive integer, got 0." in result.output
