@@ -5,6 +5,7 @@ replicas on one GPU) and only where it costs little balance. Pure functions, no 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -194,7 +195,7 @@ def keeps_home(held, home, gpn, move) -> bool:
         if leaving // gpn != home[e]:
             continue
         node = range(home[e] * gpn, (home[e] + 1) * gpn)
-        if sum(rank_holds for q in node if q != leaving for rank_holds in [e in held[q]]) == 0:
+        if not any(e in held[q] for q in node if q != leaving):
             return False
     return True
 
@@ -242,3 +243,75 @@ def place_model_on_nodes(
         layer: place_node_aware(uniform if loads is None else loads[layer], nodes, redundant)[0]
         for layer in moe_layers
     }
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """Balanced vs node-aware placement with nodes of `gpus_per_node` GPUs: balancedness
+    (sum figure) and the share of routed tokens served off their group's home node, on
+    held-out load when there is one, else on calibration. `kinds`: layers per outcome of
+    place_node_aware (grouped / homed / flat)."""
+
+    gpus_per_node: int
+    num_groups: int
+    redundant: int
+    on: str
+    balance_before: float
+    balance_after: float
+    cross_before: float
+    cross_after: float
+    kinds: tuple[tuple[str, int], ...]
+
+
+def report_nodes(
+    loads: Mapping[int, Sequence[float]],
+    heldout: Mapping[int, Sequence[float]] | None,
+    nodes: NodeLayout,
+    redundant: int,
+) -> NodeReport:
+    """Score balanced against node-aware placement (both built from calibration)."""
+    layers = sorted(loads)
+    score_on = heldout or loads
+    before = {k: place_experts(loads[k], nodes.ep, redundant) for k in layers}
+    chosen = {k: place_node_aware(loads[k], nodes, redundant) for k in layers}
+    after = {k: p for k, (p, _) in chosen.items()}
+    tokens = sum(sum(score_on[k]) for k in layers) or 1
+
+    def cross(placed: Mapping[int, Placement]) -> float:
+        return (
+            sum(
+                cross_node_share(placed[k].phy2log, score_on[k], nodes) * sum(score_on[k])
+                for k in layers
+            )
+            / tokens
+        )
+
+    def balance(placed: Mapping[int, Placement]) -> float:
+        means = sum(sum(placed[k].rank_load(score_on[k])) / nodes.ep for k in layers)
+        peaks = sum(max(placed[k].rank_load(score_on[k])) for k in layers)
+        return 1.0 if peaks == 0 else means / peaks
+
+    kinds = Counter(kind for _, kind in chosen.values())
+    return NodeReport(
+        gpus_per_node=nodes.gpus_per_node,
+        num_groups=nodes.num_groups,
+        redundant=redundant,
+        on="held-out" if heldout else "calibration",
+        balance_before=balance(before),
+        balance_after=balance(after),
+        cross_before=cross(before),
+        cross_after=cross(after),
+        kinds=tuple(sorted(kinds.items())),
+    )
+
+
+def format_node_report(nodes: NodeReport) -> list[str]:
+    kinds = ", ".join(f"{n} {kind}" for kind, n in nodes.kinds)
+    return [
+        f"nodes of {nodes.gpus_per_node} GPUs, {nodes.num_groups} expert groups, "
+        f"R={nodes.redundant}, on {nodes.on} load (layers: {kinds})",
+        f"  tokens served off their group's node: balanced {nodes.cross_before:.1%} -> "
+        f"node-aware {nodes.cross_after:.1%}",
+        f"  balancedness (sum): balanced {nodes.balance_before:.4f} -> node-aware "
+        f"{nodes.balance_after:.4f}",
+    ]

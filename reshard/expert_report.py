@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reshard.errors import InputError, LayoutError, ReshardIOError
-from reshard.expert_nodes import NodeLayout, cross_node_share, place_node_aware
-from reshard.experts import Placement, place_experts, place_model, replica_counts
+from reshard.expert_nodes import NodeLayout, NodeReport, format_node_report, report_nodes
+from reshard.experts import Placement, place_model, replica_counts
 
 LOAD_FORMAT = "reshard-expert-load"
 LOAD_VERSION = 1
@@ -212,24 +211,6 @@ class StrategyScore:
 
 
 @dataclass(frozen=True)
-class NodeReport:
-    """Balanced vs node-aware placement with nodes of `gpus_per_node` GPUs: balancedness
-    (sum figure) and the share of routed tokens served off their group's home node, on
-    held-out load when there is one, else on calibration. `kinds`: layers per outcome of
-    place_node_aware (grouped / homed / flat)."""
-
-    gpus_per_node: int
-    num_groups: int
-    redundant: int
-    on: str
-    balance_before: float
-    balance_after: float
-    cross_before: float
-    cross_after: float
-    kinds: tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
 class PlacementReport:
     num_experts: int
     ep: int
@@ -265,58 +246,6 @@ def report_placement(
     )
     node_report = None if nodes is None else report_nodes(loads, heldout, nodes, max(redundant))
     return PlacementReport(num_experts, ep, strategies, node_report)
-
-
-def report_nodes(
-    loads: Mapping[int, Sequence[float]],
-    heldout: Mapping[int, Sequence[float]] | None,
-    nodes: NodeLayout,
-    redundant: int,
-) -> NodeReport:
-    """Score balanced against node-aware placement (both built from calibration)."""
-    layers = sorted(loads)
-    score_on = heldout or loads
-    before = {k: place_experts(loads[k], nodes.ep, redundant) for k in layers}
-    chosen = {k: place_node_aware(loads[k], nodes, redundant) for k in layers}
-    after = {k: p for k, (p, _) in chosen.items()}
-    tokens = sum(sum(score_on[k]) for k in layers) or 1
-
-    def cross(placed: Mapping[int, Placement]) -> float:
-        return (
-            sum(
-                cross_node_share(placed[k].phy2log, score_on[k], nodes) * sum(score_on[k])
-                for k in layers
-            )
-            / tokens
-        )
-
-    def balance(placed: Mapping[int, Placement]) -> float:
-        return overall_balancedness([placed[k].rank_load(score_on[k]) for k in layers])[1]
-
-    kinds = Counter(kind for _, kind in chosen.values())
-    return NodeReport(
-        gpus_per_node=nodes.gpus_per_node,
-        num_groups=nodes.num_groups,
-        redundant=redundant,
-        on="held-out" if heldout else "calibration",
-        balance_before=balance(before),
-        balance_after=balance(after),
-        cross_before=cross(before),
-        cross_after=cross(after),
-        kinds=tuple(sorted(kinds.items())),
-    )
-
-
-def format_node_report(nodes: NodeReport) -> list[str]:
-    kinds = ", ".join(f"{n} {kind}" for kind, n in nodes.kinds)
-    return [
-        f"nodes of {nodes.gpus_per_node} GPUs, {nodes.num_groups} expert groups, "
-        f"R={nodes.redundant}, on {nodes.on} load (layers: {kinds})",
-        f"  tokens served off their group's node: balanced {nodes.cross_before:.1%} -> "
-        f"node-aware {nodes.cross_after:.1%}",
-        f"  balancedness (sum): balanced {nodes.balance_before:.4f} -> node-aware "
-        f"{nodes.balance_after:.4f}",
-    ]
 
 
 def score_strategy(
