@@ -111,6 +111,11 @@ def layout_options(fn):
                 "--placement", type=click.Choice(PLACEMENT_CHOICES), help="Expert placement."
             ),
             click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
+            click.option(
+                "--gpus-per-node",
+                type=click.IntRange(min=1),
+                help="Keep expert groups on nodes of N GPUs (grouped routing).",
+            ),
         ]
     ):  # fmt: skip
         fn = option(fn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -75,10 +76,10 @@ SUGGEST_CONFLICTS = {
 )
 @click.option("--max-num-seqs", type=click.IntRange(min=1), help=SEQS_HELP)
 @click.option("--suggest", is_flag=True, help="Pick tp x pp for the GPU (needs --gpu).")
-@click.option("--gpus-per-node", type=click.IntRange(min=1), help="With --suggest (default 8).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw expert load/placement (PNG).")
 @run_command
-def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as_json, **flags):
+def plan(model, gpu_name, gpu_memory, context, batch, suggest, as_json, plot, **flags):
     from .errors import InputError
     from .memory import resolve_gpu
     from .memory_activation import EngineLimits
@@ -91,11 +92,16 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as
         flags.pop("max_num_seqs"),
     )
     layout = flags
+    if plot is not None:
+        from .expert_plot import require_matplotlib
+
+        require_matplotlib()  # before any work: exit 2 with the install command
     if suggest:
-        _suggest(model, gpu, context, batch, gpus_per_node or 8, as_json, layout, limits)
+        if plot is not None:
+            raise InputError("--plot would do nothing with --suggest; plan a layout to plot it.")
+        gpus_per_node = layout.pop("gpus_per_node") or 8
+        _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout, limits)
         return
-    if gpus_per_node is not None:
-        raise InputError("--gpus-per-node does nothing without --suggest; drop it.")
     from .memory_format import format_plan, plan_json
     from .memory_plan import load_shapes, plan_memory
 
@@ -103,6 +109,11 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, gpus_per_node, as
     shapes = load_shapes(model, dtype=recipe.dtype)
     pm = plan_memory(shapes, recipe, gpu=gpu, context=context, batch=batch, limits=limits)
     click.echo(json.dumps(plan_json(pm), indent=1) if as_json else format_plan(pm))
+    if plot is not None:
+        from .expert_plot import plot_plan
+
+        plot_plan(plot, shapes.hparams, recipe)
+        click.echo(f"wrote {plot}", err=as_json)
 
 
 def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout, limits) -> None:

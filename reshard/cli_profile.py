@@ -80,12 +80,17 @@ Example:
 @click.option("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw load and placement (PNG).")
 @run_command
 def experts(
-    model, prompts_file, prompt_ids, heldout, max_new_tokens, ep, device, dtype, out, quiet
+    model, prompts_file, prompt_ids, heldout, max_new_tokens, ep, device, dtype, out, quiet, plot
 ):
+    from .expert_plot import plot_profile, require_matplotlib
     from .expert_profile import format_profile, profile_experts
     from .expert_report import write_expert_load
+
+    if plot is not None:
+        require_matplotlib()  # before profiling: exit 2 with the install command
 
     result = profile_experts(
         model, prompts_file=prompts_file, prompt_ids=list(prompt_ids), heldout=heldout,
@@ -94,3 +99,6 @@ def experts(
     write_expert_load(out, result.load)
     click.echo(format_profile(result))
     click.echo(f"wrote {out}")
+    if plot is not None:
+        plot_profile(plot, result)
+        click.echo(f"wrote {plot}")

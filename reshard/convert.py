@@ -94,9 +94,11 @@ def resolve_stages(hp: HParams, recipe: Recipe) -> tuple[Stage, ...]:
 
 
 def resolve_placements(hp: HParams, recipe: Recipe) -> dict:
+    from .moe_layout import check_gpus_per_node, solve_placements
+
+    check_gpus_per_node(hp, recipe)
     if not hp.is_moe:
         return {}
-    from .moe_layout import solve_placements
 
     return solve_placements(hp, recipe)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reshard.errors import InputError, LayoutError, ReshardIOError
+from reshard.expert_nodes import NodeLayout, NodeReport, format_node_report, report_nodes
 from reshard.experts import Placement, place_model, replica_counts
 from reshard.units import GB
 
@@ -215,6 +216,7 @@ class PlacementReport:
     num_experts: int
     ep: int
     strategies: tuple[StrategyScore, ...]
+    nodes: NodeReport | None = None
 
 
 def report_placement(
@@ -225,6 +227,7 @@ def report_placement(
     redundant: Sequence[int] = (0,),
     placements: Sequence[str] = ("contiguous", "balanced"),
     bytes_per_expert: int | None = None,
+    nodes: NodeLayout | None = None,
 ) -> PlacementReport:
     """Score every (placement, redundant) pair on the calibration loads it was built from
     and, when given, on held-out loads it never saw."""
@@ -242,7 +245,8 @@ def report_placement(
         for r in redundant
         for name in placements
     )
-    return PlacementReport(num_experts, ep, strategies)
+    node_report = None if nodes is None else report_nodes(loads, heldout, nodes, max(redundant))
+    return PlacementReport(num_experts, ep, strategies, node_report)
 
 
 def score_strategy(
@@ -312,6 +316,8 @@ def format_placement_report(report: PlacementReport) -> str:
     if strategies[0].extra_bytes is not None:
         extra = [f"{s.extra_bytes / GB:>10.2f} GB".ljust(CELL) for s in strategies]
         lines.append(format_row("GB+", extra) + "  redundant slots, whole EP group")
+    if report.nodes is not None:
+        lines += format_node_report(report.nodes)
     return "\n".join(lines)
 
 

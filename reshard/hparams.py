@@ -68,6 +68,7 @@ class HParams:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    num_expert_groups: int = 0  # n_group of grouped routing (DeepSeek); 0 = none
     norm_topk_prob: bool = False
     moe_layers: tuple[int, ...] = field(default_factory=tuple)  # layer indices that are MoE
 
@@ -216,6 +217,7 @@ def _moe_fields(config: dict[str, Any], family: str, layers: int, where: str) ->
         "num_experts_per_tok": top_k,
         "moe_intermediate_size": _expert_width(config, family, where),
         "shared_expert_intermediate_size": shared if family == "qwen2_moe" else 0,
+        "num_expert_groups": int(config.get("n_group") or 0),
         # Mixtral always renormalises its top-k weights, whatever the config says.
         "norm_topk_prob": family == "mixtral"
         or get_bool(config, "norm_topk_prob", where, default=False),

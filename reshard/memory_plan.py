@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .convert import plan_source, resolve_placements, resolve_stages
 from .errors import InputError
+from .expert_nodes import NodeLayout
 from .expert_report import PlacementReport, read_expert_load, report_placement
 from .gpus import GPUS
 from .hparams import HParams, parse_hparams
@@ -175,6 +176,9 @@ def expert_report(shapes: ModelShapes, recipe: Recipe) -> PlacementReport | None
         redundant=tuple(sorted({0, recipe.redundant})),
         placements=tuple(dict.fromkeys(("contiguous", "balanced", recipe.placement))),
         bytes_per_expert=bytes_per_expert(shapes, recipe),
+        nodes=None
+        if recipe.gpus_per_node is None
+        else NodeLayout(recipe.ep, recipe.gpus_per_node, hp.num_expert_groups),
     )
 
 

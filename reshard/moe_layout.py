@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from .errors import LayoutError
+from .expert_nodes import NodeLayout, place_model_on_nodes
 from .expert_report import read_expert_load, to_sglang, to_trtllm_yaml
 from .experts import Placement, place_model
 from .hparams import HParams
@@ -13,6 +14,19 @@ from .recipe import Recipe
 
 SGLANG_FILE = "expert_location.sglang.json"
 TRTLLM_FILE = "moe_load_balancer.yaml"
+
+
+def check_gpus_per_node(hp: HParams, recipe: Recipe) -> None:
+    """gpus_per_node places expert groups on nodes; without groups or ep it would do nothing."""
+    if recipe.gpus_per_node is None:
+        return
+    if hp.num_expert_groups < 1 or recipe.ep == 1:
+        why = "ep is 1" if hp.num_expert_groups else f"{hp.architecture} has no expert groups"
+        raise LayoutError(
+            f"{recipe.origin}: gpus_per_node={recipe.gpus_per_node} keeps expert groups "
+            f"(config.json n_group) on nodes, but {why}; drop --gpus-per-node, or use it with "
+            "--suggest to size nodes."
+        )
 
 
 def solve_placements(hp: HParams, recipe: Recipe) -> dict[int, Placement]:
@@ -24,6 +38,9 @@ def solve_placements(hp: HParams, recipe: Recipe) -> dict[int, Placement]:
             )
         return {}
     loads = read_expert_load(recipe.load).layers if recipe.load else None
+    if recipe.gpus_per_node is not None and recipe.placement == "balanced":
+        nodes = NodeLayout(recipe.ep, recipe.gpus_per_node, hp.num_expert_groups)
+        return place_model_on_nodes(loads, hp.num_experts, hp.moe_layers, nodes, recipe.redundant)
     return place_model(
         loads, hp.num_experts, hp.moe_layers, recipe.ep, recipe.redundant, recipe.placement
     )

@@ -33,14 +33,14 @@ SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 SECTIONS = {
     "layout": ("tp", "pp", "ep", "dp", "stages"),
     "output": ("dtype", "max_file_size"),
-    "experts": ("placement", "redundant", "load"),
+    "experts": ("placement", "redundant", "load", "gpus_per_node"),
     "costs": ("file",),
 }
 # Recipe field -> the CLI flag that sets it, so that an error names what the user typed.
 FLAGS = {
     "tp": "--tp", "pp": "--pp", "ep": "--ep", "dp": "--dp", "dtype": "--dtype",
     "max_file_size": "--max-file-size", "placement": "--placement", "redundant": "--redundant",
-    "load": "--expert-load", "costs": "--costs",
+    "load": "--expert-load", "costs": "--costs", "gpus_per_node": "--gpus-per-node",
 }  # fmt: skip
 
 
@@ -56,6 +56,7 @@ class Recipe:
     placement: str = "balanced"
     redundant: int = 0
     load: Path | None = None  # expert_load.json
+    gpus_per_node: int | None = None  # node-aware placement for grouped routing
     costs: Path | None = None  # costs.json from `reshard profile layers`
     origin: str = "defaults"  # the recipe file, for messages
     flags: frozenset[str] = frozenset()  # fields given by CLI flags, for messages
@@ -81,6 +82,13 @@ class Recipe:
             )
         if type(self.redundant) is not int or self.redundant < 0:
             raise InputError(f"{self.where('redundant')} must be >= 0, got {self.redundant!r}.")
+        if self.gpus_per_node is not None and (
+            type(self.gpus_per_node) is not int or self.gpus_per_node < 1
+        ):
+            raise InputError(
+                f"{self.where('gpus_per_node')} must be a positive integer, got "
+                f"{self.gpus_per_node!r}."
+            )
         if self.stages is not None and len(self.stages) != self.pp:
             raise InputError(
                 f"{self.origin}: stages lists {len(self.stages)} stages but pp={self.pp}. "

@@ -256,8 +256,9 @@ def test_flags_that_would_do_nothing(tmp_path):
     result = cli(folder, "--suggest", "--gpu", "H100", "--tp", 2)
     assert result.exit_code == 2 and "--tp would do nothing with --suggest" in result.output
     result = cli(folder, "--gpus-per-node", 4)
-    assert (
-        result.exit_code == 2 and "--gpus-per-node does nothing without --suggest" in result.output
+    assert result.exit_code == 2 and (
+        "error: flags: gpus_per_node=4 keeps expert groups (config.json n_group) on nodes, but "
+        "LlamaForCausalLM has no expert groups; drop --gpus-per-node" in result.output
     )
     result = cli(folder, "--gpu", "H100", "--gpu-memory", 80)
     assert result.exit_code == 2 and "give one" in result.output
