@@ -190,7 +190,10 @@ def stored_tensors(
     g = scheme.group_size
     if scheme.kind == "fp8_block":
         bn, bk = scheme.block
-        parts = {"weight": ("F8_E4M3", (out, inn)), "weight_scale_inv": ("F32", _blocks(shape, bn, bk))}
+        parts = {
+            "weight": ("F8_E4M3", (out, inn)),
+            "weight_scale_inv": ("F32", _blocks(shape, bn, bk)),
+        }
     elif scheme.kind in ("fp8_tensor", "fp8_channel"):
         scale = (out, 1) if scheme.kind == "fp8_channel" else (1,)
         parts = {"weight": ("F8_E4M3", (out, inn)), "weight_scale": ("F32", scale)}
@@ -344,3 +347,18 @@ def describe(scheme: QuantScheme) -> str:
         return f"FP8 E4M3, per-{scheme.kind[4:]} scale"
     act = ", desc_act" if scheme.desc_act else ""
     return f"int4 {scheme.kind.upper()}, group {scheme.group_size}{act}"
+
+
+def manifest_entry(hp, names) -> dict[str, Any] | None:
+    """The manifest's `quantization`: the scheme, and each weight linked to its stored parts
+    ({logical weight: {part: stored name}}; every rank holding the weight holds them all)."""
+    scheme = scheme_of(hp)
+    if scheme is None:
+        return None
+    every = set(names)
+    links: dict[str, dict[str, str]] = {}
+    for name in sorted(every):
+        logical, part = split_name(name, every)
+        if part:
+            links.setdefault(logical, {})[part] = name
+    return {"scheme": scheme.to_dict(), "description": describe(scheme), "weights": links}

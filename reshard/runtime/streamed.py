@@ -21,6 +21,8 @@ from safetensors import safe_open
 
 from ..hparams import HParams, load_hparams
 from .cache import KVCache, pad_left
+from ..quant import scheme_of
+from .dequant import dequantize_tensors
 from .dist import Comm
 from .generate import PromptResult
 from .load import _source_files, derived_names
@@ -74,8 +76,10 @@ def reference_streamed(
     cache = KVCache(len(sequences), ids.shape[1], device)
     step = cache.begin_step(valid, hp.sliding_window)
     x = ids
+    scheme = scheme_of(hp)
     for comm, names in piece_groups(hp, list(files)):
-        tensors = _read(files, names, dtype, device)
+        tensors = _read(files, names, None if scheme else dtype, device)
+        tensors = dequantize_tensors(tensors, scheme, dtype)
         if comm.pp_stage == 2 and "lm_head.weight" not in tensors:  # tied embeddings
             tensors["lm_head.weight"] = _read(files, ["model.embed_tokens.weight"], dtype, device)[
                 "model.embed_tokens.weight"
