@@ -174,7 +174,7 @@ def check_layout(hp: HParams, recipe: Recipe) -> None:
         raise LayoutError(
             f"--dtype {recipe.dtype}: {hp.architecture} is quantized "
             f"({scheme_of(hp).kind}); convert keeps quantized weights and their scales as "
-            "they are and never casts them. Drop --dtype (or set dtype = \"keep\")."
+            'they are and never casts them. Drop --dtype (or set dtype = "keep").'
         )
     if recipe.ep > 1 and not hp.is_moe:
         raise LayoutError(

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 
 from ..hparams import HParams, load_hparams
-from .cache import KVCache, pad_left
 from ..quant import scheme_of
+from .cache import KVCache, pad_left
 from .dequant import dequantize_tensors
 from .dist import Comm
 from .generate import PromptResult

@@ -8,7 +8,7 @@ order transformers saves them.
 from __future__ import annotations
 
 from ..hparams import HParams
-from ..quant import stored_tensors, scheme_of
+from ..quant import scheme_of, stored_tensors
 from . import Rule, _expected, rules_for
 
 
