@@ -174,6 +174,9 @@ def write_quantized(
     state = twin.state_dict()
     stored: dict[str, torch.Tensor] = {}
     for i, (name, tensor) in enumerate(state.items()):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[name] = _quantize_experts(name, tensor, scheme, seed + i, stored)
+            continue
         if not is_quantized(name):
             stored[name] = tensor.contiguous()
             continue
@@ -184,6 +187,24 @@ def write_quantized(
     twin.load_state_dict(state)
     _save_files(Path(path), stored, config, SCHEMES[scheme])
     return Path(path), twin
+
+
+def _quantize_experts(name: str, fused: torch.Tensor, scheme: str, seed: int, stored: dict):
+    """transformers 5 holds experts fused ([E, 2I, H] gate then up rows; [E, H, I]); on disk
+    they are per expert, as save_pretrained writes them. Returns the dequantized fused twin."""
+    prefix = name.rpartition(".")[0]  # model.layers.L.mlp.experts
+    twin = torch.empty_like(fused)
+    half = fused.shape[1] // 2
+    for e in range(fused.shape[0]):
+        if name.endswith("gate_up_proj"):
+            pieces = (("gate_proj", slice(0, half)), ("up_proj", slice(half, 2 * half)))
+        else:
+            pieces = (("down_proj", slice(None)),)
+        for leaf, rows in pieces:
+            parts, dequantized = quantize(leaf, fused[e, rows], scheme, seed + e)
+            stored.update({f"{prefix}.{e}.{leaf}.{k}": t.contiguous() for k, t in parts.items()})
+            twin[e, rows] = dequantized
+    return twin
 
 
 def _save_files(path: Path, stored: dict, config, quantization: dict) -> None:

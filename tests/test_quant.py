@@ -192,6 +192,28 @@ def test_tp2_pp2_bitwise_and_token_exact(quantized, tmp_path, scheme):
         assert row["reference_ids"] == twin_generate(twin, row["prompt_ids"]), row
 
 
+def test_moe_fp8_block_experts_split_in_blocks_token_exact(tmp_path):
+    """Qwen3-MoE, expert width 32 in 16-row blocks: tp 2 x pp 2 splits every expert in two
+    whole blocks (expert tp 2); tp 4 would cut them and is refused, proposing ep."""
+    src, twin = write_quantized(tmp_path / "src", "fp8_block", "Qwen3MoeForCausalLM")
+    result = cli("convert", src, "--tp", 4, "-o", tmp_path / "refused")
+    assert result.exit_code == 2, result.output
+    assert (
+        "tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' (and up_proj alike) would hold "
+        "8 of its 32 rows per rank (split 4 ways), not a multiple of the fp8_block block size "
+        "16; with tp=4 these fit: --ep 2 (expert tp 2), --ep 4 (expert tp 1)"
+    ) in result.output
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2, pp=2))
+    assert_bitwise_rebuild(src, out)
+    scale = "model.layers.0.mlp.experts.3.down_proj.weight_scale_inv"  # [4, 2]: in 32 / 16
+    assert torch.equal(load_rank(out, 1)[scale], load_source(src)[scale][:, 1:])
+    rows = assert_all_tiers_pass(out, max_new_tokens=NEW_TOKENS)
+    for row in rows:
+        assert row["reference_ids"] == twin_generate(twin, row["prompt_ids"]), row
+
+
 def test_fp8_block_split_takes_whole_blocks(quantized, tmp_path):
     """Pinned numbers: down_proj [64, 96] in 16x16 blocks, scale [4, 6]; rank 1 (tp 2) holds
     columns 48:96 and scale columns 3:6; k_proj (1 kv head < tp) whole on both ranks."""
