@@ -22,7 +22,7 @@ from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
-from reshard.errors import LayoutError, UnsupportedModelError  # noqa: E402
+from reshard.errors import UnsupportedModelError  # noqa: E402
 from reshard.hparams import parse_hparams  # noqa: E402
 from reshard.quant import QuantScheme, parse_quantization, stored_tensors  # noqa: E402
 from reshard.recipe import build_recipe  # noqa: E402
@@ -54,9 +54,12 @@ def quantized(tmp_path_factory):
 
 
 def test_schemes_parse_from_quantization_config():
-    parsed = {k: parse_quantization({"quantization_config": v}, where="c") for k, v in SCHEMES.items()}
+    parsed = {
+        name: parse_quantization({"quantization_config": qc}, where="c")
+        for name, qc in SCHEMES.items()
+    }
     assert parsed["fp8_block"]["kind"] == "fp8_block" and parsed["fp8_block"]["block"] == [16, 16]
-    assert parsed["fp8_tensor"] == {**parsed["fp8_tensor"], "kind": "fp8_tensor", "input_scale": True}
+    assert parsed["fp8_tensor"]["kind"] == "fp8_tensor" and parsed["fp8_tensor"]["input_scale"]
     assert parsed["fp8_channel"]["kind"] == "fp8_channel"
     assert not parsed["fp8_channel"]["input_scale"]
     assert parsed["awq"]["group_size"] == 16 and not parsed["gptq"]["desc_act"]
@@ -224,9 +227,8 @@ def test_fp8_block_split_takes_whole_blocks(quantized, tmp_path):
     down = "model.layers.2.mlp.down_proj"
     assert source[f"{down}.weight_scale_inv"].shape == (4, 6)
     assert torch.equal(rank1[f"{down}.weight_scale_inv"], source[f"{down}.weight_scale_inv"][:, 3:])
-    assert torch.equal(
-        rank1[f"{down}.weight"].view(torch.uint8), source[f"{down}.weight"][:, 48:].view(torch.uint8)
-    )
+    fp8 = rank1[f"{down}.weight"].view(torch.uint8)
+    assert torch.equal(fp8, source[f"{down}.weight"][:, 48:].view(torch.uint8))
     k = "model.layers.0.self_attn.k_proj.weight_scale_inv"
     assert torch.equal(rank0[k], source[k]) and torch.equal(rank1[k], source[k])
 
@@ -307,9 +309,10 @@ def test_fp8_weight_without_its_scale_is_refused(quantized, tmp_path):
     for f in src.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
     index = json.loads((copy / "model.safetensors.index.json").read_text())
-    lone = next(n for n, f in index["weight_map"].items() if f == "model-00003-of-00003.safetensors")
+    alone = "model-00003-of-00003.safetensors"
+    lone = next(n for n, f in index["weight_map"].items() if f == alone)
     del index["weight_map"][lone]
-    (copy / "model-00003-of-00003.safetensors").unlink()
+    (copy / alone).unlink()
     (copy / "model.safetensors.index.json").write_text(json.dumps(index))
     result = cli("convert", copy, "--tp", 2, "-o", tmp_path / "out")
     assert result.exit_code == 2, result.output
