@@ -227,6 +227,7 @@ def _stages_of(stages: tuple[Stage, ...], role: TensorRole) -> list[int]:
 def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) -> list[OutTensor]:
     out: list[OutTensor] = []
     stage = layout.stages[coord.pp_stage]
+    scheme = scheme_of(hp)
     for name, (dtype, shape) in tensors.items():
         role = roles[name]
         out_dtype = _out_dtype(dtype, layout.dtype)
@@ -236,12 +237,12 @@ def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) 
             out.append(OutTensor("lm_head.weight", out_dtype, dtype, local, pieces, padding))
         if role.role == "drop" or coord.pp_stage not in _stages_of(layout.stages, role):
             continue
-        logical = logical_shape(scheme_of(hp), role.logical, tensors) if role.part else shape
+        logical = logical_shape(scheme, role.logical, tensors) if role.part else shape
         for out_name, pieces, local, padding in slice_tensor(
             hp, layout, coord, role, logical, placements
         ):
             if role.part:  # the logical weight's slice, mapped onto this stored part
-                pieces, local = stored_pieces(scheme_of(hp), role, pieces, logical, shape)
+                pieces, local = stored_pieces(scheme, role, pieces, logical, shape)
             out.append(OutTensor(out_name, out_dtype, dtype, local, pieces, padding))
     return out
 

@@ -333,3 +333,24 @@ def test_reference_dequantizes_like_the_twin(quantized):
     assert streamed[0].tokens == ours[0].tokens
     tol = 1e-4 + 1e-5 * float(ours[0].logits.abs().max())  # fp32, as runtime/compare.py
     assert float((streamed[0].logits - ours[0].logits).abs().max()) <= tol
+
+
+def test_slicing_refuses_a_cut_block_the_config_did_not_predict():
+    """The per-tensor check behind split_problems: a range that starts inside a block."""
+    from reshard.errors import LayoutError
+    from reshard.quant import stored_slice
+    from reshard.specs import Rule, TensorRole
+
+    rule = Rule("m.{layer}.o_proj.weight", "row", "layer")
+    name = "m.0.o_proj.weight_scale_inv"
+    role = TensorRole(name, rule, 0, None, "scale_inv", "m.0.o_proj.weight")
+    scheme = QuantScheme("fp8_block", block=(128, 128))
+    assert stored_slice(scheme, role, 256, 512, 1, (640, 640), (5, 5)) == (1, 2, 4)
+    assert stored_slice(scheme, role, 512, 600, 1, (640, 600), (5, 5)) == (1, 4, 5)  # ragged end
+    with pytest.raises(LayoutError) as e:
+        stored_slice(scheme, role, 192, 384, 1, (640, 384), (5, 3))
+    assert str(e.value) == (
+        "tensor 'm.0.o_proj.weight_scale_inv': this rank's columns 192:384 of "
+        "'m.0.o_proj.weight' (192 per rank) cut a fp8_block unit of 128 columns. Choose a tp "
+        "(or an expert tp = tp/ep) that leaves a multiple of 128 per rank."
+    )

@@ -298,9 +298,6 @@ def _part_map(scheme: QuantScheme, part: str) -> tuple:
     return table[part]
 
 
-UNIT_NAMES = {"fp8_block": "block", "awq": "pack/group", "gptq": "pack/group"}
-
-
 def stored_slice(
     scheme: QuantScheme, role, lo: int, hi: int, dim: int, logical, stored
 ) -> tuple[int, int, int] | None:
