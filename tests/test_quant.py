@@ -354,3 +354,10 @@ def test_slicing_refuses_a_cut_block_the_config_did_not_predict():
         "'m.0.o_proj.weight' (192 per rank) cut a fp8_block unit of 128 columns. Choose a tp "
         "(or an expert tp = tp/ep) that leaves a multiple of 128 per rank."
     )
+
+
+def test_inspect_names_the_scheme(quantized):
+    src, _ = quantized("fp8_block")
+    result = cli("inspect", src)
+    assert result.exit_code == 0, result.output
+    assert "quantized     FP8 E4M3, block-scaled [16, 16]" in result.output
