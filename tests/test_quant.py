@@ -361,3 +361,18 @@ def test_inspect_names_the_scheme(quantized):
     result = cli("inspect", src)
     assert result.exit_code == 0, result.output
     assert "quantized     FP8 E4M3, block-scaled [16, 16]" in result.output
+
+
+def test_plan_counts_int4_bytes_with_scales_and_zeros(tmp_path):
+    """Llama-3-8B as AWQ (group 128): half a byte per weight + fp16 scales + int32 zeros."""
+    config = json.loads((EXAMPLES / "llama-3-8b" / "config.json").read_text())
+    config["torch_dtype"] = "float16"
+    config["quantization_config"] = SCHEMES["awq"] | {"group_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = cli("plan", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    h, inner, layers, vocab = 4096, 14336, 32, 128256
+    linears = [(4096, h), (1024, h), (1024, h), (h, 4096), (inner, h), (inner, h), (h, inner)]
+    int4 = sum(o * i // 2 + (i // 128) * o * 2 + (i // 128) * (o // 8) * 4 for o, i in linears)
+    rest = 2 * vocab * h * 2 + (2 * h) * 2 * layers + h * 2  # embed, head, norms (fp16)
+    assert json.loads(result.output)["weight_bytes_total"] == int4 * layers + rest
