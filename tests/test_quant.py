@@ -376,3 +376,30 @@ def test_plan_counts_int4_bytes_with_scales_and_zeros(tmp_path):
     int4 = sum(o * i // 2 + (i // 128) * o * 2 + (i // 128) * (o // 8) * 4 for o, i in linears)
     rest = 2 * vocab * h * 2 + (2 * h) * 2 * layers + h * 2  # embed, head, norms (fp16)
     assert json.loads(result.output)["weight_bytes_total"] == int4 * layers + rest
+
+
+def test_parts_with_wrong_shapes_or_no_config_are_refused():
+    from reshard.errors import UnsupportedModelError
+    from reshard.quant import check_parts, scheme_of
+    from reshard.specs import match_tensors
+    from reshard.specs.shapes import synthesize_tensors
+
+    config = json.loads((EXAMPLES / "llama-3-8b" / "config.json").read_text())
+    config["quantization_config"] = SCHEMES["gptq"] | {"group_size": 128}
+    hp = parse_hparams(config)
+    tensors = synthesize_tensors(hp, "F16")
+    roles = match_tensors(hp, tensors)
+    check_parts(scheme_of(hp), tensors, roles, where="ckpt")  # as synthesized: consistent
+    bad = dict(tensors)
+    bad["model.layers.3.mlp.down_proj.scales"] = ("F16", (32, 14336))  # [out/g, in]: transposed
+    with pytest.raises(UnsupportedModelError) as e:
+        check_parts(scheme_of(hp), bad, roles, where="ckpt")
+    assert str(e.value) == (
+        "ckpt: tensor 'model.layers.3.mlp.down_proj.scales' is F16 [32, 14336], but gptq with "
+        "'model.layers.3.mlp.down_proj.weight' of shape [4096, 14336] stores it as F16 "
+        "[112, 4096]. The checkpoint and its quantization_config disagree."
+    )
+    config.pop("quantization_config")
+    plain = parse_hparams(config)
+    with pytest.raises(UnsupportedModelError, match="are quantized but config.json has no "):
+        check_parts(None, tensors, match_tensors(plain, tensors), where="ckpt")

@@ -188,6 +188,7 @@ def stored_tensors(
     out, inn = shape
     module = name.rpartition(".")[0]
     g = scheme.group_size
+    scales = dtype if dtype in ("F16", "BF16", "F32") else "F16"  # int4 scales: AWQ/GPTQ fp16
     if scheme.kind == "fp8_block":
         bn, bk = scheme.block
         parts = {
@@ -201,13 +202,13 @@ def stored_tensors(
         parts = {
             "qweight": ("I32", (inn, out // PACK)),
             "qzeros": ("I32", (inn // g, out // PACK)),
-            "scales": ("F16", (inn // g, out)),
+            "scales": (scales, (inn // g, out)),
         }
     else:
         parts = {
             "qweight": ("I32", (inn // PACK, out)),
             "qzeros": ("I32", (inn // g, out // PACK)),
-            "scales": ("F16", (inn // g, out)),
+            "scales": (scales, (inn // g, out)),
             "g_idx": ("I32", (inn,)),
         }
     if scheme.input_scale:
@@ -239,11 +240,11 @@ def check_parts(scheme: QuantScheme | None, tensors, roles, where: str) -> None:
         role = roles[name]
         if role.part:
             by_weight.setdefault(role.logical, set()).add(name)
-        elif tensors[name][0].startswith("F8") or (scheme is None and name.endswith("qweight")):
+        elif tensors[name][0].startswith("F8"):
             raise UnsupportedModelError(
                 f"{where}: tensor '{name}' is {tensors[name][0]} but has no scale tensor "
-                "(weight_scale_inv / weight_scale) and config.json has no quantization_config "
-                "that explains it. Re-download the checkpoint with its config.json."
+                "(weight_scale_inv / weight_scale) next to it, so its values cannot be read. "
+                "The checkpoint is incomplete; re-download it."
             )
     if by_weight and scheme is None:
         first = sorted(by_weight)[0]
@@ -256,8 +257,10 @@ def check_parts(scheme: QuantScheme | None, tensors, roles, where: str) -> None:
 
 
 def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, where) -> None:
+    module = weight.rpartition(".")[0]
+    scales = tensors.get(f"{module}.scales", ("F16",))[0]  # fp16 or bf16, as exported
     try:
-        expected = stored_tensors(scheme, weight, logical_shape(scheme, weight, tensors), "")
+        expected = stored_tensors(scheme, weight, logical_shape(scheme, weight, tensors), scales)
     except KeyError as e:
         raise UnsupportedModelError(
             f"{where}: quantized weight '{weight}' ({scheme.kind}) has no {e.args[0]!r}; "
