@@ -403,3 +403,15 @@ def test_parts_with_wrong_shapes_or_no_config_are_refused():
     plain = parse_hparams(config)
     with pytest.raises(UnsupportedModelError, match="are quantized but config.json has no "):
         check_parts(None, tensors, match_tensors(plain, tensors), where="ckpt")
+
+
+def test_reference_memory_counts_int4_unpacked(quantized):
+    """The auto reference choice sizes the dequantized model: qweight holds 8 values an int32,
+    so fp32 bytes = the twin's weights + the zeros and scales kept beside them."""
+    from reshard.runtime.streamed import source_bytes
+
+    src, twin = quantized("awq")
+    stored = load_source(src)
+    side = sum(t.numel() for n, t in stored.items() if n.endswith((".qzeros", ".scales")))
+    weights = sum(t.numel() for t in twin.state_dict().values())
+    assert source_bytes(src, torch.float32) == 4 * (weights + side)

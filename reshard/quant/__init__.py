@@ -8,6 +8,7 @@ layouts would cut a block, pack or group is in quant/layout.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,6 +219,12 @@ def stored_tensors(
 
 def _blocks(shape, bn: int, bk: int) -> tuple[int, int]:
     return -(-shape[0] // bn), -(-shape[1] // bk)
+
+
+def unpacked_numel(name: str, shape) -> int:
+    """Elements a stored tensor holds once dequantized (a packed int32 qweight holds 8)."""
+    n = math.prod(shape)
+    return n * PACK if name.endswith(".qweight") else n
 
 
 def logical_shape(scheme: QuantScheme, name: str, tensors) -> tuple[int, int]:

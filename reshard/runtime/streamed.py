@@ -11,7 +11,6 @@ the reference pick after the sharded prefix", which is what the comparison repor
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..hparams import HParams, load_hparams
-from ..quant import scheme_of
+from ..quant import scheme_of, unpacked_numel
 from .cache import KVCache, pad_left
 from .dequant import dequantize_tensors
 from .dist import Comm
@@ -106,11 +105,11 @@ def _result(sharded: PromptResult, logits: torch.Tensor) -> PromptResult:
 
 
 def source_bytes(source_dir: Path, dtype: torch.dtype) -> int:
-    """Bytes the whole source model takes in memory at `dtype`."""
+    """Bytes the whole source model takes in memory at `dtype` (quantized: dequantized)."""
     total = 0
     for name, path in tensor_files(source_dir).items():
         with safe_open(str(path), framework="pt") as f:
-            total += math.prod(f.get_slice(name).get_shape()) * dtype.itemsize
+            total += unpacked_numel(name, f.get_slice(name).get_shape()) * dtype.itemsize
     return total
 
 
