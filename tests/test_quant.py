@@ -415,3 +415,21 @@ def test_reference_memory_counts_int4_unpacked(quantized):
     side = sum(t.numel() for n, t in stored.items() if n.endswith((".qzeros", ".scales")))
     weights = sum(t.numel() for t in twin.state_dict().values())
     assert source_bytes(src, torch.float32) == 4 * (weights + side)
+
+
+def test_config_shapes_are_checked_through_the_packed_tensors(quantized, tmp_path):
+    """The config-vs-tensor check reads an AWQ weight's logical [out, in] off its qweight."""
+    src, _ = quantized("awq")
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for f in src.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    config = json.loads((copy / "config.json").read_text())
+    config["intermediate_size"] = 64  # still splits in whole groups at tp 2
+    (copy / "config.json").write_text(json.dumps(config))
+    result = cli("convert", copy, "--tp", 2, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "tensor 'model.layers.0.mlp.down_proj.weight' has 96 in dim 1 (shape [64, 96])" in (
+        result.output
+    )
+    assert "says intermediate_size=64, which implies 64" in result.output
