@@ -69,6 +69,11 @@ def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] 
     qc = config.get("quantization_config")
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise UnsupportedModelError(
+            f"{where}: quantization_config is {type(qc).__name__} {qc!r}, not an object. "
+            "Re-download config.json."
+        )
     method = str(qc.get("quant_method", "")).lower()
     parsers = {"fp8": _parse_fp8, "compressed-tensors": _parse_compressed, "awq": _parse_awq}
     parsers["gptq"] = _parse_gptq
@@ -86,7 +91,11 @@ def _parse_fp8(qc: dict, where: str) -> QuantScheme:
     static = qc.get("activation_scheme", "dynamic") == "static"
     if not block:
         return QuantScheme("fp8_tensor", input_scale=static)
-    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(type(b) is int and b > 0 for b in block)
+    ):
         raise UnsupportedModelError(
             f"{where}: quantization_config.weight_block_size={block!r} must be two positive "
             "integers [block_n, block_k]."
@@ -95,8 +104,10 @@ def _parse_fp8(qc: dict, where: str) -> QuantScheme:
 
 
 def _parse_compressed(qc: dict, where: str) -> QuantScheme:
-    groups = list((qc.get("config_groups") or {}).values())
-    weights = [g.get("weights") or {} for g in groups]
+    groups = qc.get("config_groups")
+    groups = list(groups.values()) if isinstance(groups, dict) else []
+    weights = [g.get("weights") if isinstance(g, dict) else None for g in groups]
+    weights = [w if isinstance(w, dict) else {} for w in weights]
     if len(groups) != 1 or weights[0].get("type") != "float" or weights[0].get("num_bits") != 8:
         raise UnsupportedModelError(
             f"{where}: compressed-tensors config_groups {[w.get('type') for w in weights]} "
@@ -108,8 +119,8 @@ def _parse_compressed(qc: dict, where: str) -> QuantScheme:
             f"{where}: compressed-tensors weights.strategy={strategy!r}: reshard splits "
             "'tensor' and 'channel' FP8 (block FP8: use quant_method fp8)."
         )
-    acts = groups[0].get("input_activations") or {}
-    static = bool(acts) and not acts.get("dynamic", True)
+    acts = groups[0].get("input_activations")
+    static = isinstance(acts, dict) and not acts.get("dynamic", True)
     kind = "fp8_channel" if strategy == "channel" else "fp8_tensor"
     return QuantScheme(kind, input_scale=static)
 
