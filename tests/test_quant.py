@@ -436,3 +436,14 @@ def test_config_shapes_are_checked_through_the_packed_tensors(quantized, tmp_pat
         result.output
     )
     assert "says intermediate_size=64, which implies 64" in result.output
+
+
+def test_a_quantized_output_relays_out_bitwise(quantized, tmp_path):
+    """A reshard output is a source: tp 2 -> tp 1 gives back every packed tensor bitwise."""
+    src, _ = quantized("awq")
+    convert_model(str(src), tmp_path / "tp2", build_recipe(tp=2))
+    convert_model(str(tmp_path / "tp2"), tmp_path / "tp1", build_recipe(tp=1))
+    source, rank0 = load_source(src), load_rank(tmp_path / "tp1", 0)
+    assert set(rank0) == set(source)
+    for name, tensor in source.items():
+        assert torch.equal(rank0[name].view(torch.uint8), tensor.view(torch.uint8)), name
