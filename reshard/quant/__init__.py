@@ -59,8 +59,12 @@ class QuantScheme:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
+        """Raises KeyError / ValueError on a dict that is not a scheme (a damaged manifest)."""
         block = tuple(d["block"]) if d.get("block") else None
-        return cls(d["kind"], block, d["group_size"], d["desc_act"], d["input_scale"])
+        scheme = cls(d["kind"], block, d["group_size"], d["desc_act"], d["input_scale"])
+        if scheme.kind not in SCHEME_PARTS or (scheme.kind == "fp8_block") != bool(block):
+            raise ValueError(f"not a quantization scheme: {d!r}")
+        return scheme
 
 
 def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] | None:
