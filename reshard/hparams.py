@@ -22,6 +22,7 @@ from .config_values import (
     get_str_list,
 )
 from .errors import CheckpointError, ReshardIOError, UnsupportedModelError
+from .quant import parse_quantization
 from .strict_json import read_json
 
 # config.json "architectures" entry -> model family (one spec module per family).
@@ -71,6 +72,8 @@ class HParams:
     num_expert_groups: int = 0  # n_group of grouped routing (DeepSeek); 0 = none
     norm_topk_prob: bool = False
     moe_layers: tuple[int, ...] = field(default_factory=tuple)  # layer indices that are MoE
+    # reshard.quant.QuantScheme as a dict, from quantization_config (None: not quantized).
+    quantization: dict[str, Any] | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -155,6 +158,7 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         sliding_window=_sliding_window(config, where),
         torch_dtype=_torch_dtype(config, where),
         **_moe_fields(config, family, layers, where),
+        quantization=parse_quantization(config, where=where),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .quant import describe, scheme_of
 from .source import Source
 from .units import dtype_name, format_bytes
 
@@ -38,6 +39,7 @@ def inspect_source(source: Source) -> dict[str, Any]:
         "experts": hp.num_experts,
         "experts_per_token": hp.num_experts_per_tok,
         "moe_layers": len(hp.moe_layers),
+        "quantization": describe(scheme) if (scheme := scheme_of(hp)) else None,
     }
 
 
@@ -59,4 +61,6 @@ def format_inspect(info: dict[str, Any]) -> str:
             f"experts       {info['experts']} routed, top-{info['experts_per_token']}, "
             f"on {info['moe_layers']} MoE layers"
         )
+    if info["quantization"]:  # `parameters` above counts stored elements (packed int4: 8 a value)
+        lines.append(f"quantized     {info['quantization']}")
     return "\n".join(lines)

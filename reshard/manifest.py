@@ -14,6 +14,7 @@ from . import __version__
 from .errors import OutputError
 from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
 from .plan import OutTensor, Plan
+from .quant import manifest_entry
 from .source import Source
 from .writer import Written, io_error, write_atomic
 
@@ -40,6 +41,9 @@ def build_manifest(
         "hparams": plan.hparams.to_dict(),
         "layout": _layout_entry(plan, experts),
         "dropped": list(plan.dropped),
+        "quantization": manifest_entry(
+            plan.hparams, {t.name for f in plan.files for t in f.tensors}
+        ),
         "files": {
             f.name: {
                 "size": file_sizes[f.name],

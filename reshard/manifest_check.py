@@ -16,6 +16,7 @@ import xxhash
 
 from .errors import OutputError
 from .hparams import HParams
+from .quant import scheme_of
 from .safetensors_io import DTYPE_SIZES
 
 SEAL_KEY = "manifest_xxh3_128"
@@ -188,7 +189,9 @@ def _check_hparams(f: Fields, hparams: dict) -> HParams:
     for key in ("num_layers", "hidden_size", "num_heads", "head_dim", "vocab_size"):
         f.int(hparams, key, f"hparams.{key}", lo=1)
     try:
-        return HParams.from_dict(hparams)
+        hp = HParams.from_dict(hparams)
+        scheme_of(hp)  # hparams.quantization, when present, must be a scheme
+        return hp
     except (TypeError, ValueError, KeyError) as e:
         f.fail("hparams", f"does not describe a model ({type(e).__name__}: {_short(str(e))})")
 

@@ -21,6 +21,7 @@ from .memory import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
 from .memory_activation import EngineLimits
 from .memory_plan import ModelShapes, weight_lower_bound
 from .plan import Stage, build_plan, valid_tp
+from .quant.layout import split_problems
 from .recipe import Recipe
 
 
@@ -271,6 +272,9 @@ def tp_problem(hp: HParams, tp: int) -> str:
         return f"kv heads {kv} neither divisible by {tp} nor dividing it"
     if hp.intermediate_size and hp.intermediate_size % tp:
         return f"intermediate_size {hp.intermediate_size} not divisible"
+    quantized = split_problems(hp, tp)
+    if quantized:  # a split that would cut an FP8 block or an int4 pack/group
+        return quantized[0]
     return "the MLP widths do not split evenly (see `reshard plan --tp N`)"
 
 

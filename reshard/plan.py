@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from .errors import LayoutError
 from .hparams import HParams
+from .quant import check_parts, logical_shape, scheme_of, stored_pieces
+from .quant.layout import split_problems
 from .recipe import Recipe
 from .safetensors_io import CAST_DTYPES, DTYPE_SIZES
 from .specs import TensorRole
@@ -153,7 +155,7 @@ def _tp_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
     shared = hp.shared_expert_intermediate_size
     if shared and shared % tp:
         problems.append(f"shared_expert_intermediate_size={shared} is not divisible by tp={tp}")
-    return problems
+    return problems + split_problems(hp, tp, ep)
 
 
 def check_layout(hp: HParams, recipe: Recipe) -> None:
@@ -167,6 +169,12 @@ def check_layout(hp: HParams, recipe: Recipe) -> None:
         raise LayoutError(
             f"pp={recipe.pp} exceeds the {hp.num_layers} decoder layers; each stage needs at "
             f"least one layer. Use pp <= {hp.num_layers}."
+        )
+    if recipe.dtype != "keep" and scheme_of(hp):
+        raise LayoutError(
+            f"--dtype {recipe.dtype}: {hp.architecture} is quantized "
+            f"({scheme_of(hp).kind}); convert keeps quantized weights and their scales as "
+            'they are and never casts them. Drop --dtype (or set dtype = "keep").'
         )
     if recipe.ep > 1 and not hp.is_moe:
         raise LayoutError(
@@ -185,6 +193,7 @@ def build_plan(
 ) -> Plan:
     """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors."""
     check_layout(hp, recipe)
+    check_parts(scheme_of(hp), tensors, roles, where="the checkpoint")
     padded = -(-hp.vocab_size // recipe.tp) * recipe.tp
     layout = Layout(
         recipe.tp, recipe.pp, recipe.ep, recipe.dp, stages, hp.vocab_size, padded, recipe.dtype
@@ -218,6 +227,7 @@ def _stages_of(stages: tuple[Stage, ...], role: TensorRole) -> list[int]:
 def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) -> list[OutTensor]:
     out: list[OutTensor] = []
     stage = layout.stages[coord.pp_stage]
+    scheme = scheme_of(hp)
     for name, (dtype, shape) in tensors.items():
         role = roles[name]
         out_dtype = _out_dtype(dtype, layout.dtype)
@@ -227,9 +237,12 @@ def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) 
             out.append(OutTensor("lm_head.weight", out_dtype, dtype, local, pieces, padding))
         if role.role == "drop" or coord.pp_stage not in _stages_of(layout.stages, role):
             continue
+        logical = logical_shape(scheme, role.logical, tensors) if role.part else shape
         for out_name, pieces, local, padding in slice_tensor(
-            hp, layout, coord, role, shape, placements
+            hp, layout, coord, role, logical, placements
         ):
+            if role.part:  # the logical weight's slice, mapped onto this stored part
+                pieces, local = stored_pieces(scheme, role, pieces, logical, shape)
             out.append(OutTensor(out_name, out_dtype, dtype, local, pieces, padding))
     return out
 

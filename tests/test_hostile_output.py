@@ -148,6 +148,10 @@ MANIFEST_CASES = {
         _set(["hparams", "num_layers"], "3"),
         "'hparams.num_layers' is string '3'",
     ),
+    "hparams quantization not a scheme": (
+        _set(["hparams", "quantization"], {"kind": "int3"}),
+        "'hparams' does not describe a model (KeyError",
+    ),
     "stage layers": (
         _set(["layout", "stages", 0, "layers"], [0, 1]),
         "'layout.stages' cover layers 0-1, but the model has 3",

@@ -14,8 +14,10 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, OutputError
 from ..hparams import HParams, load_hparams
+from ..quant import scheme_of
 from ..specs import rules_for
 from ..strict_json import read_json
+from .dequant import dequantize_tensors
 from .dist import Comm
 from .model import CausalLM, build_model
 
@@ -40,11 +42,14 @@ def load_source_model(
     """The whole model at world size 1 from an HF folder (config.json + safetensors)."""
     source_dir = Path(source_dir)
     hp = load_hparams(source_dir)
+    scheme = scheme_of(hp)
     tensors: dict[str, torch.Tensor] = {}
+    read_dtype = None if scheme else resolve_dtype(dtype)  # quantized: cast after dequantizing
     for file, names in _source_files(source_dir).items():
-        tensors.update(read_tensors(source_dir / file, names, resolve_dtype(dtype), device))
+        tensors.update(read_tensors(source_dir / file, names, read_dtype, device))
     for name in derived_names(hp, tensors):
         del tensors[name]
+    tensors = dequantize_tensors(tensors, scheme, resolve_dtype(dtype))
     tie_lm_head(hp, tensors)
     return build_model(hp, tensors, where=str(source_dir))
 
@@ -116,7 +121,9 @@ def load_rank(
     entry = rank_entry(manifest, rank)
     source = entry if entry.get("replica_of") is None else rank_entry(manifest, entry["replica_of"])
     hp = HParams.from_dict(manifest["hparams"])
-    tensors = _read_rank_tensors(Path(out_dir), source, device, resolve_dtype(dtype))
+    stored = None if hp.quantization else resolve_dtype(dtype)  # packed ints stay as stored
+    tensors = _read_rank_tensors(Path(out_dir), source, device, stored)
+    tensors = dequantize_tensors(tensors, scheme_of(hp), torch.float32 if hp.quantization else None)
     tie_lm_head(hp, tensors)
     return build_model(
         hp,

@@ -11,7 +11,6 @@ the reference pick after the sharded prefix", which is what the comparison repor
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -21,7 +20,9 @@ from safetensors import safe_open
 
 from ..hparams import HParams, load_hparams
 from ..progress import progress_bar
+from ..quant import scheme_of, unpacked_numel
 from .cache import KVCache, pad_left
+from .dequant import dequantize_tensors
 from .dist import Comm
 from .generate import PromptResult
 from .load import _source_files, derived_names
@@ -79,8 +80,10 @@ def reference_streamed(
     x = ids
     groups = piece_groups(hp, list(files))
     bar = progress_bar(len(groups), desc="reference (streamed)", unit="piece", enabled=progress)
+    scheme = scheme_of(hp)
     for comm, names in groups:
-        tensors = _read(files, names, dtype, device)
+        tensors = _read(files, names, None if scheme else dtype, device)
+        tensors = dequantize_tensors(tensors, scheme, dtype)
         if comm.pp_stage == 2 and "lm_head.weight" not in tensors:  # tied embeddings
             tensors["lm_head.weight"] = _read(files, ["model.embed_tokens.weight"], dtype, device)[
                 "model.embed_tokens.weight"
@@ -109,11 +112,11 @@ def _result(sharded: PromptResult, logits: torch.Tensor) -> PromptResult:
 
 
 def source_bytes(source_dir: Path, dtype: torch.dtype) -> int:
-    """Bytes the whole source model takes in memory at `dtype`."""
+    """Bytes the whole source model takes in memory at `dtype` (quantized: dequantized)."""
     total = 0
     for name, path in tensor_files(source_dir).items():
         with safe_open(str(path), framework="pt") as f:
-            total += math.prod(f.get_slice(name).get_shape()) * dtype.itemsize
+            total += unpacked_numel(name, f.get_slice(name).get_shape()) * dtype.itemsize
     return total
 
 

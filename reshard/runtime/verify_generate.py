@@ -167,7 +167,10 @@ def choose_reference(reference: str, source_dir: Path, dtype: torch.dtype, devic
 
 
 def shard_dtype(manifest: dict[str, Any]) -> torch.dtype:
-    """The dtype the shards hold: the recipe's cast, or the source's own ('keep')."""
+    """The dtype the shards hold: the recipe's cast, or the source's own ('keep').
+    Quantized shards are dequantized to fp32 as they load and computed in fp32."""
+    if manifest["hparams"].get("quantization"):
+        return torch.float32
     cast = resolve_dtype(manifest["layout"].get("dtype", "keep"))
     return cast or resolve_dtype(manifest["hparams"].get("torch_dtype", "float32"))
 

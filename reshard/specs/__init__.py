@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import UnsupportedModelError
 from ..hparams import HParams
+from ..quant import check_quantized_role, split_name
 
 # The closed vocabulary of roles; plan.py has one slicing function per role.
 ROLES = (
@@ -58,6 +59,8 @@ class TensorRole:
     rule: Rule
     layer: int | None
     expert: int | None
+    part: str | None = None  # a quantized weight's stored part (reshard.quant.SUFFIXES)
+    logical: str | None = None  # the `<module>.weight` a part belongs to
 
     @property
     def role(self) -> str:
@@ -83,8 +86,11 @@ def match_tensors(hp: HParams, names, *, where: str = "the checkpoint") -> dict[
     rules = rules_for(hp)
     compiled = [(r, r.regex) for r in rules]
     roles: dict[str, TensorRole] = {}
+    names = list(names)
+    every = set(names)
     for name in names:
-        hits = [(r, m) for r, rx in compiled if (m := rx.match(name))]
+        logical, part = split_name(name, every)
+        hits = [(r, m) for r, rx in compiled if (m := rx.match(logical))]
         if len(hits) != 1:
             raise UnsupportedModelError(
                 f"{where}: tensor '{name}' matches {len(hits)} rules of the {hp.family} spec "
@@ -96,7 +102,9 @@ def match_tensors(hp: HParams, names, *, where: str = "the checkpoint") -> dict[
         layer = int(groups["layer"]) if groups.get("layer") is not None else None
         expert = int(groups["expert"]) if groups.get("expert") is not None else None
         _check_indices(hp, name, rule, layer, expert, where)
-        roles[name] = TensorRole(name, rule, layer, expert)
+        if part:
+            check_quantized_role(name, rule.role, where)
+        roles[name] = TensorRole(name, rule, layer, expert, part, logical if part else None)
     _check_required(hp, rules, roles, where)
     return roles
 
@@ -147,31 +155,32 @@ def _expected_in_layer(hp: HParams, rule: Rule, layer: int) -> list[str]:
 
 
 def _check_required(hp: HParams, rules, roles, where) -> None:
+    present = set(roles) | {r.logical for r in roles.values() if r.logical}
     for rule in rules:
         if rule.optional or rule.group:
             continue
         if rule.template == "lm_head.weight" and hp.tie_word_embeddings:
             continue
         for name in _expected(hp, rule):
-            if name not in roles:
+            if name not in present:
                 raise UnsupportedModelError(
                     f"{where}: required tensor '{name}' ({rule.role}) is missing for "
                     f"{hp.architecture}. The checkpoint is incomplete; re-download it."
                 )
-    _check_expert_groups(hp, rules, roles, where)
+    _check_expert_groups(hp, rules, present, where)
 
 
-def _check_expert_groups(hp: HParams, rules, roles, where) -> None:
+def _check_expert_groups(hp: HParams, rules, present, where) -> None:
     grouped = [r for r in rules if r.group]
     for layer in hp.moe_layers:
         complete = []
         for group in sorted({r.group for r in grouped}):
             members = [r for r in grouped if r.group == group]
             names = [n for r in members for n in _expected_in_layer(hp, r, layer)]
-            if names and all(n in roles for n in names):
+            if names and all(n in present for n in names):
                 complete.append(group)
-            elif any(n in roles for n in names):
-                missing = next(n for n in names if n not in roles)
+            elif any(n in present for n in names):
+                missing = next(n for n in names if n not in present)
                 raise UnsupportedModelError(
                     f"{where}: layer {layer} has some {group} expert tensors but not "
                     f"'{missing}'. The checkpoint is incomplete; re-download it."

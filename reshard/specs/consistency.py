@@ -7,9 +7,11 @@ both numbers. Tensors of roles this table does not describe are left to their ow
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..errors import CheckpointError
 from ..hparams import HParams
+from ..quant import check_parts, logical_shape, scheme_of
 from . import TensorRole
 
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -28,12 +30,26 @@ def check_tensors_against_config(
 ) -> None:
     """`tensors`: name -> (dtype, shape); `cast`: the recipe's dtype ("keep" or a target);
     `files`: name -> the file that holds it; `config`: the config.json path, for messages."""
-    checked = {n: v for n, v in tensors.items() if roles[n].role != "drop"}
+    # A quantized weight's parts are checked against its logical shape (quant.check_parts
+    # checks each part's own stored shape and dtype); the plain tensors one by one.
+    _check_quantized_shapes(hp, tensors, roles, files, config)
+    checked = {n: v for n, v in tensors.items() if roles[n].role != "drop" and not roles[n].part}
     for name, (dtype, shape) in checked.items():
         _check_shape(hp, name, tuple(shape), files[name], config)
         _check_float(name, dtype, len(shape), files[name])
     if cast == "keep":
         _check_one_dtype(checked, files)
+
+
+def _check_quantized_shapes(hp: HParams, tensors, roles, files, config: str) -> None:
+    scheme = scheme_of(hp)
+    check_parts(scheme, tensors, roles, where=str(Path(config).parent))
+    if scheme is None:
+        return
+    for name, role in roles.items():
+        if role.part in ("weight", "qweight") and name in tensors:
+            logical = logical_shape(scheme, role.logical, tensors)
+            _check_shape(hp, role.logical, logical, files[name], config)
 
 
 def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:

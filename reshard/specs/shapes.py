@@ -8,6 +8,7 @@ order transformers saves them.
 from __future__ import annotations
 
 from ..hparams import HParams
+from ..quant import scheme_of, stored_tensors
 from . import Rule, _expected, rules_for
 
 
@@ -43,6 +44,11 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     return _mlp(leaf, hp.intermediate_size, h)
 
 
+# The linear layers a quantized checkpoint stores quantized (router gates, embeddings and
+# lm_head stay in the checkpoint's float dtype, as in DeepSeek-V3 and Qwen3-FP8).
+QUANTIZED_ROLES = ("column", "row", "expert_column", "expert_row")
+
+
 def _mlp(leaf: str, inner: int, h: int) -> tuple[int, ...]:
     if leaf.split(".")[0] in ("down_proj", "w2"):
         return (h, inner)
@@ -62,7 +68,9 @@ def _wanted(hp: HParams, rule: Rule) -> bool:
 
 
 def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str, tuple]]:
-    names = [n for r in rules_for(hp) if _wanted(hp, r) for n in _expected(hp, r)]
+    """Quantized linear weights come as what they are stored as (quant.stored_tensors)."""
+    rule_of = {n: r for r in rules_for(hp) if _wanted(hp, r) for n in _expected(hp, r)}
+    names = list(rule_of)
     order = {"model.embed_tokens.weight": (-1, ""), "model.norm.weight": (hp.num_layers, "")}
     order["lm_head.weight"] = (hp.num_layers + 1, "")
 
@@ -71,4 +79,11 @@ def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str,
             return order[name]
         return (int(name.split(".")[2]), name)
 
-    return {n: (dtype, tensor_shape(hp, n)) for n in sorted(names, key=key)}
+    scheme = scheme_of(hp)
+    out: dict[str, tuple[str, tuple]] = {}
+    for n in sorted(names, key=key):
+        if scheme and rule_of[n].role in QUANTIZED_ROLES and n.endswith(".weight"):
+            out.update(stored_tensors(scheme, n, tensor_shape(hp, n), dtype))
+        else:
+            out[n] = (dtype, tensor_shape(hp, n))
+    return out

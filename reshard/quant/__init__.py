@@ -1,0 +1,386 @@
+"""Quantized checkpoints: the scheme read from config.json's `quantization_config`, the tensors
+a quantized linear weight is stored as, and how a split of the logical weight [out, in] maps
+onto each of them in whole blocks, packs or groups. Pure: no I/O, no torch.
+
+Convert never dequantizes; the runtime does, only to verify (runtime/dequant.py). Which
+layouts would cut a block, pack or group is in quant/layout.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LayoutError, UnsupportedModelError
+
+PACK = 8  # int4 values per int32 (AWQ along out, GPTQ along in, qzeros along out)
+
+# Stored-tensor suffix -> part name. The logical weight is always `<module>.weight`.
+SUFFIXES = {
+    "weight_scale_inv": "scale_inv",  # block FP8 (DeepSeek-V3, Qwen3-FP8)
+    "weight_scale": "weight_scale",  # per-tensor / per-channel FP8 (compressed-tensors)
+    "input_scale": "input_scale",  # static activation scale: kept, not used by the runtime
+    "qweight": "qweight",  # AWQ [in, out/8] / GPTQ [in/8, out], int32
+    "qzeros": "qzeros",  # [in/g, out/8], int32
+    "scales": "scales",  # [in/g, out], fp16
+    "g_idx": "g_idx",  # GPTQ [in]: the group of each input row
+}
+SCHEME_PARTS = {
+    "fp8_block": ("weight", "scale_inv"),
+    "fp8_tensor": ("weight", "weight_scale"),
+    "fp8_channel": ("weight", "weight_scale"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    kind: str  # a key of SCHEME_PARTS
+    block: tuple[int, int] | None = None  # fp8_block: [block_n (out), block_k (in)]
+    group_size: int = 0  # awq / gptq
+    desc_act: bool = False  # gptq act-order: g_idx is a permutation of groups
+    input_scale: bool = False  # fp8: a static per-tensor input_scale is stored too
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        extra = ("input_scale",) if self.input_scale else ()
+        return SCHEME_PARTS[self.kind] + extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "block": list(self.block) if self.block else None,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "input_scale": self.input_scale,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
+        """Raises KeyError / ValueError on a dict that is not a scheme (a damaged manifest)."""
+        block = tuple(d["block"]) if d.get("block") else None
+        scheme = cls(d["kind"], block, d["group_size"], d["desc_act"], d["input_scale"])
+        if scheme.kind not in SCHEME_PARTS or (scheme.kind == "fp8_block") != bool(block):
+            raise ValueError(f"not a quantization scheme: {d!r}")
+        return scheme
+
+
+def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] | None:
+    """config.json's quantization_config -> a QuantScheme dict (None: not quantized).
+    Raises naming the key for a scheme reshard cannot split."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        raise UnsupportedModelError(
+            f"{where}: quantization_config is {type(qc).__name__} {qc!r}, not an object. "
+            "Re-download config.json."
+        )
+    method = str(qc.get("quant_method", "")).lower()
+    parsers = {"fp8": _parse_fp8, "compressed-tensors": _parse_compressed, "awq": _parse_awq}
+    parsers["gptq"] = _parse_gptq
+    if method not in parsers:
+        raise UnsupportedModelError(
+            f"{where}: quantization_config.quant_method={method!r} is not supported. "
+            "Supported: fp8 (per-tensor or weight_block_size), compressed-tensors FP8 "
+            "(tensor or channel), awq (gemm, 4 bit), gptq (4 bit)."
+        )
+    return parsers[method](qc, where).to_dict()
+
+
+def _parse_fp8(qc: dict, where: str) -> QuantScheme:
+    block = qc.get("weight_block_size")
+    static = qc.get("activation_scheme", "dynamic") == "static"
+    if not block:
+        return QuantScheme("fp8_tensor", input_scale=static)
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(type(b) is int and b > 0 for b in block)
+    ):
+        raise UnsupportedModelError(
+            f"{where}: quantization_config.weight_block_size={block!r} must be two positive "
+            "integers [block_n, block_k]."
+        )
+    return QuantScheme("fp8_block", block=(block[0], block[1]), input_scale=static)
+
+
+def _parse_compressed(qc: dict, where: str) -> QuantScheme:
+    groups = qc.get("config_groups")
+    groups = list(groups.values()) if isinstance(groups, dict) else []
+    weights = [g.get("weights") if isinstance(g, dict) else None for g in groups]
+    weights = [w if isinstance(w, dict) else {} for w in weights]
+    if len(groups) != 1 or weights[0].get("type") != "float" or weights[0].get("num_bits") != 8:
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors config_groups {[w.get('type') for w in weights]} "
+            "is not one FP8 (float, 8 bit) group; reshard splits only FP8 compressed-tensors."
+        )
+    strategy = weights[0].get("strategy")
+    if strategy not in ("tensor", "channel"):
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors weights.strategy={strategy!r}: reshard splits "
+            "'tensor' and 'channel' FP8 (block FP8: use quant_method fp8)."
+        )
+    acts = groups[0].get("input_activations")
+    static = isinstance(acts, dict) and not acts.get("dynamic", True)
+    kind = "fp8_channel" if strategy == "channel" else "fp8_tensor"
+    return QuantScheme(kind, input_scale=static)
+
+
+def _parse_int4(qc: dict, where: str, method: str) -> int:
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
+    if bits != 4:
+        raise UnsupportedModelError(
+            f"{where}: {method} bits={bits!r}: reshard splits 4-bit {method} only."
+        )
+    if not isinstance(group, int) or group <= 0 or group % PACK:
+        raise UnsupportedModelError(
+            f"{where}: {method} group_size={group!r}: reshard needs a positive multiple of "
+            f"{PACK} (group_size -1, one group per row, is not supported)."
+        )
+    return group
+
+
+def _parse_awq(qc: dict, where: str) -> QuantScheme:
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm" or qc.get("zero_point", True) is False:
+        raise UnsupportedModelError(
+            f"{where}: awq version={version!r} zero_point={qc.get('zero_point')!r}: reshard "
+            "splits the GEMM layout with zero points only."
+        )
+    return QuantScheme("awq", group_size=_parse_int4(qc, where, "awq"))
+
+
+def _parse_gptq(qc: dict, where: str) -> QuantScheme:
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt != "gptq":
+        raise UnsupportedModelError(
+            f"{where}: gptq checkpoint_format={fmt!r}: reshard reads the 'gptq' (v1) format."
+        )
+    group = _parse_int4(qc, where, "gptq")
+    return QuantScheme("gptq", group_size=group, desc_act=bool(qc.get("desc_act", False)))
+
+
+def scheme_of(hp) -> QuantScheme | None:
+    """The scheme of an HParams (None: not quantized)."""
+    q = getattr(hp, "quantization", None)
+    return QuantScheme.from_dict(q) if q else None
+
+
+def split_name(name: str, names) -> tuple[str, str | None]:
+    """(logical weight name, part) of a stored tensor; part None for a plain tensor.
+    `names`: every tensor name of the checkpoint (an FP8 weight is a part only when it has
+    a scale next to it)."""
+    module, _, leaf = name.rpartition(".")
+    if leaf in SUFFIXES:
+        return f"{module}.weight", SUFFIXES[leaf]
+    if leaf == "weight" and (
+        f"{module}.weight_scale_inv" in names or f"{module}.weight_scale" in names
+    ):
+        return name, "weight"
+    return name, None
+
+
+SPLITTABLE = ("replicate", "column", "row", "expert_column", "expert_row")
+
+
+def check_quantized_role(name: str, role: str, where: str) -> None:
+    if role not in SPLITTABLE:
+        raise UnsupportedModelError(
+            f"{where}: tensor '{name}' is part of a quantized {role} tensor; reshard splits "
+            "quantized linear layers (attention, MLP, per-expert weights) only. Keep that "
+            "tensor unquantized (modules_to_not_convert) or open an issue."
+        )
+
+
+def stored_tensors(
+    scheme: QuantScheme, name: str, shape: tuple[int, ...], dtype: str
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """What a quantized linear `name` (`<module>.weight`, logical [out, in], unquantized dtype
+    `dtype`) is stored as: {stored name: (safetensors dtype, stored shape)}. The check of
+    config-implied shapes against a checkpoint uses this for quantized weights."""
+    out, inn = shape
+    module = name.rpartition(".")[0]
+    g = scheme.group_size
+    scales = dtype if dtype in ("F16", "BF16", "F32") else "F16"  # int4 scales: AWQ/GPTQ fp16
+    if scheme.kind == "fp8_block":
+        bn, bk = scheme.block
+        parts = {
+            "weight": ("F8_E4M3", (out, inn)),
+            "weight_scale_inv": ("F32", _blocks(shape, bn, bk)),
+        }
+    elif scheme.kind in ("fp8_tensor", "fp8_channel"):
+        scale = (out, 1) if scheme.kind == "fp8_channel" else (1,)
+        parts = {"weight": ("F8_E4M3", (out, inn)), "weight_scale": ("F32", scale)}
+    elif scheme.kind == "awq":
+        parts = {
+            "qweight": ("I32", (inn, out // PACK)),
+            "qzeros": ("I32", (inn // g, out // PACK)),
+            "scales": (scales, (inn // g, out)),
+        }
+    else:
+        parts = {
+            "qweight": ("I32", (inn // PACK, out)),
+            "qzeros": ("I32", (inn // g, out // PACK)),
+            "scales": (scales, (inn // g, out)),
+            "g_idx": ("I32", (inn,)),
+        }
+    if scheme.input_scale:
+        parts["input_scale"] = ("F32", (1,))
+    return {f"{module}.{leaf}": spec for leaf, spec in parts.items()}
+
+
+def _blocks(shape, bn: int, bk: int) -> tuple[int, int]:
+    return -(-shape[0] // bn), -(-shape[1] // bk)
+
+
+def unpacked_numel(name: str, shape) -> int:
+    """Elements a stored tensor holds once dequantized (a packed int32 qweight holds 8)."""
+    n = math.prod(shape)
+    return n * PACK if name.endswith(".qweight") else n
+
+
+def logical_shape(scheme: QuantScheme, name: str, tensors) -> tuple[int, int]:
+    """[out, in] of the logical weight `name`, from its main stored tensor in `tensors`
+    (name -> (dtype, shape))."""
+    module = name.rpartition(".")[0]
+    if scheme.kind.startswith("fp8"):
+        return tuple(tensors[name][1])
+    qshape = tensors[f"{module}.qweight"][1]
+    if scheme.kind == "awq":
+        return qshape[1] * PACK, qshape[0]
+    return qshape[1], qshape[0] * PACK
+
+
+def check_parts(scheme: QuantScheme | None, tensors, roles, where: str) -> None:
+    """Every quantized weight is stored exactly as the scheme says: all its parts, with the
+    dtypes and shapes `stored_tensors` gives; an FP8 tensor without a scale is refused."""
+    by_weight: dict[str, set] = {}
+    for name in tensors:
+        role = roles[name]
+        if role.part:
+            by_weight.setdefault(role.logical, set()).add(name)
+        elif tensors[name][0].startswith("F8"):
+            raise UnsupportedModelError(
+                f"{where}: tensor '{name}' is {tensors[name][0]} but has no scale tensor "
+                "(weight_scale_inv / weight_scale) next to it, so its values cannot be read. "
+                "The checkpoint is incomplete; re-download it."
+            )
+    if by_weight and scheme is None:
+        first = sorted(by_weight)[0]
+        raise UnsupportedModelError(
+            f"{where}: tensors {sorted(by_weight[first])} are quantized but config.json has no "
+            "quantization_config. Re-download config.json with the weights."
+        )
+    for weight, names in by_weight.items():
+        _check_weight_parts(scheme, weight, names, tensors, where)
+
+
+def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, where) -> None:
+    module = weight.rpartition(".")[0]
+    scales = tensors.get(f"{module}.scales", ("F16",))[0]  # fp16 or bf16, as exported
+    try:
+        expected = stored_tensors(scheme, weight, logical_shape(scheme, weight, tensors), scales)
+    except KeyError as e:
+        raise UnsupportedModelError(
+            f"{where}: quantized weight '{weight}' ({scheme.kind}) has no {e.args[0]!r}; "
+            f"it needs {', '.join(scheme.parts)}. The checkpoint is incomplete; re-download it."
+        ) from None
+    if set(expected) != names:
+        raise UnsupportedModelError(
+            f"{where}: quantized weight '{weight}' is stored as {sorted(names)}, but "
+            f"{scheme.kind} stores {sorted(expected)}. The checkpoint and its "
+            "quantization_config disagree."
+        )
+    for name, (dtype, shape) in expected.items():
+        got_dtype, got_shape = tensors[name]
+        scalar = shape == (1,) and tuple(got_shape) in ((), (1,))
+        if got_dtype != dtype or (tuple(got_shape) != shape and not scalar):
+            raise UnsupportedModelError(
+                f"{where}: tensor '{name}' is {got_dtype} {list(got_shape)}, but {scheme.kind} "
+                f"with '{weight}' of shape {list(logical_shape(scheme, weight, tensors))} "
+                f"stores it as {dtype} {list(shape)}. The checkpoint and its "
+                "quantization_config disagree."
+            )
+
+
+# part -> (logical dim 0 = out, logical dim 1 = in) -> (stored dim, unit) or None (kept whole).
+def _part_map(scheme: QuantScheme, part: str) -> tuple:
+    g = scheme.group_size
+    bn, bk = scheme.block or (1, 1)
+    table = {
+        "weight": ((0, 1), (1, 1)),
+        "scale_inv": ((0, bn), (1, bk)),
+        "weight_scale": ((0, 1), None) if scheme.kind == "fp8_channel" else (None, None),
+        "input_scale": (None, None),
+        "qzeros": ((1, PACK), None if scheme.desc_act else (0, g)),
+        "scales": ((1, 1), None if scheme.desc_act else (0, g)),
+        "g_idx": (None, (0, 1)),
+    }
+    table["qweight"] = ((1, PACK), (0, 1)) if scheme.kind == "awq" else ((1, 1), (0, PACK))
+    return table[part]
+
+
+def stored_slice(
+    scheme: QuantScheme, role, lo: int, hi: int, dim: int, logical, stored
+) -> tuple[int, int, int] | None:
+    """The logical range [lo, hi) along `dim` of the weight -> (stored dim, start, stop) of
+    part `role.part`, or None when that part is kept whole. Refuses a range that would cut a
+    block, pack or group."""
+    rule = _part_map(scheme, role.part)[dim]
+    if rule is None:
+        return None
+    sdim, unit = rule
+    if lo % unit or (hi % unit and hi != logical[dim]):
+        what = "rows" if dim == 0 else "columns"
+        raise LayoutError(
+            f"tensor '{role.name}': this rank's {what} {lo}:{hi} of '{role.logical}' "
+            f"({hi - lo} per rank) cut a {scheme.kind} unit of {unit} {what}. Choose a "
+            f"tp (or an expert tp = tp/ep) that leaves a multiple of {unit} per rank."
+        )
+    return sdim, lo // unit, min(-(-hi // unit), stored[sdim])
+
+
+def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
+    """Map the pieces of the logical weight (at most one cut dim) onto part `role.part`:
+    (pieces, local stored shape)."""
+    out = []
+    local = list(stored)
+    for p in pieces:
+        start, stop = [0] * len(stored), list(stored)
+        for dim in (0, 1):
+            if p.stop[dim] - p.start[dim] == logical[dim]:
+                continue
+            cut = stored_slice(scheme, role, p.start[dim], p.stop[dim], dim, logical, stored)
+            if cut is not None:
+                sdim, a, b = cut
+                start[sdim], stop[sdim] = a, b
+                local[sdim] = b - a
+        out.append(type(p)(role.name, tuple(start), tuple(stop), tuple(0 for _ in stored)))
+    return tuple(out), tuple(local)
+
+
+def describe(scheme: QuantScheme) -> str:
+    if scheme.kind == "fp8_block":
+        return f"FP8 E4M3, block-scaled {list(scheme.block)}"
+    if scheme.kind.startswith("fp8"):
+        return f"FP8 E4M3, per-{scheme.kind[4:]} scale"
+    act = ", desc_act" if scheme.desc_act else ""
+    return f"int4 {scheme.kind.upper()}, group {scheme.group_size}{act}"
+
+
+def manifest_entry(hp, names) -> dict[str, Any] | None:
+    """The manifest's `quantization`: the scheme, and each weight linked to its stored parts
+    ({logical weight: {part: stored name}}; every rank holding the weight holds them all)."""
+    scheme = scheme_of(hp)
+    if scheme is None:
+        return None
+    every = set(names)
+    links: dict[str, dict[str, str]] = {}
+    for name in sorted(every):
+        logical, part = split_name(name, every)
+        if part:
+            links.setdefault(logical, {})[part] = name
+    return {"scheme": scheme.to_dict(), "description": describe(scheme), "weights": links}

@@ -1,0 +1,99 @@
+"""Which tp / ep layouts would cut a block, pack or group of a quantized model, from
+config.json alone: `split_problems` is what `plan`, `convert` and `plan --suggest` refuse
+with, before any byte is written. The per-tensor check at slicing time is in quant/__init__.
+"""
+
+from __future__ import annotations
+
+from ..hparams import HParams
+from . import PACK, QuantScheme, scheme_of
+
+# (tensor leaf, logical dim that a split cuts, config width) per parallel linear kind.
+_ATTENTION = (("q_proj", 0, "q"), ("o_proj", 1, "q"))
+_MLP = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))
+
+
+def units(scheme: QuantScheme) -> tuple[int, int]:
+    """Whole units a split must keep along (out, in) of a quantized weight."""
+    if scheme.kind == "fp8_block":
+        return scheme.block
+    if scheme.kind == "awq":
+        return PACK, scheme.group_size
+    if scheme.kind == "gptq":  # act-order keeps scales whole: only the qweight pack binds
+        return PACK, PACK if scheme.desc_act else scheme.group_size
+    return 1, 1
+
+
+def split_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
+    """One line per kind of weight whose per-rank slice would cut a unit, with what fits."""
+    scheme = scheme_of(hp)
+    if scheme is None:
+        return []
+    unit = units(scheme)
+    cut: dict[tuple, list[str]] = {}  # one line per module group (attention, mlp, experts)
+    for name, dim, size, parts in _splits(hp, tp, ep):
+        if parts <= 1 or size % parts:
+            continue  # nothing cut, or the plain divisibility check reports it
+        if (size // parts) % unit[dim]:
+            key = (name.rsplit(".", 2)[0], dim, size // parts, size, parts)
+            cut.setdefault(key, []).append(name)
+    return [
+        _problem(hp, scheme, names, dim, per, size, parts, unit, tp)
+        for (_, dim, per, size, parts), names in cut.items()
+    ]
+
+
+def _splits(hp: HParams, tp: int, ep: int):
+    """(example tensor, cut dim, logical size along it, ways it is split)."""
+    etp = tp // ep if ep and tp % ep == 0 else tp
+    layer = "model.layers.0."
+    for leaf, dim, _ in _ATTENTION:
+        yield f"{layer}self_attn.{leaf}.weight", dim, hp.q_size, tp
+    kv_parts = tp if hp.num_kv_heads >= tp else hp.num_kv_heads  # replicated: one head each
+    for leaf in ("k_proj", "v_proj"):
+        yield f"{layer}self_attn.{leaf}.weight", 0, hp.kv_size, kv_parts
+    dense = [i for i in range(hp.num_layers) if i not in hp.moe_layers]
+    if hp.intermediate_size and dense:
+        for leaf, dim in _MLP:
+            yield f"model.layers.{dense[0]}.mlp.{leaf}.weight", dim, hp.intermediate_size, tp
+    if hp.is_moe:
+        block = "block_sparse_moe" if hp.family == "mixtral" else "mlp"
+        first = f"model.layers.{hp.moe_layers[0]}.{block}.experts.0."
+        for leaf, dim in _MLP:
+            yield f"{first}{leaf}.weight", dim, hp.moe_intermediate_size, etp
+    if hp.shared_expert_intermediate_size:
+        first = f"model.layers.{hp.moe_layers[0]}.mlp.shared_expert."
+        for leaf, dim in _MLP:
+            yield f"{first}{leaf}.weight", dim, hp.shared_expert_intermediate_size, tp
+
+
+def _problem(hp, scheme, names, dim, per, size, parts, unit, tp) -> str:
+    what = "rows" if dim == 0 else "columns"
+    kind = {"fp8_block": "block"}.get(scheme.kind, "pack/group")
+    name = names[0]
+    alike = [n.rsplit(".", 2)[1] for n in names[1:]]
+    also = f" (and {', '.join(alike)} alike)" if alike else ""
+    line = (
+        f"tensor '{name}'{also} would hold {per} of its {size} {what} per rank (split "
+        f"{parts} ways), not a multiple of the {scheme.kind} {kind} size {unit[dim]}"
+    )
+    if ".experts." in name:
+        fits = expert_eps(hp, tp, unit)
+        if fits:
+            eps = ", ".join(f"--ep {e} (expert tp {tp // e})" for e in fits)
+            return f"{line}; with tp={tp} these fit: {eps}"
+    return line
+
+
+def expert_eps(hp: HParams, tp: int, unit: tuple[int, int]) -> list[int]:
+    """The ep (dividing tp and the expert count) whose expert tp keeps whole units."""
+    out = []
+    for ep in range(2, tp + 1):
+        if tp % ep or hp.num_experts % ep:
+            continue
+        etp = tp // ep
+        width = hp.moe_intermediate_size
+        per = width // etp
+        if etp == 1 or (width % etp == 0 and not per % unit[0] and not per % unit[1]):
+            out.append(ep)
+    return out
