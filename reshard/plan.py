@@ -283,7 +283,15 @@ def _cols(name: str, shape, lo: int, hi: int) -> Piece:
 
 
 def _unit(hp: HParams, role: TensorRole) -> int:
-    return hp.head_dim if role.rule.heads else 1
+    """Rows (or columns) per head of a tensor split on head boundaries."""
+    widths = {
+        "q": hp.head_dim,
+        "kv": hp.head_dim,
+        "qk": hp.qk_head_dim,
+        "kv_b": hp.qk_nope_head_dim + hp.v_head_dim,
+        "v": hp.v_head_dim,
+    }
+    return widths[role.rule.heads] if role.rule.heads else 1
 
 
 def _split_range(name, shape, dim: int, parts: int, index: int, unit: int) -> tuple[int, int]:

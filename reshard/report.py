@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .inspect import human_bytes
+from .specs import is_mtp_name
 
 
 def format_convert_summary(result) -> str:
@@ -22,8 +23,15 @@ def format_convert_summary(result) -> str:
     if lay.pp > 1:
         spans = ", ".join(f"{s.first_layer}-{s.last_layer}" for s in lay.stages)
         lines.append(f"stages (layers): {spans}")
-    if plan.dropped:
-        lines.append(f"not written (derived from config.json): {len(plan.dropped)} tensors")
+    mtp = [n for n in plan.dropped if is_mtp_name(plan.hparams, n)]
+    if len(plan.dropped) > len(mtp):
+        derived = len(plan.dropped) - len(mtp)
+        lines.append(f"not written (derived from config.json): {derived} tensors")
+    if mtp:
+        lines.append(
+            f"notice: skipped the multi-token-prediction layer ({len(mtp)} tensors of layer "
+            f"{plan.hparams.num_layers}); generation does not use it"
+        )
     lines.append(f"manifest: {result.out_dir / 'manifest.json'}")
     return "\n".join(lines)
 
