@@ -6,6 +6,7 @@ up-projections (q_b / q_proj, kv_b) split by heads on dim 0 and o_proj by heads 
 The multi-token-prediction layer (index num_hidden_layers) is matched in specs/__init__.py.
 """
 
+from ..hparams import HParams
 from . import Rule
 from .llama import DENSE_MLP, GLOBAL
 from .moe import QWEN_MOE_EXPERTS
@@ -39,3 +40,30 @@ ROUTER_AND_SHARED = (
 )
 
 DEEPSEEK_V3_RULES = GLOBAL + MLA + DENSE_MLP + QWEN_MOE_EXPERTS + ROUTER_AND_SHARED
+
+
+def mla_shapes(hp: HParams) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Attention leaf name -> shape config.json implies, each dim labelled with its keys."""
+    hidden = (f"hidden_size={hp.hidden_size}", hp.hidden_size)
+    heads = f"num_attention_heads={hp.num_heads}"
+    q_rank = (f"q_lora_rank={hp.q_lora_rank}", hp.q_lora_rank)
+    kv_rank = (f"kv_lora_rank={hp.kv_lora_rank}", hp.kv_lora_rank)
+    qk = f"(qk_nope_head_dim={hp.qk_nope_head_dim} + qk_rope_head_dim={hp.head_dim})"
+    q = (f"{heads} x {qk}", hp.q_size)
+    kv_b = hp.num_heads * (hp.qk_nope_head_dim + hp.v_head_dim)
+    v = (f"{heads} x v_head_dim={hp.v_head_dim}", hp.num_heads * hp.v_head_dim)
+    return {
+        "q_a_proj.weight": (q_rank, hidden),
+        "q_a_layernorm.weight": (q_rank,),
+        "q_b_proj.weight": (q, q_rank),
+        "q_proj.weight": (q, hidden),
+        "kv_a_proj_with_mqa.weight": (
+            (f"kv_lora_rank={hp.kv_lora_rank} + qk_rope_head_dim={hp.head_dim}",
+             hp.kv_lora_rank + hp.head_dim),
+            hidden,
+        ),
+        "kv_a_layernorm.weight": (kv_rank,),
+        "kv_b_proj.weight": ((f"{heads} x (qk_nope_head_dim + v_head_dim)", kv_b), kv_rank),
+        "o_proj.weight": (hidden, v),
+        "gate.e_score_correction_bias": ((f"n_routed_experts={hp.num_experts}", hp.num_experts),),
+    }  # fmt: skip

@@ -1,0 +1,112 @@
+"""DeepSeek-V3 end to end on a tiny checkpoint written by transformers (16 experts in 4
+groups, 2 groups kept, low-rank q, one dense layer, a nonzero selection bias): the spec's
+head splits of MLA, the skipped MTP layer, rank files rebuilt bitwise against safetensors'
+reader, and token-exact generation on gloo worlds at tp 2 x ep 2 x pp 2 and at tp 4 x ep 4
+with redundant experts placed from a load file. The world-1 runtime is checked against
+transformers' forward pass in test_runtime_model.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("transformers")
+
+from checkpoints import DEEPSEEK_V3, write_checkpoint  # noqa: E402
+from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load  # noqa: E402
+from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
+
+from reshard.convert import convert_model  # noqa: E402
+from reshard.errors import CheckpointError  # noqa: E402
+from reshard.hparams import load_hparams, parse_hparams  # noqa: E402
+from reshard.recipe import build_recipe  # noqa: E402
+from reshard.report import format_convert_summary  # noqa: E402
+
+ARCH = "DeepseekV3ForCausalLM"
+ATTN = "model.layers.1.self_attn."
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("deepseek-v3"), ARCH, initializer_range=0.5)
+
+
+def rank_tensor(out: Path, manifest: dict, rank: int, name: str):
+    for file in manifest["ranks"][rank]["files"]:
+        with safe_open(str(out / file), "pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise KeyError(name)
+
+
+def test_hparams_and_tp2_head_splits(deepseek, tmp_path):
+    """q_b / kv_b rows and o_proj columns split on whole heads (qk 16, k_nope + v 20,
+    v 12 wide); a-projections, their norms, the router and its fp32 bias whole."""
+    hp = load_hparams(deepseek)
+    assert (hp.family, hp.moe_layers, hp.n_group, hp.topk_group) == ("deepseek_v3", (1, 2), 4, 2)
+    assert (hp.qk_head_dim, hp.head_dim, hp.shared_expert_intermediate_size) == (16, 8, 32)
+    manifest = convert(deepseek, tmp_path / "out", tp=2)
+    source = load_file(deepseek / "model.safetensors")
+    heads = {"q_b_proj.weight": 2 * 16, "kv_b_proj.weight": 2 * 20}
+    for rank in (0, 1):
+        for leaf, rows in heads.items():
+            got = rank_tensor(tmp_path / "out", manifest, rank, ATTN + leaf)
+            assert got.equal(source[ATTN + leaf][rank * rows : (rank + 1) * rows])
+        o_proj = rank_tensor(tmp_path / "out", manifest, rank, ATTN + "o_proj.weight")
+        assert o_proj.equal(source[ATTN + "o_proj.weight"][:, rank * 24 : (rank + 1) * 24])
+        for name in (ATTN + "q_a_proj.weight", ATTN + "kv_a_layernorm.weight",
+                     "model.layers.2.mlp.gate.e_score_correction_bias"):  # fmt: skip
+            assert rank_tensor(tmp_path / "out", manifest, rank, name).equal(source[name])
+
+
+def add_mtp_layer(path: Path) -> list[str]:
+    """Append an MTP layer (index num_hidden_layers = 3) as DeepSeek-V3's checkpoint has."""
+    tensors = load_file(path / "model.safetensors")
+    extra = {n.replace(".2.", ".3."): t.clone() for n, t in tensors.items() if ".layers.2." in n}
+    extra["model.layers.3.eh_proj.weight"] = tensors["model.embed_tokens.weight"][:64].clone()
+    extra["model.layers.3.enorm.weight"] = tensors["model.norm.weight"].clone()
+    save_file({**tensors, **extra}, path / "model.safetensors", metadata={"format": "pt"})
+    return sorted(extra)
+
+
+def test_mtp_layer_is_skipped_with_a_notice(tmp_path):
+    src = write_checkpoint(tmp_path / "src", ARCH, initializer_range=0.5)
+    mtp = add_mtp_layer(src)
+    result = convert_model(str(src), tmp_path / "out", build_recipe(tp=2))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert sorted(manifest["dropped"]) == mtp
+    written = {n for r in manifest["ranks"] for n in r["tensors"]}
+    assert not any(n.startswith("model.layers.3.") for n in written)
+    summary = format_convert_summary(result)
+    assert f"skipped the multi-token-prediction layer ({len(mtp)} tensors of layer 3)" in summary
+    assert "derived from config.json" not in summary
+
+
+def test_bad_groups_are_refused():
+    config = {"architectures": [ARCH], "hidden_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "vocab_size": 101, **DEEPSEEK_V3, "n_group": 3}  # fmt: skip
+    with pytest.raises(CheckpointError, match="n_routed_experts=16 must split into n_group=3"):
+        parse_hparams(config)
+
+
+def test_tp2_ep2_pp2_generates(deepseek, tmp_path):
+    """World of 8: MLA heads and shared experts split over tp, experts over ep, two stages
+    (the dense layer and one MoE layer on stage 0)."""
+    manifest = convert(deepseek, tmp_path / "out", tp=2, ep=2, pp=2)
+    check_moe_output(deepseek, tmp_path / "out", manifest)
+    assert_all_tiers_pass(tmp_path / "out", **GENERATE)
+
+
+def test_tp4_ep4_redundant_experts_from_load_generate(deepseek, tmp_path):
+    """World of 4, etp = 1: 4 redundant slots placed from a skewed load file, per layer."""
+    load = skewed_load(tmp_path / "expert_load.json", 16, [1, 2])
+    manifest = convert(deepseek, tmp_path / "out", tp=4, ep=4, redundant=4, load=load)
+    maps = check_moe_output(deepseek, tmp_path / "out", manifest)
+    assert all(sum(p.logcnt) == 20 and max(p.logcnt) > 1 for p in maps.values())
+    assert maps[1].phy2log != maps[2].phy2log
+    assert_all_tiers_pass(tmp_path / "out", **GENERATE)
