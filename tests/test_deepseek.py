@@ -110,3 +110,48 @@ def test_tp4_ep4_redundant_experts_from_load_generate(deepseek, tmp_path):
     assert all(sum(p.logcnt) == 20 and max(p.logcnt) > 1 for p in maps.values())
     assert maps[1].phy2log != maps[2].phy2log
     assert_all_tiers_pass(tmp_path / "out", **GENERATE)
+
+
+def test_config_alone_synthesizes_what_transformers_writes(deepseek):
+    """plan's tensor list from config.json equals the checkpoint's names and shapes."""
+    from reshard.specs.shapes import synthesize_tensors
+
+    with safe_open(str(deepseek / "model.safetensors"), "pt") as f:
+        written = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    synthesized = synthesize_tensors(load_hparams(deepseek), "F32")
+    assert {n: shape for n, (_, shape) in synthesized.items()} == written
+
+
+def test_plain_q_config_synthesizes_q_proj(tmp_path):
+    from reshard.specs.shapes import synthesize_tensors
+
+    src = write_checkpoint(tmp_path / "src", ARCH, q_lora_rank=None)
+    names = set(synthesize_tensors(load_hparams(src)))
+    assert ATTN + "q_proj.weight" in names and ATTN + "q_b_proj.weight" not in names
+    assert not any("q_a_" in n for n in names)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == names
+
+
+def test_plan_kv_cache_is_vllm_latent():
+    """DeepSeek-V3 (examples/configs): vLLM caches kv_lora_rank 512 + qk_rope_head_dim 64 per
+    token and layer on every TP rank, not 128 heads x 2 x 192."""
+    from reshard.memory import kv_bytes_per_token, kv_token_elements
+
+    hp = load_hparams(Path(__file__).parent.parent / "examples/configs/deepseek-v3")
+    assert (hp.num_layers, hp.num_experts, hp.n_group, hp.topk_group) == (61, 256, 8, 4)
+    assert kv_token_elements(hp, 1) == kv_token_elements(hp, 8) == 576
+    assert kv_bytes_per_token(hp, range(61), 8, 2) == 61 * 576 * 2
+
+
+def test_plan_command_reports_latent_kv_at_tp8_pp2_ep8():
+    from click.testing import CliRunner
+
+    from reshard.cli import main
+
+    config = Path(__file__).parent.parent / "examples/configs/deepseek-v3"
+    args = ["plan", str(config), "--tp", "8", "--pp", "2", "--ep", "8", "--gpu", "H200"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"{8 * 61 * 576 * 2:,} B a token over all ranks" in result.output
+    assert "tp 8 x pp 2 x dp 1 = 16 GPUs (ep 8)" in result.output
