@@ -76,6 +76,10 @@ def layout_options(fn):
             ),
             click.option("--placement", help="contiguous | round_robin | balanced."),
             click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
+            click.option(
+                "--keep-mtp", "keep_mtp", is_flag=True, default=None,
+                help="Write DeepSeek's MTP layer whole on the last stage's tp_rank 0.",
+            ),
         ]
     ):  # fmt: skip
         fn = option(fn)

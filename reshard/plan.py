@@ -51,6 +51,7 @@ class Layout:
     vocab_size: int
     vocab_padded: int
     dtype: str  # "keep" or a cast target
+    keep_mtp: bool = False  # MTP layer written whole on the last stage's tp_rank 0
 
     @property
     def etp(self) -> int:
@@ -187,7 +188,15 @@ def build_plan(
     check_layout(hp, recipe)
     padded = -(-hp.vocab_size // recipe.tp) * recipe.tp
     layout = Layout(
-        recipe.tp, recipe.pp, recipe.ep, recipe.dp, stages, hp.vocab_size, padded, recipe.dtype
+        recipe.tp,
+        recipe.pp,
+        recipe.ep,
+        recipe.dp,
+        stages,
+        hp.vocab_size,
+        padded,
+        recipe.dtype,
+        recipe.keep_mtp,
     )
     placements = placements or {}
     files: list[OutFile] = []
@@ -202,7 +211,7 @@ def build_plan(
         rank_files = _split_files(rank, out, recipe.max_file_size)
         files.extend(rank_files)
         ranks.append(RankPlan(coord, tuple(f.name for f in rank_files), None))
-    dropped = tuple(n for n, r in roles.items() if r.role == "drop")
+    dropped = tuple(n for n, r in roles.items() if r.role == "drop" and not _kept_mtp(layout, r))
     return Plan(hp, layout, tuple(ranks), tuple(files), dropped, placements)
 
 
@@ -225,6 +234,10 @@ def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) 
             # A last stage without the embedding gets its own copy of it to use as lm_head.
             _, pieces, local, padding = _slice_vocab(layout, coord, name, shape, "lm_head.weight")
             out.append(OutTensor("lm_head.weight", out_dtype, dtype, local, pieces, padding))
+        if _kept_mtp(layout, role):
+            if stage.head and coord.tp_rank == 0:
+                out.append(OutTensor(name, out_dtype, dtype, shape, (_whole(name, shape),), 0))
+            continue
         if role.role == "drop" or coord.pp_stage not in _stages_of(layout.stages, role):
             continue
         for out_name, pieces, local, padding in slice_tensor(
@@ -232,6 +245,11 @@ def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) 
         ):
             out.append(OutTensor(out_name, out_dtype, dtype, local, pieces, padding))
     return out
+
+
+def _kept_mtp(layout: Layout, role: TensorRole) -> bool:
+    """DeepSeek's multi-token-prediction layer, written only under --keep-mtp."""
+    return role.rule.scope == "mtp" and layout.keep_mtp
 
 
 def _out_dtype(dtype: str, target: str) -> str:

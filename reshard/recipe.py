@@ -32,7 +32,7 @@ SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # TOML section -> keys it may hold (and the Recipe field each sets).
 SECTIONS = {
     "layout": ("tp", "pp", "ep", "dp", "stages"),
-    "output": ("dtype", "max_file_size"),
+    "output": ("dtype", "max_file_size", "keep_mtp"),
     "experts": ("placement", "redundant", "load"),
     "costs": ("file",),
 }
@@ -51,6 +51,7 @@ class Recipe:
     redundant: int = 0
     load: Path | None = None  # expert_load.json
     costs: Path | None = None  # costs.json from `reshard profile layers`
+    keep_mtp: bool = False  # write DeepSeek's multi-token-prediction layer (last stage)
     origin: str = "defaults"  # the recipe file, for messages
 
     def __post_init__(self):
@@ -74,6 +75,8 @@ class Recipe:
                 f"{self.origin}: experts.placement {self.placement!r} is not one of "
                 f"{', '.join(PLACEMENTS)}."
             )
+        if type(self.keep_mtp) is not bool:
+            raise InputError(f"{self.origin}: output.keep_mtp must be true or false.")
         if type(self.redundant) is not int or self.redundant < 0:
             raise InputError(f"{self.origin}: experts.redundant must be >= 0.")
         if self.stages is not None and len(self.stages) != self.pp:

@@ -27,6 +27,12 @@ def format_convert_summary(result) -> str:
     if len(plan.dropped) > len(mtp):
         derived = len(plan.dropped) - len(mtp)
         lines.append(f"not written (derived from config.json): {derived} tensors")
+    kept = plan.layout.keep_mtp and plan.hparams.num_mtp_layers
+    if kept:
+        lines.append(
+            f"multi-token-prediction layer {plan.hparams.num_layers} written whole on the last "
+            "stage's tp_rank 0 (--keep-mtp); verify's generate tier does not run it"
+        )
     if mtp:
         lines.append(
             f"notice: skipped the multi-token-prediction layer ({len(mtp)} tensors of layer "

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -155,3 +156,30 @@ def test_plan_command_reports_latent_kv_at_tp8_pp2_ep8():
     assert result.exit_code == 0, result.output
     assert f"{8 * 61 * 576 * 2:,} B a token over all ranks" in result.output
     assert "tp 8 x pp 2 x dp 1 = 16 GPUs (ep 8)" in result.output
+
+
+def test_keep_mtp_writes_it_on_the_last_stage_and_verifies(tmp_path):
+    """--keep-mtp: the MTP tensors whole (bitwise) on the last stage's tp_rank 0 only,
+    recorded in the manifest; every tier still passes (the runtime skips the layer)."""
+    from click.testing import CliRunner
+
+    from reshard.cli import main
+
+    src = write_checkpoint(tmp_path / "src", ARCH, initializer_range=0.5)
+    mtp = add_mtp_layer(src)
+    out = tmp_path / "out"
+    args = ["convert", str(src), "-o", str(out), "--tp", "2", "--pp", "2", "--keep-mtp"]
+    result = CliRunner().invoke(main, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "multi-token-prediction layer 3 written whole on the last stage's tp_rank 0" in (
+        result.output
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layout"]["keep_mtp"] is True and manifest["dropped"] == []
+    holders = {r["rank"] for r in manifest["ranks"] for n in r["tensors"] if n in mtp}
+    assert holders == {2}  # stage 1, tp_rank 0
+    source = load_file(src / "model.safetensors")
+    for name in mtp:
+        got = rank_tensor(out, manifest, 2, name)
+        assert got.view(-1).view(torch.uint8).equal(source[name].view(-1).view(torch.uint8))
+    assert_all_tiers_pass(out, **GENERATE)

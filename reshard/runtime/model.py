@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hparams import HParams
+from ..specs import is_mtp_name
 from .cache import KVCache, Step
 from .dist import Comm
 from .layers import MLP, Attention, LMHead, RMSNorm, Tensors, VocabEmbedding
@@ -147,6 +148,7 @@ def build_model(
     `expert_layout` is the manifest's `layout.experts` (None: every expert on this rank).
     `where` names the source of the tensors in error messages."""
     comm = comm or Comm()
+    tensors = {n: t for n, t in tensors.items() if not is_mtp_name(hp, n)}  # --keep-mtp
     _check_stage_roles(tensors, comm, where)
     layers = (expert_layout or {}).get("layers", {})
     emaps = {
