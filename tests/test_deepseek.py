@@ -183,3 +183,17 @@ def test_keep_mtp_writes_it_on_the_last_stage_and_verifies(tmp_path):
         got = rank_tensor(out, manifest, 2, name)
         assert got.view(-1).view(torch.uint8).equal(source[name].view(-1).view(torch.uint8))
     assert_all_tiers_pass(out, **GENERATE)
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, None])
+def test_cost_model_counts_mla_parameters_as_written(tmp_path, q_lora_rank):
+    """The analytic stage cost sizes MLA from its own shapes: matrices + norms of a layer's
+    self_attn as transformers writes them (+ input_layernorm)."""
+    from reshard.costs import _mla_params
+
+    src = write_checkpoint(tmp_path / "src", ARCH, q_lora_rank=q_lora_rank)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        sizes = [f.get_slice(n).get_shape() for n in f.keys() if n.startswith(ATTN)]
+    matrix, small = _mla_params(load_hparams(src))
+    assert matrix == sum(a * b for a, b in (s for s in sizes if len(s) == 2))
+    assert small == 64 + sum(s[0] for s in sizes if len(s) == 1)
