@@ -116,6 +116,10 @@ def layout_options(fn):
                 type=click.IntRange(min=1),
                 help="Keep expert groups on nodes of N GPUs (grouped routing).",
             ),
+            click.option(
+                "--keep-mtp", "keep_mtp", is_flag=True, default=None,
+                help="Write DeepSeek's MTP layer whole on the last stage's tp_rank 0.",
+            ),
         ]
     ):  # fmt: skip
         fn = option(fn)

@@ -7,6 +7,7 @@ weight bytes always come from config.json. Nothing here picks stages: see reshar
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from .errors import InputError, ReshardIOError
 from .gpus import GPUS, find_gpu
 from .hparams import DTYPE_BYTES, HParams
+from .specs.deepseek import mla_shapes
 
 COSTS_FORMAT = "reshard-costs"
 COSTS_VERSION = 1
@@ -159,8 +161,26 @@ def _attention_work(hp: HParams, layer: int, batch: int, seq: int, mode: str, db
     # decode reads the cached K and V it attends to; prefill writes K and V once.
     kv_rows = batch * (min(seq, window or seq) if mode == "decode" else seq)
     flops = 2 * _tokens(batch, seq, mode) * matmul + 4 * pairs * hp.num_heads * hp.head_dim
+    if hp.is_mla:  # weights from MLA's own shapes; q.k over nope + rope, then v; latent cache
+        matmul, small = _mla_params(hp)
+        heads = hp.num_heads * (hp.qk_head_dim + hp.v_head_dim)
+        flops = 2 * _tokens(batch, seq, mode) * matmul + 2 * pairs * heads
+    cached = hp.kv_lora_rank + hp.head_dim if hp.is_mla else 2 * kv  # per token: latent or K+V
     weights = (matmul + small) * db
-    return _Work(flops, weights + kv_rows * 2 * kv * db, weights)
+    return _Work(flops, weights + kv_rows * cached * db, weights)
+
+
+def _mla_params(hp: HParams) -> tuple[int, int]:
+    """(matrix, norm + bias) parameters of one MLA block."""
+    shapes = {k: v for k, v in mla_shapes(hp).items() if k != "gate.e_score_correction_bias"}
+    if hp.q_lora_rank:
+        shapes.pop("q_proj.weight")
+    else:
+        for leaf in ("q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"):
+            shapes.pop(leaf)
+    sizes = [math.prod(size for _, size in shape) for shape in shapes.values()]
+    small = sum(n for n, shape in zip(sizes, shapes.values(), strict=True) if len(shape) == 1)
+    return sum(sizes) - small, hp.hidden_size + small
 
 
 def _dense_mlp_work(h: int, inter: int, tokens: int, db: int, bias: bool = False) -> _Work:

@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",  # MLA, grouped sigmoid routing, shared experts
 }
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -69,19 +70,46 @@ class HParams:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
-    num_expert_groups: int = 0  # n_group of grouped routing (DeepSeek); 0 = none
     norm_topk_prob: bool = False
     moe_layers: tuple[int, ...] = field(default_factory=tuple)  # layer indices that are MoE
     # reshard.quant.QuantScheme as a dict, from quantization_config (None: not quantized).
     quantization: dict[str, Any] | None = None
+    # Router: "softmax" (Mixtral, Qwen) or "sigmoid" with a selection bias, groups of
+    # experts (n_group, best topk_group kept) and a scale on the weights (DeepSeek-V3).
+    router_scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # Multi-head latent attention (kv_lora_rank > 0; DeepSeek-V3). head_dim is then the rope
+    # part (qk_rope_head_dim), as transformers sets it; q_lora_rank 0 means a plain q_proj.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    num_mtp_layers: int = 0  # multi-token-prediction layers stored past num_hidden_layers
+
+    @property
+    def num_expert_groups(self) -> int:
+        """Expert groups for node-aware placement (n_group > 1), else 0."""
+        return self.n_group if self.n_group > 1 else 0
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of q and k: nope + rope parts under MLA, else head_dim."""
+        return self.qk_nope_head_dim + self.head_dim if self.is_mla else self.head_dim
+
+    @property
     def q_size(self) -> int:
-        return self.num_heads * self.head_dim
+        return self.num_heads * self.qk_head_dim
 
     @property
     def kv_size(self) -> int:
@@ -159,6 +187,7 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         torch_dtype=_torch_dtype(config, where),
         **_moe_fields(config, family, layers, where),
         quantization=parse_quantization(config, where=where),
+        **_mla_fields(config, where),
     )
 
 
@@ -184,6 +213,8 @@ def _kv_heads(config: dict[str, Any], heads: int, where: str) -> int:
 
 
 def _head_dim(config: dict[str, Any], heads: int, where: str, arch: str) -> int:
+    if config.get("kv_lora_rank") is not None:  # MLA: rope runs over qk_rope_head_dim only
+        return get_int(config, "qk_rope_head_dim", where, arch=arch)
     if config.get("head_dim") is not None:
         return get_int(config, "head_dim", where)
     hidden = get_int(config, "hidden_size", where, arch=arch)
@@ -202,6 +233,8 @@ def _torch_dtype(config: dict[str, Any], where: str) -> str:
 
 def _moe_fields(config: dict[str, Any], family: str, layers: int, where: str) -> dict[str, Any]:
     """The MoE fields of HParams; all zero / empty for dense families."""
+    if family == "deepseek_v3":
+        return _deepseek_moe_fields(config, layers, where)
     if family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
         return {}
     key = "num_local_experts" if config.get("num_local_experts") else "num_experts"
@@ -221,11 +254,61 @@ def _moe_fields(config: dict[str, Any], family: str, layers: int, where: str) ->
         "num_experts_per_tok": top_k,
         "moe_intermediate_size": _expert_width(config, family, where),
         "shared_expert_intermediate_size": shared if family == "qwen2_moe" else 0,
-        "num_expert_groups": int(config.get("n_group") or 0),
+        "n_group": get_int(config, "n_group", where, default=1, minimum=1)
+        if config.get("n_group")
+        else 1,  # expert groups: placement keeps them on nodes (--gpus-per-node)
         # Mixtral always renormalises its top-k weights, whatever the config says.
         "norm_topk_prob": family == "mixtral"
         or get_bool(config, "norm_topk_prob", where, default=False),
         "moe_layers": tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+    }
+
+
+def _deepseek_moe_fields(config: dict[str, Any], layers: int, where: str) -> dict[str, Any]:
+    """DeepSeek-V3 (transformers' DeepseekV3Config names and defaults): layers from
+    first_k_dense_replace on are MoE; n_shared_experts shared experts act as one MLP
+    n_shared x moe_intermediate_size wide; experts come in n_group groups."""
+    experts = get_int(config, "n_routed_experts", where)
+    top_k = get_int(config, "num_experts_per_tok", where)
+    width = get_int(config, "moe_intermediate_size", where)
+    groups = get_int(config, "n_group", where, default=1) if config.get("n_group") else 1
+    keep = get_int(config, "topk_group", where, default=1) if config.get("topk_group") else 1
+    if experts % groups or keep > groups or top_k > experts * keep // groups:
+        raise CheckpointError(
+            f"{where}: n_routed_experts={experts} must split into n_group={groups} equal "
+            f"groups, topk_group={keep} <= n_group and num_experts_per_tok={top_k} <= the "
+            f"experts of the kept groups. {FIX}"
+        )
+    dense = get_int(config, "first_k_dense_replace", where, default=3, minimum=0)
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": width,
+        "shared_expert_intermediate_size": width
+        * get_int(config, "n_shared_experts", where, default=1, minimum=0),
+        "norm_topk_prob": get_bool(config, "norm_topk_prob", where, default=True),
+        "moe_layers": tuple(range(dense, layers)),
+        "router_scoring": "sigmoid",
+        "n_group": groups,
+        "topk_group": keep,
+        "routed_scaling_factor": get_float(
+            config, "routed_scaling_factor", where, default=2.5, positive=True
+        ),
+    }
+
+
+def _mla_fields(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Multi-head latent attention sizes, present when config.json has kv_lora_rank."""
+    if config.get("kv_lora_rank") is None:
+        return {}
+    q_rank = config.get("q_lora_rank")
+    return {
+        "q_lora_rank": 0 if q_rank is None else get_int(config, "q_lora_rank", where),
+        "kv_lora_rank": get_int(config, "kv_lora_rank", where),
+        "qk_nope_head_dim": get_int(config, "qk_nope_head_dim", where),
+        "v_head_dim": get_int(config, "v_head_dim", where),
+        "rope_interleave": get_bool(config, "rope_interleave", where, default=True),
+        "num_mtp_layers": get_int(config, "num_nextn_predict_layers", where, default=0, minimum=0),
     }
 
 

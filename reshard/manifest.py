@@ -102,6 +102,7 @@ def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
             for s in layout.stages
         ],  # fmt: skip
         "experts": experts,
+        "keep_mtp": layout.keep_mtp,  # MTP layer on the last stage's tp_rank 0; runtime skips it
     }
 
 

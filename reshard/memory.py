@@ -97,15 +97,25 @@ def cached_tokens(hp: HParams, layer: int, context: int) -> int:
     return context
 
 
+def kv_token_elements(hp: HParams, tp: int) -> int:
+    """Elements one rank caches per token and layer. K and V: local kv heads x head_dim x 2.
+    MLA, as vLLM caches it: the latent kv_lora_rank + qk_rope_head_dim, whole on every TP
+    rank (it is shared by all heads). reshard's own runtime caches full k/v per head instead
+    (runtime/mla.py); plan reports the engine's form."""
+    if hp.is_mla:
+        return hp.kv_lora_rank + hp.head_dim
+    return local_kv_heads(hp, tp) * hp.head_dim * 2
+
+
 def layer_kv_bytes(hp: HParams, layer: int, tp: int, budget: KvBudget) -> int:
-    """One rank's K and V cache for one layer: local kv heads x head_dim x 2 x dtype x B x T."""
-    per_token = local_kv_heads(hp, tp) * hp.head_dim * 2 * budget.dtype_bytes
+    """One rank's KV cache for one layer: kv_token_elements x dtype x B x T."""
+    per_token = kv_token_elements(hp, tp) * budget.dtype_bytes
     return per_token * budget.batch * cached_tokens(hp, layer, budget.context)
 
 
 def kv_bytes_per_token(hp: HParams, layers, tp: int, dtype_bytes: int) -> int:
     """One rank's KV bytes per cached token over `layers` (no sliding-window cap)."""
-    return len(layers) * local_kv_heads(hp, tp) * hp.head_dim * 2 * dtype_bytes
+    return len(layers) * kv_token_elements(hp, tp) * dtype_bytes
 
 
 def needed_kv_bytes(hp: HParams, layers, tp: int, budget: KvBudget, block_size: int) -> int:

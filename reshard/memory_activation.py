@@ -75,6 +75,9 @@ def layer_transient(hp: HParams, layer: int, tp: int, ep: int = 1) -> int:
     for MoE the fused kernel's per-token caches over top-k experts, each expert split tp/ep
     ways)."""
     kv_local = max(hp.num_kv_heads // tp, 1) * hp.head_dim
+    if hp.is_mla:  # the latent (+ rope key) and its per-head expansion into k_nope and v
+        kv_local = hp.kv_lora_rank + hp.head_dim
+        kv_local += hp.num_heads // tp * (hp.qk_nope_head_dim + hp.v_head_dim)
     attention = 2 * (hp.q_size // tp) + 2 * kv_local
     if layer not in hp.moe_layers:
         return max(attention, 3 * (hp.intermediate_size // tp))

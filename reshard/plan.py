@@ -53,6 +53,7 @@ class Layout:
     vocab_size: int
     vocab_padded: int
     dtype: str  # "keep" or a cast target
+    keep_mtp: bool = False  # MTP layer written whole on the last stage's tp_rank 0
 
     @property
     def etp(self) -> int:
@@ -196,7 +197,15 @@ def build_plan(
     check_parts(scheme_of(hp), tensors, roles, where="the checkpoint")
     padded = -(-hp.vocab_size // recipe.tp) * recipe.tp
     layout = Layout(
-        recipe.tp, recipe.pp, recipe.ep, recipe.dp, stages, hp.vocab_size, padded, recipe.dtype
+        recipe.tp,
+        recipe.pp,
+        recipe.ep,
+        recipe.dp,
+        stages,
+        hp.vocab_size,
+        padded,
+        recipe.dtype,
+        recipe.keep_mtp,
     )
     placements = placements or {}
     files: list[OutFile] = []
@@ -211,7 +220,7 @@ def build_plan(
         rank_files = _split_files(rank, out, recipe.max_file_size)
         files.extend(rank_files)
         ranks.append(RankPlan(coord, tuple(f.name for f in rank_files), None))
-    dropped = tuple(n for n, r in roles.items() if r.role == "drop")
+    dropped = tuple(n for n, r in roles.items() if r.role == "drop" and not _kept_mtp(layout, r))
     return Plan(hp, layout, tuple(ranks), tuple(files), dropped, placements)
 
 
@@ -235,6 +244,10 @@ def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) 
             # A last stage without the embedding gets its own copy of it to use as lm_head.
             _, pieces, local, padding = _slice_vocab(layout, coord, name, shape, "lm_head.weight")
             out.append(OutTensor("lm_head.weight", out_dtype, dtype, local, pieces, padding))
+        if _kept_mtp(layout, role):
+            if stage.head and coord.tp_rank == 0:
+                out.append(OutTensor(name, out_dtype, dtype, shape, (_whole(name, shape),), 0))
+            continue
         if role.role == "drop" or coord.pp_stage not in _stages_of(layout.stages, role):
             continue
         logical = logical_shape(scheme, role.logical, tensors) if role.part else shape
@@ -245,6 +258,11 @@ def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) 
                 pieces, local = stored_pieces(scheme, role, pieces, logical, shape)
             out.append(OutTensor(out_name, out_dtype, dtype, local, pieces, padding))
     return out
+
+
+def _kept_mtp(layout: Layout, role: TensorRole) -> bool:
+    """DeepSeek's multi-token-prediction layer, written only under --keep-mtp."""
+    return role.rule.scope == "mtp" and layout.keep_mtp
 
 
 def _out_dtype(dtype: str, target: str) -> str:
@@ -296,7 +314,15 @@ def _cols(name: str, shape, lo: int, hi: int) -> Piece:
 
 
 def _unit(hp: HParams, role: TensorRole) -> int:
-    return hp.head_dim if role.rule.heads else 1
+    """Rows (or columns) per head of a tensor split on head boundaries."""
+    widths = {
+        "q": hp.head_dim,
+        "kv": hp.head_dim,
+        "qk": hp.qk_head_dim,
+        "kv_b": hp.qk_nope_head_dim + hp.v_head_dim,
+        "v": hp.v_head_dim,
+    }
+    return widths[role.rule.heads] if role.rule.heads else 1
 
 
 def _split_range(name, shape, dim: int, parts: int, index: int, unit: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # TOML section -> keys it may hold (and the Recipe field each sets).
 SECTIONS = {
     "layout": ("tp", "pp", "ep", "dp", "stages"),
-    "output": ("dtype", "max_file_size"),
+    "output": ("dtype", "max_file_size", "keep_mtp"),
     "experts": ("placement", "redundant", "load", "gpus_per_node"),
     "costs": ("file",),
 }
@@ -58,6 +58,7 @@ class Recipe:
     load: Path | None = None  # expert_load.json
     gpus_per_node: int | None = None  # node-aware placement for grouped routing
     costs: Path | None = None  # costs.json from `reshard profile layers`
+    keep_mtp: bool = False  # write DeepSeek's multi-token-prediction layer (last stage)
     origin: str = "defaults"  # the recipe file, for messages
     flags: frozenset[str] = frozenset()  # fields given by CLI flags, for messages
 
@@ -80,6 +81,8 @@ class Recipe:
                 f"{self.where('placement')} {self.placement!r} is not one of "
                 f"{', '.join(PLACEMENTS)}."
             )
+        if type(self.keep_mtp) is not bool:
+            raise InputError(f"{self.origin}: output.keep_mtp must be true or false.")
         if type(self.redundant) is not int or self.redundant < 0:
             raise InputError(f"{self.where('redundant')} must be >= 0, got {self.redundant!r}.")
         if self.gpus_per_node is not None and (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .moe_layout import SGLANG_FILE, TRTLLM_FILE
+from .specs import is_mtp_name
 from .units import format_bytes
 
 
@@ -26,8 +27,21 @@ def format_convert_summary(result) -> str:
     if lay.pp > 1:
         spans = ", ".join(f"{s.first_layer}-{s.last_layer}" for s in lay.stages)
         lines.append(f"stages (layers): {spans}")
-    if plan.dropped:
-        lines.append(f"not written (derived from config.json): {len(plan.dropped)} tensors")
+    mtp = [n for n in plan.dropped if is_mtp_name(plan.hparams, n)]
+    if len(plan.dropped) > len(mtp):
+        derived = len(plan.dropped) - len(mtp)
+        lines.append(f"not written (derived from config.json): {derived} tensors")
+    kept = plan.layout.keep_mtp and plan.hparams.num_mtp_layers
+    if kept:
+        lines.append(
+            f"multi-token-prediction layer {plan.hparams.num_layers} written whole on the last "
+            "stage's tp_rank 0 (--keep-mtp); verify's generate tier does not run it"
+        )
+    if mtp:
+        lines.append(
+            f"notice: skipped the multi-token-prediction layer ({len(mtp)} tensors of layer "
+            f"{plan.hparams.num_layers}); generation does not use it"
+        )
     if plan.placements:  # the expert maps, as each engine reads them
         lines.append(f"engine files: {SGLANG_FILE} (SGLang --init-expert-location), {TRTLLM_FILE}")
     lines.append(_manifest_line(result))

@@ -24,6 +24,24 @@ BASE = dict(
 )
 
 
+# 16 experts in 4 groups (2 kept), low-rank q, one dense layer first; MLA has no kv groups.
+DEEPSEEK_V3 = dict(
+    num_key_value_heads=4,
+    moe_intermediate_size=32,
+    n_routed_experts=16,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=4,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+)
+
+
 def config_for(arch: str, **overrides):
     import transformers
 
@@ -38,6 +56,9 @@ def config_for(arch: str, **overrides):
             kwargs.setdefault("moe_intermediate_size", 32)
         if arch.startswith("Qwen2Moe"):
             kwargs.setdefault("shared_expert_intermediate_size", 48)
+    if arch.startswith("DeepseekV3"):
+        for key, value in DEEPSEEK_V3.items():
+            kwargs.setdefault(key, value)
     config = cls(**kwargs)
     config.architectures = [arch]
     return config
@@ -52,6 +73,10 @@ def write_checkpoint(
     torch.manual_seed(seed)
     config = config_for(arch, **overrides)
     model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # transformers zeroes DeepSeek's selection bias: make it matter
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.5)
     if dtype is not None:
         model = model.to(dtype)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}

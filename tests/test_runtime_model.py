@@ -36,6 +36,23 @@ _COMMON = dict(
     max_position_embeddings=256,
 )
 
+DEEPSEEK_V3 = dict(
+    num_key_value_heads=4,
+    moe_intermediate_size=16,
+    n_routed_experts=16,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=4,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    routed_scaling_factor=2.5,
+)
+
 # name -> (config class, model class, extra config). Each row covers something specific.
 ARCHS = {
     # Llama 3.1 rope scaling (a short original context so every band is hit), tied embeddings,
@@ -92,6 +109,29 @@ ARCHS = {
         "Qwen3MoeForCausalLM",
         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
     ),
+    # MLA with low-rank q and interleaved rope, 16 experts in 4 groups (2 kept), sigmoid
+    # router, a shared expert, layer 0 dense.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK_V3),
+    # q_lora_rank null (one q_proj), rope in halves, yarn with mscale_all_dim, no renorm.
+    "deepseek_v3_plain_q": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            **DEEPSEEK_V3,
+            "q_lora_rank": None,
+            "rope_interleave": False,
+            "norm_topk_prob": False,
+            "rope_scaling": dict(
+                rope_type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=64,
+                mscale=1.0,
+                mscale_all_dim=1.0,
+                beta_fast=32,
+                beta_slow=1,
+            ),
+        },
+    ),
 }
 
 
@@ -101,6 +141,10 @@ def make_checkpoint(arch: str, path: Path, seed: int = 0):
     config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # transformers zeroes DeepSeek's selection bias: make it matter
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.5)
     model.generation_config.eos_token_id = None  # decode a fixed number of tokens
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)

@@ -26,7 +26,8 @@ class Step:
 
 
 class KVCache:
-    """Preallocated keys/values per layer: [B, kv_heads_local, max_len, head_dim]."""
+    """Preallocated keys/values per layer: [B, kv_heads_local, max_len, head_dim] (v may be
+    narrower than k: MLA's v_head_dim)."""
 
     def __init__(self, batch: int, max_len: int, device: torch.device | str) -> None:
         self.batch, self.max_len = batch, max_len
@@ -49,9 +50,9 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, kvh, S, hd] at `start`; return all keys/values so far [B, kvh, T, hd]."""
-        if layer not in self.layers:
-            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
-            self.layers[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+        if layer not in self.layers:  # k and v widths differ under MLA
+            shape = (self.batch, k.shape[1], self.max_len)
+            self.layers[layer] = (k.new_zeros(*shape, k.shape[3]), v.new_zeros(*shape, v.shape[3]))
         k_all, v_all = self.layers[layer]
         end = start + k.shape[2]
         k_all[:, :, start:end] = k

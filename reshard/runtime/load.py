@@ -15,7 +15,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError, OutputError
 from ..hparams import HParams, load_hparams
 from ..quant import scheme_of
-from ..specs import rules_for
+from ..specs import is_mtp_name, rules_for
 from ..strict_json import read_json
 from .dequant import dequantize_tensors
 from .dist import Comm
@@ -56,9 +56,10 @@ def load_source_model(
 
 def derived_names(hp: HParams, names) -> set[str]:
     """Source tensors the family's spec marks derivable from config.json (old exports'
-    rotary_emb.inv_freq): convert does not write them, and the reference does not load them."""
+    rotary_emb.inv_freq) or skips (DeepSeek's MTP layer): convert does not write them, and the
+    reference does not load them."""
     drops = [rule.regex for rule in rules_for(hp) if rule.role == "drop"]
-    return {name for name in names if any(rx.match(name) for rx in drops)}
+    return {n for n in names if any(rx.match(n) for rx in drops) or is_mtp_name(hp, n)}
 
 
 def _source_files(source_dir: Path) -> dict[str, list[str] | None]:

@@ -14,9 +14,11 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hparams import HParams
+from ..specs import is_mtp_name
 from .cache import KVCache, Step
 from .dist import Comm
 from .layers import MLP, Attention, LMHead, RMSNorm, Tensors, VocabEmbedding
+from .mla import MLAttention
 from .moe import ExpertMap, MoEBlock, build_expert_map
 from .rope import compute_inv_freq, rope_cos_sin
 
@@ -30,7 +32,8 @@ class DecoderLayer(nn.Module):
         prefix = f"model.layers.{layer}."
         self.input_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
-        self.self_attn = Attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
+        attention = MLAttention if hp.is_mla else Attention
+        self.self_attn = attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
         self.ffn_name = _ffn_name(tensors, prefix) if layer in hp.moe_layers else "mlp"
         ffn_prefix = f"{prefix}{self.ffn_name}."
         if layer in hp.moe_layers:
@@ -145,6 +148,7 @@ def build_model(
     `expert_layout` is the manifest's `layout.experts` (None: every expert on this rank).
     `where` names the source of the tensors in error messages."""
     comm = comm or Comm()
+    tensors = {n: t for n, t in tensors.items() if not is_mtp_name(hp, n)}  # --keep-mtp
     _check_stage_roles(tensors, comm, where)
     layers = (expert_layout or {}).get("layers", {})
     emaps = {

@@ -1,4 +1,6 @@
-"""Mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE) over this rank's expert slots.
+"""Mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) over this rank's
+expert slots. The router is softmax top-k, or DeepSeek's grouped sigmoid top-k when
+hparams.router_scoring is "sigmoid".
 
 Every TP rank sees all tokens and runs the (replicated) router. For each (token, expert)
 choice exactly one replica computes it: `replica = token_index % logcnt[e]`, token_index being
@@ -112,10 +114,17 @@ class MoEBlock(nn.Module):
         if f"{prefix}shared_expert_gate.weight" in tensors:
             self.shared_expert = MLP(hp, tensors, f"{prefix}shared_expert.", comm)
             self.shared_expert_gate = linear_like(tensors, f"{prefix}shared_expert_gate")
+        if f"{prefix}shared_experts.gate_proj.weight" in tensors:  # DeepSeek: ungated
+            self.shared_experts = MLP(hp, tensors, f"{prefix}shared_experts.", comm)
+        if hp.router_scoring == "sigmoid":
+            bias = tensors[f"{prefix}gate.e_score_correction_bias"]
+            self.gate.e_score_correction_bias = nn.Parameter(torch.empty_like(bias, device="meta"))
         self.top_k, self.comm, self.act = hp.num_experts_per_tok, comm, get_activation(hp)
+        self.hp = hp
         # Mixtral always renormalises the top-k weights (transformers hard-codes it).
         self.renormalise = hp.norm_topk_prob or hp.family == "mixtral"
-        self.keep_fp32_weights = hp.family == "mixtral"  # Mixtral does not cast them back
+        # Mixtral and DeepSeek do not cast the fp32 weights back before scaling the experts.
+        self.keep_fp32_weights = hp.family == "mixtral" or hp.router_scoring == "sigmoid"
         self.emap = emap
         self.expert_load: torch.Tensor | None = None  # set to zeros([E]) to record routing
 
@@ -127,17 +136,41 @@ class MoEBlock(nn.Module):
         if hasattr(self, "shared_expert"):
             shared = self.shared_expert.forward_partial(flat)
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts.forward_partial(flat)
         self.record_load(experts, token_valid)
         return self.comm.all_reduce(out).view(batch, seq, hidden)
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax (fp32) -> top-k -> optional renormalisation. Returns weights, expert ids."""
+        if self.hp.router_scoring == "sigmoid":
+            return self.route_grouped(flat)
         logits = self.gate(flat)  # [N, E]
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
         if self.renormalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights if self.keep_fp32_weights else weights.to(logits.dtype)), experts
+
+    def route_grouped(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3 (transformers' DeepseekV3TopkRouter): fp32 sigmoid scores; selection on
+        scores + e_score_correction_bias, only inside the topk_group groups whose two best
+        biased scores sum highest; weights are the unbiased scores, optionally renormalised,
+        times routed_scaling_factor. Returns fp32 weights [N, k], expert ids [N, k]."""
+        hp = self.hp
+        scores = F.linear(flat.float(), self.gate.weight.float()).sigmoid()  # [N, E]
+        biased = scores + self.gate.e_score_correction_bias.float()
+        grouped = biased.view(-1, hp.n_group, hp.num_experts // hp.n_group)  # [N, G, E/G]
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
+        keep = torch.topk(group_scores, k=hp.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1).bool()  # [N, G]
+        expert_mask = group_mask[..., None].expand_as(grouped).reshape(-1, hp.num_experts)
+        biased = biased.masked_fill(~expert_mask, float("-inf"))
+        experts = torch.topk(biased, k=self.top_k, dim=-1, sorted=False)[1]  # [N, k]
+        weights = scores.gather(1, experts)
+        if self.renormalise:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * hp.routed_scaling_factor, experts
 
     def routed_partial(
         self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor

@@ -30,7 +30,12 @@ ROLES = (
 
 # Where a rule applies: every checkpoint, every layer, dense-MLP layers, MoE layers, or once
 # per expert of an MoE layer.
-SCOPES = ("global", "layer", "dense", "moe", "expert")
+SCOPES = ("global", "layer", "dense", "moe", "expert", "mtp")
+
+# DeepSeek-V3's multi-token-prediction layer(s), stored as layers num_hidden_layers.. on:
+# not part of next-token generation (transformers ignores them too), so skipped, not written.
+MTP_RULE_TEMPLATE = "model.layers.{layer}.*"
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,9 @@ class Rule:
     template: str  # HF name with {layer} / {expert}
     role: str
     scope: str
-    heads: str | None = None  # "q" or "kv": divisibility is on heads, not rows
+    # Divisibility is on heads, not rows: "q"/"kv" (head_dim wide), MLA's "qk" (nope + rope),
+    # "kv_b" (k nope + v) and "v" (v_head_dim) per head.
+    heads: str | None = None
     optional: bool = False
     group: str | None = None  # MoE layers need one complete group ("split" or "fused")
 
@@ -68,7 +75,7 @@ class TensorRole:
 
 
 def rules_for(hp: HParams) -> tuple[Rule, ...]:
-    from . import llama, moe, qwen
+    from . import deepseek, llama, moe, qwen
 
     tables = {
         "llama": llama.RULES,
@@ -77,6 +84,7 @@ def rules_for(hp: HParams) -> tuple[Rule, ...]:
         "mixtral": moe.MIXTRAL_RULES,
         "qwen2_moe": moe.QWEN2_MOE_RULES,
         "qwen3_moe": moe.QWEN3_MOE_RULES,
+        "deepseek_v3": deepseek.DEEPSEEK_V3_RULES,
     }
     return tables[hp.family]
 
@@ -89,6 +97,9 @@ def match_tensors(hp: HParams, names, *, where: str = "the checkpoint") -> dict[
     names = list(names)
     every = set(names)
     for name in names:
+        if (mtp := _mtp_layer(hp, name)) is not None:
+            roles[name] = TensorRole(name, Rule(MTP_RULE_TEMPLATE, "drop", "mtp"), mtp, None)
+            continue
         logical, part = split_name(name, every)
         hits = [(r, m) for r, rx in compiled if (m := rx.match(logical))]
         if len(hits) != 1:
@@ -107,6 +118,18 @@ def match_tensors(hp: HParams, names, *, where: str = "the checkpoint") -> dict[
         roles[name] = TensorRole(name, rule, layer, expert, part, logical if part else None)
     _check_required(hp, rules, roles, where)
     return roles
+
+
+def is_mtp_name(hp: HParams, name: str) -> bool:
+    """A tensor of a multi-token-prediction layer (skipped by convert and the runtime)."""
+    return _mtp_layer(hp, name) is not None
+
+
+def _mtp_layer(hp: HParams, name: str) -> int | None:
+    m = _LAYER_INDEX.match(name)
+    layer = int(m.group(1)) if m else -1
+    mtp = hp.num_layers <= layer < hp.num_layers + hp.num_mtp_layers
+    return layer if mtp else None
 
 
 def _check_indices(hp, name, rule, layer, expert, where) -> None:

@@ -13,6 +13,7 @@ from ..errors import CheckpointError
 from ..hparams import HParams
 from ..quant import check_parts, logical_shape, scheme_of
 from . import TensorRole
+from .deepseek import mla_shapes
 
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 PLAIN_FLOATS = ("F64", "F32", "F16", "BF16")  # what a 1-D norm or bias may be
@@ -62,6 +63,10 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
     leaf = ".".join(name.rsplit(".", 2)[-2:])  # "q_proj.weight", "experts.down_proj"
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return ((f"vocab_size={hp.vocab_size}", hp.vocab_size), hidden)
+    if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
+        bias = leaf.endswith(".bias")
+        shape = mla_shapes(hp)[leaf.removesuffix(".bias") + ".weight" if bias else leaf]
+        return shape[:1] if bias else shape
     if leaf.endswith(".bias"):
         return labelled_shape(hp, name.removesuffix(".bias") + ".weight")[:1]
     table = {
@@ -82,7 +87,7 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
 
 
 def _mlp_shape(hp: HParams, name: str, leaf: str, hidden, experts):
-    if "shared_expert." in name:
+    if "shared_expert." in name or "shared_experts." in name:
         inner = (f"shared_expert_intermediate_size={hp.shared_expert_intermediate_size}",)
         inner += (hp.shared_expert_intermediate_size,)
     elif ".experts." in name:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..hparams import HParams
 from ..quant import scheme_of, stored_tensors
 from . import Rule, _expected, rules_for
+from .deepseek import mla_shapes
 
 
 def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
@@ -18,6 +19,11 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     leaf = ".".join(last[-2:])  # e.g. "q_proj.weight"
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (hp.vocab_size, h)
+    mla = mla_shapes(hp)
+    if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
+        return tuple(size for _, size in mla[leaf])
+    if "shared_experts." in name:  # DeepSeek
+        return _mlp(leaf, hp.shared_expert_intermediate_size, h)
     if "shared_expert_gate" in name:
         return (1, h)
     if "shared_expert." in name:
@@ -64,6 +70,12 @@ def _wanted(hp: HParams, rule: Rule) -> bool:
         return hp.attention_bias
     if rule.template.endswith("o_proj.bias"):
         return hp.o_bias
+    if hp.is_mla and rule.template.endswith(("q_a_proj.weight", "q_a_layernorm.weight")):
+        return hp.q_lora_rank > 0
+    if hp.is_mla and rule.template.endswith("q_b_proj.weight"):
+        return hp.q_lora_rank > 0
+    if hp.is_mla and rule.template.endswith("q_proj.weight"):
+        return hp.q_lora_rank == 0
     return not rule.optional
 
 
