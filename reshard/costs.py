@@ -17,6 +17,7 @@ from .errors import InputError, ReshardIOError
 from .gpus import GPUS, find_gpu
 from .hparams import DTYPE_BYTES, HParams
 from .specs.deepseek import mla_shapes
+from .strict_json import read_json
 
 COSTS_FORMAT = "reshard-costs"
 COSTS_VERSION = 1
@@ -257,10 +258,10 @@ def read_costs(path: str | os.PathLike) -> dict[str, Any]:
     """Read and structurally validate a costs.json; item_costs_from_profile checks the model."""
     path = Path(path)
     try:
-        profile = json.loads(path.read_text(encoding="utf-8"))
+        profile = read_json(path, what="cost file", fix=_remedy(path))  # strict, never a traceback
     except FileNotFoundError:
         raise InputError(f"{path}: no such cost file. {_remedy(path)}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise InputError(f"{path}: not a readable JSON cost file ({e}). {_remedy(path)}") from None
     _check_profile(profile, str(path))
     return profile

@@ -15,6 +15,7 @@ from pathlib import Path
 from reshard.errors import InputError, LayoutError, ReshardIOError
 from reshard.expert_nodes import NodeLayout, NodeReport, format_node_report, report_nodes
 from reshard.experts import Placement, place_model, replica_counts
+from reshard.strict_json import read_json
 from reshard.units import GB
 
 LOAD_FORMAT = "reshard-expert-load"
@@ -92,11 +93,9 @@ def read_expert_load(path: str | os.PathLike) -> ExpertLoad:
 def load_json(path: str | os.PathLike) -> object:
     """Parsed JSON of `path`; a missing or malformed file is bad input (exit 2)."""
     try:
-        return json.loads(Path(path).read_text())
+        return read_json(Path(path), what="expert load file", fix=REMAKE)  # strict JSON
     except FileNotFoundError:
         raise InputError(f"{os.fspath(path)}: no such expert load file; {REMAKE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{os.fspath(path)}: not JSON ({err}); {REMAKE}") from None
     except OSError as err:
         raise ReshardIOError(f"{os.fspath(path)}: cannot read ({err.strerror})") from None
 

@@ -197,9 +197,14 @@ def test_costs_file_refusals(tmp_path):
     path = tmp_path / "costs.json"
     with pytest.raises(InputError, match=f"{path}: no such cost file.*reshard profile layers"):
         read_costs(path)
-    path.write_text("{not json")
-    with pytest.raises(InputError, match=f"{path}: not a readable JSON cost file"):
-        read_costs(path)
+    for text, says in [
+        ("{not json", "cost file"),
+        ('{"format": ' + "1" * 5000 + "}", "5000 digits"),  # int() would raise ValueError
+        ("[" * 2000, "deeper than 127 levels"),  # json.loads would raise RecursionError
+    ]:
+        path.write_text(text)
+        with pytest.raises(InputError, match=f"{path}: .*{says}.*reshard profile layers"):
+            read_costs(path)
     path.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(InputError, match="not a reshard cost file"):
         read_costs(path)

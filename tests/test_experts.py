@@ -313,9 +313,10 @@ def test_load_file_errors_name_file_layer_and_fix(tmp_path, changes, message):
 
 def test_load_file_not_json_or_missing(tmp_path):
     bad = tmp_path / "expert_load.json"
-    bad.write_text('{"layers": [NaN')
-    with pytest.raises(InputError, match="not JSON .*reshard profile experts"):
-        read_expert_load(bad)
+    for text, says in [('{"layers": [NaN]}', "NaN is not JSON"), ("[" * 2000, "deeper than 127")]:
+        bad.write_text(text)
+        with pytest.raises(InputError, match=f"{bad}: .*{says}.*reshard profile experts"):
+            read_expert_load(bad)
     with pytest.raises(InputError, match="no such expert load file"):
         read_expert_load(tmp_path / "absent.json")
     write_doc(bad, layers={"1": [1, math.nan, 1, 1], "3": [1] * 4})
