@@ -320,7 +320,7 @@ def test_load_file_not_json_or_missing(tmp_path):
     with pytest.raises(InputError, match="no such expert load file"):
         read_expert_load(tmp_path / "absent.json")
     write_doc(bad, layers={"1": [1, math.nan, 1, 1], "3": [1] * 4})
-    with pytest.raises(InputError, match="layer 1 expert 1 is nan, not a number"):
+    with pytest.raises(InputError, match="key 'layers.1.1': NaN is not JSON"):
         read_expert_load(bad)
 
 
