@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import checkpoints  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.errors import CheckpointError, InputError, UnsupportedModelError  # noqa: E402
@@ -36,22 +37,8 @@ _COMMON = dict(
     max_position_embeddings=256,
 )
 
-DEEPSEEK_V3 = dict(
-    num_key_value_heads=4,
-    moe_intermediate_size=16,
-    n_routed_experts=16,
-    n_group=4,
-    topk_group=2,
-    num_experts_per_tok=4,
-    n_shared_experts=1,
-    first_k_dense_replace=1,
-    q_lora_rank=24,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    routed_scaling_factor=2.5,
-)
+# The conversion fixture's tiny DeepSeek-V3, with narrower experts and an explicit scale.
+DEEPSEEK_V3 = {**checkpoints.DEEPSEEK_V3, "moe_intermediate_size": 16, "routed_scaling_factor": 2.5}
 
 # name -> (config class, model class, extra config). Each row covers something specific.
 ARCHS = {
