@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: column 8j + AWQ_ORDER[i] -> nibble i
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# DeepSeek-V3's MLA projections, FP8 in its checkpoint too (the router gate is not).
+MLA_LINEARS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 SCHEMES = {
     "fp8_block": {
@@ -59,7 +61,7 @@ TINY = dict(num_hidden_layers=4, num_key_value_heads=1, initializer_range=0.5)
 
 def is_quantized(name: str) -> bool:
     leaf = name.rsplit(".", 2)
-    return name.endswith(".weight") and leaf[-2] in LINEARS
+    return name.endswith(".weight") and leaf[-2] in LINEARS + MLA_LINEARS
 
 
 def quantize_fp8_block(w: torch.Tensor, bn: int, bk: int):
@@ -145,11 +147,11 @@ def quantize_gptq(w: torch.Tensor, group: int, desc_act: bool, seed: int):
     return parts, twin.T.contiguous()
 
 
-def quantize(name: str, w: torch.Tensor, scheme: str, seed: int):
+def quantize(name: str, w: torch.Tensor, scheme: str, seed: int, block=None):
     """{stored leaf: tensor}, fp32 twin of one [out, in] weight."""
     w = w.float()
     if scheme == "fp8_block":
-        bn, bk = SCHEMES[scheme]["weight_block_size"]
+        bn, bk = block or SCHEMES[scheme]["weight_block_size"]
         return quantize_fp8_block(w, bn, bk)
     if scheme in ("fp8_tensor", "fp8_channel"):
         parts, twin = quantize_fp8_scaled(w, scheme == "fp8_channel")
@@ -162,34 +164,55 @@ def quantize(name: str, w: torch.Tensor, scheme: str, seed: int):
 
 
 def write_quantized(
-    path: Path, scheme: str, arch: str = "LlamaForCausalLM", *, seed: int = 0, **overrides
+    path: Path,
+    scheme: str,
+    arch: str = "LlamaForCausalLM",
+    *,
+    seed: int = 0,
+    block: tuple[int, int] | None = None,
+    **overrides,
 ):
     """A quantized checkpoint in 3 files (one weight's scale alone in the last) + its twin:
-    returns (path, transformers model holding the dequantized fp32 weights)."""
+    returns (path, transformers model holding the dequantized fp32 weights). `block`
+    overrides fp8_block's weight_block_size [bn, bk]."""
     import transformers
 
     torch.manual_seed(seed)
     config = config_for(arch, **{**TINY, **overrides})
     twin = getattr(transformers, arch)(config).eval()
+    _randomize_selection_bias(twin)
     state = twin.state_dict()
+    quantization = dict(SCHEMES[scheme])
+    if block:
+        quantization["weight_block_size"] = list(block)
     stored: dict[str, torch.Tensor] = {}
     for i, (name, tensor) in enumerate(state.items()):
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            state[name] = _quantize_experts(name, tensor, scheme, seed + i, stored)
+            state[name] = _quantize_experts(name, tensor, scheme, seed + i, stored, block)
             continue
         if not is_quantized(name):
             stored[name] = tensor.contiguous()
             continue
-        parts, dequantized = quantize(name, tensor, scheme, seed + i)
+        parts, dequantized = quantize(name, tensor, scheme, seed + i, block)
         module = name.rpartition(".")[0]
         stored.update({f"{module}.{leaf}": t.contiguous() for leaf, t in parts.items()})
         state[name] = dequantized
     twin.load_state_dict(state)
-    _save_files(Path(path), stored, config, SCHEMES[scheme])
+    _save_files(Path(path), stored, config, quantization)
     return Path(path), twin
 
 
-def _quantize_experts(name: str, fused: torch.Tensor, scheme: str, seed: int, stored: dict):
+@torch.no_grad()
+def _randomize_selection_bias(model) -> None:
+    """transformers zeroes DeepSeek's selection bias: make it matter (as write_checkpoint)."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.randn_like(buffer) * 0.5)
+
+
+def _quantize_experts(
+    name: str, fused: torch.Tensor, scheme: str, seed: int, stored: dict, block=None
+):
     """transformers 5 holds experts fused ([E, 2I, H] gate then up rows; [E, H, I]); on disk
     they are per expert, as save_pretrained writes them. Returns the dequantized fused twin."""
     prefix = name.rpartition(".")[0]  # model.layers.L.mlp.experts
@@ -201,7 +224,7 @@ def _quantize_experts(name: str, fused: torch.Tensor, scheme: str, seed: int, st
         else:
             pieces = (("down_proj", slice(None)),)
         for leaf, rows in pieces:
-            parts, dequantized = quantize(leaf, fused[e, rows], scheme, seed + e)
+            parts, dequantized = quantize(leaf, fused[e, rows], scheme, seed + e, block)
             stored.update({f"{prefix}.{e}.{leaf}.{k}": t.contiguous() for k, t in parts.items()})
             twin[e, rows] = dequantized
     return twin

@@ -6,10 +6,10 @@ with, before any byte is written. The per-tensor check at slicing time is in qua
 from __future__ import annotations
 
 from ..hparams import HParams
+from ..specs import rules_for
 from . import PACK, QuantScheme, scheme_of
 
-# (tensor leaf, logical dim that a split cuts, config width) per parallel linear kind.
-_ATTENTION = (("q_proj", 0, "q"), ("o_proj", 1, "q"))
+# (tensor leaf, logical dim that a split cuts) per parallel MLP linear.
 _MLP = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))
 
 
@@ -46,12 +46,8 @@ def split_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
 def _splits(hp: HParams, tp: int, ep: int):
     """(example tensor, cut dim, logical size along it, ways it is split)."""
     etp = tp // ep if ep and tp % ep == 0 else tp
-    layer = "model.layers.0."
-    for leaf, dim, _ in _ATTENTION:
-        yield f"{layer}self_attn.{leaf}.weight", dim, hp.q_size, tp
-    kv_parts = tp if hp.num_kv_heads >= tp else hp.num_kv_heads  # replicated: one head each
-    for leaf in ("k_proj", "v_proj"):
-        yield f"{layer}self_attn.{leaf}.weight", 0, hp.kv_size, kv_parts
+    for leaf, dim, size, parts in _attention_splits(hp, tp):
+        yield f"model.layers.0.self_attn.{leaf}.weight", dim, size, parts
     dense = [i for i in range(hp.num_layers) if i not in hp.moe_layers]
     if hp.intermediate_size and dense:
         for leaf, dim in _MLP:
@@ -62,9 +58,36 @@ def _splits(hp: HParams, tp: int, ep: int):
         for leaf, dim in _MLP:
             yield f"{first}{leaf}.weight", dim, hp.moe_intermediate_size, etp
     if hp.shared_expert_intermediate_size:
-        first = f"model.layers.{hp.moe_layers[0]}.mlp.shared_expert."
+        first = _shared_expert_prefix(hp)
         for leaf, dim in _MLP:
             yield f"{first}{leaf}.weight", dim, hp.shared_expert_intermediate_size, tp
+
+
+def _attention_splits(hp: HParams, tp: int):
+    """(leaf, cut dim, logical size, ways split) of the head-split attention linears. MLA
+    (DeepSeek-V3) splits q_b (or q_proj) and kv_b rows and o_proj columns by heads; its
+    a-projections are replicated, and it has no k/v projections."""
+    if hp.is_mla:
+        kv_b = hp.num_heads * (hp.qk_nope_head_dim + hp.v_head_dim)
+        q = "q_b_proj" if hp.q_lora_rank else "q_proj"
+        return ((q, 0, hp.q_size, tp), ("kv_b_proj", 0, kv_b, tp),
+                ("o_proj", 1, hp.num_heads * hp.v_head_dim, tp))  # fmt: skip
+    kv_parts = tp if hp.num_kv_heads >= tp else hp.num_kv_heads  # replicated: one head each
+    return (
+        ("q_proj", 0, hp.q_size, tp),
+        ("o_proj", 1, hp.q_size, tp),
+        ("k_proj", 0, hp.kv_size, kv_parts),
+        ("v_proj", 0, hp.kv_size, kv_parts),
+    )
+
+
+def _shared_expert_prefix(hp: HParams) -> str:
+    """`model.layers.L.mlp.shared_expert(s).` of the first MoE layer, from the family's rules
+    (Qwen2-MoE says shared_expert, DeepSeek-V3 shared_experts)."""
+    template = next(
+        r.template for r in rules_for(hp) if ".shared_expert" in r.template and r.role == "row"
+    )
+    return template.format(layer=hp.moe_layers[0]).rsplit(".", 2)[0] + "."
 
 
 def _problem(hp, scheme, names, dim, per, size, parts, unit, tp) -> str:
