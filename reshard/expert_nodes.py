@@ -10,7 +10,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from reshard.errors import LayoutError
-from reshard.experts import Placement, check_model_loads, place_experts, replica_counts
+from reshard.experts import (
+    Placement,
+    check_model_loads,
+    place_experts,
+    replica_counts,
+    swap_replicas,
+)
 
 
 @dataclass(frozen=True)
@@ -159,31 +165,7 @@ def swap_homed(
 ) -> None:
     """swap_replicas' local search, allowing only swaps after which every expert still has
     a replica on its home node."""
-    loads = [sum(weight[e] for e in rank) for rank in held]
-    for _ in range(10_000):
-        peak = max(range(len(held)), key=lambda r: (loads[r], -r))
-        best = None
-        for r, rank in enumerate(held):
-            gap = loads[peak] - loads[r]
-            if r == peak or gap <= 1e-12 * loads[peak]:
-                continue
-            for i, a in enumerate(held[peak]):
-                for j, b in enumerate(rank):
-                    moved = weight[a] - weight[b]
-                    if a in rank or b in held[peak] or not 0 < moved < gap:
-                        continue
-                    new_peak = max(loads[peak] - moved, loads[r] + moved)
-                    if (best is None or new_peak < best[0]) and keeps_home(
-                        held, home, gpn, (peak, i, r, j)
-                    ):
-                        best = (new_peak, r, i, j)
-        if best is None:
-            return
-        _, r, i, j = best
-        a, b = held[peak][i], held[r][j]
-        held[peak][i], held[r][j] = b, a
-        loads[peak] += weight[b] - weight[a]
-        loads[r] += weight[a] - weight[b]
+    swap_replicas(held, weight, allowed=lambda move: keeps_home(held, home, gpn, move))
 
 
 def keeps_home(held, home, gpn, move) -> bool:

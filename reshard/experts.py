@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from reshard.errors import InputError, LayoutError
@@ -269,7 +269,12 @@ def fits_after(free: Sequence[int], taken: Sequence[int], pending: Sequence[int]
     return True
 
 
-def swap_replicas(held: list[list[int]], weight: Sequence[float], max_rounds: int = 10_000) -> None:
+def swap_replicas(
+    held: list[list[int]],
+    weight: Sequence[float],
+    max_rounds: int = 10_000,
+    allowed: Callable[[tuple[int, int, int, int]], bool] | None = None,
+) -> None:
     """Local search in place: swap a replica on the most-loaded rank with a lighter one on
     another rank when that lowers the pair's peak, best swap first, until none helps.
 
@@ -279,7 +284,7 @@ def swap_replicas(held: list[list[int]], weight: Sequence[float], max_rounds: in
     loads = [sum(weight[e] for e in rank) for rank in held]
     for _ in range(max_rounds):
         peak = max(range(len(held)), key=lambda r: (loads[r], -r))
-        best = best_swap(held, weight, loads, peak)
+        best = best_swap(held, weight, loads, peak, allowed)
         if best is None:
             return
         _, r, i, j = best
@@ -290,9 +295,14 @@ def swap_replicas(held: list[list[int]], weight: Sequence[float], max_rounds: in
 
 
 def best_swap(
-    held: list[list[int]], weight: Sequence[float], loads: Sequence[float], peak: int
+    held: list[list[int]],
+    weight: Sequence[float],
+    loads: Sequence[float],
+    peak: int,
+    allowed: Callable[[tuple[int, int, int, int]], bool] | None = None,
 ) -> tuple[float, int, int, int] | None:
-    """(new pair peak, rank, slot on peak, slot on rank) of the best improving swap."""
+    """(new pair peak, rank, slot on peak, slot on rank) of the best improving swap;
+    `allowed((peak, slot, rank, slot))`, when given, vetoes swaps (node-aware placement)."""
     tolerance = 1e-12 * max(1.0, loads[peak])
     on_peak = set(held[peak])
     best = None
@@ -309,7 +319,9 @@ def best_swap(
                 if b in on_peak or not tolerance < moved < gap - tolerance:
                     continue
                 new_peak = max(loads[peak] - moved, loads[r] + moved)
-                if best is None or new_peak < best[0]:
+                if (best is None or new_peak < best[0]) and (
+                    allowed is None or allowed((peak, i, r, j))
+                ):
                     best = (new_peak, r, i, j)
     return best
 
