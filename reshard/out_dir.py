@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -107,17 +108,26 @@ def _tensor_key(t) -> list:
     return [t.name, t.dtype, list(t.shape), t.padding, pieces]
 
 
+def read_own_json(path: Path) -> Any:
+    """One of reshard's own small JSON files in OUT (record, rank marker): its parsed body,
+    or None when damaged. FileNotFoundError is the caller's; other OS errors are exit 3."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise io_error(e, path) from None
+    except (ValueError, RecursionError):
+        return None
+
+
 def read_record(out_dir: Path) -> dict | None:
     """The record in OUT, checked; None when there is none."""
     path = out_dir / RECORD
     try:
-        doc = json.loads(path.read_bytes())
+        doc = read_own_json(path)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise io_error(e, path) from None
-    except (ValueError, RecursionError):
-        doc = None
     if not _valid_record(doc):
         raise OutputError(
             f"{path}: not a valid {RECORD_FORMAT} {RECORD_VERSION} (field 'files' must list "

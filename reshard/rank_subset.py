@@ -27,7 +27,7 @@ import xxhash
 
 from .errors import InputError, OutputError
 from .manifest import MANIFEST
-from .out_dir import RECORD, flock_path, plan_fingerprint, read_record
+from .out_dir import RECORD, flock_path, plan_fingerprint, read_own_json, read_record
 from .plan import Plan
 from .writer import Written, io_error, write_atomic
 
@@ -149,13 +149,9 @@ def read_markers(out_dir: Path, plan: Plan) -> dict[int, dict]:
 
 def _read_marker(path: Path) -> dict | None:
     try:
-        doc = json.loads(path.read_bytes())
+        doc = read_own_json(path)  # None when damaged: that rank is written again
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise io_error(e, path) from None
-    except (ValueError, RecursionError):
-        return None  # a damaged marker: that rank is written again
     ok = isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT
     return doc if ok and isinstance(doc.get("files"), dict) else None
 
