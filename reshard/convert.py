@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .hparams import HParams
-from .manifest import MANIFEST, build_manifest, write_manifest
-from .moe_layout import SGLANG_FILE, TRTLLM_FILE
-from .out_dir import (
+from .models.hparams import HParams
+from .io.manifest import MANIFEST, build_manifest, write_manifest
+from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE
+from .io.out_dir import (
     build_record,
     check_out_apart,
     claim_out_dir,
@@ -26,9 +26,9 @@ from .out_dir import (
     read_record,
     remove_names,
 )
-from .output_source import open_model
-from .plan import Plan, Stage, build_plan, check_layout
-from .rank_subset import (
+from .io.output_source import open_model
+from .layout.plan import Plan, Stage, build_plan, check_layout
+from .io.rank_subset import (
     SUBSETS_LOCK,
     all_file_ranks,
     check_manifest_absent,
@@ -44,12 +44,12 @@ from .rank_subset import (
     write_marker,
     written_from_markers,
 )
-from .recipe import Recipe
-from .source import Source
-from .specs import match_tensors
-from .specs.consistency import check_tensors_against_config
-from .torchrun import torchrun_world
-from .writer import write_atomic, write_plan
+from .layout.recipe import Recipe
+from .io.source import Source
+from .models.rules import match_tensors
+from .models.consistency import check_tensors_against_config
+from .io.torchrun import torchrun_world
+from .io.writer import write_atomic, write_plan
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 
@@ -88,13 +88,13 @@ def plan_source(source: Source, recipe: Recipe, stages: tuple[Stage, ...] | None
 def resolve_stages(hp: HParams, recipe: Recipe) -> tuple[Stage, ...]:
     if recipe.pp == 1:
         return (Stage(0, 0, hp.num_layers - 1, True, True),)
-    from .pipeline import solve_stages
+    from .layout.stages.pipeline import solve_stages
 
     return solve_stages(hp, recipe)
 
 
 def resolve_placements(hp: HParams, recipe: Recipe) -> dict:
-    from .moe_layout import check_gpus_per_node, solve_placements
+    from .layout.experts.moe import check_gpus_per_node, solve_placements
 
     check_gpus_per_node(hp, recipe)
     if not hp.is_moe:
@@ -256,7 +256,7 @@ def _stage_plan(hp: HParams, recipe: Recipe):
     check_layout(hp, recipe)  # the layout's own errors come before the solver's
     if recipe.pp == 1:
         return None
-    from .pipeline import plan_stages
+    from .layout.stages.pipeline import plan_stages
 
     return plan_stages(hp, recipe)
 
@@ -297,7 +297,7 @@ def _bytes_to_read(plan: Plan, source: Source) -> int:
 def _exports(plan: Plan) -> dict[str, bytes]:
     if not plan.placements:
         return {}
-    from .moe_layout import export_files
+    from .layout.experts.moe import export_files
 
     return export_files(plan)
 
@@ -305,7 +305,7 @@ def _exports(plan: Plan) -> dict[str, bytes]:
 def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
     if not plan.placements:
         return None
-    from .moe_layout import placements_entry
+    from .layout.experts.moe import placements_entry
 
     return placements_entry(plan, recipe)
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .out_dir import RECORD_FORMAT, RECORD_VERSION, claim_out_dir, lock_out_dir, owned_names
-from .output_source import CHUNK_BYTES, open_output_source, reused_buffer
-from .safetensors_io import TensorInfo, encode_header
-from .source import INDEX, Source
-from .tensor_bytes import tensor_bytes
-from .writer import fsync_dir, io_error, partial_path, write_atomic
+from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, claim_out_dir, lock_out_dir, owned_names
+from .io.output_source import CHUNK_BYTES, open_output_source, reused_buffer
+from .io.headers import TensorInfo, encode_header
+from .io.source import INDEX, Source
+from .io.tensor_bytes import tensor_bytes
+from .io.writer import fsync_dir, io_error, partial_path, write_atomic
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .quant import describe, scheme_of
-from .source import Source
+from .io.source import Source
 from .units import dtype_name, format_bytes
 
 

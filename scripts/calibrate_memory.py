@@ -18,14 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reshard.gpus import GIB  # noqa: E402
-from reshard.memory_activation import (  # noqa: E402
+from reshard.layout.gpus import GIB  # noqa: E402
+from reshard.layout.memory.activation import (  # noqa: E402
     NON_TORCH_BYTES,
     EngineLimits,
     activation_peak_bytes,
 )
-from reshard.memory_plan import build_layout, load_shapes  # noqa: E402
-from reshard.recipe import build_recipe  # noqa: E402
+from reshard.layout.memory.plan import build_layout, load_shapes  # noqa: E402
+from reshard.layout.recipe import build_recipe  # noqa: E402
 
 
 @dataclass(frozen=True)

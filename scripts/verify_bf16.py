@@ -64,7 +64,7 @@ def hf_greedy(src: Path, prompts: list[list[int]], tokens: int) -> list[list[int
 
 
 def run_verify(out: Path, prompts, tokens: int, compute: str) -> dict:
-    from reshard.verify import verify_output
+    from reshard.verify.levels import verify_output
 
     options = dict(prompt_ids=prompts, max_new_tokens=tokens, device="cpu", compute_dtype=compute)
     _, results = verify_output(out, levels=("generate",), generate_options=options)
@@ -75,8 +75,8 @@ def run_verify(out: Path, prompts, tokens: int, compute: str) -> dict:
 
 def main() -> None:
     from reshard.convert import convert_model
-    from reshard.recipe import build_recipe
-    from reshard.runtime.verify_generate import default_prompts
+    from reshard.layout.recipe import build_recipe
+    from reshard.verify.generate import default_prompts
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=24)

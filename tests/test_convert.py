@@ -16,7 +16,7 @@ from checkpoints import move_tensor, write_checkpoint
 from safetensors.torch import load_file
 
 from reshard.convert import convert_model
-from reshard.recipe import build_recipe
+from reshard.layout.recipe import build_recipe
 
 
 def load_source(path: Path) -> dict[str, torch.Tensor]:

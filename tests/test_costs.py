@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from reshard.costs import (
+from reshard.layout.stages.costs import (
     DEVICES,
     analytic_costs,
     item_costs_from_profile,
@@ -16,11 +16,11 @@ from reshard.costs import (
     write_costs,
 )
 from reshard.errors import InputError
-from reshard.gpus import GPUS
-from reshard.hparams import parse_hparams
-from reshard.layer_profile import profile_layers
-from reshard.stage_report import report_stages
-from reshard.stages import balance_layers
+from reshard.layout.gpus import GPUS
+from reshard.models.hparams import parse_hparams
+from reshard.profile.layers import profile_layers
+from reshard.layout.stages.report import report_stages
+from reshard.layout.stages.solve import balance_layers
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"],

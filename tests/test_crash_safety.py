@@ -9,7 +9,7 @@ import pytest
 from checkpoints import write_checkpoint
 from click.testing import CliRunner
 
-import reshard.writer
+import reshard.io.writer
 from reshard.cli import main
 
 
@@ -26,7 +26,7 @@ def test_interrupted_convert_then_rerun(tmp_path, monkeypatch, stage):
         raise KeyboardInterrupt  # what Ctrl-C or a killed job leaves behind
 
     with monkeypatch.context() as m:
-        m.setattr(reshard.writer, stage, interrupt)
+        m.setattr(reshard.io.writer, stage, interrupt)
         result = run("convert", src, "--tp", "2", "-o", out)
     assert result.exit_code == 130, result.output
     assert "interrupted: nothing was committed" in result.output
@@ -67,7 +67,7 @@ def test_force_on_a_finished_output_removes_the_manifest_first(tmp_path, monkeyp
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reshard.writer, "_account", interrupt)
+    monkeypatch.setattr(reshard.io.writer, "_account", interrupt)
     assert run("convert", src, "--tp", "2", "-o", out, "--force").exit_code == 130
     assert not (out / "manifest.json").exists()
     assert run("verify", out).exit_code == 2
@@ -86,8 +86,8 @@ def test_disk_full_exits_3_naming_the_file_and_the_fix(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(reshard.writer.os, "pwrite", full_disk)
-    monkeypatch.setattr(reshard.writer.os, "copy_file_range", None, raising=False)
+    monkeypatch.setattr(reshard.io.writer.os, "pwrite", full_disk)
+    monkeypatch.setattr(reshard.io.writer.os, "copy_file_range", None, raising=False)
     result = run("convert", src, "--tp", "2", "-o", out, "--quiet")
     assert result.exit_code == 3, result.output
     assert "rank-0000" in result.output and ".safetensors.partial" in result.output

@@ -24,9 +24,9 @@ from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError  # noqa: E402
-from reshard.hparams import load_hparams, parse_hparams  # noqa: E402
-from reshard.recipe import build_recipe  # noqa: E402
-from reshard.report import format_convert_summary  # noqa: E402
+from reshard.models.hparams import load_hparams, parse_hparams  # noqa: E402
+from reshard.layout.recipe import build_recipe  # noqa: E402
+from reshard.cli.report import format_convert_summary  # noqa: E402
 
 ARCH = "DeepseekV3ForCausalLM"
 ATTN = "model.layers.1.self_attn."
@@ -115,7 +115,7 @@ def test_tp4_ep4_redundant_experts_from_load_generate(deepseek, tmp_path):
 
 def test_config_alone_synthesizes_what_transformers_writes(deepseek):
     """plan's tensor list from config.json equals the checkpoint's names and shapes."""
-    from reshard.specs.shapes import synthesize_tensors
+    from reshard.models.shapes import synthesize_tensors
 
     with safe_open(str(deepseek / "model.safetensors"), "pt") as f:
         written = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
@@ -124,7 +124,7 @@ def test_config_alone_synthesizes_what_transformers_writes(deepseek):
 
 
 def test_plain_q_config_synthesizes_q_proj(tmp_path):
-    from reshard.specs.shapes import synthesize_tensors
+    from reshard.models.shapes import synthesize_tensors
 
     src = write_checkpoint(tmp_path / "src", ARCH, q_lora_rank=None)
     names = set(synthesize_tensors(load_hparams(src)))
@@ -137,7 +137,7 @@ def test_plain_q_config_synthesizes_q_proj(tmp_path):
 def test_plan_kv_cache_is_vllm_latent():
     """DeepSeek-V3 (examples/configs): vLLM caches kv_lora_rank 512 + qk_rope_head_dim 64 per
     token and layer on every TP rank, not 128 heads x 2 x 192."""
-    from reshard.memory import kv_bytes_per_token, kv_token_elements
+    from reshard.layout.memory.model import kv_bytes_per_token, kv_token_elements
 
     hp = load_hparams(Path(__file__).parent.parent / "examples/configs/deepseek-v3")
     assert (hp.num_layers, hp.num_experts, hp.n_group, hp.topk_group) == (61, 256, 8, 4)
@@ -189,7 +189,7 @@ def test_keep_mtp_writes_it_on_the_last_stage_and_verifies(tmp_path):
 def test_cost_model_counts_mla_parameters_as_written(tmp_path, q_lora_rank):
     """The analytic stage cost sizes MLA from its own shapes: matrices + norms of a layer's
     self_attn as transformers writes them (+ input_layernorm)."""
-    from reshard.costs import _mla_params
+    from reshard.layout.stages.costs import _mla_params
 
     src = write_checkpoint(tmp_path / "src", ARCH, q_lora_rank=q_lora_rank)
     with safe_open(str(src / "model.safetensors"), "pt") as f:

@@ -11,17 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reshard.cli import main
-from reshard.eplb import count_duplicates, pack_balanced, rebalance_experts, replicate
+from reshard.layout.experts.eplb import count_duplicates, pack_balanced, rebalance_experts, replicate
 from reshard.errors import LayoutError
-from reshard.expert_nodes import (
+from reshard.layout.experts.nodes import (
     NodeLayout,
     check_node_layout,
     cross_node_share,
     place_node_aware,
     place_on_nodes,
 )
-from reshard.expert_robust import place_robust
-from reshard.experts import place_experts
+from reshard.layout.experts.robust import place_robust
+from reshard.layout.experts.place import place_experts
 
 CONFIGS = Path(__file__).parent.parent / "examples" / "configs"
 

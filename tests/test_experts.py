@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reshard.errors import InputError, LayoutError
-from reshard.expert_report import (
+from reshard.layout.experts.report import (
     ExpertLoad,
     balancedness,
     format_placement_report,
@@ -26,7 +26,7 @@ from reshard.expert_report import (
     to_trtllm_yaml,
     write_expert_load,
 )
-from reshard.experts import (
+from reshard.layout.experts.place import (
     Placement,
     fits_after,
     pack_replicas,

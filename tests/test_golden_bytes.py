@@ -25,8 +25,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from reshard.cli import main
-from reshard.hparams import parse_hparams
-from reshard.specs.shapes import synthesize_tensors
+from reshard.models.hparams import parse_hparams
+from reshard.models.shapes import synthesize_tensors
 
 GOLDEN = Path(__file__).parent / "golden" / "outputs.json"
 

@@ -23,10 +23,10 @@ from click.testing import CliRunner
 from reshard.cli import main
 from reshard.convert import convert_model
 from reshard.errors import ReshardError
-from reshard.manifest import write_manifest
-from reshard.manifest_check import SEAL_KEY
-from reshard.recipe import build_recipe
-from reshard.verify import verify_output
+from reshard.io.manifest import write_manifest
+from reshard.io.manifest_check import SEAL_KEY
+from reshard.layout.recipe import build_recipe
+from reshard.verify.levels import verify_output
 
 MANIFEST = "manifest.json"
 RANK0 = "rank-00000.safetensors"

@@ -7,7 +7,7 @@ import pytest
 import transformers
 
 from reshard.errors import UnsupportedModelError
-from reshard.hparams import parse_hparams
+from reshard.models.hparams import parse_hparams
 
 CASES = [
     ("Qwen2", dict(use_sliding_window=True, max_window_layers=2)),

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 
 from reshard.cli import main
-from reshard.source import open_source
+from reshard.io.source import open_source
 
 REPO = "org/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from reshard.errors import InputError, LayoutError
-from reshard.gpus import GB, GIB
-from reshard.memory import (
+from reshard.layout.gpus import GB, GIB
+from reshard.layout.memory.model import (
     KvBudget,
     cached_tokens,
     kv_bytes_per_token,
@@ -18,7 +18,7 @@ from reshard.memory import (
     memory_report,
     resolve_gpu,
 )
-from reshard.memory_activation import (
+from reshard.layout.memory.activation import (
     EngineLimits,
     activation_peak_bytes,
     engine_defaults,
@@ -26,9 +26,9 @@ from reshard.memory_activation import (
     layer_transient,
     sampler_peak_bytes,
 )
-from reshard.memory_plan import build_layout, config_shapes, kv_budget, weight_lower_bound
-from reshard.memory_suggest import Fit, layout_ranks, suggest_layout, tp_bytes
-from reshard.recipe import build_recipe
+from reshard.layout.memory.plan import build_layout, config_shapes, kv_budget, weight_lower_bound
+from reshard.layout.memory.suggest import Fit, layout_ranks, suggest_layout, tp_bytes
+from reshard.layout.recipe import build_recipe
 
 
 def llama(hidden, inter, layers, heads, kv, vocab, *, tie=False, dtype="bfloat16", **extra):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from reshard.errors import LayoutError
-from reshard.hparams import parse_hparams
-from reshard.pipeline import solve_stages
-from reshard.plan import build_plan, valid_tp
-from reshard.recipe import build_recipe
-from reshard.specs import match_tensors
-from reshard.specs.shapes import synthesize_tensors
+from reshard.models.hparams import parse_hparams
+from reshard.layout.stages.pipeline import solve_stages
+from reshard.layout.plan import build_plan, valid_tp
+from reshard.layout.recipe import build_recipe
+from reshard.models.rules import match_tensors
+from reshard.models.shapes import synthesize_tensors
 
 LLAMA_70B = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,

@@ -17,7 +17,7 @@ from test_memory import MODELS
 
 from reshard.cli import main
 from reshard.convert import convert_model
-from reshard.recipe import build_recipe
+from reshard.layout.recipe import build_recipe
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 

@@ -108,8 +108,8 @@ def test_bad_ranks_exit_2_naming_the_flag_and_world_size(src, tmp_path, spec, me
 
 KILLER = """
 import os, signal, sys
-import reshard.writer as w
-import reshard.rank_subset as rs
+import reshard.io.writer as w
+import reshard.io.rank_subset as rs
 from reshard.cli import main
 limit, point = int(sys.argv[1]), sys.argv[2]
 seen = [0]

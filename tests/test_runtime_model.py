@@ -17,7 +17,7 @@ import checkpoints  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.errors import CheckpointError, InputError, UnsupportedModelError  # noqa: E402
-from reshard.hparams import load_hparams, parse_hparams  # noqa: E402
+from reshard.models.hparams import load_hparams, parse_hparams  # noqa: E402
 from reshard.runtime.generate import forward_logits, generate_greedy  # noqa: E402
 from reshard.runtime.load import load_source_model  # noqa: E402
 from reshard.runtime.model import build_model  # noqa: E402

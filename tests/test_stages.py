@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reshard.errors import InputError, LayoutError
-from reshard.stage_report import report_stages
-from reshard.stages import (
+from reshard.layout.stages.report import report_stages
+from reshard.layout.stages.solve import (
     balance_layers,
     balance_stages,
     check_stage_layers,

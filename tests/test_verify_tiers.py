@@ -16,11 +16,11 @@ from safetensors import safe_open
 
 from reshard.cli import main
 from reshard.convert import convert_model
-from reshard.manifest import write_manifest
-from reshard.manifest_check import SEAL_KEY
-from reshard.recipe import build_recipe
-from reshard.safetensors_io import read_header
-from reshard.verify import verify_hashes, verify_weights
+from reshard.io.manifest import write_manifest
+from reshard.io.manifest_check import SEAL_KEY
+from reshard.layout.recipe import build_recipe
+from reshard.io.headers import read_header
+from reshard.verify.levels import verify_hashes, verify_weights
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import reshard.writer
-from reshard.byte_runs import piece_groups, tensor_windows
+import reshard.io.writer
+from reshard.io.byte_runs import piece_groups, tensor_windows
 from reshard.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def files_of(out: Path) -> dict[str, bytes]:
 def test_workers_and_windows_do_not_change_a_byte(moe, tmp_path, monkeypatch, flags):
     one, three = tmp_path / "one", tmp_path / "three"
     assert run("convert", moe, *flags, "-o", one, "--quiet", "--workers", 1).exit_code == 0
-    monkeypatch.setattr(reshard.writer, "buffer_bytes", lambda workers: 96)  # cut rows
+    monkeypatch.setattr(reshard.io.writer, "buffer_bytes", lambda workers: 96)  # cut rows
     result = run("convert", moe, *flags, "-o", three, "--quiet", "--workers", 3)
     assert result.exit_code == 0, result.output
     a, b = files_of(one), files_of(three)
@@ -181,7 +181,7 @@ def test_kernel_copy_disk_full_in_a_worker_exits_3_without_manifest(moe, tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_copy(src, dst, count, offset_src, offset_dst)
 
-    monkeypatch.setattr(reshard.writer.os, "copy_file_range", full_disk)
+    monkeypatch.setattr(reshard.io.writer.os, "copy_file_range", full_disk)
     threads = threading.active_count()
     result = run("convert", moe, "--tp", "2", "-o", out, "--quiet", "--workers", 3)
     assert threading.active_count() == threads  # every worker stopped before the exit
@@ -202,7 +202,7 @@ def test_ctrl_c_in_a_worker_exits_130_and_the_next_run_succeeds(moe, tmp_path, m
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(reshard.writer, "_account", interrupt)
+        m.setattr(reshard.io.writer, "_account", interrupt)
         result = run("convert", moe, "--tp", "2", "-o", out, "--workers", 3)
     assert result.exit_code == 130, result.output
     assert "interrupted: nothing was committed" in result.output

@@ -5,8 +5,8 @@ with, before any byte is written. The per-tensor check at slicing time is in qua
 
 from __future__ import annotations
 
-from ..hparams import HParams
-from ..specs import rules_for
+from ..models.hparams import HParams
+from ..models.rules import rules_for
 from . import PACK, QuantScheme, scheme_of
 
 # (tensor leaf, logical dim that a split cuts) per parallel MLP linear.

@@ -25,9 +25,9 @@ import torch.multiprocessing as mp
 
 from .. import errors
 from ..errors import InputError
-from ..manifest import read_manifest
+from ..io.manifest import read_manifest
 from ..progress import progress_bar
-from ..tensor_bytes import all_gather_objects
+from ..io.tensor_bytes import all_gather_objects
 from .dist import build_comm
 from .generate import PromptResult, generate_greedy
 from .load import load_rank, load_source_model

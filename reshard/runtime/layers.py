@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..hparams import HParams
+from ..models.hparams import HParams
 from .cache import KVCache, Step
 from .dist import Comm
 from .rope import apply_rope

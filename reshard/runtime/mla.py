@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hparams import HParams
+from ..models.hparams import HParams
 from .cache import KVCache, Step
 from .dist import Comm
 from .layers import RMSNorm, Tensors, linear_like, row_parallel

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..hparams import HParams
-from ..specs import is_mtp_name
+from ..models.hparams import HParams
+from ..models.rules import is_mtp_name
 from .cache import KVCache, Step
 from .dist import Comm
 from .layers import MLP, Attention, LMHead, RMSNorm, Tensors, VocabEmbedding

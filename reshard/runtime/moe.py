@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hparams import HParams
+from ..models.hparams import HParams
 from .dist import Comm
 from .layers import MLP, Tensors, get_activation, linear_like
 

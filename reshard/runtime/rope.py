@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..hparams import HParams
+from ..models.hparams import HParams
 
 
 def compute_inv_freq(hp: HParams) -> tuple[torch.Tensor, float]:

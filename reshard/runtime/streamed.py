@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..hparams import HParams, load_hparams
+from ..models.hparams import HParams, load_hparams
 from ..progress import progress_bar
 from ..quant import scheme_of, unpacked_numel
 from .cache import KVCache, pad_left

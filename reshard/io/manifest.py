@@ -1,0 +1,237 @@
+"""The schema of `OUT/manifest.json` (docs/manifest.md): built from a Plan after the writer
+has produced every file, written last and atomically, and read back with validation.
+
+A folder without a manifest is incomplete by definition.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import OutputError
+from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
+from ..layout.plan import OutTensor, Plan
+from ..quant import manifest_entry
+from .source import Source
+from .writer import Written, io_error, write_atomic
+
+FORMAT = "reshard-manifest"
+FORMAT_VERSION = 2  # 2: sealed by manifest_xxh3_128, checked against a schema on read
+MANIFEST = "manifest.json"
+RANK_ORDER = "rank = (dp_index * pp + pp_stage) * tp + tp_rank"
+
+
+def build_manifest(
+    plan: Plan,
+    source: Source,
+    written: Written,
+    file_sizes: dict[str, int],
+    *,
+    experts: dict | None = None,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "reshard_version": __version__,
+        "source": source_record(source),
+        "config": source.config,
+        "hparams": plan.hparams.to_dict(),
+        "layout": _layout_entry(plan, experts),
+        "dropped": list(plan.dropped),
+        "quantization": manifest_entry(
+            plan.hparams, {t.name for f in plan.files for t in f.tensors}
+        ),
+        "files": {
+            f.name: {
+                "size": file_sizes[f.name],
+                "rank": f.rank,
+                "header_xxh3_128": written.headers[f.name],
+            }
+            for f in plan.files
+        },
+        "ranks": _rank_entries(plan, source, written.tensors),
+    }
+
+
+def source_record(source: Source) -> dict[str, Any]:
+    """Where the bytes came from. Each file lists its tensors in file order, so an output can
+    stand in for its source (re-layout, export). A reshard output as the source carries the
+    original's record over and adds `made_from`."""
+    if source.reader is not None:
+        return source.reader.source_record()
+    return {
+        "model": source.model,
+        "path": str(source.path),
+        "repo_id": source.repo_id,
+        "revision": source.revision,
+        "pickle": source.pickle,
+        "files": [
+            {
+                "name": h.path.name,
+                "size": h.size,
+                "tensors": [[t.name, t.dtype, list(t.shape)] for t in h.tensors.values()],
+            }
+            for h in source.headers
+        ],
+    }
+
+
+def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
+    layout = plan.layout
+    return {
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "ep": layout.ep,
+        "dp": layout.dp,
+        "world_size": layout.world_size,
+        "rank_order": RANK_ORDER,
+        "dtype": layout.dtype,
+        "vocab_size": layout.vocab_size,
+        "vocab_padded": layout.vocab_padded,
+        "tie_word_embeddings": plan.hparams.tie_word_embeddings,
+        "stages": [
+            {
+                "stage": s.stage,
+                "layers": [s.first_layer, s.last_layer],
+                "embed": s.embed,
+                "head": s.head,
+            }
+            for s in layout.stages
+        ],  # fmt: skip
+        "experts": experts,
+        "keep_mtp": layout.keep_mtp,  # MTP layer on the last stage's tp_rank 0; runtime skips it
+    }
+
+
+def _rank_entries(plan: Plan, source: Source, hashes) -> list[dict[str, Any]]:
+    by_rank: dict[int, list] = {}
+    for f in plan.files:
+        by_rank.setdefault(f.rank, []).extend((f.name, t) for t in f.tensors)
+    ranks = []
+    for r in plan.ranks:
+        c = r.coord
+        entry: dict[str, Any] = {
+            "rank": c.rank,
+            "dp_index": c.dp_index,
+            "pp_stage": c.pp_stage,
+            "tp_rank": c.tp_rank,
+            "ep_rank": c.ep_rank,
+            "files": list(r.files),
+            "replica_of": r.replica_of,
+        }
+        if r.replica_of is None:
+            entry["tensors"] = {
+                t.name: _tensor_entry(fname, t, hashes[fname][t.name], source)
+                for fname, t in by_rank.get(c.rank, [])
+            }
+        ranks.append(entry)
+    return ranks
+
+
+def _tensor_entry(fname: str, t: OutTensor, digest: str, source: Source) -> dict[str, Any]:
+    return {
+        "file": fname,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "source_dtype": t.source_dtype,
+        "pieces": [
+            {"source": p.source, "start": list(p.start), "stop": list(p.stop), "dest": list(p.dest)}
+            for p in t.pieces
+        ],
+        "slice": _slice_summary(t, source),
+        "padding": t.padding,
+        "xxh3_128": digest,
+    }
+
+
+def _slice_summary(t: OutTensor, source: Source) -> dict[str, int] | None:
+    """{"dim", "start", "stop"} when the tensor is one source tensor cut along at most one dim."""
+    if len(t.pieces) != 1:
+        return None
+    p = t.pieces[0]
+    full = source.info(p.source).shape
+    cut = [d for d, n in enumerate(full) if p.stop[d] - p.start[d] != n]
+    if len(cut) > 1:
+        return None
+    d = cut[0] if cut else 0
+    return {"dim": d, "start": p.start[d], "stop": p.stop[d]} if full else None
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest sealed: its last key is the xxh3-128 of the file's own bytes (with
+    the digest zeroed), so every byte of it is covered."""
+    path = Path(out_dir) / MANIFEST
+    text = (json.dumps({**manifest, SEAL_KEY: UNSEALED}, indent=1) + "\n").encode()
+    write_atomic(path, seal_bytes(text))
+    return path
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest of OUT, checked against the schema: any damage is an OutputError (exit 2)
+    naming the field. The seal is checked by the hashes tier (`manifest_seal_failure`)."""
+    path = Path(out_dir) / MANIFEST
+    if not Path(out_dir).is_dir():
+        raise OutputError(f"{out_dir}: no such folder. Give the -o folder of reshard convert.")
+    doc = parse_manifest(path, _read_bytes(path, out_dir))
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise OutputError(
+            f"{path}: field 'format' is {got!r}, not {FORMAT!r}: not a reshard manifest. "
+            "Give the -o folder of reshard convert."
+        )
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise OutputError(
+            f"{path}: field 'format_version' is {doc.get('format_version')!r}; this reshard "
+            f"({__version__}) reads version {FORMAT_VERSION} only. Convert again with it."
+        )
+    check_manifest(path, doc)
+    return doc
+
+
+def _read_bytes(path: Path, out_dir: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise OutputError(
+            f"{path}: missing, so {out_dir} is not a complete reshard output (the manifest is "
+            "written last; an interrupted convert leaves none). Re-run reshard convert."
+        ) from None
+    except OSError as e:
+        raise io_error(e, path) from None
+
+
+def parse_manifest(path: Path, raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OutputError(
+            f"{path}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); the manifest "
+            "is damaged. Restore it, or re-run reshard convert."
+        ) from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, ints past 4300 digits
+        raise OutputError(
+            f"{path}: not valid JSON ({_first_line(e)}). Restore it, or re-run reshard convert."
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0][:120]
+
+
+def manifest_seal_failure(out_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """None when manifest.json is byte for byte what convert sealed, else why not."""
+    path = Path(out_dir) / MANIFEST
+    return check_seal(path, _read_bytes(path, out_dir), manifest)
+
+
+def rank_tensors(manifest: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:
+    """The tensor entries a rank loads (DP replicas read those of their replica 0)."""
+    entry = manifest["ranks"][rank]
+    if entry.get("replica_of") is not None:
+        entry = manifest["ranks"][entry["replica_of"]]
+    return entry["tensors"]

@@ -1,0 +1,371 @@
+"""Execute a Plan: read every needed source byte once, in file order, in bounded windows, and
+write each piece of it straight to its final offset in every output file that needs it.
+
+Output headers are known from the plan, so each file is created at its full size up front and
+written with pwrite. Source tensors are independent units of work: `workers` threads copy
+several at once (page faults, pwrite and xxh3 release the GIL), each with one mapped window
+and one gather buffer, so peak memory is bounded by BUFFER_BUDGET whatever the model size.
+The bytes written do not depend on the number of workers. Files are `*.partial` until
+fsynced and renamed. torch is imported only to cast (--dtype). The writer makes no decisions.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
+from ..errors import CheckpointError, ReshardIOError
+from ..layout.plan import OutFile, OutTensor, Piece, Plan
+from .headers import DTYPE_SIZES, TensorInfo, encode_header, pread_exact
+from .source import Source
+
+BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
+MAX_BUFFER = 16 << 20  # larger windows make no fewer syscalls that matter, only more memory
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def buffer_bytes(workers: int) -> int:
+    return max(1 << 20, min(MAX_BUFFER, BUFFER_BUDGET // (2 * workers)))
+
+
+@dataclass
+class Target:
+    """One output tensor being filled: where it lives and how much of it is hashed. Only the
+    job of its one source tensor touches it, so no lock is needed."""
+
+    file: Path
+    fd: int
+    tensor: OutTensor
+    offset: int  # absolute byte offset of the tensor's data in its file
+    hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
+    hashed: int = 0  # bytes [0, hashed) are in the hash
+    written: int = 0  # bytes written, checked against the plan at the end
+
+
+@dataclass(frozen=True)
+class Job:
+    """One source tensor and every (output tensor, piece) that takes bytes from it."""
+
+    path: Path
+    info: TensorInfo
+    consumers: tuple[tuple[Target, Piece], ...]
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+@dataclass(frozen=True)
+class Written:
+    """xxh3-128 hex digests of what was written: together with the file size, the header hash
+    and the tensors' hashes cover every byte of every file (tensors are contiguous)."""
+
+    tensors: dict[str, dict[str, str]]  # file -> tensor -> digest
+    headers: dict[str, str]  # file -> digest of its first 8 + N bytes
+
+
+def write_plan(
+    plan: Plan,
+    source: Source,
+    out_dir: Path,
+    *,
+    progress=None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+) -> Written:
+    """Write every output file of the plan with `workers` threads (default: the cores)."""
+    workers = workers or default_workers()
+    files: list[tuple[int, Path]] = []
+    targets: list[Target] = []
+    headers: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reshard-write")
+    stop = threading.Event()
+    try:
+        for out_file in plan.files:
+            path = out_dir / out_file.name
+            fd, file_targets, headers[out_file.name] = _create_file(path, out_file)
+            files.append((fd, path))
+            targets.extend(file_targets)
+        jobs = collect_jobs(source, targets)
+        if source.reader is not None:  # a reshard output: tensors reassembled from rank files
+            copy_reassembled(source, jobs, progress, chunk_bytes or MAX_BUFFER)
+        else:
+            buffers = Buffers(chunk_bytes or buffer_bytes(workers))
+            futures = [pool.submit(copy_tensor, job, buffers, stop) for job in jobs]
+            for job, future in zip(jobs, futures, strict=True):
+                future.result()  # re-raises a worker's error (or Ctrl-C raised in it) here
+                if progress is not None:
+                    progress.update(job.info.nbytes)
+        hashes = _finish_hashes(targets)
+        list(pool.map(_fsync_partial, files))  # the files' writebacks overlap
+    finally:
+        stop.set()  # on an error: running jobs stop after their current window
+        pool.shutdown(wait=True, cancel_futures=True)  # no thread writes to a closed fd
+        for fd, _ in files:
+            os.close(fd)
+    for _, path in files:
+        _io(os.replace, partial_path(path), path, path=path)
+    fsync_dir(out_dir)
+    return Written(hashes, headers)
+
+
+def _fsync_partial(file: tuple[int, Path]) -> None:
+    _io(os.fsync, file[0], path=partial_path(file[1]))
+
+
+def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target], str]:
+    entries = [(t.name, t.dtype, t.shape) for t in out_file.tensors]
+    header, offsets = encode_header(entries, {"format": "pt", "rank": str(out_file.rank)})
+    tmp = partial_path(path)
+    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
+    _pwrite_all(fd, memoryview(header), 0, tmp)
+    # Full size up front: padding rows are the zeros of the sparse tail, no write needed.
+    _io(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
+    targets = [
+        Target(tmp, fd, t, len(header) + begin)
+        for t, (begin, _) in zip(out_file.tensors, offsets, strict=True)
+    ]
+    return fd, targets, xxhash.xxh3_128(header).hexdigest()
+
+
+def collect_jobs(source: Source, targets: list[Target]) -> list[Job]:
+    """One job per needed source tensor, in file order, then offset order within a file."""
+    consumers: dict[str, list[tuple[Target, Piece]]] = {}
+    for target in targets:
+        # internal invariant: one source per output tensor, so one job owns each target
+        assert len({p.source for p in target.tensor.pieces}) <= 1, target.tensor.name
+        for piece in target.tensor.pieces:
+            consumers.setdefault(piece.source, []).append((target, piece))
+    if source.reader is not None:  # virtual headers: the original's tensor order
+        pairs = [(header, info) for header, info in source.tensors.values()]
+    else:
+        pairs = [(header, info) for header in source.headers for info in header.tensors.values()]
+    return [
+        Job(header.path, info, tuple(consumers[info.name]))
+        for header, info in pairs
+        if info.name in consumers
+    ]
+
+
+def copy_reassembled(source: Source, jobs: list[Job], progress, chunk_bytes: int) -> None:
+    """Row blocks come from source.reader (output_source.OutputReader), as torch tensors, in
+    one thread (the reader keeps state); its rank-file hashes are checked once everything
+    needed has been read."""
+    from .output_source import reused_buffer
+    from .tensor_bytes import tensor_bytes
+
+    alloc, gather = reused_buffer(), memoryview(bytearray(0))
+    for job in jobs:
+        info = job.info
+        widest = max(DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers)
+        for a, b, block in source.reader.iter_rows(info.name, info, chunk_bytes, alloc=alloc):
+            window = row_window(info.shape, a, b)
+            if len(gather) < window.size * widest:
+                gather = memoryview(bytearray(window.size * widest))
+            _copy_window(job, window, None, tensor_bytes(block), gather)
+        if progress is not None:
+            progress.update(info.nbytes)
+    source.reader.check_hashes()
+
+
+class Buffers:
+    """Gather buffers, one per running job, reused: fresh memory costs a page fault per 4 KiB."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.free: list[memoryview] = []
+        self.lock = threading.Lock()
+
+    def take(self) -> memoryview:
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        return memoryview(bytearray(self.nbytes))
+
+    def give(self, buf: memoryview) -> None:
+        with self.lock:
+            self.free.append(buf)
+
+
+def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
+    """Map one source tensor window by window and write every consumer's part of each."""
+    info = job.info
+    item = DTYPE_SIZES[info.dtype]
+    widest = max([item] + [DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers])
+    gather = buffers.take()
+    fd = _io(os.open, job.path, os.O_RDONLY, path=job.path)
+    try:
+        for window in tensor_windows(info.shape, widest, buffers.nbytes):
+            if stop.is_set():
+                return
+            offset = info.begin + window.start * item
+            data = map_range(fd, offset, window.size * item, job.path)
+            _copy_window(job, window, (fd, offset), data, gather)
+    finally:
+        os.close(fd)
+        buffers.give(gather)
+
+
+def _copy_window(job: Job, window: Window, at, data: memoryview, gather: memoryview) -> None:
+    """`at`: (fd, offset) where `data`, the window's bytes, lies in the source file, or None."""
+    cast: dict[str, memoryview] = {}
+    for target, piece in job.consumers:
+        dtype = target.tensor.dtype
+        src, src_at = data, at
+        if dtype != job.info.dtype:  # the recipe asked for a cast
+            src = cast.get(dtype) or cast.setdefault(dtype, cast_bytes(data, job.info, dtype))
+            src_at = None
+        groups = piece_groups(
+            piece.start, piece.stop, piece.dest, job.info.shape, target.tensor.shape,
+            window, DTYPE_SIZES[dtype],
+        )  # fmt: skip
+        for group in groups:
+            _write_group(target, group, src, src_at, gather)
+
+
+def map_range(fd: int, offset: int, n: int, path: Path) -> memoryview:
+    """The file's bytes [offset, offset + n), mapped read-only: hashing and pwrite then read the
+    page cache directly, a copy fewer than preadv into a buffer. Unmapped when the last view
+    of it goes."""
+    size = _io(os.fstat, fd, path=path).st_size
+    if size < offset + n:  # reading a mapping past the end of the file kills the process
+        raise CheckpointError(
+            f"{path}: has {size} bytes, fewer than the {offset + n} its header promised. The "
+            "file shrank or is truncated; re-download it."
+        )
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = _io(mmap.mmap, fd, offset + n - base, access=mmap.ACCESS_READ, offset=base, path=path)
+    return memoryview(mapped)[offset - base :]
+
+
+def cast_bytes(data: memoryview, info: TensorInfo, dtype: str) -> memoryview:
+    """The window's values converted to `dtype`: the one place the writer needs torch."""
+    import torch
+
+    from .headers import TORCH_DTYPES
+    from .tensor_bytes import tensor_bytes
+
+    values = torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[info.dtype])
+    return tensor_bytes(values.to(TORCH_DTYPES[dtype]))
+
+
+def _write_group(target: Target, group: Group, src: memoryview, at, gather: memoryview) -> None:
+    if len(group.segments) == 1:  # contiguous in the window: no gather
+        begin, n = group.segments[0]
+        data = src[begin : begin + n]
+        if at is None:
+            _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
+        else:
+            _copy_run(target, group.dest, (at[0], at[1] + begin), data)
+    else:
+        data, pos = gather[: group.nbytes], 0
+        for begin, n in group.segments:
+            data[pos : pos + n] = src[begin : begin + n]
+            pos += n
+        _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
+    _account(target, group.dest, data)
+
+
+# copy_file_range errors that mean "not here" (old kernel, other file system): use pwrite.
+NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) -> None:
+    """Copy file to file in the kernel, as cp does: measured cheaper than pwrite from the
+    mapping. `data`, the same bytes mapped, feeds only the hash and the fallback."""
+    n, done = len(data), 0
+    copy = getattr(os, "copy_file_range", None)
+    try:
+        while copy is not None and done < n:
+            step = copy(src[0], target.fd, n - done, src[1] + done, target.offset + rel + done)
+            if step == 0:
+                break
+            done += step
+    except OSError as e:
+        if e.errno not in NO_KERNEL_COPY:
+            raise io_error(e, target.file) from None
+    if done < n:
+        _pwrite_all(target.fd, data[done:], target.offset + rel + done, target.file)
+
+
+def _account(target: Target, rel: int, data) -> None:
+    target.written += len(data)
+    if rel == target.hashed:  # in order: hash while streaming; else read back at the end
+        target.hasher.update(data)
+        target.hashed += len(data)
+
+
+def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
+    hashes: dict[str, dict[str, str]] = {}
+    for t in targets:
+        padding_bytes = t.tensor.padding * (t.tensor.nbytes // max(t.tensor.shape[0], 1))
+        expected = t.tensor.nbytes - (padding_bytes if t.tensor.shape else 0)
+        if t.written != expected:  # internal invariant: the plan covers every element once
+            raise AssertionError(f"{t.tensor.name}: wrote {t.written} of {expected} bytes")
+        while t.hashed < t.tensor.nbytes:
+            n = min(MAX_BUFFER, t.tensor.nbytes - t.hashed)
+            t.hasher.update(pread_exact(t.fd, n, t.offset + t.hashed, t.file))
+            t.hashed += n
+        name = t.file.name.removesuffix(".partial")
+        hashes.setdefault(name, {})[t.tensor.name] = t.hasher.hexdigest()
+    return hashes
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    data = data.cast("B")
+    while len(data):
+        n = _io(os.pwrite, fd, data, offset, path=path)
+        data = data[n:]
+        offset += n
+
+
+def _io(fn, *args, path: Path, **kwargs):
+    """Run an OS call; turn OSError into ReshardIOError naming the file and the fix."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        raise io_error(e, path) from None
+
+
+def io_error(e: OSError, path: Path) -> ReshardIOError:
+    fix = {
+        errno.ENOSPC: "free space on that disk or write elsewhere with -o",
+        errno.EACCES: "check the folder's permissions",
+        errno.EROFS: "the file system is read-only; write elsewhere with -o",
+    }.get(e.errno, "check the disk and the path")
+    return ReshardIOError(f"{path}: {e.strerror} ({fix}).")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = _io(os.open, path, os.O_RDONLY, path=path)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a small file as `.partial`, fsync, rename, fsync the folder."""
+    tmp = partial_path(path)
+    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, path=tmp)
+    try:
+        _pwrite_all(fd, memoryview(data), 0, tmp)
+        _io(os.fsync, fd, path=tmp)
+    finally:
+        os.close(fd)
+    _io(os.replace, tmp, path, path=path)
+    fsync_dir(path.parent)

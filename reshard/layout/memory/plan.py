@@ -1,0 +1,213 @@
+"""`reshard plan` end to end: read MODEL's tensor shapes (its safetensors headers when the folder
+has them, else config.json alone: a folder, a bare config.json, or a hub id), build the Plan
+convert would execute, and attach per-rank memory, the stage report and the expert placement
+report. Reads no weights. Formatting is memory_format.py's; the layout search memory_suggest.py's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...convert import plan_source, resolve_placements, resolve_stages
+from ...errors import InputError
+from ..experts.nodes import NodeLayout
+from ..experts.report import PlacementReport, read_expert_load, report_placement
+from ..gpus import GPUS
+from ...models.hparams import HParams, parse_hparams
+from ...io.manifest import MANIFEST
+from .model import Gpu, KvBudget, MemoryReport, memory_report
+from .activation import EngineLimits
+from ...io.output_source import open_model
+from ..stages.pipeline import StagePlan, plan_stages
+from ..plan import Plan, build_plan, check_layout
+from ..recipe import Recipe
+from ...io.headers import CAST_DTYPES, DTYPE_SIZES
+from ...io.source import INDEX, SINGLE, Source, open_config
+from ...models.rules import TensorRole, match_tensors
+from ...models.shapes import synthesize_tensors
+
+EXPERT_ROLES = ("expert_column", "expert_row", "fused_expert_column", "fused_expert_row")
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    model: str  # what the user passed
+    hparams: HParams
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape), file order
+    roles: dict[str, TensorRole]
+    origin: str  # where the shapes came from, for the report
+    source: Source | None  # set when safetensors headers were read
+
+
+def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
+    """Shapes from the headers of a local safetensors checkpoint, else from config.json alone
+    (in its torch_dtype, or in `dtype` when the config's is not a float dtype reshard sizes)."""
+    path = Path(model).expanduser()
+    if path.is_dir() and any((path / n).is_file() for n in (INDEX, SINGLE, MANIFEST)):
+        source = open_model(model)  # a reshard output describes its original's tensors
+        tensors = {n: (i.dtype, i.shape) for h in source.headers for n, i in h.tensors.items()}
+        roles = match_tensors(source.hparams, tensors, where=str(source.path))
+        files = len(source.headers)
+        origin = f"safetensors headers ({files} file{'s' if files > 1 else ''}; no weights read)"
+        if source.reader is not None:
+            origin = f"the manifest of a reshard output ({files} original files; no weights read)"
+        return ModelShapes(model, source.hparams, tensors, roles, origin, source)
+    config, _, where = open_config(model)
+    return config_shapes(model, config, where=where, dtype=dtype)
+
+
+def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") -> ModelShapes:
+    hp = parse_hparams(config, where=where)
+    st_dtype = CAST_DTYPES.get(hp.torch_dtype) or CAST_DTYPES.get(dtype)
+    if st_dtype is None:
+        raise InputError(
+            f"{where}: torch_dtype {hp.torch_dtype!r} is not a float dtype reshard can size "
+            "from config.json alone. Pass --dtype bf16 (or fp16, fp32)."
+        )
+    tensors = synthesize_tensors(hp, st_dtype)
+    roles = match_tensors(hp, tensors, where=where)
+    origin = f"config.json alone ({where}; shapes synthesized, {st_dtype})"
+    return ModelShapes(model, hp, tensors, roles, origin, None)
+
+
+def build_layout(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
+    """The steps of convert.plan_source over shapes already matched (the suggest loop's path).
+    `stages`: already solved, else solved here."""
+    hp = shapes.hparams
+    stages = stages or resolve_stages(hp, recipe)
+    placements = resolve_placements(hp, recipe)
+    return build_plan(hp, shapes.tensors, shapes.roles, recipe, stages, placements)
+
+
+def plan_model(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
+    """Exactly the plan `reshard convert` would execute for this recipe (and these stages)."""
+    if shapes.source is not None:
+        return plan_source(shapes.source, recipe, stages)
+    return build_layout(shapes, recipe, stages)
+
+
+def out_dtype(shapes: ModelShapes, recipe: Recipe) -> str:
+    """The safetensors dtype convert writes (the embedding's; one float dtype throughout)."""
+    if recipe.dtype != "keep":
+        return CAST_DTYPES[recipe.dtype]
+    return shapes.tensors["model.embed_tokens.weight"][0]
+
+
+def kv_budget(shapes: ModelShapes, recipe: Recipe, *, context: int, batch: int) -> KvBudget:
+    """KV cache in the dtype the weights are written in (what engines use by default)."""
+    dtype = out_dtype(shapes, recipe)
+    size = DTYPE_SIZES[dtype] if dtype in CAST_DTYPES.values() else 2
+    return KvBudget(context, batch, size)
+
+
+def resolve_context(hp: HParams, context: int | None) -> tuple[int, str]:
+    """--context, else the longest sequence the model takes (what engines default to)."""
+    if context:
+        return context, "--context"
+    return hp.max_position_embeddings, "max_position_embeddings in config.json"
+
+
+@dataclass(frozen=True)
+class PlanMemory:
+    """Everything `reshard plan` shows for one layout."""
+
+    shapes: ModelShapes
+    recipe: Recipe
+    memory: MemoryReport
+    stages: StagePlan
+    placement: PlacementReport | None
+    context_origin: str  # where the context length came from (resolve_context)
+    notes: tuple[str, ...]
+
+
+def plan_memory(
+    shapes: ModelShapes,
+    recipe: Recipe,
+    *,
+    gpu: Gpu | None,
+    context: int | None = None,
+    batch: int = 1,
+    limits: EngineLimits | None = None,
+) -> PlanMemory:
+    hp = shapes.hparams
+    check_layout(hp, recipe)  # the layout's own errors come before the stage solver's
+    # One split for the report and the memory: solved on --gpu's roofline (at decode batch 1
+    # every item is bandwidth-bound, so convert's H100 roofline picks the same split).
+    stages = plan_stages(hp, recipe, device=roofline_device(gpu))
+    plan = plan_model(shapes, recipe, stages.stages if recipe.pp > 1 else None)
+    tokens, origin = resolve_context(hp, context)
+    budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
+    report = memory_report(plan, gpu, budget, limits)
+    placement = expert_report(shapes, recipe)
+    return PlanMemory(shapes, recipe, report, stages, placement, origin, _notes(hp, recipe, budget))
+
+
+def roofline_device(gpu: Gpu | None) -> str:
+    """The GPU whose FLOP/s and bandwidth the stage roofline uses: --gpu's, else the H100's
+    (--gpu-memory gives a size, not a speed)."""
+    return gpu.name if gpu is not None and gpu.name in GPUS else "H100"
+
+
+def _notes(hp: HParams, recipe: Recipe, budget: KvBudget) -> tuple[str, ...]:
+    notes = []
+    if recipe.load is not None and not (hp.is_moe and recipe.ep > 1):
+        notes.append("--expert-load is used only for a mixture-of-experts model with --ep > 1.")
+    windowed = sum(t == "sliding_attention" for t in hp.layer_types) if hp.sliding_window else 0
+    if windowed and hp.sliding_window < budget.context:
+        notes.append(
+            f"{windowed} of {hp.num_layers} layers use a {hp.sliding_window}-token sliding "
+            f"window: their KV cache holds at most {hp.sliding_window} tokens per sequence."
+        )
+    return tuple(notes)
+
+
+def expert_report(shapes: ModelShapes, recipe: Recipe) -> PlacementReport | None:
+    """Balancedness of contiguous vs the recipe's placement over the measured load."""
+    hp = shapes.hparams
+    if not (hp.is_moe and recipe.ep > 1 and recipe.load is not None):
+        return None
+    load = read_expert_load(recipe.load)
+    return report_placement(
+        load.layers,
+        load.heldout or None,
+        ep=recipe.ep,
+        redundant=tuple(sorted({0, recipe.redundant})),
+        placements=tuple(dict.fromkeys(("contiguous", "balanced", recipe.placement))),
+        bytes_per_expert=bytes_per_expert(shapes, recipe),
+        nodes=None
+        if recipe.gpus_per_node is None
+        else NodeLayout(recipe.ep, recipe.gpus_per_node, hp.num_expert_groups),
+    )
+
+
+def bytes_per_expert(shapes: ModelShapes, recipe: Recipe) -> int:
+    """Bytes of one routed expert (gate, up and down) of one MoE layer, as written."""
+    hp = shapes.hparams
+    total = 0
+    for name, role in shapes.roles.items():
+        if role.layer == hp.moe_layers[0] and role.role in EXPERT_ROLES:
+            if role.expert is None:  # fused [E, ...]: one expert's share
+                total += written_bytes(shapes.tensors[name], recipe) // hp.num_experts
+            elif role.expert == 0:
+                total += written_bytes(shapes.tensors[name], recipe)
+    return total
+
+
+def weight_lower_bound(shapes: ModelShapes, recipe: Recipe) -> int:
+    """Bytes of every tensor convert writes at tp 1: a lower bound on one replica's bytes at
+    any layout (splitting only adds vocab padding and replicas)."""
+    return sum(
+        written_bytes(entry, recipe)
+        for name, entry in shapes.tensors.items()
+        if shapes.roles[name].role != "drop"
+    )
+
+
+def written_bytes(entry: tuple[str, tuple[int, ...]], recipe: Recipe) -> int:
+    """A (dtype, shape) source tensor's bytes once written (cast when the recipe asks)."""
+    dtype, shape = entry
+    if recipe.dtype != "keep" and dtype in CAST_DTYPES.values():
+        dtype = CAST_DTYPES[recipe.dtype]
+    return DTYPE_SIZES[dtype] * math.prod(shape)

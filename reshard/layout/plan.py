@@ -1,0 +1,404 @@
+"""The plan: a pure function from (hparams, tensor roles, recipe, stages, expert placement) to
+every rank's output files and every output tensor as pieces of source tensors.
+
+No I/O. Infeasible layouts fail here, before a byte is read, with the numbers and a fix.
+The writer executes a Plan without making a single decision of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import LayoutError
+from ..models.hparams import HParams
+from ..quant import check_parts, logical_shape, scheme_of, stored_pieces
+from ..quant.layout import split_problems
+from .recipe import Recipe
+from ..io.headers import CAST_DTYPES, DTYPE_SIZES
+from ..models.rules import TensorRole
+
+
+@dataclass(frozen=True)
+class Stage:
+    stage: int
+    first_layer: int  # inclusive; first > last means a stage without decoder layers
+    last_layer: int
+    embed: bool
+    head: bool
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.last_layer + 1)
+
+
+@dataclass(frozen=True)
+class Coord:
+    rank: int
+    dp_index: int
+    pp_stage: int
+    tp_rank: int
+    ep_rank: int
+    etp_rank: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    stages: tuple[Stage, ...]
+    vocab_size: int
+    vocab_padded: int
+    dtype: str  # "keep" or a cast target
+    keep_mtp: bool = False  # MTP layer written whole on the last stage's tp_rank 0
+
+    @property
+    def etp(self) -> int:
+        return self.tp // self.ep
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def coord(self, rank: int) -> Coord:
+        tp_rank = rank % self.tp
+        pp_stage = rank // self.tp % self.pp
+        dp_index = rank // (self.tp * self.pp)
+        return Coord(rank, dp_index, pp_stage, tp_rank, tp_rank // self.etp, tp_rank % self.etp)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Copy the block source[start:stop] (per dim) to output[dest:dest + (stop - start)]."""
+
+    source: str
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    dest: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # safetensors dtype written
+    source_dtype: str
+    shape: tuple[int, ...]  # local shape
+    pieces: tuple[Piece, ...]
+    padding: int  # zero rows appended along dim 0
+
+    @property
+    def nbytes(self) -> int:
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class OutFile:
+    name: str
+    rank: int
+    tensors: tuple[OutTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    coord: Coord
+    files: tuple[str, ...]
+    replica_of: int | None  # DP replicas reuse the files of replica 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    hparams: HParams
+    layout: Layout
+    ranks: tuple[RankPlan, ...]
+    files: tuple[OutFile, ...]  # replica 0's files only
+    dropped: tuple[str, ...]  # source tensors deliberately not written (derivable)
+    placements: Mapping[int, object]  # layer -> reshard.layout.experts.place.Placement
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+
+def valid_tp(hp: HParams, limit: int = 128) -> list[int]:
+    """Every tp up to `limit` that the head counts and MLP widths allow."""
+    return [t for t in range(1, limit + 1) if not _tp_problems(hp, t)]
+
+
+def _tp_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
+    problems = []
+    if hp.num_heads % tp:
+        problems.append(f"num_attention_heads={hp.num_heads} is not divisible by tp={tp}")
+    kv = hp.num_kv_heads
+    if kv % tp and tp % kv:
+        problems.append(
+            f"num_key_value_heads={kv} neither divides nor is divisible by tp={tp} "
+            "(kv heads are split when kv >= tp, replicated when tp % kv == 0)"
+        )
+    if (
+        hp.intermediate_size
+        and hp.intermediate_size % tp
+        and hp.moe_layers != tuple(range(hp.num_layers))
+    ):
+        problems.append(f"intermediate_size={hp.intermediate_size} is not divisible by tp={tp}")
+    etp = tp // ep
+    if hp.moe_intermediate_size and hp.moe_intermediate_size % etp:
+        problems.append(
+            f"moe_intermediate_size={hp.moe_intermediate_size} is not divisible by the "
+            f"expert tp={etp} (tp/ep)"
+        )
+    shared = hp.shared_expert_intermediate_size
+    if shared and shared % tp:
+        problems.append(f"shared_expert_intermediate_size={shared} is not divisible by tp={tp}")
+    return problems + split_problems(hp, tp, ep)
+
+
+def check_layout(hp: HParams, recipe: Recipe) -> None:
+    problems = _tp_problems(hp, recipe.tp, recipe.ep)
+    if problems:
+        raise LayoutError(
+            f"tp={recipe.tp} does not fit {hp.architecture}: {'; '.join(problems)}. "
+            f"Valid tp for this model: {', '.join(map(str, valid_tp(hp, 64)))}."
+        )
+    if recipe.pp > hp.num_layers:
+        raise LayoutError(
+            f"pp={recipe.pp} exceeds the {hp.num_layers} decoder layers; each stage needs at "
+            f"least one layer. Use pp <= {hp.num_layers}."
+        )
+    if recipe.dtype != "keep" and scheme_of(hp):
+        raise LayoutError(
+            f"--dtype {recipe.dtype}: {hp.architecture} is quantized "
+            f"({scheme_of(hp).kind}); convert keeps quantized weights and their scales as "
+            'they are and never casts them. Drop --dtype (or set dtype = "keep").'
+        )
+    if recipe.ep > 1 and not hp.is_moe:
+        raise LayoutError(
+            f"ep={recipe.ep} needs a mixture-of-experts model; {hp.architecture} is dense. "
+            "Drop --ep."
+        )
+
+
+def build_plan(
+    hp: HParams,
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    roles: Mapping[str, TensorRole],
+    recipe: Recipe,
+    stages: tuple[Stage, ...],
+    placements: Mapping[int, object] | None = None,
+) -> Plan:
+    """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors."""
+    check_layout(hp, recipe)
+    check_parts(scheme_of(hp), tensors, roles, where="the checkpoint")
+    padded = -(-hp.vocab_size // recipe.tp) * recipe.tp
+    layout = Layout(
+        recipe.tp,
+        recipe.pp,
+        recipe.ep,
+        recipe.dp,
+        stages,
+        hp.vocab_size,
+        padded,
+        recipe.dtype,
+        recipe.keep_mtp,
+    )
+    placements = placements or {}
+    files: list[OutFile] = []
+    ranks: list[RankPlan] = []
+    for rank in range(layout.world_size):
+        coord = layout.coord(rank)
+        if coord.dp_index:
+            replica = ranks[rank - coord.dp_index * layout.pp * layout.tp]
+            ranks.append(RankPlan(coord, replica.files, replica.coord.rank))
+            continue
+        out = _rank_tensors(hp, tensors, roles, layout, coord, placements)
+        rank_files = _split_files(rank, out, recipe.max_file_size)
+        files.extend(rank_files)
+        ranks.append(RankPlan(coord, tuple(f.name for f in rank_files), None))
+    dropped = tuple(n for n, r in roles.items() if r.role == "drop" and not _kept_mtp(layout, r))
+    return Plan(hp, layout, tuple(ranks), tuple(files), dropped, placements)
+
+
+def _stages_of(stages: tuple[Stage, ...], role: TensorRole) -> list[int]:
+    """The stages that hold a tensor under its own name."""
+    if role.layer is not None:
+        return [s.stage for s in stages if role.layer in s.layers]
+    if role.role == "vocab":
+        return [s.stage for s in stages if s.embed]
+    return [s.stage for s in stages if s.head]
+
+
+def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) -> list[OutTensor]:
+    out: list[OutTensor] = []
+    stage = layout.stages[coord.pp_stage]
+    scheme = scheme_of(hp)
+    for name, (dtype, shape) in tensors.items():
+        role = roles[name]
+        out_dtype = _out_dtype(dtype, layout.dtype)
+        if role.role == "vocab" and hp.tie_word_embeddings and stage.head and not stage.embed:
+            # A last stage without the embedding gets its own copy of it to use as lm_head.
+            _, pieces, local, padding = _slice_vocab(layout, coord, name, shape, "lm_head.weight")
+            out.append(OutTensor("lm_head.weight", out_dtype, dtype, local, pieces, padding))
+        if _kept_mtp(layout, role):
+            if stage.head and coord.tp_rank == 0:
+                out.append(OutTensor(name, out_dtype, dtype, shape, (_whole(name, shape),), 0))
+            continue
+        if role.role == "drop" or coord.pp_stage not in _stages_of(layout.stages, role):
+            continue
+        logical = logical_shape(scheme, role.logical, tensors) if role.part else shape
+        for out_name, pieces, local, padding in slice_tensor(
+            hp, layout, coord, role, logical, placements
+        ):
+            if role.part:  # the logical weight's slice, mapped onto this stored part
+                pieces, local = stored_pieces(scheme, role, pieces, logical, shape)
+            out.append(OutTensor(out_name, out_dtype, dtype, local, pieces, padding))
+    return out
+
+
+def _kept_mtp(layout: Layout, role: TensorRole) -> bool:
+    """DeepSeek's multi-token-prediction layer, written only under --keep-mtp."""
+    return role.rule.scope == "mtp" and layout.keep_mtp
+
+
+def _out_dtype(dtype: str, target: str) -> str:
+    if target == "keep" or dtype not in ("F32", "F16", "BF16"):
+        return dtype  # integers, fp8 and friends are never cast
+    return CAST_DTYPES[target]
+
+
+def slice_tensor(hp, layout: Layout, coord: Coord, role: TensorRole, shape, placements):
+    """Yield (output name, pieces, local shape, padding rows) for one source tensor."""
+    kind = role.role
+    if kind == "replicate":
+        yield role.name, (_whole(role.name, shape),), tuple(shape), 0
+    elif kind in ("vocab", "head"):
+        yield _slice_vocab(layout, coord, role.name, shape, role.name)
+    elif kind == "column":
+        lo, hi = _column_range(hp, layout.tp, coord.tp_rank, role, shape)
+        yield role.name, (_rows(role.name, shape, lo, hi),), (hi - lo, *shape[1:]), 0
+    elif kind == "row":
+        lo, hi = _split_range(role.name, shape, 1, layout.tp, coord.tp_rank, _unit(hp, role))
+        yield role.name, (_cols(role.name, shape, lo, hi),), (shape[0], hi - lo, *shape[2:]), 0
+    elif kind in ("expert_column", "expert_row"):
+        if role.expert in _local_experts(placements, role.layer, coord, hp, layout):
+            dim = 0 if kind == "expert_column" else 1
+            lo, hi = _split_range(role.name, shape, dim, layout.etp, coord.etp_rank, 1)
+            local = list(shape)
+            local[dim] = hi - lo
+            piece = _rows(role.name, shape, lo, hi) if dim == 0 else _cols(role.name, shape, lo, hi)
+            yield role.name, (piece,), tuple(local), 0
+    elif kind in ("fused_expert_column", "fused_expert_row"):
+        yield _slice_fused(hp, layout, coord, role, shape, placements)
+    else:  # pragma: no cover - ROLES is closed
+        raise AssertionError(kind)
+
+
+def _whole(name: str, shape) -> Piece:
+    zeros = tuple(0 for _ in shape)
+    return Piece(name, zeros, tuple(shape), zeros)
+
+
+def _rows(name: str, shape, lo: int, hi: int) -> Piece:
+    start = (lo, *(0 for _ in shape[1:]))
+    return Piece(name, start, (hi, *shape[1:]), tuple(0 for _ in shape))
+
+
+def _cols(name: str, shape, lo: int, hi: int) -> Piece:
+    start = (0, lo, *(0 for _ in shape[2:]))
+    return Piece(name, start, (shape[0], hi, *shape[2:]), tuple(0 for _ in shape))
+
+
+def _unit(hp: HParams, role: TensorRole) -> int:
+    """Rows (or columns) per head of a tensor split on head boundaries."""
+    widths = {
+        "q": hp.head_dim,
+        "kv": hp.head_dim,
+        "qk": hp.qk_head_dim,
+        "kv_b": hp.qk_nope_head_dim + hp.v_head_dim,
+        "v": hp.v_head_dim,
+    }
+    return widths[role.rule.heads] if role.rule.heads else 1
+
+
+def _split_range(name, shape, dim: int, parts: int, index: int, unit: int) -> tuple[int, int]:
+    size = shape[dim] if len(shape) > dim else 0
+    if size % (parts * unit):
+        raise LayoutError(
+            f"tensor '{name}' has {size} along dim {dim}, which does not split into {parts} "
+            f"equal parts of whole {unit}-wide units. Choose a degree that divides it."
+        )
+    step = size // parts
+    return index * step, (index + 1) * step
+
+
+def _column_range(hp: HParams, tp: int, tp_rank: int, role: TensorRole, shape):
+    if role.rule.heads == "kv" and hp.num_kv_heads < tp:
+        # tp % kv == 0 (checked): each kv head is replicated on tp // kv consecutive ranks,
+        # so rank r holds kv head r * kv // tp, the one its query heads use.
+        if shape[0] != hp.num_kv_heads * hp.head_dim:
+            raise LayoutError(
+                f"tensor '{role.name}' has {shape[0]} rows, expected num_key_value_heads x "
+                f"head_dim = {hp.num_kv_heads * hp.head_dim}. config.json and weights disagree."
+            )
+        head = tp_rank * hp.num_kv_heads // tp
+        return head * hp.head_dim, (head + 1) * hp.head_dim
+    return _split_range(role.name, shape, 0, tp, tp_rank, _unit(hp, role))
+
+
+def _slice_vocab(layout: Layout, coord: Coord, source: str, shape, out_name: str):
+    per = layout.vocab_padded // layout.tp
+    lo = coord.tp_rank * per
+    hi = min(lo + per, shape[0])
+    pieces = (_rows(source, shape, lo, hi),) if hi > lo else ()
+    return out_name, pieces, (per, *shape[1:]), per - max(hi - lo, 0)
+
+
+def _local_experts(placements, layer, coord: Coord, hp: HParams, layout: Layout) -> tuple:
+    placement = placements.get(layer)
+    if placement is None:  # no EP placement computed: contiguous over ep ranks
+        per = hp.num_experts // layout.ep
+        return tuple(range(coord.ep_rank * per, (coord.ep_rank + 1) * per))
+    return placement.rank_experts(coord.ep_rank)
+
+
+def _slice_fused(hp, layout: Layout, coord: Coord, role: TensorRole, shape, placements):
+    experts = _local_experts(placements, role.layer, coord, hp, layout)
+    pieces = []
+    if role.role == "fused_expert_column":  # [E, 2I, H]: gate rows then up rows
+        half = shape[1] // 2
+        lo, hi = _split_range(role.name, (shape[0], half), 1, layout.etp, coord.etp_rank, 1)
+        width = hi - lo
+        for slot, e in enumerate(experts):
+            for part in (0, 1):
+                start = (e, part * half + lo, 0)
+                stop = (e + 1, part * half + hi, shape[2])
+                pieces.append(Piece(role.name, start, stop, (slot, part * width, 0)))
+        local = (len(experts), 2 * width, shape[2])
+    else:  # [E, H, I]
+        lo, hi = _split_range(role.name, shape, 2, layout.etp, coord.etp_rank, 1)
+        for slot, e in enumerate(experts):
+            pieces.append(Piece(role.name, (e, 0, lo), (e + 1, shape[1], hi), (slot, 0, 0)))
+        local = (len(experts), shape[1], hi - lo)
+    return role.name, tuple(pieces), local, 0
+
+
+def _split_files(rank: int, tensors: list[OutTensor], max_size: int | None) -> list[OutFile]:
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if max_size and groups[-1] and size + t.nbytes > max_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    if len(groups) == 1:
+        return [OutFile(f"rank-{rank:05d}.safetensors", rank, tuple(groups[0]))]
+    return [
+        OutFile(f"rank-{rank:05d}-part-{i + 1:03d}.safetensors", rank, tuple(g))
+        for i, g in enumerate(groups)
+    ]

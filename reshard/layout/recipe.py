@@ -1,0 +1,219 @@
+"""The target layout: a TOML recipe from `recipes/` and/or CLI flags (flags win).
+
+Unknown keys are errors, never ignored: a misspelt option that silently does nothing is the
+worst kind of flag. Degrees are validated here on their own; whether they fit the model is
+the planner's job.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+DTYPES = {
+    "keep": "keep",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+}
+PLACEMENTS = ("contiguous", "round_robin", "balanced")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+# TOML section -> keys it may hold (and the Recipe field each sets).
+SECTIONS = {
+    "layout": ("tp", "pp", "ep", "dp", "stages"),
+    "output": ("dtype", "max_file_size", "keep_mtp"),
+    "experts": ("placement", "redundant", "load", "gpus_per_node"),
+    "costs": ("file",),
+}
+# Recipe field -> the CLI flag that sets it, so that an error names what the user typed.
+FLAGS = {
+    "tp": "--tp", "pp": "--pp", "ep": "--ep", "dp": "--dp", "dtype": "--dtype",
+    "max_file_size": "--max-file-size", "placement": "--placement", "redundant": "--redundant",
+    "load": "--expert-load", "costs": "--costs", "gpus_per_node": "--gpus-per-node",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Recipe:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    stages: tuple[tuple[int, int], ...] | None = None  # explicit [first, last] layers per stage
+    dtype: str = "keep"
+    max_file_size: int | None = None  # bytes per output file; None = one file per rank
+    placement: str = "balanced"
+    redundant: int = 0
+    load: Path | None = None  # expert_load.json
+    gpus_per_node: int | None = None  # node-aware placement for grouped routing
+    costs: Path | None = None  # costs.json from `reshard profile layers`
+    keep_mtp: bool = False  # write DeepSeek's multi-token-prediction layer (last stage)
+    origin: str = "defaults"  # the recipe file, for messages
+    flags: frozenset[str] = frozenset()  # fields given by CLI flags, for messages
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "ep", "dp"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise InputError(f"{self.where(name)} must be a positive integer, got {value!r}.")
+        if self.tp % self.ep:
+            raise InputError(
+                f"{self.where('ep', 'tp')}: ep={self.ep} must divide tp={self.tp} (experts are "
+                f"spread inside a stage's TP group). Valid ep: {_divisors(self.tp)}."
+            )
+        if self.dtype not in DTYPES.values():
+            raise InputError(
+                f"{self.where('dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}."
+            )
+        if self.placement not in PLACEMENTS:
+            raise InputError(
+                f"{self.where('placement')} {self.placement!r} is not one of "
+                f"{', '.join(PLACEMENTS)}."
+            )
+        if type(self.keep_mtp) is not bool:
+            raise InputError(f"{self.origin}: output.keep_mtp must be true or false.")
+        if type(self.redundant) is not int or self.redundant < 0:
+            raise InputError(f"{self.where('redundant')} must be >= 0, got {self.redundant!r}.")
+        if self.gpus_per_node is not None and (
+            type(self.gpus_per_node) is not int or self.gpus_per_node < 1
+        ):
+            raise InputError(
+                f"{self.where('gpus_per_node')} must be a positive integer, got "
+                f"{self.gpus_per_node!r}."
+            )
+        if self.stages is not None and len(self.stages) != self.pp:
+            raise InputError(
+                f"{self.origin}: stages lists {len(self.stages)} stages but pp={self.pp}. "
+                "Give one [first, last] layer range per stage, or drop stages."
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def where(self, *names: str) -> str:
+        """Where a value came from, for messages: the flag ('--tp') when a flag gave it,
+        else the recipe key ('r.toml: layout.tp')."""
+        return where_from(self.origin, self.flags, *names)
+
+
+def where_from(origin: str, flags: frozenset[str], *names: str) -> str:
+    given = [FLAGS[n] for n in names if n in flags]
+    if given:
+        return "/".join(given)
+    section = next(s for s, keys in SECTIONS.items() if names[0] in keys)
+    return f"{origin}: {section}.{names[0]}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def parse_size(value: Any, *, where: str) -> int:
+    """'20GB', '512MiB', 1000000 -> bytes. `where` names the flag or recipe key."""
+    if type(value) is int and value > 0:
+        return value
+    text = "" if isinstance(value, bool) else str(value)  # `true` is no size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = SIZE_UNITS.get(m.group(2).upper()) if m else None
+    if unit is None or int(float(m.group(1)) * unit) < 1:  # "0.5B" would be 0 bytes
+        raise InputError(
+            f"{where} {value!r} is not a size; write e.g. 20GB, 512MiB or a byte count."
+        )
+    return int(float(m.group(1)) * unit)
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: recipe not found. See recipes/ for examples.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e}).") from None
+    values: dict[str, Any] = {}
+    for section, body in doc.items():
+        if not isinstance(body, dict):  # `tp = 4` above every [section]
+            raise InputError(
+                f"{path}: '{section}' is not in a section; put it under one of "
+                f"{', '.join(f'[{s}]' for s in SECTIONS)} (e.g. tp goes under [layout])."
+            )
+        if section not in SECTIONS:
+            raise InputError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}.")
+        for key, value in body.items():
+            if key not in SECTIONS[section]:
+                raise InputError(
+                    f"{path}: unknown key '{key}' in [{section}]; known: "
+                    f"{', '.join(SECTIONS[section])}."
+                )
+            values["costs" if section == "costs" else key] = value
+    return _from_values(values, origin=str(path), base=path.parent)
+
+
+def _from_values(
+    values: dict[str, Any], *, origin: str, base: Path | None, flags: frozenset[str] = frozenset()
+) -> Recipe:
+    v = dict(values)
+    if "dtype" in v:
+        v["dtype"] = normalise_dtype(v["dtype"], where=where_from(origin, flags, "dtype"))
+    if "max_file_size" in v and v["max_file_size"] is not None:
+        where = where_from(origin, flags, "max_file_size")
+        v["max_file_size"] = parse_size(v["max_file_size"], where=where)
+    if v.get("stages") is not None:
+        v["stages"] = _parse_stages(v["stages"], where=origin)
+    for key in ("load", "costs"):
+        if v.get(key) is not None:
+            p = Path(v[key])
+            v[key] = p if p.is_absolute() or base is None else base / p
+    return Recipe(**v, origin=origin, flags=flags)
+
+
+def _parse_stages(stages: Any, *, where: str) -> tuple[tuple[int, int], ...]:
+    ok = isinstance(stages, (list, tuple)) and all(
+        isinstance(s, (list, tuple)) and len(s) == 2 and all(type(x) is int for x in s)
+        for s in stages
+    )
+    if not ok:
+        raise InputError(
+            f"{where}: stages must be a list of [first, last] layer pairs, e.g. "
+            "stages = [[0, 9], [10, 31]]."
+        )
+    return tuple((a, b) for a, b in stages)
+
+
+def normalise_dtype(value: str, *, where: str = "--dtype") -> str:
+    """'bf16' -> 'bfloat16'."""
+    key = str(value).lower()
+    if key not in DTYPES:
+        raise InputError(f"{where} {value!r} is not one of {', '.join(DTYPES)}.")
+    return DTYPES[key]
+
+
+def build_recipe(path: Path | None = None, **flags: Any) -> Recipe:
+    """The recipe file (if any) with every flag that was given (not None) on top."""
+    recipe = load_recipe(path) if path else Recipe()
+    given = {k: v for k, v in flags.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(Recipe)}
+    assert not unknown, unknown  # CLI wiring error, not user input
+    if not given:
+        return recipe
+    origin = f"{recipe.origin} + flags" if path else "flags"
+    merged = {
+        f.name: getattr(recipe, f.name) for f in fields(Recipe) if f.name not in ("origin", "flags")
+    }
+    if "pp" in given and "stages" not in given and recipe.stages is not None:
+        if given["pp"] != recipe.pp:
+            merged["stages"] = None  # --pp overrides the recipe's explicit stages
+    merged.update(given)
+    return _from_values(merged, origin=origin, base=None, flags=frozenset(given))

@@ -1,0 +1,146 @@
+"""config.json against the tensors, before planning: every shape the config implies, and the
+dtypes the runtime can load. A contradiction here used to convert "fine" and then drop a
+vocab row silently or crash the generate tier; now it names the tensor, the config keys and
+both numbers. Tensors of roles this table does not describe are left to their own checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .hparams import HParams
+from ..quant import check_parts, logical_shape, scheme_of
+from .rules import TensorRole
+from .deepseek import mla_shapes
+
+FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+PLAIN_FLOATS = ("F64", "F32", "F16", "BF16")  # what a 1-D norm or bias may be
+FIX = "config.json and the weights do not belong together; re-download them as one."
+
+
+def check_tensors_against_config(
+    hp: HParams,
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    roles: Mapping[str, TensorRole],
+    *,
+    cast: str,
+    files: Mapping[str, str],
+    config: str,
+) -> None:
+    """`tensors`: name -> (dtype, shape); `cast`: the recipe's dtype ("keep" or a target);
+    `files`: name -> the file that holds it; `config`: the config.json path, for messages."""
+    # A quantized weight's parts are checked against its logical shape (quant.check_parts
+    # checks each part's own stored shape and dtype); the plain tensors one by one.
+    _check_quantized_shapes(hp, tensors, roles, files, config)
+    checked = {n: v for n, v in tensors.items() if roles[n].role != "drop" and not roles[n].part}
+    for name, (dtype, shape) in checked.items():
+        _check_shape(hp, name, tuple(shape), files[name], config)
+        _check_float(name, dtype, len(shape), files[name])
+    if cast == "keep":
+        _check_one_dtype(checked, files)
+
+
+def _check_quantized_shapes(hp: HParams, tensors, roles, files, config: str) -> None:
+    scheme = scheme_of(hp)
+    check_parts(scheme, tensors, roles, where=str(Path(config).parent))
+    if scheme is None:
+        return
+    for name, role in roles.items():
+        if role.part in ("weight", "qweight") and name in tensors:
+            logical = logical_shape(scheme, role.logical, tensors)
+            _check_shape(hp, role.logical, logical, files[name], config)
+
+
+def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
+    """The shape config.json implies, each dim with the keys that set it."""
+    hidden = (f"hidden_size={hp.hidden_size}", hp.hidden_size)
+    head_dim = f"head_dim={hp.head_dim}"
+    q = (f"num_attention_heads={hp.num_heads} x {head_dim}", hp.q_size)
+    kv = (f"num_key_value_heads={hp.num_kv_heads} x {head_dim}", hp.kv_size)
+    experts = (f"num_experts={hp.num_experts}", hp.num_experts)
+    leaf = ".".join(name.rsplit(".", 2)[-2:])  # "q_proj.weight", "experts.down_proj"
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return ((f"vocab_size={hp.vocab_size}", hp.vocab_size), hidden)
+    if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
+        bias = leaf.endswith(".bias")
+        shape = mla_shapes(hp)[leaf.removesuffix(".bias") + ".weight" if bias else leaf]
+        return shape[:1] if bias else shape
+    if leaf.endswith(".bias"):
+        return labelled_shape(hp, name.removesuffix(".bias") + ".weight")[:1]
+    table = {
+        "q_proj.weight": (q, hidden),
+        "k_proj.weight": (kv, hidden),
+        "v_proj.weight": (kv, hidden),
+        "o_proj.weight": (hidden, q),
+        "q_norm.weight": ((head_dim, hp.head_dim),),
+        "k_norm.weight": ((head_dim, hp.head_dim),),
+        "gate.weight": (experts, hidden),
+        "shared_expert_gate.weight": (("1", 1), hidden),
+    }
+    if leaf in table:
+        return table[leaf]
+    if leaf.endswith("norm.weight"):
+        return (hidden,)
+    return _mlp_shape(hp, name, leaf, hidden, experts)
+
+
+def _mlp_shape(hp: HParams, name: str, leaf: str, hidden, experts):
+    if "shared_expert." in name or "shared_experts." in name:
+        inner = (f"shared_expert_intermediate_size={hp.shared_expert_intermediate_size}",)
+        inner += (hp.shared_expert_intermediate_size,)
+    elif ".experts." in name:
+        key = "intermediate_size" if hp.family == "mixtral" else "moe_intermediate_size"
+        inner = (f"{key}={hp.moe_intermediate_size}", hp.moe_intermediate_size)
+    else:
+        inner = (f"intermediate_size={hp.intermediate_size}", hp.intermediate_size)
+    if leaf == "experts.gate_up_proj":  # fused [E, 2I, H]
+        return (experts, (f"2 x {inner[0]}", 2 * inner[1]), hidden)
+    if leaf == "experts.down_proj":  # fused [E, H, I]
+        return (experts, hidden, inner)
+    if leaf.split(".")[0] in ("down_proj", "w2"):
+        return (hidden, inner)
+    return (inner, hidden)
+
+
+def _check_shape(hp: HParams, name: str, shape: tuple, where: str, config: str) -> None:
+    expected = labelled_shape(hp, name)
+    if len(shape) != len(expected):
+        raise CheckpointError(
+            f"{where}: tensor '{name}' has shape {list(shape)}, but {config} implies "
+            f"{[v for _, v in expected]} ({', '.join(k for k, _ in expected)}). {FIX}"
+        )
+    for dim, (size, (keys, want)) in enumerate(zip(shape, expected, strict=True)):
+        if size != want:
+            raise CheckpointError(
+                f"{where}: tensor '{name}' has {size} in dim {dim} (shape {list(shape)}), but "
+                f"{config} says {keys}, which implies {want}. {FIX}"
+            )
+
+
+def _check_float(name: str, dtype: str, ndim: int, where: str) -> None:
+    allowed = PLAIN_FLOATS if ndim == 1 else FLOATS
+    if dtype not in allowed:
+        raise CheckpointError(
+            f"{where}: tensor '{name}' is {dtype}; a model weight must be a float dtype "
+            f"({', '.join(allowed)}). The checkpoint is corrupt or not a plain HF export; "
+            "re-export it."
+        )
+
+
+def _check_one_dtype(tensors: Mapping[str, tuple[str, tuple]], files: Mapping[str, str]) -> None:
+    """The runtime runs every layer in the weights' own dtype: one dtype, or a cast."""
+    counts: dict[str, list[str]] = {}
+    for name, (dtype, _) in tensors.items():
+        counts.setdefault(dtype, []).append(name)
+    if len(counts) <= 1:
+        return
+    common = max(counts, key=lambda d: len(counts[d]))
+    odd = next(d for d in counts if d != common)
+    first = counts[odd][0]
+    raise CheckpointError(
+        f"{files[first]}: tensor '{first}' is {odd} but {len(counts[common])} others (e.g. "
+        f"'{counts[common][0]}') are {common}; {len(counts[odd])} tensors are {odd}. Pass "
+        f"--dtype bfloat16/float16/float32 to write one dtype, or re-export the checkpoint."
+    )

@@ -1,0 +1,101 @@
+"""Tensor shapes from config.json alone, so `reshard plan` needs no weights.
+
+`synthesize_tensors` lists what a checkpoint of this config holds (required entries of the
+family's spec, q/k/v/o biases when the config says so, experts stored per expert), in the
+order transformers saves them.
+"""
+
+from __future__ import annotations
+
+from .hparams import HParams
+from ..quant import scheme_of, stored_tensors
+from .rules import Rule, _expected, rules_for
+from .deepseek import mla_shapes
+
+
+def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
+    h, hd = hp.hidden_size, hp.head_dim
+    last = name.rsplit(".", 2)
+    leaf = ".".join(last[-2:])  # e.g. "q_proj.weight"
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (hp.vocab_size, h)
+    mla = mla_shapes(hp)
+    if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
+        return tuple(size for _, size in mla[leaf])
+    if "shared_experts." in name:  # DeepSeek
+        return _mlp(leaf, hp.shared_expert_intermediate_size, h)
+    if "shared_expert_gate" in name:
+        return (1, h)
+    if "shared_expert." in name:
+        return _mlp(leaf, hp.shared_expert_intermediate_size, h)
+    if ".experts." in name:
+        return _mlp(leaf, hp.moe_intermediate_size, h)
+    table = {
+        "q_proj.weight": (hp.q_size, h),
+        "k_proj.weight": (hp.kv_size, h),
+        "v_proj.weight": (hp.kv_size, h),
+        "o_proj.weight": (h, hp.q_size),
+        "q_proj.bias": (hp.q_size,),
+        "k_proj.bias": (hp.kv_size,),
+        "v_proj.bias": (hp.kv_size,),
+        "o_proj.bias": (h,),
+        "q_norm.weight": (hd,),
+        "k_norm.weight": (hd,),
+        "gate.weight": (hp.num_experts, h),
+    }
+    if leaf in table:
+        return table[leaf]
+    if leaf.endswith("norm.weight"):
+        return (h,)
+    return _mlp(leaf, hp.intermediate_size, h)
+
+
+# The linear layers a quantized checkpoint stores quantized (router gates, embeddings and
+# lm_head stay in the checkpoint's float dtype, as in DeepSeek-V3 and Qwen3-FP8).
+QUANTIZED_ROLES = ("column", "row", "expert_column", "expert_row")
+
+
+def _mlp(leaf: str, inner: int, h: int) -> tuple[int, ...]:
+    if leaf.split(".")[0] in ("down_proj", "w2"):
+        return (h, inner)
+    return (inner, h)
+
+
+def _wanted(hp: HParams, rule: Rule) -> bool:
+    if rule.role == "drop" or rule.group == "fused":
+        return False
+    if rule.template == "lm_head.weight":
+        return not hp.tie_word_embeddings
+    if rule.template.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        return hp.attention_bias
+    if rule.template.endswith("o_proj.bias"):
+        return hp.o_bias
+    if hp.is_mla and rule.template.endswith(("q_a_proj.weight", "q_a_layernorm.weight")):
+        return hp.q_lora_rank > 0
+    if hp.is_mla and rule.template.endswith("q_b_proj.weight"):
+        return hp.q_lora_rank > 0
+    if hp.is_mla and rule.template.endswith("q_proj.weight"):
+        return hp.q_lora_rank == 0
+    return not rule.optional
+
+
+def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str, tuple]]:
+    """Quantized linear weights come as what they are stored as (quant.stored_tensors)."""
+    rule_of = {n: r for r in rules_for(hp) if _wanted(hp, r) for n in _expected(hp, r)}
+    names = list(rule_of)
+    order = {"model.embed_tokens.weight": (-1, ""), "model.norm.weight": (hp.num_layers, "")}
+    order["lm_head.weight"] = (hp.num_layers + 1, "")
+
+    def key(name: str):
+        if name in order:
+            return order[name]
+        return (int(name.split(".")[2]), name)
+
+    scheme = scheme_of(hp)
+    out: dict[str, tuple[str, tuple]] = {}
+    for n in sorted(names, key=key):
+        if scheme and rule_of[n].role in QUANTIZED_ROLES and n.endswith(".weight"):
+            out.update(stored_tensors(scheme, n, tensor_shape(hp, n), dtype))
+        else:
+            out[n] = (dtype, tensor_shape(hp, n))
+    return out

@@ -1,0 +1,423 @@
+"""`reshard verify`: the first two tiers, which need no torch.distributed.
+
+1. hashes: every file present with the recorded size, every tensor's xxh3-128 matches.
+2. weights: every output tensor's pieces equal the source tensors bitwise (after the recorded
+   cast), padding rows are zero, and the pieces cover every element of every source tensor.
+The generation tier lives in reshard.runtime; `verify_output` runs all the tiers asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from safetensors import SafetensorError, safe_open
+
+from ..errors import OutputError
+from ..io.manifest import manifest_seal_failure, read_manifest
+from ..progress import progress_bar
+from ..io.headers import DTYPE_SIZES, TORCH_DTYPES, read_header
+
+LEVELS = ("hashes", "weights", "generate")
+
+
+@dataclass
+class LevelResult:
+    level: str
+    passed: bool | None  # None: skipped, or checked by another process (elsewhere)
+    detail: str = ""
+    failures: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    elsewhere: bool = False  # under torchrun: another rank runs this tier
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "detail": self.detail, "failures": self.failures}
+
+
+def check_complete(out_dir: Path, manifest: dict) -> None:
+    """Exit-2 territory: files the manifest names are missing or have the wrong size."""
+    for name, meta in manifest["files"].items():
+        path = Path(out_dir) / name
+        if not path.is_file():
+            raise OutputError(
+                f"{path}: missing (rank {meta['rank']}). {out_dir} is not a complete reshard "
+                "output; copy the whole folder, or re-run reshard convert."
+            )
+
+
+def verify_hashes(out_dir: Path, manifest: dict, *, progress: bool = False) -> LevelResult:
+    """The manifest's seal, then every rank file's size, header and tensor hashes."""
+    total = sum(meta["size"] for meta in manifest["files"].values())
+    with progress_bar(total, desc="hashes", enabled=progress) as bar:
+        failures, checked = _hash_files(out_dir, manifest, bar)
+    return LevelResult(
+        "hashes", not failures, f"{checked} tensors in {len(manifest['files'])} files", failures
+    )
+
+
+def _hash_files(out_dir: Path, manifest: dict, bar) -> tuple[list[str], int]:
+    failures = [f for f in [manifest_seal_failure(out_dir, manifest)] if f]
+    checked = 0
+    for name, meta in manifest["files"].items():
+        path = Path(out_dir) / name
+        size = path.stat().st_size
+        if size != meta["size"]:
+            failures.append(f"{path}: {size} bytes, the manifest says {meta['size']}")
+            continue
+        try:
+            header = read_header(path)
+        except Exception as e:  # a corrupt header is a verification failure, not bad input
+            failures.append(f"{path}: unreadable header ({e})")
+            continue
+        with open(path, "rb") as f:
+            digest = xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
+        bar.update(header.data_start)
+        if digest != meta["header_xxh3_128"]:
+            failures.append(
+                f"{path}: header hash {digest} != manifest {meta['header_xxh3_128']}: the "
+                "header (names, shapes, offsets or metadata) was altered; re-copy the file"
+            )
+        failures += _check_file_hashes(path, header, manifest, meta["rank"], bar)
+        checked += len(header.tensors)
+    return failures, checked
+
+
+def _check_file_hashes(path: Path, header, manifest: dict, rank: int, bar) -> list[str]:
+    expected = {
+        t: e for t, e in manifest["ranks"][rank]["tensors"].items() if e["file"] == path.name
+    }
+    failures = [f"{path}: tensor '{t}' is missing" for t in expected if t not in header.tensors]
+    with open(path, "rb") as f:
+        for name, info in header.tensors.items():
+            entry = expected.get(name)
+            if entry is None:
+                failures.append(f"{path}: tensor '{name}' is not in the manifest")
+                continue
+            if problem := header_mismatch(info, entry):
+                failures.append(f"{path}: tensor '{name}' (rank {rank}) {problem}")
+                continue
+            f.seek(info.begin)
+            h = xxhash.xxh3_128()
+            left = info.nbytes
+            while left:
+                block = f.read(min(left, 64 << 20))
+                h.update(block)
+                left -= len(block)
+                bar.update(len(block))
+            if h.hexdigest() != entry["xxh3_128"]:
+                failures.append(
+                    f"{path}: tensor '{name}' (rank {rank}) hash {h.hexdigest()} != manifest "
+                    f"{entry['xxh3_128']}: the file is corrupt; re-copy it or re-run convert"
+                )
+    return failures
+
+
+def header_mismatch(info, entry: dict) -> str | None:
+    """The rank file's header and the manifest disagree on a tensor's dtype or shape."""
+    if info.dtype != entry["dtype"] or list(info.shape) != entry["shape"]:
+        return (
+            f"is {info.dtype} {list(info.shape)} in the file but {entry['dtype']} "
+            f"{entry['shape']} in the manifest; one of them was altered"
+        )
+    return None
+
+
+def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
+    """--source, else the output a re-layout was made from, else the original's path."""
+    if source is not None:
+        from ..io.source import resolve_model
+
+        return resolve_model(source)[0]
+    made_from = manifest["source"].get("made_from")
+    if made_from and Path(made_from["path"]).is_dir():
+        return Path(made_from["path"])
+    path = Path(manifest["source"]["path"])
+    return path if path.is_dir() else None
+
+
+def reference_dir(manifest: dict, source_dir: Path) -> Path | None:
+    """The generate tier's reference runs an HF checkpoint: for a reshard output as the
+    source, the original it records (if still there)."""
+    from ..io.output_source import is_output
+
+    if not is_output(source_dir):
+        return source_dir
+    path = Path(manifest["source"]["path"])
+    return path if path.is_dir() and not is_output(path) else None
+
+
+def verify_weights(
+    out_dir: Path, manifest: dict, source_dir: Path, *, progress: bool = False
+) -> LevelResult:
+    """Compare every piece with the source, bitwise; check coverage and zero padding."""
+    import tempfile
+
+    from ..io.output_source import open_model
+
+    with tempfile.TemporaryDirectory(prefix="reshard-verify-") as scratch:
+        # A source the user converted from pickle with --allow-pickle is re-read the same way.
+        allow = bool(manifest["source"].get("pickle"))
+        src = open_model(str(source_dir), allow_pickle=allow, scratch=Path(scratch))
+        total = sum(_output_bytes(e) for e in manifest["ranks"] if e.get("replica_of") is None)
+        with progress_bar(total, desc="weights", enabled=progress) as bar:
+            return _verify_weights(out_dir, manifest, src, bar)
+
+
+def _output_bytes(entry: dict) -> int:
+    tensors = (entry.get("tensors") or {}).values()
+    return sum(math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]] for t in tensors)
+
+
+def _verify_weights(out_dir: Path, manifest: dict, src, bar) -> LevelResult:
+    failures = unknown_sources(manifest, src)
+    reader = SafetensorsReader if src.reader is None else ReassembledReader
+    with reader(src) as blocks:
+        for entry in manifest["ranks"]:
+            if entry.get("replica_of") is not None or failures:
+                continue
+            for fname in entry["files"]:
+                failures += _check_file_weights(Path(out_dir) / fname, entry, blocks, bar)
+        if src.reader is not None:
+            src.reader.check_hashes()  # the output it was made from is intact
+    failures += check_coverage(manifest, {n: src.info(n).shape for n in src.tensors})
+    n = sum(len(e.get("tensors") or {}) for e in manifest["ranks"])
+    return LevelResult("weights", not failures, f"{n} tensors vs {src.path}", failures)
+
+
+def unknown_sources(manifest: dict, src) -> list[str]:
+    """Pieces whose source tensor the source does not hold: the wrong source, or an edit."""
+    failures = []
+    for entry in manifest["ranks"]:
+        for name, meta in (entry.get("tensors") or {}).items():
+            for j, p in enumerate(meta["pieces"]):
+                if p["source"] not in src.tensors:
+                    failures.append(
+                        f"ranks[{entry['rank']}].tensors['{name}'].pieces[{j}].source "
+                        f"'{p['source']}' is not a tensor of {src.path}: the manifest was "
+                        "altered, or pass the right --source"
+                    )
+    return failures
+
+
+def check_coverage(manifest: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Every element of every source tensor is in some shard. Replicated pieces repeat the
+    same block, so identical blocks count once; distinct blocks must not overlap."""
+    blocks: dict[str, set] = {name: set() for name in shapes}
+    for entry in manifest["ranks"]:
+        for meta in (entry.get("tensors") or {}).values():
+            for p in meta["pieces"]:
+                blocks.setdefault(p["source"], set()).add((tuple(p["start"]), tuple(p["stop"])))
+    failures = []
+    for name, shape in shapes.items():
+        if name in manifest.get("dropped", []):
+            continue
+        found = blocks.get(name, set())
+        volume = sum(_volume(a, b) for a, b in found)
+        total = _volume((0,) * len(shape), shape)
+        if volume != total or (len(found) <= 64 and _overlap(found)):
+            failures.append(
+                f"source tensor '{name}': the shards hold {volume} of its {total} elements "
+                "(or overlapping blocks); the output is incomplete"
+            )
+    return failures
+
+
+def _volume(start, stop) -> int:
+    return math.prod(b - a for a, b in zip(start, stop, strict=True))
+
+
+def _overlap(found) -> bool:
+    boxes = sorted(found)
+    for i, (a0, a1) in enumerate(boxes):
+        for b0, b1 in boxes[i + 1 :]:
+            if all(max(x0, y0) < min(x1, y1) for x0, x1, y0, y1 in zip(a0, a1, b0, b1)):
+                return True
+    return False
+
+
+def _check_file_weights(path: Path, entry: dict, blocks: SafetensorsReader, bar) -> list[str]:
+    """Compare one output file with the source, piece by piece, in bounded row chunks."""
+    try:
+        header = read_header(path)
+    except Exception as e:  # a corrupt header is a verification failure, not bad input
+        return [f"{path}: unreadable header ({_first_line(e)})"]
+    try:
+        return _compare_file(path, header, entry, blocks, bar)
+    except SafetensorError as e:  # safetensors refuses what reshard's reader let through
+        return [f"{path}: safetensors cannot read it ({_first_line(e)})"]
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0][:200]
+
+
+def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader, bar) -> list[str]:
+    failures = []
+    for name, meta in entry["tensors"].items():
+        if meta["file"] != path.name:
+            continue
+        info = header.tensors.get(name)
+        problem = header_mismatch(info, meta) if info else "is missing from the file"
+        if problem:
+            failures.append(f"{path}: tensor '{name}' (rank {entry['rank']}) {problem}")
+            continue
+        shape = meta["shape"]
+        for p in meta["pieces"]:
+            for src_index, out_index in _row_chunks(p, meta["dtype"]):
+                block = blocks.read(blocks.source_path(p["source"]), p["source"], src_index)
+                out = blocks.read(path, name, out_index)
+                bar.update(out.numel() * out.element_size())
+                if not _bitwise_equal(out, block.to(TORCH_DTYPES[meta["dtype"]])):
+                    failures.append(
+                        f"{path}: tensor '{name}' (rank {entry['rank']}) differs from source "
+                        f"'{p['source']}' block {p['start']}:{p['stop']}"
+                    )
+                    break
+        if meta["padding"]:
+            rows = (slice(shape[0] - meta["padding"], shape[0]),)
+            if torch.count_nonzero(blocks.read(path, name, rows)):
+                failures.append(f"{path}: tensor '{name}' has non-zero vocab padding rows")
+    return failures
+
+
+def _row_chunks(piece: dict, dtype: str, budget: int = 64 << 20):
+    """(source index, output index) pairs covering the piece, each at most ~budget bytes."""
+    start, stop, dest = piece["start"], piece["stop"], piece["dest"]
+    if not start:  # a scalar
+        yield (), ()
+        return
+    row_bytes = DTYPE_SIZES[dtype] * math.prod(e - s for s, e in zip(start[1:], stop[1:]))
+    step = max(1, budget // max(row_bytes, 1))
+    rest_src = tuple(slice(s, e) for s, e in zip(start[1:], stop[1:]))
+    rest_out = tuple(slice(d, d + e - s) for d, s, e in zip(dest[1:], start[1:], stop[1:]))
+    for a in range(start[0], stop[0], step):
+        b = min(stop[0], a + step)
+        out0 = dest[0] + a - start[0]
+        yield (slice(a, b), *rest_src), (slice(out0, out0 + b - a), *rest_out)
+
+
+class SafetensorsReader:
+    """Blocks of tensors read through safetensors' own reader. Its handles map whole files,
+    and every page read stays in the process's RSS while mapped, so the handles are closed
+    and reopened after every `recycle_bytes` read: memory stays flat whatever the model size."""
+
+    def __init__(self, src, recycle_bytes: int = 128 << 20):
+        self.src = src
+        self.stack = ExitStack()
+        self.handles: dict[Path, Any] = {}
+        self.read_since_open = 0
+        self.recycle_bytes = recycle_bytes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def source_path(self, name: str) -> Path:
+        return self.src.tensors[name][0].path
+
+    def read(self, path: Path, name: str, index: tuple) -> torch.Tensor:
+        if self.read_since_open > self.recycle_bytes:
+            self.stack.close()
+            self.handles.clear()
+            self.read_since_open = 0
+        if path not in self.handles:
+            self.handles[path] = self.stack.enter_context(safe_open(str(path), "pt"))
+        f = self.handles[path]
+        tensor = f.get_slice(name)[index] if index else f.get_tensor(name)
+        self.read_since_open += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+class ReassembledReader(SafetensorsReader):
+    """Source blocks reassembled from the rank files of a reshard output (the one a re-layout
+    was made from); blocks of the output under test still come through safetensors."""
+
+    def source_path(self, name: str) -> None:
+        return None
+
+    def read(self, path: Path | None, name: str, index: tuple) -> torch.Tensor:
+        if path is not None:
+            return super().read(path, name, index)
+        return self.src.reader.read_block(name, self.src.info(name), index)
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a = a.contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(a, b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _checks_files_here() -> bool:
+    """Under torchrun, the file tiers run once per node (local rank 0), not once per GPU:
+    sixteen ranks re-hashing the same 140 GB would read it sixteen times."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _elsewhere(level: str) -> LevelResult:
+    return LevelResult(level, None, "checked by local rank 0 of this node", elsewhere=True)
+
+
+def verify_output(
+    out_dir: Path,
+    *,
+    levels: tuple[str, ...] = LEVELS,
+    source: str | None = None,
+    generate_options: dict | None = None,
+    progress: bool = False,
+) -> tuple[dict, list[LevelResult]]:
+    """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
+    InputError for bad generate options before any tier runs."""
+    from ..io.rank_subset import check_partial_set
+
+    check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
+    manifest = read_manifest(out_dir)
+    if "generate" in levels:
+        from .generate import check_generate_options
+
+        vocab = int(manifest["hparams"]["vocab_size"])
+        check_generate_options(vocab=vocab, **(generate_options or {}))
+    check_complete(out_dir, manifest)
+    results = []
+    file_checks = _checks_files_here()
+    if "hashes" in levels:
+        hashes = verify_hashes(out_dir, manifest, progress=progress) if file_checks else None
+        results.append(hashes or _elsewhere("hashes"))
+    source_dir = resolve_source_dir(manifest, source)
+    for level in ("weights", "generate"):
+        if level not in levels:
+            continue
+        if level == "weights" and not file_checks:
+            results.append(_elsewhere(level))
+        elif source_dir is None:
+            results.append(
+                LevelResult(
+                    level, None,
+                    f"skipped: source {manifest['source']['path']} is gone; pass --source",
+                )
+            )  # fmt: skip
+        elif level == "weights":
+            results.append(verify_weights(out_dir, manifest, source_dir, progress=progress))
+        elif reference_dir(manifest, source_dir) is None:
+            results.append(
+                LevelResult(
+                    level, None,
+                    f"skipped: {source_dir} is a reshard output and the original is gone; "
+                    "pass the original as --source",
+                )
+            )  # fmt: skip
+        else:
+            from .generate import verify_generation
+
+            ref = reference_dir(manifest, source_dir)
+            options = {"progress": progress, **(generate_options or {})}
+            results.append(verify_generation(out_dir, manifest, ref, **options))
+    return manifest, results
