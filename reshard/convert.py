@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .models.hparams import HParams
 from .io.manifest import MANIFEST, build_manifest, write_manifest
-from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE
 from .io.out_dir import (
     build_record,
     check_out_apart,
@@ -27,7 +25,6 @@ from .io.out_dir import (
     remove_names,
 )
 from .io.output_source import open_model
-from .layout.plan import Plan, Stage, build_plan, check_layout
 from .io.rank_subset import (
     SUBSETS_LOCK,
     all_file_ranks,
@@ -44,12 +41,15 @@ from .io.rank_subset import (
     write_marker,
     written_from_markers,
 )
-from .layout.recipe import Recipe
 from .io.source import Source
-from .models.rules import match_tensors
-from .models.consistency import check_tensors_against_config
 from .io.torchrun import torchrun_world
 from .io.writer import write_atomic, write_plan
+from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE
+from .layout.plan import Plan, Stage, build_plan, check_layout
+from .layout.recipe import Recipe
+from .models.consistency import check_tensors_against_config
+from .models.hparams import HParams
+from .models.rules import match_tensors
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 

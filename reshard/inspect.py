@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .quant import describe, scheme_of
 from .io.source import Source
+from .quant import describe, scheme_of
 from .units import dtype_name, format_bytes
 
 

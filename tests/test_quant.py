@@ -342,7 +342,8 @@ def test_slicing_refuses_a_cut_block_the_config_did_not_predict():
     """The per-tensor check behind split_problems: a range that starts inside a block."""
     from reshard.errors import LayoutError
     from reshard.quant import stored_slice
-    from reshard.models.rules import Rule, TensorRole
+    from reshard.models.family import Rule
+    from reshard.models.rules import TensorRole
 
     rule = Rule("m.{layer}.o_proj.weight", "row", "layer")
     name = "m.0.o_proj.weight_scale_inv"

@@ -12,9 +12,9 @@ from typing import Any
 
 from .. import __version__
 from ..errors import OutputError
-from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
 from ..layout.plan import OutTensor, Plan
 from ..quant import manifest_entry
+from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
 from .source import Source
 from .writer import Written, io_error, write_atomic
 

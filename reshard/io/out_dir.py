@@ -20,9 +20,9 @@ from typing import Any
 import xxhash
 
 from ..errors import OutputBusyError, OutputError
-from .manifest import MANIFEST
 from ..layout.experts.moe import SGLANG_FILE, TRTLLM_FILE
 from ..layout.plan import Plan
+from .manifest import MANIFEST
 from .source import SIDE_FILES, Source
 from .writer import fsync_dir, io_error, partial_path, write_atomic
 

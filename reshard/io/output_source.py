@@ -19,8 +19,8 @@ import xxhash
 
 from ..errors import OutputError
 from ..models.hparams import parse_hparams
-from .manifest import MANIFEST, read_manifest
 from .headers import DTYPE_SIZES, Header, TensorInfo, read_header
+from .manifest import MANIFEST, read_manifest
 from .source import Source, open_source
 from .writer import io_error
 

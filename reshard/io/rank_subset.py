@@ -26,9 +26,9 @@ from pathlib import Path
 import xxhash
 
 from ..errors import InputError, OutputError
+from ..layout.plan import Plan
 from .manifest import MANIFEST
 from .out_dir import RECORD, flock_path, plan_fingerprint, read_own_json, read_record
-from ..layout.plan import Plan
 from .writer import Written, io_error, write_atomic
 
 SUBSETS_LOCK = ".reshard.subsets.lock"

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import xxhash
 
-from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
 from ..errors import CheckpointError, ReshardIOError
 from ..layout.plan import OutFile, OutTensor, Piece, Plan
+from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
 from .headers import DTYPE_SIZES, TensorInfo, encode_header, pread_exact
 from .source import Source
 

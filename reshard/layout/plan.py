@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import LayoutError
+from ..io.headers import CAST_DTYPES, DTYPE_SIZES
 from ..models.hparams import HParams
+from ..models.rules import TensorRole
 from ..quant import check_parts, logical_shape, scheme_of, stored_pieces
 from ..quant.layout import split_problems
 from .recipe import Recipe
-from ..io.headers import CAST_DTYPES, DTYPE_SIZES
-from ..models.rules import TensorRole
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .hparams import HParams
 from ..quant import check_parts, logical_shape, scheme_of
+from .hparams import HParams
+from .mla import mla_shapes
 from .rules import TensorRole
-from .deepseek import mla_shapes
 
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 PLAIN_FLOATS = ("F64", "F32", "F16", "BF16")  # what a 1-D norm or bias may be

@@ -11,31 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_values import (
-    FIX,
-    get_bool,
-    get_dict,
-    get_float,
-    get_int,
-    get_int_list,
-    get_str,
-    get_str_list,
-)
 from ..errors import CheckpointError, ReshardIOError, UnsupportedModelError
-from ..quant import parse_quantization
 from ..io.strict_json import read_json
-
-# config.json "architectures" entry -> model family (one spec module per family).
-ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",  # Llama 2, 3, 3.1, 3.2
-    "MistralForCausalLM": "llama",  # Mistral 7B: Llama layout + sliding window
-    "Qwen2ForCausalLM": "qwen2",  # q/k/v biases
-    "Qwen3ForCausalLM": "qwen3",  # q_norm / k_norm
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "DeepseekV3ForCausalLM": "deepseek_v3",  # MLA, grouped sigmoid routing, shared experts
-}
+from ..quant import parse_quantization
+from . import BY_ARCHITECTURE
+from .config_values import FIX, get_bool, get_dict, get_float, get_int, get_str, get_str_list
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -151,17 +131,18 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HParams:
     """Normalise a config.json dict. Architecture comes only from `architectures`. Every value
-    is type-checked (config_values): a wrong type is an error naming the key, not a crash."""
+    is type-checked (config_values): a wrong type is an error naming the key, not a crash.
+    The generic keys are read here; the family's module reads its own (Family.read_config)."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{where}: config.json is not a JSON object. {FIX}")
     arch = _architecture(config, where)
-    family = ARCHITECTURES[arch]
+    family = BY_ARCHITECTURE[arch]
     heads = get_int(config, "num_attention_heads", where, arch=arch)
     layers = get_int(config, "num_hidden_layers", where, arch=arch)
     rope_theta, rope_scaling = _rope(config, where)
-    return HParams(
+    fields = dict(
         architecture=arch,
-        family=family,
+        family=family.name,
         hidden_size=get_int(config, "hidden_size", where, arch=arch),
         intermediate_size=get_int(config, "intermediate_size", where, default=0, minimum=0),
         num_layers=layers,
@@ -174,30 +155,29 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         rope_scaling=rope_scaling,
         max_position_embeddings=get_int(config, "max_position_embeddings", where, default=4096),
         tie_word_embeddings=get_bool(config, "tie_word_embeddings", where, default=False),
-        attention_bias=family == "qwen2"
-        or get_bool(config, "qkv_bias", where, default=family == "qwen2_moe")
+        attention_bias=get_bool(config, "qkv_bias", where, default=False)
         or get_bool(config, "attention_bias", where, default=False),
-        o_bias=get_bool(config, "attention_bias", where, default=False)
-        and family not in ("qwen2", "qwen2_moe"),
+        o_bias=get_bool(config, "attention_bias", where, default=False),
         mlp_bias=get_bool(config, "mlp_bias", where, default=False),
-        qk_norm=family in ("qwen3", "qwen3_moe"),
+        qk_norm=False,
         hidden_act=get_str(config, "hidden_act", where, default="silu"),
-        layer_types=_layer_types(config, layers, family, where),
         sliding_window=_sliding_window(config, where),
         torch_dtype=_torch_dtype(config, where),
-        **_moe_fields(config, family, layers, where),
         quantization=parse_quantization(config, where=where),
-        **_mla_fields(config, where),
     )
+    fields.update(family.read_config(config, where, fields))
+    default_sliding = fields.pop("default_sliding", None)
+    fields["layer_types"] = _layer_types(config, layers, default_sliding, where)
+    return HParams(**fields)
 
 
 def _architecture(config: dict[str, Any], where: str) -> str:
     archs = get_str_list(config, "architectures", where)
-    known = [a for a in archs if a in ARCHITECTURES]
+    known = [a for a in archs if a in BY_ARCHITECTURE]
     if not known:
         raise UnsupportedModelError(
             f"{where}: architectures={archs} is not supported. Supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}."
+            f"{', '.join(sorted(BY_ARCHITECTURE))}."
         )
     return known[0]
 
@@ -213,8 +193,6 @@ def _kv_heads(config: dict[str, Any], heads: int, where: str) -> int:
 
 
 def _head_dim(config: dict[str, Any], heads: int, where: str, arch: str) -> int:
-    if config.get("kv_lora_rank") is not None:  # MLA: rope runs over qk_rope_head_dim only
-        return get_int(config, "qk_rope_head_dim", where, arch=arch)
     if config.get("head_dim") is not None:
         return get_int(config, "head_dim", where)
     hidden = get_int(config, "hidden_size", where, arch=arch)
@@ -229,93 +207,6 @@ def _head_dim(config: dict[str, Any], heads: int, where: str, arch: str) -> int:
 def _torch_dtype(config: dict[str, Any], where: str) -> str:
     key = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
     return get_str(config, key, where, default="float32")
-
-
-def _moe_fields(config: dict[str, Any], family: str, layers: int, where: str) -> dict[str, Any]:
-    """The MoE fields of HParams; all zero / empty for dense families."""
-    if family == "deepseek_v3":
-        return _deepseek_moe_fields(config, layers, where)
-    if family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
-        return {}
-    key = "num_local_experts" if config.get("num_local_experts") else "num_experts"
-    num_experts = get_int(config, key, where, default=0, minimum=0)
-    if num_experts <= 0:
-        raise CheckpointError(f"{where}: {family} needs num_experts/num_local_experts > 0.")
-    step = get_int(config, "decoder_sparse_step", where, default=1, minimum=0) or 1
-    dense = set(get_int_list(config, "mlp_only_layers", where))
-    shared = get_int(config, "shared_expert_intermediate_size", where, default=0, minimum=0)
-    top_k = get_int(config, "num_experts_per_tok", where, default=0, minimum=0)
-    if top_k > num_experts:
-        raise CheckpointError(
-            f"{where}: num_experts_per_tok={top_k} is more than {key}={num_experts}. {FIX}"
-        )
-    return {
-        "num_experts": num_experts,
-        "num_experts_per_tok": top_k,
-        "moe_intermediate_size": _expert_width(config, family, where),
-        "shared_expert_intermediate_size": shared if family == "qwen2_moe" else 0,
-        "n_group": get_int(config, "n_group", where, default=1, minimum=1)
-        if config.get("n_group")
-        else 1,  # expert groups: placement keeps them on nodes (--gpus-per-node)
-        # Mixtral always renormalises its top-k weights, whatever the config says.
-        "norm_topk_prob": family == "mixtral"
-        or get_bool(config, "norm_topk_prob", where, default=False),
-        "moe_layers": tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
-    }
-
-
-def _deepseek_moe_fields(config: dict[str, Any], layers: int, where: str) -> dict[str, Any]:
-    """DeepSeek-V3 (transformers' DeepseekV3Config names and defaults): layers from
-    first_k_dense_replace on are MoE; n_shared_experts shared experts act as one MLP
-    n_shared x moe_intermediate_size wide; experts come in n_group groups."""
-    experts = get_int(config, "n_routed_experts", where)
-    top_k = get_int(config, "num_experts_per_tok", where)
-    width = get_int(config, "moe_intermediate_size", where)
-    groups = get_int(config, "n_group", where, default=1) if config.get("n_group") else 1
-    keep = get_int(config, "topk_group", where, default=1) if config.get("topk_group") else 1
-    if experts % groups or keep > groups or top_k > experts * keep // groups:
-        raise CheckpointError(
-            f"{where}: n_routed_experts={experts} must split into n_group={groups} equal "
-            f"groups, topk_group={keep} <= n_group and num_experts_per_tok={top_k} <= the "
-            f"experts of the kept groups. {FIX}"
-        )
-    dense = get_int(config, "first_k_dense_replace", where, default=3, minimum=0)
-    return {
-        "num_experts": experts,
-        "num_experts_per_tok": top_k,
-        "moe_intermediate_size": width,
-        "shared_expert_intermediate_size": width
-        * get_int(config, "n_shared_experts", where, default=1, minimum=0),
-        "norm_topk_prob": get_bool(config, "norm_topk_prob", where, default=True),
-        "moe_layers": tuple(range(dense, layers)),
-        "router_scoring": "sigmoid",
-        "n_group": groups,
-        "topk_group": keep,
-        "routed_scaling_factor": get_float(
-            config, "routed_scaling_factor", where, default=2.5, positive=True
-        ),
-    }
-
-
-def _mla_fields(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """Multi-head latent attention sizes, present when config.json has kv_lora_rank."""
-    if config.get("kv_lora_rank") is None:
-        return {}
-    q_rank = config.get("q_lora_rank")
-    return {
-        "q_lora_rank": 0 if q_rank is None else get_int(config, "q_lora_rank", where),
-        "kv_lora_rank": get_int(config, "kv_lora_rank", where),
-        "qk_nope_head_dim": get_int(config, "qk_nope_head_dim", where),
-        "v_head_dim": get_int(config, "v_head_dim", where),
-        "rope_interleave": get_bool(config, "rope_interleave", where, default=True),
-        "num_mtp_layers": get_int(config, "num_nextn_predict_layers", where, default=0, minimum=0),
-    }
-
-
-def _expert_width(config: dict[str, Any], family: str, where: str) -> int:
-    # Mixtral's experts are intermediate_size wide; the Qwen MoEs have their own key.
-    key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
-    return get_int(config, key, where, default=0, minimum=0)
 
 
 # Keys each rope type reads (reshard/runtime/rope.py); present and numeric, or refused here.
@@ -361,10 +252,12 @@ def _sliding_window(config: dict[str, Any], where: str) -> int | None:
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def _layer_types(config: dict[str, Any], layers: int, family: str, where: str) -> tuple[str, ...]:
+def _layer_types(
+    config: dict[str, Any], layers: int, default_sliding: tuple[bool, ...] | None, where: str
+) -> tuple[str, ...]:
     """Which layers use the sliding window, following transformers' config classes: an explicit
-    `layer_types` wins; else Qwen2 slides from max_window_layers on, Qwen2-MoE slides on even
-    layers below it, and Mistral / Qwen3-MoE slide on every layer."""
+    `layer_types` wins; else the family's default pattern (Family.read_config's
+    `default_sliding`), else every layer slides (Mistral, Qwen3-MoE)."""
     types = get_str_list(config, "layer_types", where)
     if types and (len(types) != layers or not set(types) <= set(LAYER_TYPES)):
         raise CheckpointError(
@@ -376,13 +269,7 @@ def _layer_types(config: dict[str, Any], layers: int, family: str, where: str) -
         return full
     if types:
         return tuple(types)
-    first = get_int(config, "max_window_layers", where, default=0, minimum=0)
-    if family == "qwen2":
-        slides = [i >= first for i in range(layers)]
-    elif family == "qwen2_moe":
-        slides = [(i + 1) % 2 == 1 and i < first for i in range(layers)]
-    else:
-        slides = [True] * layers
+    slides = default_sliding if default_sliding is not None else (True,) * layers
     return tuple("sliding_attention" if s else "full_attention" for s in slides)
 
 

@@ -1,42 +1,11 @@
-"""Llama 2/3/3.1/3.2 and Mistral: the dense decoder every other family extends."""
+"""Llama 2/3/3.1/3.2 and Mistral (Llama's layout plus a sliding window on every layer): the
+dense decoder every other family extends."""
 
-from .rules import Rule
+from .blocks import ATTENTION, DENSE_MLP, GLOBAL
+from .family import Family
 
-ATTENTION = (
-    Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer"),
-    Rule("model.layers.{layer}.post_attention_layernorm.weight", "replicate", "layer"),
-    Rule("model.layers.{layer}.self_attn.q_proj.weight", "column", "layer", heads="q"),
-    Rule("model.layers.{layer}.self_attn.k_proj.weight", "column", "layer", heads="kv"),
-    Rule("model.layers.{layer}.self_attn.v_proj.weight", "column", "layer", heads="kv"),
-    Rule("model.layers.{layer}.self_attn.o_proj.weight", "row", "layer", heads="q"),
-    # attention_bias=true (some Llama fine-tunes); Qwen2 has q/k/v biases only.
-    Rule("model.layers.{layer}.self_attn.q_proj.bias", "column", "layer", heads="q", optional=True),
-    Rule(
-        "model.layers.{layer}.self_attn.k_proj.bias", "column", "layer", heads="kv", optional=True
-    ),
-    Rule(
-        "model.layers.{layer}.self_attn.v_proj.bias", "column", "layer", heads="kv", optional=True
-    ),
-    # Kept whole and added once, after the all-reduce.
-    Rule("model.layers.{layer}.self_attn.o_proj.bias", "replicate", "layer", optional=True),
-    # Old Llama exports saved the RoPE table; it is derived from config.json.
-    Rule("model.layers.{layer}.self_attn.rotary_emb.inv_freq", "drop", "layer", optional=True),
+FAMILY = Family(
+    name="llama",
+    architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    rules=GLOBAL + ATTENTION + DENSE_MLP,
 )
-
-DENSE_MLP = (
-    Rule("model.layers.{layer}.mlp.gate_proj.weight", "column", "dense"),
-    Rule("model.layers.{layer}.mlp.up_proj.weight", "column", "dense"),
-    Rule("model.layers.{layer}.mlp.down_proj.weight", "row", "dense"),
-    # mlp_bias=true (rare Llama variants); the down bias is added once after the all-reduce.
-    Rule("model.layers.{layer}.mlp.gate_proj.bias", "column", "dense", optional=True),
-    Rule("model.layers.{layer}.mlp.up_proj.bias", "column", "dense", optional=True),
-    Rule("model.layers.{layer}.mlp.down_proj.bias", "replicate", "dense", optional=True),
-)
-
-GLOBAL = (
-    Rule("model.embed_tokens.weight", "vocab", "global"),
-    Rule("model.norm.weight", "replicate", "global"),
-    Rule("lm_head.weight", "head", "global"),  # absent when tie_word_embeddings
-)
-
-RULES = GLOBAL + ATTENTION + DENSE_MLP

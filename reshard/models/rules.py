@@ -1,4 +1,4 @@
-"""Model specs: per family, a table of HF tensor-name templates -> parallel role.
+"""Every source tensor to its role, by the family's rules (models/<family>.py).
 
 `match_tensors` classifies every source tensor by exactly one rule and checks that every
 required tensor is there; nothing is silently dropped. The tables live in one small module per
@@ -11,53 +11,15 @@ import re
 from dataclasses import dataclass
 
 from ..errors import UnsupportedModelError
-from .hparams import HParams
 from ..quant import check_quantized_role, split_name
-
-# The closed vocabulary of roles; plan.py has one slicing function per role.
-ROLES = (
-    "replicate",  # whole on every rank that needs it
-    "column",  # split dim 0 (on head boundaries when `heads` is set)
-    "row",  # split dim 1 (on head boundaries when `heads` is set)
-    "vocab",  # embedding: dim 0, zero-padded to a multiple of tp
-    "head",  # lm_head: like vocab, on the last stage
-    "expert_column",  # one routed expert's gate/up: dim 0 split tp/ep ways
-    "expert_row",  # one routed expert's down: dim 1 split tp/ep ways
-    "fused_expert_column",  # [E, 2I, H]: gate rows then up rows, per expert
-    "fused_expert_row",  # [E, H, I]
-    "drop",  # derivable from config (rotary inv_freq): recorded, not written
-)
-
-# Where a rule applies: every checkpoint, every layer, dense-MLP layers, MoE layers, or once
-# per expert of an MoE layer.
-SCOPES = ("global", "layer", "dense", "moe", "expert", "mtp")
+from . import family_of
+from .family import Rule
+from .hparams import HParams
 
 # DeepSeek-V3's multi-token-prediction layer(s), stored as layers num_hidden_layers.. on:
 # not part of next-token generation (transformers ignores them too), so skipped, not written.
 MTP_RULE_TEMPLATE = "model.layers.{layer}.*"
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Rule:
-    template: str  # HF name with {layer} / {expert}
-    role: str
-    scope: str
-    # Divisibility is on heads, not rows: "q"/"kv" (head_dim wide), MLA's "qk" (nope + rope),
-    # "kv_b" (k nope + v) and "v" (v_head_dim) per head.
-    heads: str | None = None
-    optional: bool = False
-    group: str | None = None  # MoE layers need one complete group ("split" or "fused")
-
-    def __post_init__(self):
-        assert self.role in ROLES and self.scope in SCOPES, self
-
-    @property
-    def regex(self) -> re.Pattern:
-        pattern = re.escape(self.template)
-        pattern = pattern.replace(r"\{layer\}", r"(?P<layer>\d+)")
-        pattern = pattern.replace(r"\{expert\}", r"(?P<expert>\d+)")
-        return re.compile(pattern + "$")
 
 
 @dataclass(frozen=True)
@@ -75,18 +37,7 @@ class TensorRole:
 
 
 def rules_for(hp: HParams) -> tuple[Rule, ...]:
-    from . import deepseek, llama, moe, qwen
-
-    tables = {
-        "llama": llama.RULES,
-        "qwen2": qwen.QWEN2_RULES,
-        "qwen3": qwen.QWEN3_RULES,
-        "mixtral": moe.MIXTRAL_RULES,
-        "qwen2_moe": moe.QWEN2_MOE_RULES,
-        "qwen3_moe": moe.QWEN3_MOE_RULES,
-        "deepseek_v3": deepseek.DEEPSEEK_V3_RULES,
-    }
-    return tables[hp.family]
+    return family_of(hp).rules
 
 
 def match_tensors(hp: HParams, names, *, where: str = "the checkpoint") -> dict[str, TensorRole]:

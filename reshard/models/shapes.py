@@ -7,10 +7,11 @@ order transformers saves them.
 
 from __future__ import annotations
 
-from .hparams import HParams
 from ..quant import scheme_of, stored_tensors
-from .rules import Rule, _expected, rules_for
-from .deepseek import mla_shapes
+from .family import Rule
+from .hparams import HParams
+from .mla import mla_shapes
+from .rules import _expected, rules_for
 
 
 def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:

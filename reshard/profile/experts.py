@@ -12,8 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..layout.experts.report import ExpertLoad, PlacementReport, format_placement_report, report_placement
 from ..layout.experts.place import check_layout
+from ..layout.experts.report import (
+    ExpertLoad,
+    PlacementReport,
+    format_placement_report,
+    report_placement,
+)
 from ..models.hparams import HParams, load_hparams
 from ..progress import progress_bar
 
@@ -47,9 +52,9 @@ def profile_experts(
 ) -> ExpertProfile:
     """Load MODEL at world size 1, run the prompts, count tokens per expert per MoE layer.
     `ep` is only the report's (checked before the model runs); the load file has none."""
+    from ..io.source import resolve_model
     from ..runtime.launch import default_device
     from ..runtime.load import load_source_model
-    from ..io.source import resolve_model
 
     path = resolve_model(model)[0]
     hp = load_hparams(path)

@@ -1,6 +1,6 @@
 """`reshard profile layers`: time one module of each distinct item kind at the model's real
 shapes with random weights, from config.json alone, on CPU or CUDA (CUDA events there).
-The result is the costs.json content that reshard.layout.stages.costs reads back; no stage is picked here.
+The result is the costs.json that layout/stages/costs.py reads back; no stage is picked here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, ReshardIOError
 from ..layout.stages.costs import (
     COSTS_FORMAT,
     COSTS_VERSION,
@@ -24,7 +25,6 @@ from ..layout.stages.costs import (
     item_kinds,
     model_shape,
 )
-from ..errors import InputError, ReshardIOError
 from ..models.hparams import DTYPE_BYTES, HParams
 from ..progress import progress_bar
 

@@ -5,6 +5,7 @@ with, before any byte is written. The per-tensor check at slicing time is in qua
 
 from __future__ import annotations
 
+from ..models import family_of
 from ..models.hparams import HParams
 from ..models.rules import rules_for
 from . import PACK, QuantScheme, scheme_of
@@ -53,7 +54,7 @@ def _splits(hp: HParams, tp: int, ep: int):
         for leaf, dim in _MLP:
             yield f"model.layers.{dense[0]}.mlp.{leaf}.weight", dim, hp.intermediate_size, tp
     if hp.is_moe:
-        block = "block_sparse_moe" if hp.family == "mixtral" else "mlp"
+        block = family_of(hp).features.moe_block
         first = f"model.layers.{hp.moe_layers[0]}.{block}.experts.0."
         for leaf, dim in _MLP:
             yield f"{first}{leaf}.weight", dim, hp.moe_intermediate_size, etp

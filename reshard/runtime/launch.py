@@ -26,8 +26,8 @@ import torch.multiprocessing as mp
 from .. import errors
 from ..errors import InputError
 from ..io.manifest import read_manifest
-from ..progress import progress_bar
 from ..io.tensor_bytes import all_gather_objects
+from ..progress import progress_bar
 from .dist import build_comm
 from .generate import PromptResult, generate_greedy
 from .load import load_rank, load_source_model

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError, OutputError
-from ..models.hparams import HParams, load_hparams
-from ..quant import scheme_of
-from ..models.rules import is_mtp_name, rules_for
 from ..io.strict_json import read_json
+from ..models.hparams import HParams, load_hparams
+from ..models.rules import is_mtp_name, rules_for
+from ..quant import scheme_of
 from .dequant import dequantize_tensors
 from .dist import Comm
 from .model import CausalLM, build_model

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..models import family_of
 from ..models.hparams import HParams
 from ..models.rules import is_mtp_name
 from .cache import KVCache, Step
@@ -23,7 +24,6 @@ from .moe import ExpertMap, MoEBlock, build_expert_map
 from .rope import compute_inv_freq, rope_cos_sin
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_MOE_BLOCKS = ("block_sparse_moe", "mlp")  # Mixtral on disk / everything else
 
 
 class DecoderLayer(nn.Module):
@@ -34,9 +34,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
         attention = MLAttention if hp.is_mla else Attention
         self.self_attn = attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
-        self.ffn_name = _ffn_name(tensors, prefix) if layer in hp.moe_layers else "mlp"
+        moe = layer in hp.moe_layers
+        self.ffn_name = family_of(hp).features.moe_block if moe else "mlp"
         ffn_prefix = f"{prefix}{self.ffn_name}."
-        if layer in hp.moe_layers:
+        if moe:
             self.add_module(self.ffn_name, MoEBlock(hp, tensors, ffn_prefix, emap, comm))
         else:
             self.add_module(self.ffn_name, MLP(hp, tensors, ffn_prefix, comm))
@@ -47,13 +48,6 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
         ffn = getattr(self, self.ffn_name)
         return x + ffn(self.post_attention_layernorm(x), step.token_valid)
-
-
-def _ffn_name(tensors: Tensors, prefix: str) -> str:
-    for name in _MOE_BLOCKS:
-        if f"{prefix}{name}.gate.weight" in tensors:
-            return name
-    raise KeyError(f"{prefix}mlp.gate.weight")
 
 
 class Body(nn.Module):

@@ -19,13 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import family_of
 from ..models.hparams import HParams
 from .dist import Comm
 from .layers import MLP, Tensors, get_activation, linear_like
-
-# Per-expert tensor names: (gate, up, down). Mixtral: w1/w3/w2; Qwen-MoE: *_proj.
-_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
-_QWEN_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,7 @@ class MoEBlock(nn.Module):
         if self.fused:
             self.experts = FusedExpertWeights(tensors, f"{prefix}experts.")
         else:
-            names = _EXPERT_NAMES.get(hp.family, _QWEN_EXPERT_NAMES)
+            names = family_of(hp).features.expert_names  # (gate, up, down) per expert
             self.experts = PerExpertWeights(tensors, f"{prefix}experts.", emap.local_experts, names)
         if f"{prefix}shared_expert_gate.weight" in tensors:
             self.shared_expert = MLP(hp, tensors, f"{prefix}shared_expert.", comm)
@@ -121,10 +118,8 @@ class MoEBlock(nn.Module):
             self.gate.e_score_correction_bias = nn.Parameter(torch.empty_like(bias, device="meta"))
         self.top_k, self.comm, self.act = hp.num_experts_per_tok, comm, get_activation(hp)
         self.hp = hp
-        # Mixtral always renormalises the top-k weights (transformers hard-codes it).
-        self.renormalise = hp.norm_topk_prob or hp.family == "mixtral"
-        # Mixtral and DeepSeek do not cast the fp32 weights back before scaling the experts.
-        self.keep_fp32_weights = hp.family == "mixtral" or hp.router_scoring == "sigmoid"
+        self.renormalise = hp.norm_topk_prob  # Mixtral's config parse forces it on
+        self.keep_fp32_weights = family_of(hp).features.router_fp32_weights
         self.emap = emap
         self.expert_load: torch.Tensor | None = None  # set to zeros([E]) to record routing
 

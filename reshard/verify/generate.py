@@ -21,13 +21,13 @@ import torch
 
 from ..errors import InputError
 from ..io.headers import DTYPE_SIZES
-from ..units import dtype_name, format_bytes
-from .levels import LevelResult
-from .compare import PromptComparison, compare_results, tolerance_for
 from ..runtime.generate import check_prompts
 from ..runtime.launch import default_device, generate_reference, generate_sharded
 from ..runtime.load import resolve_dtype
 from ..runtime.streamed import free_memory, reference_streamed, source_bytes
+from ..units import dtype_name, format_bytes
+from .compare import PromptComparison, compare_results, tolerance_for
+from .levels import LevelResult
 
 DEFAULT_PROMPT_LENGTHS = (11, 3, 7, 16)
 COMPUTE_DTYPES = ("float32", "checkpoint")

@@ -20,9 +20,9 @@ import xxhash
 from safetensors import SafetensorError, safe_open
 
 from ..errors import OutputError
+from ..io.headers import DTYPE_SIZES, TORCH_DTYPES, read_header
 from ..io.manifest import manifest_seal_failure, read_manifest
 from ..progress import progress_bar
-from ..io.headers import DTYPE_SIZES, TORCH_DTYPES, read_header
 
 LEVELS = ("hashes", "weights", "generate")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 from ...errors import LayoutError
-from .nodes import NodeLayout, place_model_on_nodes
-from .report import read_expert_load, to_sglang, to_trtllm_yaml
-from .place import Placement, place_model
 from ...models.hparams import HParams
 from ..recipe import Recipe
+from .nodes import NodeLayout, place_model_on_nodes
+from .place import Placement, place_model
+from .report import read_expert_load, to_sglang, to_trtllm_yaml
 
 SGLANG_FILE = "expert_location.sglang.json"
 TRTLLM_FILE = "moe_load_balancer.yaml"

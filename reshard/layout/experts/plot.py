@@ -9,12 +9,12 @@ import os
 from collections.abc import Mapping, Sequence
 
 from reshard.errors import InputError, ReshardIOError
-from reshard.profile.experts import ExpertProfile
-from reshard.layout.experts.report import balancedness, read_expert_load
-from reshard.layout.experts.place import Placement, place_model
-from reshard.models.hparams import HParams
 from reshard.layout.experts.moe import solve_placements
+from reshard.layout.experts.place import Placement, place_model
+from reshard.layout.experts.report import balancedness, read_expert_load
 from reshard.layout.recipe import Recipe
+from reshard.models.hparams import HParams
+from reshard.profile.experts import ExpertProfile
 
 INSTALL = "pip install 'reshard[plot]'"
 

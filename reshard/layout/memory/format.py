@@ -10,8 +10,8 @@ from typing import Any
 
 from ..experts.report import format_placement_report
 from ..gpus import GB, GPUS
-from .model import DEFAULT_UTILIZATION, Gpu, KvBudget, MemoryReport, RankMemory, kv_bytes_per_token
 from .activation import EngineLimits, engine_defaults
+from .model import DEFAULT_UTILIZATION, Gpu, KvBudget, MemoryReport, RankMemory, kv_bytes_per_token
 from .plan import PlanMemory
 from .suggest import Candidate, Rejection, Suggestion, why_not
 

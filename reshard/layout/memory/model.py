@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import InputError
-from ..gpus import GB, GPUS, find_gpu
 from ...models.hparams import HParams
-from .activation import EngineLimits, activation_peak_bytes
+from ..gpus import GB, GPUS, find_gpu
 from ..plan import Plan, Stage
+from .activation import EngineLimits, activation_peak_bytes
 
 DEFAULT_UTILIZATION = 0.9  # vLLM's --gpu-memory-utilization default
 

@@ -12,21 +12,21 @@ from pathlib import Path
 
 from ...convert import plan_source, resolve_placements, resolve_stages
 from ...errors import InputError
+from ...io.headers import CAST_DTYPES, DTYPE_SIZES
+from ...io.manifest import MANIFEST
+from ...io.output_source import open_model
+from ...io.source import INDEX, SINGLE, Source, open_config
+from ...models.hparams import HParams, parse_hparams
+from ...models.rules import TensorRole, match_tensors
+from ...models.shapes import synthesize_tensors
 from ..experts.nodes import NodeLayout
 from ..experts.report import PlacementReport, read_expert_load, report_placement
 from ..gpus import GPUS
-from ...models.hparams import HParams, parse_hparams
-from ...io.manifest import MANIFEST
-from .model import Gpu, KvBudget, MemoryReport, memory_report
-from .activation import EngineLimits
-from ...io.output_source import open_model
-from ..stages.pipeline import StagePlan, plan_stages
 from ..plan import Plan, build_plan, check_layout
 from ..recipe import Recipe
-from ...io.headers import CAST_DTYPES, DTYPE_SIZES
-from ...io.source import INDEX, SINGLE, Source, open_config
-from ...models.rules import TensorRole, match_tensors
-from ...models.shapes import synthesize_tensors
+from ..stages.pipeline import StagePlan, plan_stages
+from .activation import EngineLimits
+from .model import Gpu, KvBudget, MemoryReport, memory_report
 
 EXPERT_ROLES = ("expert_column", "expert_row", "fused_expert_column", "fused_expert_row")
 

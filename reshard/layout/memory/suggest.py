@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 from ...convert import resolve_stages
 from ...errors import LayoutError
-from ..gpus import GB
 from ...models.hparams import HParams
-from .model import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
-from .activation import EngineLimits
-from .plan import ModelShapes, weight_lower_bound
-from ..plan import Stage, build_plan, valid_tp
 from ...quant.layout import split_problems
+from ..gpus import GB
+from ..plan import Stage, build_plan, valid_tp
 from ..recipe import Recipe
+from .activation import EngineLimits
+from .model import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
+from .plan import ModelShapes, weight_lower_bound
 
 
 @dataclass(frozen=True)

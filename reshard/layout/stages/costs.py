@@ -1,7 +1,7 @@
 """Per-item pipeline costs. Item 0 is the embedding, items 1..L the decoder layers, item L+1
 the final norm + lm_head. A cost is a roofline estimate (analytic_costs) or the measured median
 of one module of each distinct item kind at the real shapes (profile_layers -> costs.json);
-weight bytes always come from config.json. Nothing here picks stages: see reshard.layout.stages.solve.
+weight bytes always come from config.json. Nothing here picks stages: see stages/solve.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InputError, ReshardIOError
-from ..gpus import GPUS, find_gpu
-from ...models.hparams import DTYPE_BYTES, HParams
-from ...models.deepseek import mla_shapes
 from ...io.strict_json import read_json
+from ...models.hparams import DTYPE_BYTES, HParams
+from ...models.mla import mla_shapes
+from ..gpus import GPUS, find_gpu
 
 COSTS_FORMAT = "reshard-costs"
 COSTS_VERSION = 1

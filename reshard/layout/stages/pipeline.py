@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .costs import Item, analytic_costs, item_costs_from_profile, read_costs
 from ...models.hparams import DTYPE_BYTES, HParams
 from ..plan import Stage
 from ..recipe import Recipe
+from .costs import Item, analytic_costs, item_costs_from_profile, read_costs
 from .report import StageReport, report_stages
 from .solve import balance_layers, check_stage_layers, items_from_layers, stage_layers
 

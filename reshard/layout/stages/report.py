@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ...units import format_bytes, format_ns
 from .solve import (
     Split,
     StageLayers,
@@ -19,7 +20,6 @@ from .solve import (
     items_from_layers,
     stage_layers,
 )
-from ...units import format_bytes, format_ns
 
 
 @dataclass(frozen=True)

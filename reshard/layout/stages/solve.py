@@ -1,7 +1,7 @@
 """Pipeline stages: split the chain of items [embedding, decoder layer 0..L-1, final norm +
 lm_head] into contiguous stages that minimise the slowest stage, optionally under a per-stage
 memory cap, and report that split against the lower bound and the engines' default even split.
-Pure functions over plain numbers: no I/O, no torch. Item costs come from reshard.layout.stages.costs
+Pure functions over plain numbers: no I/O, no torch. Item costs come from costs.py
 (integer ns); float costs are solved exactly too (scaled to integers by a power of two).
 """
 

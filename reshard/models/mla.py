@@ -1,19 +1,22 @@
-"""DeepSeek-V3 / R1 (and Kimi-K2, same layout): multi-head latent attention, dense layers
-below first_k_dense_replace, routed experts with a grouped sigmoid router and shared experts.
+"""Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2) as data: its tensor rules and the
+shapes config.json implies for them.
 
 MLA's down-projections (q_a, kv_a_with_mqa) and their norms are small and replicated; the
 up-projections (q_b / q_proj, kv_b) split by heads on dim 0 and o_proj by heads on dim 1.
-The multi-token-prediction layer (index num_hidden_layers) is matched in specs/__init__.py.
 """
 
-from .hparams import HParams
-from .rules import Rule
-from .llama import DENSE_MLP, GLOBAL
-from .moe import QWEN_MOE_EXPERTS
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .family import Rule
+
+if TYPE_CHECKING:
+    from .hparams import HParams
 
 _ATTN = "model.layers.{layer}.self_attn."
 
-MLA = (
+MLA_RULES = (
     Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer"),
     Rule("model.layers.{layer}.post_attention_layernorm.weight", "replicate", "layer"),
     # q_lora_rank set (V3, R1): a low-rank q; q_lora_rank null (V2-Lite): one q_proj.
@@ -30,16 +33,6 @@ MLA = (
     Rule(_ATTN + "kv_a_proj_with_mqa.bias", "replicate", "layer", optional=True),
     Rule(_ATTN + "o_proj.bias", "replicate", "layer", optional=True),
 )
-
-ROUTER_AND_SHARED = (
-    # fp32 in the checkpoint (transformers keeps gate.weight and the bias in fp32).
-    Rule("model.layers.{layer}.mlp.gate.e_score_correction_bias", "replicate", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_experts.gate_proj.weight", "column", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_experts.up_proj.weight", "column", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_experts.down_proj.weight", "row", "moe"),
-)
-
-DEEPSEEK_V3_RULES = GLOBAL + MLA + DENSE_MLP + QWEN_MOE_EXPERTS + ROUTER_AND_SHARED
 
 
 def mla_shapes(hp: HParams) -> dict[str, tuple[tuple[str, int], ...]]:

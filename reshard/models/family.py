@@ -1,0 +1,79 @@
+"""What a model family is, as data: the tensor-name rules that say how each tensor splits, the
+config.json keys only this family reads, and the switches the runtime turns on for it. One
+module per family in this package holds one `Family`; code elsewhere reads these fields and
+never asks for a family by name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# The closed vocabulary of roles; plan.py has one slicing function per role.
+ROLES = (
+    "replicate",  # whole on every rank that needs it
+    "column",  # split dim 0 (on head boundaries when `heads` is set)
+    "row",  # split dim 1 (on head boundaries when `heads` is set)
+    "vocab",  # embedding: dim 0, zero-padded to a multiple of tp
+    "head",  # lm_head: like vocab, on the last stage
+    "expert_column",  # one routed expert's gate/up: dim 0 split tp/ep ways
+    "expert_row",  # one routed expert's down: dim 1 split tp/ep ways
+    "fused_expert_column",  # [E, 2I, H]: gate rows then up rows, per expert
+    "fused_expert_row",  # [E, H, I]
+    "drop",  # derivable from config (rotary inv_freq): recorded, not written
+)
+
+# Where a rule applies: every checkpoint, every layer, dense-MLP layers, MoE layers, or once
+# per expert of an MoE layer.
+SCOPES = ("global", "layer", "dense", "moe", "expert", "mtp")
+
+
+@dataclass(frozen=True)
+class Rule:
+    template: str  # HF name with {layer} / {expert}
+    role: str
+    scope: str
+    # Divisibility is on heads, not rows: "q"/"kv" (head_dim wide), MLA's "qk" (nope + rope),
+    # "kv_b" (k nope + v) and "v" (v_head_dim) per head.
+    heads: str | None = None
+    optional: bool = False
+    group: str | None = None  # MoE layers need one complete group ("split" or "fused")
+
+    def __post_init__(self):
+        assert self.role in ROLES and self.scope in SCOPES, self
+
+    @property
+    def regex(self) -> re.Pattern:
+        pattern = re.escape(self.template)
+        pattern = pattern.replace(r"\{layer\}", r"(?P<layer>\d+)")
+        pattern = pattern.replace(r"\{expert\}", r"(?P<expert>\d+)")
+        return re.compile(pattern + "$")
+
+
+@dataclass(frozen=True)
+class Features:
+    """Runtime switches a family turns on; the defaults are Llama's."""
+
+    moe_block: str = "mlp"  # the module holding the router and experts (Mixtral: block_sparse_moe)
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    # The router's fp32 top-k weights scale the experts without a cast back (transformers'
+    # Mixtral and DeepSeek-V3 do this; Qwen casts to the hidden dtype first).
+    router_fp32_weights: bool = False
+
+
+def no_overrides(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. `read_config(config, where, fields)` returns the HParams fields this
+    family sets or reads under its own keys; `fields` are the generic ones already parsed."""
+
+    name: str  # recorded as hparams.family in the manifest
+    architectures: tuple[str, ...]  # config.json `architectures` entries it serves
+    rules: tuple[Rule, ...]
+    read_config: Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any]] = no_overrides
+    features: Features = field(default_factory=Features)

@@ -1,0 +1,24 @@
+"""Qwen3-MoE: Qwen3's q/k norms, routed experts in `mlp` (no shared expert); layers in
+mlp_only_layers stay dense."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .blocks import ATTENTION, DENSE_MLP, GLOBAL, QK_NORM, QWEN_MOE_EXPERTS
+from .family import Family
+from .moe_config import read_experts
+
+
+def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:
+    layers = fields["num_layers"]
+    moe = read_experts(config, where, layers, family="qwen3_moe", width_key="moe_intermediate_size")
+    return {**moe, "qk_norm": True}
+
+
+FAMILY = Family(
+    name="qwen3_moe",
+    architectures=("Qwen3MoeForCausalLM",),
+    rules=GLOBAL + ATTENTION + QK_NORM + DENSE_MLP + QWEN_MOE_EXPERTS,
+    read_config=read_config,
+)
