@@ -27,7 +27,7 @@ from ..runtime.load import resolve_dtype
 from ..runtime.streamed import free_memory, reference_streamed, source_bytes
 from ..units import dtype_name, format_bytes
 from .compare import PromptComparison, compare_results, tolerance_for
-from .levels import LevelResult
+from .result import LevelResult
 
 DEFAULT_PROMPT_LENGTHS = (11, 3, 7, 16)
 COMPUTE_DTYPES = ("float32", "checkpoint")

@@ -3,7 +3,7 @@
 1. hashes: every file present with the recorded size, every tensor's xxh3-128 matches.
 2. weights: every output tensor's pieces equal the source tensors bitwise (after the recorded
    cast), padding rows are zero, and the pieces cover every element of every source tensor.
-The generation tier lives in reshard.runtime; `verify_output` runs all the tiers asked for.
+The generation tier lives in verify/generate.py; `verify_output` runs all the tiers asked for.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,8 @@ from ..errors import OutputError
 from ..io.headers import DTYPE_SIZES, TORCH_DTYPES, read_header
 from ..io.manifest import manifest_seal_failure, read_manifest
 from ..progress import progress_bar
-
-LEVELS = ("hashes", "weights", "generate")
-
-
-@dataclass
-class LevelResult:
-    level: str
-    passed: bool | None  # None: skipped, or checked by another process (elsewhere)
-    detail: str = ""
-    failures: list[str] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-    elsewhere: bool = False  # under torchrun: another rank runs this tier
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "detail": self.detail, "failures": self.failures}
+from .generate import check_generate_options, verify_generation
+from .result import LEVELS, LevelResult
 
 
 def check_complete(out_dir: Path, manifest: dict) -> None:
@@ -381,8 +367,6 @@ def verify_output(
     check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
     manifest = read_manifest(out_dir)
     if "generate" in levels:
-        from .generate import check_generate_options
-
         vocab = int(manifest["hparams"]["vocab_size"])
         check_generate_options(vocab=vocab, **(generate_options or {}))
     check_complete(out_dir, manifest)
@@ -415,8 +399,6 @@ def verify_output(
                 )
             )  # fmt: skip
         else:
-            from .generate import verify_generation
-
             ref = reference_dir(manifest, source_dir)
             options = {"progress": progress, **(generate_options or {})}
             results.append(verify_generation(out_dir, manifest, ref, **options))
