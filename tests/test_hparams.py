@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from reshard.errors import UnsupportedModelError
+from reshard.errors import CheckpointError, UnsupportedModelError
 from reshard.models.hparams import parse_hparams
 
 CASES = [
@@ -56,3 +56,17 @@ def test_rope_parameters_v4_and_v5_read_the_same():
 def test_unknown_architecture_lists_supported():
     with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
         parse_hparams({"architectures": ["GPT2LMHeadModel"]}, where="x/config.json")
+
+
+def test_absurd_layer_count_is_refused_before_per_layer_tables():
+    """num_hidden_layers sizes per-layer tuples (layer types, MoE layers): 10**30 would
+    allocate until the machine runs out of memory, so it is refused by its key first."""
+    config = {
+        "architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+        "vocab_size": 101, "num_hidden_layers": 10**30, "num_experts": 4,
+        "use_sliding_window": True, "sliding_window": 8,
+    }  # fmt: skip
+    with pytest.raises(CheckpointError) as e:
+        parse_hparams(config, where="m/config.json")
+    assert str(e.value).startswith("m/config.json: 'num_hidden_layers'"), str(e.value)
+    assert "an integer in 1..100000" in str(e.value)

@@ -31,11 +31,20 @@ def _lookup(config: dict, key: str, where: str, default: Any, arch: str) -> Any:
 
 
 def get_int(
-    config: dict, key: str, where: str, *, default: Any = REQUIRED, minimum: int = 1, arch=""
+    config: dict,
+    key: str,
+    where: str,
+    *,
+    default: Any = REQUIRED,
+    minimum: int = 1,
+    maximum: int | None = None,
+    arch="",
 ) -> int:
     value = _lookup(config, key, where, default, arch)
     if type(value) is not int or value < minimum:
         raise _bad(where, key, value, f"an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise _bad(where, key, value, f"an integer in {minimum}..{maximum}")
     return value
 
 

@@ -17,6 +17,8 @@ from ..quant import parse_quantization
 from . import BY_ARCHITECTURE
 from .config_values import FIX, get_bool, get_dict, get_float, get_int, get_str, get_str_list
 
+MAX_LAYERS = 100_000  # the deepest published decoders have ~160 layers
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -138,7 +140,8 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
     arch = _architecture(config, where)
     family = BY_ARCHITECTURE[arch]
     heads = get_int(config, "num_attention_heads", where, arch=arch)
-    layers = get_int(config, "num_hidden_layers", where, arch=arch)
+    # Per-layer tables are built from it: a hostile 10**30 must not allocate them.
+    layers = get_int(config, "num_hidden_layers", where, maximum=MAX_LAYERS, arch=arch)
     rope_theta, rope_scaling = _rope(config, where)
     fields = dict(
         architecture=arch,
@@ -165,9 +168,10 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
         torch_dtype=_torch_dtype(config, where),
         quantization=parse_quantization(config, where=where),
     )
+    explicit = _explicit_layer_types(config, layers, where)  # checked before anything per layer
     fields.update(family.read_config(config, where, fields))
     default_sliding = fields.pop("default_sliding", None)
-    fields["layer_types"] = _layer_types(config, layers, default_sliding, where)
+    fields["layer_types"] = _layer_types(config, layers, explicit, default_sliding, where)
     return HParams(**fields)
 
 
@@ -252,23 +256,30 @@ def _sliding_window(config: dict[str, Any], where: str) -> int | None:
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def _layer_types(
-    config: dict[str, Any], layers: int, default_sliding: tuple[bool, ...] | None, where: str
-) -> tuple[str, ...]:
-    """Which layers use the sliding window, following transformers' config classes: an explicit
-    `layer_types` wins; else the family's default pattern (Family.read_config's
-    `default_sliding`), else every layer slides (Mistral, Qwen3-MoE)."""
+def _explicit_layer_types(config: dict[str, Any], layers: int, where: str) -> tuple[str, ...]:
     types = get_str_list(config, "layer_types", where)
     if types and (len(types) != layers or not set(types) <= set(LAYER_TYPES)):
         raise CheckpointError(
             f"{where}: 'layer_types' must list one of {', '.join(LAYER_TYPES)} for each of the "
             f"{layers} layers (num_hidden_layers); it has {len(types)} entries. {FIX}"
         )
-    full = tuple("full_attention" for _ in range(layers))
+    return tuple(types)
+
+
+def _layer_types(
+    config: dict[str, Any],
+    layers: int,
+    explicit: tuple[str, ...],
+    default_sliding: tuple[bool, ...] | None,
+    where: str,
+) -> tuple[str, ...]:
+    """Which layers use the sliding window, following transformers' config classes: an explicit
+    `layer_types` wins; else the family's default pattern (Family.read_config's
+    `default_sliding`), else every layer slides (Mistral, Qwen3-MoE)."""
     if _sliding_window(config, where) is None:
-        return full
-    if types:
-        return tuple(types)
+        return tuple("full_attention" for _ in range(layers))
+    if explicit:
+        return explicit
     slides = default_sliding if default_sliding is not None else (True,) * layers
     return tuple("sliding_attention" if s else "full_attention" for s in slides)
 
