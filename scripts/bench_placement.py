@@ -16,10 +16,19 @@ import time
 from collections.abc import Callable, Sequence
 
 from reshard.layout.experts.eplb import count_duplicates, rebalance_experts
-from reshard.layout.experts.nodes import NodeLayout, cross_node_share, place_node_aware, place_on_nodes
-from reshard.layout.experts.report import format_placement_report, overall_balancedness, report_placement
-from reshard.layout.experts.robust import place_robust
+from reshard.layout.experts.nodes import (
+    NodeLayout,
+    cross_node_share,
+    place_node_aware,
+    place_on_nodes,
+)
 from reshard.layout.experts.place import place_experts
+from reshard.layout.experts.report import (
+    format_placement_report,
+    overall_balancedness,
+    report_placement,
+)
+from reshard.layout.experts.robust import place_robust
 
 NUM_EXPERTS = 256
 MOE_LAYERS = range(3, 61)  # DeepSeek-V3: first_k_dense_replace = 3, 61 decoder layers

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from reshard.cli import main
 from reshard.errors import CheckpointError, LayoutError
-from reshard.models.hparams import parse_hparams
+from reshard.io.headers import MAX_HEADER, read_header
 from reshard.layout.plan import check_layout
 from reshard.layout.recipe import Recipe
-from reshard.io.headers import MAX_HEADER, read_header
+from reshard.models.hparams import parse_hparams
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from reshard.errors import InputError
+from reshard.layout.gpus import GPUS
 from reshard.layout.stages.costs import (
     DEVICES,
     analytic_costs,
@@ -15,12 +17,10 @@ from reshard.layout.stages.costs import (
     read_costs,
     write_costs,
 )
-from reshard.errors import InputError
-from reshard.layout.gpus import GPUS
-from reshard.models.hparams import parse_hparams
-from reshard.profile.layers import profile_layers
 from reshard.layout.stages.report import report_stages
 from reshard.layout.stages.solve import balance_layers
+from reshard.models.hparams import parse_hparams
+from reshard.profile.layers import profile_layers
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"],

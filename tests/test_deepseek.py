@@ -22,11 +22,11 @@ from checkpoints import DEEPSEEK_V3, write_checkpoint  # noqa: E402
 from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load  # noqa: E402
 from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 
+from reshard.cli.report import format_convert_summary  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError  # noqa: E402
-from reshard.models.hparams import load_hparams, parse_hparams  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
-from reshard.cli.report import format_convert_summary  # noqa: E402
+from reshard.models.hparams import load_hparams, parse_hparams  # noqa: E402
 
 ARCH = "DeepseekV3ForCausalLM"
 ATTN = "model.layers.1.self_attn."

@@ -11,8 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reshard.cli import main
-from reshard.layout.experts.eplb import count_duplicates, pack_balanced, rebalance_experts, replicate
 from reshard.errors import LayoutError
+from reshard.layout.experts.eplb import (
+    count_duplicates,
+    pack_balanced,
+    rebalance_experts,
+    replicate,
+)
 from reshard.layout.experts.nodes import (
     NodeLayout,
     check_node_layout,
@@ -20,8 +25,8 @@ from reshard.layout.experts.nodes import (
     place_node_aware,
     place_on_nodes,
 )
-from reshard.layout.experts.robust import place_robust
 from reshard.layout.experts.place import place_experts
+from reshard.layout.experts.robust import place_robust
 
 CONFIGS = Path(__file__).parent.parent / "examples" / "configs"
 

@@ -12,6 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reshard.errors import InputError, LayoutError
+from reshard.layout.experts.place import (
+    Placement,
+    fits_after,
+    pack_replicas,
+    place_experts,
+    place_model,
+    replica_counts,
+)
 from reshard.layout.experts.report import (
     ExpertLoad,
     balancedness,
@@ -25,14 +33,6 @@ from reshard.layout.experts.report import (
     to_sglang,
     to_trtllm_yaml,
     write_expert_load,
-)
-from reshard.layout.experts.place import (
-    Placement,
-    fits_after,
-    pack_replicas,
-    place_experts,
-    place_model,
-    replica_counts,
 )
 
 

@@ -21,8 +21,8 @@ import pytest
 from safetensors import safe_open
 
 from reshard.errors import CheckpointError, ReshardError
-from reshard.models.hparams import parse_hparams
 from reshard.io.headers import DTYPE_SIZES, read_header
+from reshard.models.hparams import parse_hparams
 
 SEED = 20261202
 CASES = 12_000

@@ -28,8 +28,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from reshard.cli import main
-from reshard.verify.compare import Tolerance, compare_prompt
 from reshard.runtime.generate import PromptResult
+from reshard.verify.compare import Tolerance, compare_prompt
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

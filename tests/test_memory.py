@@ -9,6 +9,14 @@ import pytest
 
 from reshard.errors import InputError, LayoutError
 from reshard.layout.gpus import GB, GIB
+from reshard.layout.memory.activation import (
+    EngineLimits,
+    activation_peak_bytes,
+    engine_defaults,
+    forward_peak_bytes,
+    layer_transient,
+    sampler_peak_bytes,
+)
 from reshard.layout.memory.model import (
     KvBudget,
     cached_tokens,
@@ -17,14 +25,6 @@ from reshard.layout.memory.model import (
     local_kv_heads,
     memory_report,
     resolve_gpu,
-)
-from reshard.layout.memory.activation import (
-    EngineLimits,
-    activation_peak_bytes,
-    engine_defaults,
-    forward_peak_bytes,
-    layer_transient,
-    sampler_peak_bytes,
 )
 from reshard.layout.memory.plan import build_layout, config_shapes, kv_budget, weight_lower_bound
 from reshard.layout.memory.suggest import Fit, layout_ranks, suggest_layout, tp_bytes

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from reshard.cli import main
 from reshard.convert import convert_model
 from reshard.export import export_output, split_shards
+from reshard.io.headers import TensorInfo
 from reshard.io.output_source import open_output_source
 from reshard.layout.recipe import build_recipe
-from reshard.io.headers import TensorInfo
 
 # family -> (architecture, checkpoint options, layout of the tp 4 x pp 2 output)
 FAMILIES = {

@@ -22,9 +22,9 @@ from test_convert import assert_bitwise_rebuild  # noqa: E402
 from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 
 from reshard.convert import convert_model  # noqa: E402
-from reshard.layout.experts.report import ExpertLoad, balancedness, write_expert_load  # noqa: E402
-from reshard.layout.experts.place import Placement  # noqa: E402
 from reshard.layout.experts.moe import SGLANG_FILE, TRTLLM_FILE  # noqa: E402
+from reshard.layout.experts.place import Placement  # noqa: E402
+from reshard.layout.experts.report import ExpertLoad, balancedness, write_expert_load  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
 from reshard.verify.levels import verify_output  # noqa: E402
 

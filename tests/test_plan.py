@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from reshard.errors import LayoutError
-from reshard.models.hparams import parse_hparams
-from reshard.layout.stages.pipeline import solve_stages
 from reshard.layout.plan import build_plan, valid_tp
 from reshard.layout.recipe import build_recipe
+from reshard.layout.stages.pipeline import solve_stages
+from reshard.models.hparams import parse_hparams
 from reshard.models.rules import match_tensors
 from reshard.models.shapes import synthesize_tensors
 

@@ -16,14 +16,14 @@ from checkpoints import write_checkpoint  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.errors import InputError  # noqa: E402
+from reshard.layout.experts.place import place_model  # noqa: E402
+from reshard.layout.experts.report import read_expert_load, report_placement  # noqa: E402
 from reshard.profile.experts import (  # noqa: E402
     heldout_verdict,
     profile_experts,
     routed_tokens,
     split_heldout,
 )
-from reshard.layout.experts.report import read_expert_load, report_placement  # noqa: E402
-from reshard.layout.experts.place import place_model  # noqa: E402
 
 # Distinct prompts of different lengths; with --heldout 0.25 prompts 3 and 7 are held out.
 PROMPTS = [

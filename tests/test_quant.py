@@ -23,9 +23,9 @@ from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import UnsupportedModelError  # noqa: E402
+from reshard.layout.recipe import build_recipe  # noqa: E402
 from reshard.models.hparams import parse_hparams  # noqa: E402
 from reshard.quant import QuantScheme, parse_quantization, stored_tensors  # noqa: E402
-from reshard.layout.recipe import build_recipe  # noqa: E402
 from reshard.runtime.generate import generate_greedy  # noqa: E402
 from reshard.runtime.load import load_source_model  # noqa: E402
 from reshard.runtime.streamed import reference_streamed  # noqa: E402
@@ -341,9 +341,9 @@ def test_reference_dequantizes_like_the_twin(quantized):
 def test_slicing_refuses_a_cut_block_the_config_did_not_predict():
     """The per-tensor check behind split_problems: a range that starts inside a block."""
     from reshard.errors import LayoutError
-    from reshard.quant import stored_slice
     from reshard.models.family import Rule
     from reshard.models.rules import TensorRole
+    from reshard.quant import stored_slice
 
     rule = Rule("m.{layer}.o_proj.weight", "row", "layer")
     name = "m.0.o_proj.weight_scale_inv"
@@ -384,9 +384,9 @@ def test_plan_counts_int4_bytes_with_scales_and_zeros(tmp_path):
 
 def test_parts_with_wrong_shapes_or_no_config_are_refused():
     from reshard.errors import UnsupportedModelError
-    from reshard.quant import check_parts, scheme_of
     from reshard.models.rules import match_tensors
     from reshard.models.shapes import synthesize_tensors
+    from reshard.quant import check_parts, scheme_of
 
     config = json.loads((EXAMPLES / "llama-3-8b" / "config.json").read_text())
     config["quantization_config"] = SCHEMES["gptq"] | {"group_size": 128}

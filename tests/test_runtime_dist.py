@@ -25,18 +25,18 @@ from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E4
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError, OutputError  # noqa: E402
-from reshard.layout.experts.place import Placement  # noqa: E402
-from reshard.models.hparams import load_hparams  # noqa: E402
 from reshard.io.manifest import write_manifest  # noqa: E402
 from reshard.io.manifest_check import SEAL_KEY  # noqa: E402
+from reshard.layout.experts.place import Placement  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
-from reshard.verify.compare import Tolerance, compare_results  # noqa: E402
+from reshard.models.hparams import load_hparams  # noqa: E402
 from reshard.runtime.dist import Comm  # noqa: E402
 from reshard.runtime.generate import PromptResult, generate_greedy  # noqa: E402
 from reshard.runtime.launch import generate_reference, generate_sharded  # noqa: E402
 from reshard.runtime.load import load_rank  # noqa: E402
 from reshard.runtime.model import build_model  # noqa: E402
 from reshard.runtime.moe import build_expert_map  # noqa: E402
+from reshard.verify.compare import Tolerance, compare_results  # noqa: E402
 from reshard.verify.levels import LEVELS, verify_output  # noqa: E402
 
 PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 30, 7, 12, 90], [33, 2, 71], [64, 8, 19, 27, 50, 4], [1, 99]]

@@ -14,9 +14,9 @@ from tolerances import assert_close_scaled
 from reshard.cli import main
 from reshard.convert import convert_model
 from reshard.layout.recipe import build_recipe
-from reshard.verify.compare import compare_results, tolerance_for
 from reshard.runtime.launch import generate_reference
 from reshard.runtime.streamed import reference_streamed
+from reshard.verify.compare import compare_results, tolerance_for
 from reshard.verify.generate import default_prompts
 
 CASES = {

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import reshard.io.writer
-from reshard.io.byte_runs import piece_groups, tensor_windows
 from reshard.cli import main
+from reshard.io.byte_runs import piece_groups, tensor_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 
