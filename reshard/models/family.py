@@ -56,11 +56,18 @@ class Rule:
 class Features:
     """Runtime switches a family turns on; the defaults are Llama's."""
 
-    moe_block: str = "mlp"  # the module holding the router and experts (Mixtral: block_sparse_moe)
+    # The module holding the router and experts, as saved on disk first. Mixtral saves
+    # block_sparse_moe; transformers 5 holds it as mlp in memory, and state dicts say so.
+    moe_blocks: tuple[str, ...] = ("mlp",)
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     # The router's fp32 top-k weights scale the experts without a cast back (transformers'
     # Mixtral and DeepSeek-V3 do this; Qwen casts to the hidden dtype first).
     router_fp32_weights: bool = False
+
+    @property
+    def moe_block(self) -> str:
+        """The on-disk name of the MoE module."""
+        return self.moe_blocks[0]
 
 
 def no_overrides(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:

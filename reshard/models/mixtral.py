@@ -40,6 +40,8 @@ FAMILY = Family(
     rules=GLOBAL + ATTENTION + MIXTRAL_EXPERTS,
     read_config=read_config,
     features=Features(
-        moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2"), router_fp32_weights=True
+        moe_blocks=("block_sparse_moe", "mlp"),
+        expert_names=("w1", "w3", "w2"),
+        router_fp32_weights=True,
     ),
 )

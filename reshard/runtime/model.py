@@ -35,7 +35,8 @@ class DecoderLayer(nn.Module):
         attention = MLAttention if hp.is_mla else Attention
         self.self_attn = attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
         moe = layer in hp.moe_layers
-        self.ffn_name = family_of(hp).features.moe_block if moe else "mlp"
+        blocks = family_of(hp).features.moe_blocks
+        self.ffn_name = _ffn_name(tensors, prefix, blocks) if moe else "mlp"
         ffn_prefix = f"{prefix}{self.ffn_name}."
         if moe:
             self.add_module(self.ffn_name, MoEBlock(hp, tensors, ffn_prefix, emap, comm))
@@ -48,6 +49,13 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
         ffn = getattr(self, self.ffn_name)
         return x + ffn(self.post_attention_layernorm(x), step.token_valid)
+
+
+def _ffn_name(tensors: Tensors, prefix: str, blocks: tuple[str, ...]) -> str:
+    for name in blocks:
+        if f"{prefix}{name}.gate.weight" in tensors:
+            return name
+    raise KeyError(f"{prefix}{blocks[0]}.gate.weight")
 
 
 class Body(nn.Module):
