@@ -24,17 +24,3 @@ def format_ns(ns: float) -> str:
     if abs(ns) < 1e9:
         return f"{ns / 1e6:.3f} ms"
     return f"{ns / 1e9:.3f} s"
-
-
-# safetensors header codes -> the torch names every report and --json uses.
-DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}  # fmt: skip
-
-
-def dtype_name(dtype) -> str:
-    """'BF16' / torch.bfloat16 / 'bfloat16' -> 'bfloat16': one spelling of dtypes in reports."""
-    text = str(dtype)
-    return DTYPE_NAMES.get(text, text.removeprefix("torch."))

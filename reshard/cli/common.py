@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..dtypes import cli_spellings
 from ..errors import ReshardError
 
 
@@ -62,7 +63,7 @@ def model_argument(fn):
     return click.argument("model")(wrapper)
 
 
-DTYPE_CHOICES = ["auto", "keep", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]
+DTYPE_CHOICES = cli_spellings()
 PLACEMENT_CHOICES = ["contiguous", "round_robin", "balanced"]
 
 

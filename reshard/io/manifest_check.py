@@ -14,14 +14,14 @@ from typing import Any
 
 import xxhash
 
+from ..dtypes import CAST_DTYPES, DTYPE_SIZES
 from ..errors import OutputError
 from ..models.hparams import HParams
 from ..quant import scheme_of
-from .headers import DTYPE_SIZES
 
 SEAL_KEY = "manifest_xxh3_128"
 UNSEALED = "0" * 32
-DTYPES = ("keep", "bfloat16", "float16", "float32")
+DTYPES = ("keep", *CAST_DTYPES)
 HEX = frozenset("0123456789abcdef")
 
 

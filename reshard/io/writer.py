@@ -21,10 +21,11 @@ from pathlib import Path
 
 import xxhash
 
+from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import CheckpointError, ReshardIOError
 from ..layout.plan import OutFile, OutTensor, Piece, Plan
 from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
-from .headers import DTYPE_SIZES, TensorInfo, encode_header, pread_exact
+from .headers import TensorInfo, encode_header, pread_exact
 from .source import Source
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
@@ -256,11 +257,10 @@ def cast_bytes(data: memoryview, info: TensorInfo, dtype: str) -> memoryview:
     """The window's values converted to `dtype`: the one place the writer needs torch."""
     import torch
 
-    from .headers import TORCH_DTYPES
     from .tensor_bytes import tensor_bytes
 
-    values = torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[info.dtype])
-    return tensor_bytes(values.to(TORCH_DTYPES[dtype]))
+    values = torch.frombuffer(bytearray(data), dtype=torch_dtypes()[info.dtype])
+    return tensor_bytes(values.to(torch_dtypes()[dtype]))
 
 
 def _write_group(target: Target, group: Group, src: memoryview, at, gather: memoryview) -> None:

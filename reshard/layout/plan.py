@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..dtypes import CAST_DTYPES, DTYPE_SIZES
 from ..errors import LayoutError
-from ..io.headers import CAST_DTYPES, DTYPE_SIZES
 from ..models.hparams import HParams
 from ..models.rules import TensorRole
 from ..quant import check_parts, logical_shape, scheme_of, stored_pieces
@@ -266,7 +266,7 @@ def _kept_mtp(layout: Layout, role: TensorRole) -> bool:
 
 
 def _out_dtype(dtype: str, target: str) -> str:
-    if target == "keep" or dtype not in ("F32", "F16", "BF16"):
+    if target == "keep" or dtype not in CAST_DTYPES.values():
         return dtype  # integers, fp8 and friends are never cast
     return CAST_DTYPES[target]
 

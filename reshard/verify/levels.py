@@ -18,8 +18,9 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
+from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
-from ..io.headers import DTYPE_SIZES, TORCH_DTYPES, read_header
+from ..io.headers import read_header
 from ..io.manifest import manifest_seal_failure, read_manifest
 from ..progress import progress_bar
 from .generate import check_generate_options, verify_generation
@@ -259,7 +260,7 @@ def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader, ba
                 block = blocks.read(blocks.source_path(p["source"]), p["source"], src_index)
                 out = blocks.read(path, name, out_index)
                 bar.update(out.numel() * out.element_size())
-                if not _bitwise_equal(out, block.to(TORCH_DTYPES[meta["dtype"]])):
+                if not _bitwise_equal(out, block.to(torch_dtypes()[meta["dtype"]])):
                     failures.append(
                         f"{path}: tensor '{name}' (rank {entry['rank']}) differs from source "
                         f"'{p['source']}' block {p['start']}:{p['stop']}"

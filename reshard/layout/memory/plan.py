@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...convert import plan_source, resolve_placements, resolve_stages
+from ...dtypes import CAST_DTYPES, DTYPE_SIZES
 from ...errors import InputError
-from ...io.headers import CAST_DTYPES, DTYPE_SIZES
 from ...io.manifest import MANIFEST
 from ...io.output_source import open_model
 from ...io.source import INDEX, SINGLE, Source, open_config
