@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GB = 10**9  # memory as sold: decimal GB
-GIB = 2**30  # memory as CUDA, torch and vLLM's logs report it
+from ..units import GB, GIB  # memory as sold: decimal GB; as CUDA and vLLM's logs report it
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from ...errors import InputError
 from ...models.hparams import HParams
-from ..gpus import GB, GPUS, find_gpu
+from ...units import GB
+from ..gpus import GPUS, find_gpu
 from ..plan import Plan, Stage
 from .activation import EngineLimits, activation_peak_bytes
 

@@ -17,7 +17,7 @@ from ...convert import resolve_stages
 from ...errors import LayoutError
 from ...models.hparams import HParams
 from ...quant.layout import split_problems
-from ..gpus import GB
+from ...units import format_gb
 from ..plan import Stage, build_plan, valid_tp
 from ..recipe import Recipe
 from .activation import EngineLimits
@@ -222,16 +222,16 @@ def _fewest_stages(
 def why_not(r: RankMemory) -> str:
     """Why a rank does not fit, in vLLM's terms and with every number."""
     parts = (
-        f"weights {_gb(r.weight_bytes)} + non-torch {_gb(r.non_torch_bytes)} + activation "
-        f"peak {_gb(r.activation_bytes)} = {_gb(r.fixed_bytes)} of the "
-        f"{_gb(r.budget_bytes)} budget"
+        f"weights {format_gb(r.weight_bytes)} + non-torch {format_gb(r.non_torch_bytes)} + "
+        f"activation peak {format_gb(r.activation_bytes)} = {format_gb(r.fixed_bytes)} of the "
+        f"{format_gb(r.budget_bytes)} budget"
     )
     where = f"rank {r.rank} (stage {r.pp_stage})"
     if r.kv_cache_bytes <= 0:
         return f"{where}: {parts}, no memory left for the KV cache"
     return (
-        f"{where}: {parts} leaves {_gb(r.kv_cache_bytes)} of KV cache ({r.kv_tokens:,} tokens), "
-        f"{_gb(r.kv_bytes)} needed"
+        f"{where}: {parts} leaves {format_gb(r.kv_cache_bytes)} of KV cache "
+        f"({r.kv_tokens:,} tokens), {format_gb(r.kv_bytes)} needed"
     )
 
 
@@ -257,9 +257,10 @@ def _average_reason(weights: int, kv: int, world: int, fit: Fit) -> str:
     gpus = "one GPU" if world == 1 else f"{world} GPUs"
     gpu, non_torch = fit.gpu, fit.limits.non_torch_bytes
     return (
-        f"{_gb(weights)} of weights + {_gb(kv)} of KV cache on {gpus} is at least "
-        f"{_gb(-(-(weights + kv) // world))} a GPU, + {_gb(non_torch)} non-torch; the budget is "
-        f"{_gb(gpu.budget_bytes)} ({gpu.utilization:g} x {_gb(gpu.total_bytes)})"
+        f"{format_gb(weights)} of weights + {format_gb(kv)} of KV cache on {gpus} is at least "
+        f"{format_gb(-(-(weights + kv) // world))} a GPU, + {format_gb(non_torch)} non-torch; "
+        f"the budget is {format_gb(gpu.budget_bytes)} "
+        f"({gpu.utilization:g} x {format_gb(gpu.total_bytes)})"
     )
 
 
@@ -276,7 +277,3 @@ def tp_problem(hp: HParams, tp: int) -> str:
     if quantized:  # a split that would cut an FP8 block or an int4 pack/group
         return quantized[0]
     return "the MLP widths do not split evenly (see `reshard plan --tp N`)"
-
-
-def _gb(n: int) -> str:
-    return f"{n / GB:.2f} GB"
