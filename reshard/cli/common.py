@@ -11,6 +11,7 @@ import click
 
 from ..dtypes import cli_spellings
 from ..errors import ReshardError
+from ..layout.experts.place import PLACEMENTS
 
 
 def run_command(fn):
@@ -64,7 +65,6 @@ def model_argument(fn):
 
 
 DTYPE_CHOICES = cli_spellings()
-PLACEMENT_CHOICES = ["contiguous", "round_robin", "balanced"]
 
 
 def layout_options(fn):
@@ -84,7 +84,7 @@ def layout_options(fn):
                 "--expert-load", "load", type=click.Path(path_type=Path), help="Load JSON."
             ),
             click.option(
-                "--placement", type=click.Choice(PLACEMENT_CHOICES), help="Expert placement."
+                "--placement", type=click.Choice(PLACEMENTS), help="Expert placement."
             ),
             click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
             click.option(

@@ -16,9 +16,9 @@ from typing import Any
 from ..dtypes import recipe_spellings
 from ..errors import InputError
 from ..units import SIZE_UNITS
+from .experts.place import PLACEMENTS
 
 DTYPES = recipe_spellings()  # 'bf16' -> 'bfloat16', ...
-PLACEMENTS = ("contiguous", "round_robin", "balanced")
 
 # TOML section -> keys it may hold (and the Recipe field each sets).
 SECTIONS = {

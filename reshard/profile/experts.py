@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..layout.experts.place import check_layout
+from ..layout.experts.place import check_placement
 from ..layout.experts.report import (
     ExpertLoad,
     PlacementReport,
@@ -68,7 +68,7 @@ def profile_experts(
         raise InputError(f"--max-new-tokens {max_new_tokens}: decode at least 1 token.")
     report_ep = default_report_ep(hp.num_experts) if ep is None else ep
     if report_ep is not None:
-        check_layout(hp.num_experts, report_ep, 0, "balanced")
+        check_placement(hp.num_experts, report_ep, 0, "balanced")
     prompts = read_calibration_prompts(path, hp.vocab_size, prompts_file, prompt_ids)
     calib, held = split_heldout(prompts, heldout)
     runtime = load_source_model(path, dtype=dtype, device=device or default_device())
