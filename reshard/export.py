@@ -18,9 +18,9 @@ from pathlib import Path
 from .errors import InputError
 from .io.headers import TensorInfo, encode_header
 from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, claim_out_dir, lock_out_dir, owned_names
-from .io.output_source import CHUNK_BYTES, open_output_source, reused_buffer
+from .io.output_source import CHUNK_BYTES, open_output_source
 from .io.source import INDEX, Source
-from .io.tensor_bytes import tensor_bytes
+from .io.tensor_bytes import reused_buffer, tensor_bytes
 from .io.writer import fsync_dir, io_error, partial_path, write_atomic
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default

@@ -313,21 +313,6 @@ class OutputReader:
         self.hashers.clear()
 
 
-def reused_buffer():
-    """An alloc for iter_rows whose blocks all share one buffer, grown as needed: for a
-    caller that is done with a block before it asks for the next."""
-    import torch
-
-    held = [torch.empty(0, dtype=torch.uint8)]
-
-    def alloc(n: int) -> torch.Tensor:
-        if held[0].numel() < n:
-            held[0] = torch.empty(n, dtype=torch.uint8)
-        return held[0][:n]
-
-    return alloc
-
-
 def _whole_rows(block: Block, out: TensorInfo, buf: torch.Tensor) -> bool:
     """The block is whole rows of the source, stored as whole rows of the rank-file tensor."""
     full = tuple(buf.shape[1:])

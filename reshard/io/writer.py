@@ -166,8 +166,7 @@ def copy_reassembled(source: Source, jobs: list[Job], progress, chunk_bytes: int
     """Row blocks come from source.reader (output_source.OutputReader), as torch tensors, in
     one thread (the reader keeps state); its rank-file hashes are checked once everything
     needed has been read."""
-    from .output_source import reused_buffer
-    from .tensor_bytes import tensor_bytes
+    from .tensor_bytes import reused_buffer, tensor_bytes  # lazy: a plain copy needs no torch
 
     alloc, gather = reused_buffer(), memoryview(bytearray(0))
     for job in jobs:

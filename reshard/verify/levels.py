@@ -22,6 +22,9 @@ from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
 from ..io.headers import read_header
 from ..io.manifest import manifest_seal_failure, read_manifest
+from ..io.output_source import is_output, open_model
+from ..io.rank_subset import check_partial_set
+from ..io.source import resolve_model
 from ..progress import progress_bar
 from .generate import check_generate_options, verify_generation
 from .result import LEVELS, LevelResult
@@ -118,8 +121,6 @@ def header_mismatch(info, entry: dict) -> str | None:
 def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
     """--source, else the output a re-layout was made from, else the original's path."""
     if source is not None:
-        from ..io.source import resolve_model
-
         return resolve_model(source)[0]
     made_from = manifest["source"].get("made_from")
     if made_from and Path(made_from["path"]).is_dir():
@@ -131,8 +132,6 @@ def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
 def reference_dir(manifest: dict, source_dir: Path) -> Path | None:
     """The generate tier's reference runs an HF checkpoint: for a reshard output as the
     source, the original it records (if still there)."""
-    from ..io.output_source import is_output
-
     if not is_output(source_dir):
         return source_dir
     path = Path(manifest["source"]["path"])
@@ -144,8 +143,6 @@ def verify_weights(
 ) -> LevelResult:
     """Compare every piece with the source, bitwise; check coverage and zero padding."""
     import tempfile
-
-    from ..io.output_source import open_model
 
     with tempfile.TemporaryDirectory(prefix="reshard-verify-") as scratch:
         # A source the user converted from pickle with --allow-pickle is re-read the same way.
@@ -363,8 +360,6 @@ def verify_output(
 ) -> tuple[dict, list[LevelResult]]:
     """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
     InputError for bad generate options before any tier runs."""
-    from ..io.rank_subset import check_partial_set
-
     check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
     manifest = read_manifest(out_dir)
     if "generate" in levels:
