@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from ..dtypes import cli_spellings
-from ..errors import ReshardError
+from ..errors import InputError, ReshardError
 from ..layout.experts.place import PLACEMENTS
+from ..layout.recipe import build_recipe, normalise_dtype
 
 
 def run_command(fn):
@@ -38,8 +39,6 @@ def run_command(fn):
 
 def with_revision(model: str, revision: str | None) -> str:
     """MODEL plus --revision -> 'org/name@rev' (the one form the library reads)."""
-    from ..errors import InputError
-
     if revision is None:
         return model
     if "@" in model:
@@ -103,8 +102,6 @@ def layout_options(fn):
 
 
 def recipe_from(recipe, dtype=None, **flags):
-    from ..layout.recipe import build_recipe, normalise_dtype
-
     if dtype is not None:  # --dtype auto is vLLM's word for keep
         flags["dtype"] = "keep" if dtype.lower() == "auto" else normalise_dtype(dtype)
     return build_recipe(recipe, **flags)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..io.source import resolve_model
 from ..layout.experts.place import check_placement
 from ..layout.experts.report import (
     ExpertLoad,
@@ -52,8 +53,7 @@ def profile_experts(
 ) -> ExpertProfile:
     """Load MODEL at world size 1, run the prompts, count tokens per expert per MoE layer.
     `ep` is only the report's (checked before the model runs); the load file has none."""
-    from ..io.source import resolve_model
-    from ..runtime.launch import default_device
+    from ..runtime.launch import default_device  # lazy: the runtime imports torch
     from ..runtime.load import load_source_model
 
     path = resolve_model(model)[0]

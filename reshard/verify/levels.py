@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,6 @@ def verify_weights(
     out_dir: Path, manifest: dict, source_dir: Path, *, progress: bool = False
 ) -> LevelResult:
     """Compare every piece with the source, bitwise; check coverage and zero padding."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="reshard-verify-") as scratch:
         # A source the user converted from pickle with --allow-pickle is re-read the same way.
         allow = bool(manifest["source"].get("pickle"))

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ...convert import resolve_stages
 from ...errors import LayoutError
 from ...models.hparams import HParams
 from ...quant.layout import split_problems
 from ...units import format_gb
 from ..plan import Stage, build_plan, valid_tp
 from ..recipe import Recipe
+from ..resolve import resolve_stages
 from .activation import EngineLimits
 from .model import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
 from .plan import ModelShapes, weight_lower_bound
