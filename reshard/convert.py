@@ -1,7 +1,7 @@
 """`reshard convert`: source -> roles -> stages/experts -> plan -> writer -> manifest.
 
 This module wires the pure pieces to the I/O pieces in the order of the data flow. It owns
-the output folder's life cycle, under OUT's lock (reshard/out_dir.py): the previous run's own
+the output folder's life cycle, under OUT's lock (reshard/io/out_dir.py): the previous run's own
 files out, shards in, side files copied, manifest last.
 """
 
@@ -80,7 +80,7 @@ def convert_model(
     resume: bool = False,
 ) -> ConvertResult:
     """`ranks` (a --ranks spec), `resume`, or a torchrun world (WORLD_SIZE > 1): write some
-    ranks' files; the run completing the set writes the manifest (reshard/rank_subset.py)."""
+    ranks' files; the run completing the set writes the manifest (reshard/io/rank_subset.py)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     world = torchrun_world()

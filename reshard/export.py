@@ -74,7 +74,7 @@ def export_output(
 
 
 def _export_record(names: list[str], source: Source) -> dict:
-    """The files export owns in HF_DIR (reshard/out_dir.py's record, without a plan)."""
+    """The files export owns in HF_DIR (reshard/io/out_dir.py's record, without a plan)."""
     owned = [*names, *(p.name for p in source.side_files()), INDEX]
     return {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "files": sorted(owned)}
 

@@ -1,6 +1,6 @@
 """The one table of GPUs reshard plans for: memory (as sold, and as CUDA reports it, which is
 what an engine budgets from), dense fp16/bf16 FLOP/s and memory bandwidth. `plan --gpu` reads
-its memory from here and the stage roofline (costs.py) its FLOP/s and bandwidth.
+its memory from here and the stage roofline (stages/costs.py) its FLOP/s and bandwidth.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ reference runtime's router on calibration prompts (prefill + a few greedy decode
 
 Every k-th prompt is held out and counted separately, so a placement built from the
 calibration load can be scored on prompts it never saw. The whole model runs on one device.
-Returns an ExpertLoad for `write_expert_load`; it places nothing (see experts.py).
+Returns an ExpertLoad for `write_expert_load`; it places nothing (see layout/experts/place.py).
 """
 
 from __future__ import annotations

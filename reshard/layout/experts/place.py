@@ -1,7 +1,7 @@
 """Expert placement for expert parallelism: how many replicas each routed expert gets and
 which ep_rank holds each replica, per MoE layer, from measured (or uniform) expert load.
 Pure functions on numbers, no I/O. The load file, the metrics, the report and the engine
-exports (what goes in and comes out as files and text) live in `expert_report.py`."""
+exports (what goes in and comes out as files and text) live in `report.py`."""
 
 from __future__ import annotations
 

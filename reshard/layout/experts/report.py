@@ -1,7 +1,7 @@
 """Expert placement's files and figures: the `expert_load.json` format (read, validated,
 written), balancedness per layer and overall, the lower bound on the busiest rank, the
 memory redundant slots cost, the balanced-vs-contiguous report, and the SGLang /
-TensorRT-LLM placement files. It decides nothing: placements come from `experts.py`."""
+TensorRT-LLM placement files. It decides nothing: placements come from `place.py`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`reshard plan` end to end: read MODEL's tensor shapes (its safetensors headers when the folder
 has them, else config.json alone: a folder, a bare config.json, or a hub id), build the Plan
 convert would execute, and attach per-rank memory, the stage report and the expert placement
-report. Reads no weights. Formatting is memory_format.py's; the layout search memory_suggest.py's.
+report. Reads no weights. Formatting is format.py's; the layout search suggest.py's.
 """
 
 from __future__ import annotations

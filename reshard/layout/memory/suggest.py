@@ -1,5 +1,5 @@
 """`reshard plan --suggest`: the smallest layout (tp x pp) whose every rank, after its weights,
-non-torch memory and activation peak (vLLM's terms, memory.py), still holds the KV cache that
+non-torch memory and activation peak (vLLM's terms, model.py), still holds the KV cache that
 --context x --batch needs in the GPU's budget, keeping TP inside a node and PP across nodes:
 tp grows up to a node (tp <= gpus_per_node, from plan.valid_tp) before pp > 1 is used, and
 then only with the node's largest valid tp. Layouts with fewer GPUs that need PP inside a

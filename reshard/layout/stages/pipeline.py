@@ -1,8 +1,8 @@
 """Pipeline stages for a conversion or a plan: per-item costs (measured `costs.json`, else the
 analytic roofline), the exact split (or the recipe's explicit one), and its report.
 
-The solver and the report are in stages.py, the costs in costs.py; this module only wires
-them to a recipe and turns the result into plan.Stage values.
+The solver and the report are in solve.py and report.py, the costs in costs.py; this module
+only wires them to a recipe and turns the result into plan.Stage values.
 """
 
 from __future__ import annotations
