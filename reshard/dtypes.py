@@ -39,7 +39,6 @@ TABLE: tuple[DType, ...] = (
     DType("U8", "uint8", 1, "int"),
     DType("BOOL", "bool", 1, "bool"),
 )
-BY_CODE = {d.code: d for d in TABLE}
 CASTS = tuple(sorted((d for d in TABLE if d.cast), key=lambda d: d.cast))  # BF16, F16, F32
 
 # Derived views, each under the name its users know it by.
