@@ -1,7 +1,7 @@
 """`reshard convert`: source -> roles -> stages/experts -> plan -> writer -> manifest.
 
 This module wires the pure pieces to the I/O pieces in the order of the data flow. It owns
-the output folder's life cycle, under OUT's lock (reshard/out_dir.py): the previous run's own
+the output folder's life cycle, under OUT's lock (reshard/io/out_dir.py): the previous run's own
 files out, shards in, side files copied, manifest last.
 """
 
@@ -44,12 +44,12 @@ from .io.rank_subset import (
 from .io.source import Source
 from .io.torchrun import torchrun_world
 from .io.writer import write_atomic, write_plan
-from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE
-from .layout.plan import Plan, Stage, build_plan, check_layout
+from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
+from .layout.plan import Plan, check_layout
 from .layout.recipe import Recipe
-from .models.consistency import check_tensors_against_config
+from .layout.resolve import plan_source
+from .layout.stages.pipeline import plan_stages
 from .models.hparams import HParams
-from .models.rules import match_tensors
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 
@@ -67,42 +67,6 @@ class ConvertResult:
     missing: tuple[int, ...] | None = None  # ranks still unwritten (None: not known here)
 
 
-def plan_source(source: Source, recipe: Recipe, stages: tuple[Stage, ...] | None = None) -> Plan:
-    """Everything the writer will do, decided before a byte of weights is read. `stages`:
-    already solved (convert keeps the stage report), else solved here."""
-    hp = source.hparams
-    check_layout(hp, recipe)
-    tensors = {
-        name: (info.dtype, info.shape) for h in source.headers for name, info in h.tensors.items()
-    }
-    roles = match_tensors(hp, tensors, where=str(source.path))
-    files = {name: str(header.path) for name, (header, _) in source.tensors.items()}
-    check_tensors_against_config(
-        hp, tensors, roles, cast=recipe.dtype, files=files, config=str(source.path / "config.json")
-    )
-    stages = stages or resolve_stages(hp, recipe)
-    placements = resolve_placements(hp, recipe)
-    return build_plan(hp, tensors, roles, recipe, stages, placements)
-
-
-def resolve_stages(hp: HParams, recipe: Recipe) -> tuple[Stage, ...]:
-    if recipe.pp == 1:
-        return (Stage(0, 0, hp.num_layers - 1, True, True),)
-    from .layout.stages.pipeline import solve_stages
-
-    return solve_stages(hp, recipe)
-
-
-def resolve_placements(hp: HParams, recipe: Recipe) -> dict:
-    from .layout.experts.moe import check_gpus_per_node, solve_placements
-
-    check_gpus_per_node(hp, recipe)
-    if not hp.is_moe:
-        return {}
-
-    return solve_placements(hp, recipe)
-
-
 def convert_model(
     model: str,
     out_dir: Path,
@@ -116,7 +80,7 @@ def convert_model(
     resume: bool = False,
 ) -> ConvertResult:
     """`ranks` (a --ranks spec), `resume`, or a torchrun world (WORLD_SIZE > 1): write some
-    ranks' files; the run completing the set writes the manifest (reshard/rank_subset.py)."""
+    ranks' files; the run completing the set writes the manifest (reshard/io/rank_subset.py)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     world = torchrun_world()
@@ -256,8 +220,6 @@ def _stage_plan(hp: HParams, recipe: Recipe):
     check_layout(hp, recipe)  # the layout's own errors come before the solver's
     if recipe.pp == 1:
         return None
-    from .layout.stages.pipeline import plan_stages
-
     return plan_stages(hp, recipe)
 
 
@@ -297,16 +259,12 @@ def _bytes_to_read(plan: Plan, source: Source) -> int:
 def _exports(plan: Plan) -> dict[str, bytes]:
     if not plan.placements:
         return {}
-    from .layout.experts.moe import export_files
-
     return export_files(plan)
 
 
 def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
     if not plan.placements:
         return None
-    from .layout.experts.moe import placements_entry
-
     return placements_entry(plan, recipe)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from .errors import InputError
 from .io.headers import TensorInfo, encode_header
 from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, claim_out_dir, lock_out_dir, owned_names
-from .io.output_source import CHUNK_BYTES, open_output_source, reused_buffer
+from .io.output_source import CHUNK_BYTES, open_output_source
 from .io.source import INDEX, Source
-from .io.tensor_bytes import tensor_bytes
+from .io.tensor_bytes import reused_buffer, tensor_bytes
 from .io.writer import fsync_dir, io_error, partial_path, write_atomic
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default
@@ -74,7 +74,7 @@ def export_output(
 
 
 def _export_record(names: list[str], source: Source) -> dict:
-    """The files export owns in HF_DIR (reshard/out_dir.py's record, without a plan)."""
+    """The files export owns in HF_DIR (reshard/io/out_dir.py's record, without a plan)."""
     owned = [*names, *(p.name for p in source.side_files()), INDEX]
     return {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "files": sorted(owned)}
 

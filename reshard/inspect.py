@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .dtypes import dtype_name
 from .io.source import Source
 from .quant import describe, scheme_of
-from .units import dtype_name, format_bytes
+from .units import format_bytes
 
 
 def inspect_source(source: Source) -> dict[str, Any]:

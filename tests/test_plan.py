@@ -7,6 +7,7 @@ import pytest
 from reshard.errors import LayoutError
 from reshard.layout.plan import build_plan, valid_tp
 from reshard.layout.recipe import build_recipe
+from reshard.layout.resolve import resolve_stages
 from reshard.layout.stages.pipeline import solve_stages
 from reshard.models.hparams import parse_hparams
 from reshard.models.rules import match_tensors
@@ -28,8 +29,6 @@ def plan_for(config: dict, **flags):
 
 
 def _one(hp):
-    from reshard.convert import resolve_stages
-
     return resolve_stages(hp, build_recipe())
 
 

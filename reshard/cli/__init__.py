@@ -2,6 +2,8 @@
 
 Exit codes: 0 success; 1 verification found a mismatch or corruption; 2 bad input, bad
 recipe, unsupported model or a refusal; 3 an I/O or environment failure.
+Each command imports its library modules inside its function: `reshard --help` and a typo'd
+flag load neither torch nor the planners.
 """
 
 from __future__ import annotations

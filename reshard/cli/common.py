@@ -9,7 +9,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import ReshardError
+from ..dtypes import cli_spellings
+from ..errors import InputError, ReshardError
+from ..layout.experts.place import PLACEMENTS
+from ..layout.recipe import build_recipe, normalise_dtype
 
 
 def run_command(fn):
@@ -36,8 +39,6 @@ def run_command(fn):
 
 def with_revision(model: str, revision: str | None) -> str:
     """MODEL plus --revision -> 'org/name@rev' (the one form the library reads)."""
-    from ..errors import InputError
-
     if revision is None:
         return model
     if "@" in model:
@@ -62,8 +63,7 @@ def model_argument(fn):
     return click.argument("model")(wrapper)
 
 
-DTYPE_CHOICES = ["auto", "keep", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]
-PLACEMENT_CHOICES = ["contiguous", "round_robin", "balanced"]
+DTYPE_CHOICES = cli_spellings()
 
 
 def layout_options(fn):
@@ -83,7 +83,7 @@ def layout_options(fn):
                 "--expert-load", "load", type=click.Path(path_type=Path), help="Load JSON."
             ),
             click.option(
-                "--placement", type=click.Choice(PLACEMENT_CHOICES), help="Expert placement."
+                "--placement", type=click.Choice(PLACEMENTS), help="Expert placement."
             ),
             click.option("--redundant", type=int, help="Redundant expert slots per MoE layer."),
             click.option(
@@ -102,8 +102,6 @@ def layout_options(fn):
 
 
 def recipe_from(recipe, dtype=None, **flags):
-    from ..layout.recipe import build_recipe, normalise_dtype
-
     if dtype is not None:  # --dtype auto is vLLM's word for keep
         flags["dtype"] = "keep" if dtype.lower() == "auto" else normalise_dtype(dtype)
     return build_recipe(recipe, **flags)

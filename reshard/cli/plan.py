@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import InputError
 from .common import layout_options, model_argument, recipe_from, run_command
 
 PLAN_HELP = """Plan a layout without reading weights: each rank's weight bytes (exactly what
@@ -80,7 +81,6 @@ SUGGEST_CONFLICTS = {
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw expert load/placement (PNG).")
 @run_command
 def plan(model, gpu_name, gpu_memory, context, batch, suggest, as_json, plot, **flags):
-    from ..errors import InputError
     from ..layout.memory.activation import EngineLimits
     from ..layout.memory.model import resolve_gpu
 
@@ -117,7 +117,6 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, as_json, plot, **
 
 
 def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout, limits) -> None:
-    from ..errors import InputError
     from ..layout.memory.format import format_suggestion, suggestion_json
     from ..layout.memory.plan import kv_budget, load_shapes, resolve_context
     from ..layout.memory.suggest import suggest_layout

@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..dtypes import DTYPE_SIZES
 from ..errors import CheckpointError, ReshardIOError
 from .strict_json import load_json
 
@@ -22,31 +23,6 @@ MAX_HEADER = 100_000_000
 U64 = 1 << 64  # the reference reads shapes and offsets as u64 and checks their products
 REEXPORT = "The file is corrupt or was written by a buggy tool; re-download or re-export it."
 ALIGN = 8  # output headers are padded with spaces so data starts 8-byte aligned
-
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-
-
-def __getattr__(name: str):
-    """TORCH_DTYPES, built on first use: a byte copy needs no torch, and importing it costs
-    1.5 s, more than converting a gigabyte."""
-    if name != "TORCH_DTYPES":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import torch
-
-    table = globals()["TORCH_DTYPES"] = {  # later look-ups find it without this hook
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    }  # fmt: skip
-    return table
-
-
-# --dtype names -> safetensors dtype
-CAST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 @dataclass(frozen=True)

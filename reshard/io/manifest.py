@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import OutputError
 from ..layout.plan import OutTensor, Plan
 from ..quant import manifest_entry
+from ..ranks import RANK_ORDER
 from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
 from .source import Source
 from .writer import Written, io_error, write_atomic
@@ -21,7 +22,6 @@ from .writer import Written, io_error, write_atomic
 FORMAT = "reshard-manifest"
 FORMAT_VERSION = 2  # 2: sealed by manifest_xxh3_128, checked against a schema on read
 MANIFEST = "manifest.json"
-RANK_ORDER = "rank = (dp_index * pp + pp_stage) * tp + tp_rank"
 
 
 def build_manifest(

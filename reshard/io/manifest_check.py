@@ -14,14 +14,15 @@ from typing import Any
 
 import xxhash
 
+from ..dtypes import CAST_DTYPES, DTYPE_SIZES
 from ..errors import OutputError
 from ..models.hparams import HParams
 from ..quant import scheme_of
-from .headers import DTYPE_SIZES
+from ..ranks import rank_coords, replica_base
 
 SEAL_KEY = "manifest_xxh3_128"
 UNSEALED = "0" * 32
-DTYPES = ("keep", "bfloat16", "float16", "float32")
+DTYPES = ("keep", *CAST_DTYPES)
 HEX = frozenset("0123456789abcdef")
 
 
@@ -314,12 +315,12 @@ def _check_coord(f: Fields, entry: dict, i: int, layout: dict) -> int:
     tp, pp = layout["tp"], layout["pp"]
     field = f"ranks[{i}]"
     f.int(entry, "rank", f"{field}.rank", lo=i, hi=i + 1)
-    want = {"dp_index": i // (tp * pp), "pp_stage": i // tp % pp, "tp_rank": i % tp}
+    want = dict(zip(("dp_index", "pp_stage", "tp_rank"), rank_coords(i, tp=tp, pp=pp)))
     want["ep_rank"] = want["tp_rank"] // (tp // layout["ep"])
     for key, value in want.items():
         if f.int(entry, key, f"{field}.{key}") != value:
             f.fail(f"{field}.{key}", f"is {entry[key]}, but rank {i} has {key} {value}")
-    base = i % (tp * pp)
+    base = replica_base(i, tp=tp, pp=pp)
     expected = None if base == i else base
     if f.get(entry, "replica_of", (int, type(None)), f"{field}.replica_of") != expected:
         f.fail(f"{field}.replica_of", f"is {entry['replica_of']}, expected {expected}")

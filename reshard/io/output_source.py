@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
 from ..models.hparams import parse_hparams
-from .headers import DTYPE_SIZES, Header, TensorInfo, read_header
+from .headers import Header, TensorInfo, read_header
 from .manifest import MANIFEST, read_manifest
 from .source import Source, open_source
 from .writer import io_error
@@ -227,10 +228,8 @@ class OutputReader:
     def _assemble(self, name: str, info: TensorInfo, a: int, b: int, alloc=None) -> torch.Tensor:
         import torch
 
-        from .headers import TORCH_DTYPES
-
         shape = info.shape or (1,)
-        dtype = TORCH_DTYPES[info.dtype]
+        dtype = torch_dtypes()[info.dtype]
         if alloc is not None:
             n = (b - a) * math.prod(shape[1:]) * dtype.itemsize
             buf = alloc(n).view(dtype).view(b - a, *shape[1:])
@@ -274,7 +273,6 @@ class OutputReader:
         buffer, hashed on the way when read in order."""
         import torch
 
-        from .headers import TORCH_DTYPES
         from .tensor_bytes import tensor_bytes
 
         shape = out.shape or (1,)
@@ -283,7 +281,7 @@ class OutputReader:
         if into is None:
             if self.scratch.numel() < n:
                 self.scratch = torch.empty(n, dtype=torch.uint8)
-            into = self.scratch[:n].view(TORCH_DTYPES[out.dtype]).view(r1 - r0, *shape[1:])
+            into = self.scratch[:n].view(torch_dtypes()[out.dtype]).view(r1 - r0, *shape[1:])
         data = tensor_bytes(into)
         _read_exact(self.out_dir / key[0], data, out.begin + r0 * row_bytes)
         state = self.hashers.setdefault(key, [xxhash.xxh3_128(), 0])
@@ -315,32 +313,15 @@ class OutputReader:
         self.hashers.clear()
 
 
-def reused_buffer():
-    """An alloc for iter_rows whose blocks all share one buffer, grown as needed: for a
-    caller that is done with a block before it asks for the next."""
-    import torch
-
-    held = [torch.empty(0, dtype=torch.uint8)]
-
-    def alloc(n: int) -> torch.Tensor:
-        if held[0].numel() < n:
-            held[0] = torch.empty(n, dtype=torch.uint8)
-        return held[0][:n]
-
-    return alloc
-
-
 def _whole_rows(block: Block, out: TensorInfo, buf: torch.Tensor) -> bool:
     """The block is whole rows of the source, stored as whole rows of the rank-file tensor."""
-    from .headers import TORCH_DTYPES
-
     full = tuple(buf.shape[1:])
     return (
         not any(block.start[1:])
         and not any(block.dest[1:])
         and tuple(block.stop[1:]) == full
         and tuple(out.shape[1:]) == full
-        and TORCH_DTYPES[out.dtype] == buf.dtype
+        and torch_dtypes()[out.dtype] == buf.dtype
     )
 
 

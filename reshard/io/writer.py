@@ -21,10 +21,11 @@ from pathlib import Path
 
 import xxhash
 
+from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import CheckpointError, ReshardIOError
 from ..layout.plan import OutFile, OutTensor, Piece, Plan
 from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
-from .headers import DTYPE_SIZES, TensorInfo, encode_header, pread_exact
+from .headers import TensorInfo, encode_header, pread_exact
 from .source import Source
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
@@ -165,8 +166,7 @@ def copy_reassembled(source: Source, jobs: list[Job], progress, chunk_bytes: int
     """Row blocks come from source.reader (output_source.OutputReader), as torch tensors, in
     one thread (the reader keeps state); its rank-file hashes are checked once everything
     needed has been read."""
-    from .output_source import reused_buffer
-    from .tensor_bytes import tensor_bytes
+    from .tensor_bytes import reused_buffer, tensor_bytes  # lazy: a plain copy needs no torch
 
     alloc, gather = reused_buffer(), memoryview(bytearray(0))
     for job in jobs:
@@ -256,11 +256,10 @@ def cast_bytes(data: memoryview, info: TensorInfo, dtype: str) -> memoryview:
     """The window's values converted to `dtype`: the one place the writer needs torch."""
     import torch
 
-    from .headers import TORCH_DTYPES
     from .tensor_bytes import tensor_bytes
 
-    values = torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[info.dtype])
-    return tensor_bytes(values.to(TORCH_DTYPES[dtype]))
+    values = torch.frombuffer(bytearray(data), dtype=torch_dtypes()[info.dtype])
+    return tensor_bytes(values.to(torch_dtypes()[dtype]))
 
 
 def _write_group(target: Target, group: Group, src: memoryview, at, gather: memoryview) -> None:

@@ -1,14 +1,13 @@
 """The one table of GPUs reshard plans for: memory (as sold, and as CUDA reports it, which is
 what an engine budgets from), dense fp16/bf16 FLOP/s and memory bandwidth. `plan --gpu` reads
-its memory from here and the stage roofline (costs.py) its FLOP/s and bandwidth.
+its memory from here and the stage roofline (stages/costs.py) its FLOP/s and bandwidth.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-GB = 10**9  # memory as sold: decimal GB
-GIB = 2**30  # memory as CUDA, torch and vLLM's logs report it
+from ..units import GB, GIB  # memory as sold: decimal GB; as CUDA and vLLM's logs report it
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..dtypes import CAST_DTYPES, DTYPE_SIZES
 from ..errors import LayoutError
-from ..io.headers import CAST_DTYPES, DTYPE_SIZES
 from ..models.hparams import HParams
 from ..models.rules import TensorRole
 from ..quant import check_parts, logical_shape, scheme_of, stored_pieces
 from ..quant.layout import split_problems
+from ..ranks import rank_coords, replica_base
 from .recipe import Recipe
 
 
@@ -64,9 +65,7 @@ class Layout:
         return self.dp * self.pp * self.tp
 
     def coord(self, rank: int) -> Coord:
-        tp_rank = rank % self.tp
-        pp_stage = rank // self.tp % self.pp
-        dp_index = rank // (self.tp * self.pp)
+        dp_index, pp_stage, tp_rank = rank_coords(rank, tp=self.tp, pp=self.pp)
         return Coord(rank, dp_index, pp_stage, tp_rank, tp_rank // self.etp, tp_rank % self.etp)
 
 
@@ -213,7 +212,7 @@ def build_plan(
     for rank in range(layout.world_size):
         coord = layout.coord(rank)
         if coord.dp_index:
-            replica = ranks[rank - coord.dp_index * layout.pp * layout.tp]
+            replica = ranks[replica_base(rank, tp=layout.tp, pp=layout.pp)]
             ranks.append(RankPlan(coord, replica.files, replica.coord.rank))
             continue
         out = _rank_tensors(hp, tensors, roles, layout, coord, placements)
@@ -266,7 +265,7 @@ def _kept_mtp(layout: Layout, role: TensorRole) -> bool:
 
 
 def _out_dtype(dtype: str, target: str) -> str:
-    if target == "keep" or dtype not in ("F32", "F16", "BF16"):
+    if target == "keep" or dtype not in CAST_DTYPES.values():
         return dtype  # integers, fp8 and friends are never cast
     return CAST_DTYPES[target]
 

@@ -13,21 +13,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import recipe_spellings
 from ..errors import InputError
+from ..units import SIZE_UNITS
+from .experts.place import PLACEMENTS
 
-DTYPES = {
-    "keep": "keep",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-}
-PLACEMENTS = ("contiguous", "round_robin", "balanced")
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+DTYPES = recipe_spellings()  # 'bf16' -> 'bfloat16', ...
 
 # TOML section -> keys it may hold (and the Recipe field each sets).
 SECTIONS = {

@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..dtypes import FLOAT_CODES, PLAIN_FLOAT_CODES
 from ..errors import CheckpointError
 from ..quant import check_parts, logical_shape, scheme_of
 from .hparams import HParams
 from .mla import mla_shapes
 from .rules import TensorRole
 
-FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-PLAIN_FLOATS = ("F64", "F32", "F16", "BF16")  # what a 1-D norm or bias may be
+FLOATS = FLOAT_CODES
+PLAIN_FLOATS = PLAIN_FLOAT_CODES  # what a 1-D norm or bias may be
 FIX = "config.json and the weights do not belong together; re-download them as one."
 
 

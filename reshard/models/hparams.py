@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import CAST_SIZES
 from ..errors import CheckpointError, ReshardIOError, UnsupportedModelError
 from ..io.strict_json import read_json
 from ..quant import parse_quantization
@@ -19,7 +20,7 @@ from .config_values import FIX, get_bool, get_dict, get_float, get_int, get_str,
 
 MAX_LAYERS = 100_000  # the deepest published decoders have ~160 layers
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = CAST_SIZES  # the one table is reshard/dtypes.py
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ reference runtime's router on calibration prompts (prefill + a few greedy decode
 
 Every k-th prompt is held out and counted separately, so a placement built from the
 calibration load can be scored on prompts it never saw. The whole model runs on one device.
-Returns an ExpertLoad for `write_expert_load`; it places nothing (see experts.py).
+Returns an ExpertLoad for `write_expert_load`; it places nothing (see layout/experts/place.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..layout.experts.place import check_layout
+from ..io.source import resolve_model
+from ..layout.experts.place import check_placement
 from ..layout.experts.report import (
     ExpertLoad,
     PlacementReport,
@@ -52,8 +53,7 @@ def profile_experts(
 ) -> ExpertProfile:
     """Load MODEL at world size 1, run the prompts, count tokens per expert per MoE layer.
     `ep` is only the report's (checked before the model runs); the load file has none."""
-    from ..io.source import resolve_model
-    from ..runtime.launch import default_device
+    from ..runtime.launch import default_device  # lazy: the runtime imports torch
     from ..runtime.load import load_source_model
 
     path = resolve_model(model)[0]
@@ -68,7 +68,7 @@ def profile_experts(
         raise InputError(f"--max-new-tokens {max_new_tokens}: decode at least 1 token.")
     report_ep = default_report_ep(hp.num_experts) if ep is None else ep
     if report_ep is not None:
-        check_layout(hp.num_experts, report_ep, 0, "balanced")
+        check_placement(hp.num_experts, report_ep, 0, "balanced")
     prompts = read_calibration_prompts(path, hp.vocab_size, prompts_file, prompt_ids)
     calib, held = split_heldout(prompts, heldout)
     runtime = load_source_model(path, dtype=dtype, device=device or default_device())

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..dtypes import CAST_DTYPES
 from ..errors import LayoutError, UnsupportedModelError
 
 PACK = 8  # int4 values per int32 (AWQ along out, GPTQ along in, qzeros along out)
@@ -204,7 +205,7 @@ def stored_tensors(
     out, inn = shape
     module = name.rpartition(".")[0]
     g = scheme.group_size
-    scales = dtype if dtype in ("F16", "BF16", "F32") else "F16"  # int4 scales: AWQ/GPTQ fp16
+    scales = dtype if dtype in CAST_DTYPES.values() else "F16"  # int4 scales: AWQ/GPTQ fp16
     if scheme.kind == "fp8_block":
         bn, bk = scheme.block
         parts = {

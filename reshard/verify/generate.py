@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
+from ..dtypes import DTYPE_SIZES, dtype_name
 from ..errors import InputError
-from ..io.headers import DTYPE_SIZES
 from ..runtime.generate import check_prompts
 from ..runtime.launch import default_device, generate_reference, generate_sharded
 from ..runtime.load import resolve_dtype
 from ..runtime.streamed import free_memory, reference_streamed, source_bytes
-from ..units import dtype_name, format_bytes
+from ..units import format_bytes
 from .compare import PromptComparison, compare_results, tolerance_for
 from .result import LevelResult
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,13 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
+from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
-from ..io.headers import DTYPE_SIZES, TORCH_DTYPES, read_header
+from ..io.headers import read_header
 from ..io.manifest import manifest_seal_failure, read_manifest
+from ..io.output_source import is_output, open_model
+from ..io.rank_subset import check_partial_set
+from ..io.source import resolve_model
 from ..progress import progress_bar
 from .generate import check_generate_options, verify_generation
 from .result import LEVELS, LevelResult
@@ -117,8 +122,6 @@ def header_mismatch(info, entry: dict) -> str | None:
 def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
     """--source, else the output a re-layout was made from, else the original's path."""
     if source is not None:
-        from ..io.source import resolve_model
-
         return resolve_model(source)[0]
     made_from = manifest["source"].get("made_from")
     if made_from and Path(made_from["path"]).is_dir():
@@ -130,8 +133,6 @@ def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
 def reference_dir(manifest: dict, source_dir: Path) -> Path | None:
     """The generate tier's reference runs an HF checkpoint: for a reshard output as the
     source, the original it records (if still there)."""
-    from ..io.output_source import is_output
-
     if not is_output(source_dir):
         return source_dir
     path = Path(manifest["source"]["path"])
@@ -142,10 +143,6 @@ def verify_weights(
     out_dir: Path, manifest: dict, source_dir: Path, *, progress: bool = False
 ) -> LevelResult:
     """Compare every piece with the source, bitwise; check coverage and zero padding."""
-    import tempfile
-
-    from ..io.output_source import open_model
-
     with tempfile.TemporaryDirectory(prefix="reshard-verify-") as scratch:
         # A source the user converted from pickle with --allow-pickle is re-read the same way.
         allow = bool(manifest["source"].get("pickle"))
@@ -259,7 +256,7 @@ def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader, ba
                 block = blocks.read(blocks.source_path(p["source"]), p["source"], src_index)
                 out = blocks.read(path, name, out_index)
                 bar.update(out.numel() * out.element_size())
-                if not _bitwise_equal(out, block.to(TORCH_DTYPES[meta["dtype"]])):
+                if not _bitwise_equal(out, block.to(torch_dtypes()[meta["dtype"]])):
                     failures.append(
                         f"{path}: tensor '{name}' (rank {entry['rank']}) differs from source "
                         f"'{p['source']}' block {p['start']}:{p['stop']}"
@@ -362,8 +359,6 @@ def verify_output(
 ) -> tuple[dict, list[LevelResult]]:
     """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
     InputError for bad generate options before any tier runs."""
-    from ..io.rank_subset import check_partial_set
-
     check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
     manifest = read_manifest(out_dir)
     if "generate" in levels:

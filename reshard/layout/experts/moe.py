@@ -1,5 +1,5 @@
 """Expert placement for a conversion: recipe + measured load -> a Placement per MoE layer,
-and the manifest / engine-export views of the result. The algorithms live in experts.py."""
+and the manifest / engine-export views of the result. The algorithms live in place.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Expert placement for expert parallelism: how many replicas each routed expert gets and
 which ep_rank holds each replica, per MoE layer, from measured (or uniform) expert load.
 Pure functions on numbers, no I/O. The load file, the metrics, the report and the engine
-exports (what goes in and comes out as files and text) live in `expert_report.py`."""
+exports (what goes in and comes out as files and text) live in `report.py`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from reshard.errors import InputError, LayoutError
 
-PLACEMENTS = ("balanced", "contiguous", "round_robin")
+PLACEMENTS = ("contiguous", "round_robin", "balanced")  # recipe, --placement and here
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def place_experts(
     `load` is one number per expert: a list, tuple or 1-D tensor (read with .tolist()).
     """
     load = check_load(load)
-    check_layout(len(load), ep, redundant, placement)
+    check_placement(len(load), ep, redundant, placement)
     num_experts = len(load)
     if placement == "contiguous":
         phy2log = [p % num_experts for p in range(num_experts + redundant)]
@@ -148,7 +148,7 @@ def place_experts(
     return Placement.from_phy2log(phy2log, ep, num_experts)
 
 
-def check_layout(num_experts: int, ep: int, redundant: int, placement: str) -> None:
+def check_placement(num_experts: int, ep: int, redundant: int, placement: str) -> None:
     """Raise LayoutError, with the numbers and a fix, for a layout no placement can meet."""
     for name, value in (("ep", ep), ("redundant", redundant)):
         if not isinstance(value, int) or isinstance(value, bool):

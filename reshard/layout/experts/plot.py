@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from reshard.errors import InputError, ReshardIOError
 from reshard.layout.experts.moe import solve_placements
@@ -14,7 +15,9 @@ from reshard.layout.experts.place import Placement, place_model
 from reshard.layout.experts.report import balancedness, read_expert_load
 from reshard.layout.recipe import Recipe
 from reshard.models.hparams import HParams
-from reshard.profile.experts import ExpertProfile
+
+if TYPE_CHECKING:  # a type only: profile/ builds on layout/, not the other way
+    from reshard.profile.experts import ExpertProfile
 
 INSTALL = "pip install 'reshard[plot]'"
 

@@ -1,7 +1,7 @@
 """Expert placement's files and figures: the `expert_load.json` format (read, validated,
 written), balancedness per layer and overall, the lower bound on the busiest rank, the
 memory redundant slots cost, the balanced-vs-contiguous report, and the SGLang /
-TensorRT-LLM placement files. It decides nothing: placements come from `experts.py`."""
+TensorRT-LLM placement files. It decides nothing: placements come from `place.py`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from reshard.errors import InputError, LayoutError, ReshardIOError
 from reshard.io.strict_json import read_json
 from reshard.layout.experts.nodes import NodeLayout, NodeReport, format_node_report, report_nodes
 from reshard.layout.experts.place import Placement, place_model, replica_counts
-from reshard.units import GB
+from reshard.units import format_gb
 
 LOAD_FORMAT = "reshard-expert-load"
 LOAD_VERSION = 1
@@ -313,7 +313,7 @@ def format_placement_report(report: PlacementReport) -> str:
     trtllm = [format_cells(1 / s.sum - 1, held_imbalance(s), None) for s in strategies]
     lines.append(format_row("trtllm", trtllm) + "  (max-mean)/mean from the sum row")
     if strategies[0].extra_bytes is not None:
-        extra = [f"{s.extra_bytes / GB:>10.2f} GB".ljust(CELL) for s in strategies]
+        extra = [f"{format_gb(s.extra_bytes):>13}".ljust(CELL) for s in strategies]
         lines.append(format_row("GB+", extra) + "  redundant slots, whole EP group")
     if report.nodes is not None:
         lines += format_node_report(report.nodes)

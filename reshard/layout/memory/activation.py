@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ...errors import InputError
 from ...models.hparams import HParams
-from ..gpus import GIB
+from ...units import GIB
 
 # `vllm serve` defaults (V1 engine, vllm/engine/arg_utils.py): on GPUs of 70 GiB or more other
 # than the A100 (H100, H200, B200) max_num_batched_tokens 8192 and max_num_seqs 1024; on the

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from ...units import GB, format_gb
 from ..experts.report import format_placement_report
-from ..gpus import GB, GPUS
+from ..gpus import GPUS
 from .activation import EngineLimits, engine_defaults
 from .model import DEFAULT_UTILIZATION, Gpu, KvBudget, MemoryReport, RankMemory, kv_bytes_per_token
 from .plan import PlanMemory
@@ -19,10 +20,7 @@ BAR = 20  # characters per bar
 
 
 def gb(n: float) -> str:
-    """Decimal GB; MB and bytes only for the tiny models of tests and demos."""
-    if abs(n) >= 10**7:
-        return f"{n / GB:.2f} GB"
-    return f"{n / 10**6:.2f} MB" if abs(n) >= 10**4 else f"{n:.0f} B"
+    return format_gb(n, tiny=True)
 
 
 def format_plan(pm: PlanMemory) -> str:

@@ -3,8 +3,8 @@ weight bytes (summed from the Plan's output tensors, so exactly what convert wri
 memory, the activation peak, and the KV cache: what remains of gpu_memory_utilization x the
 GPU's memory, in bytes, blocks and tokens, against the cache B sequences of T tokens need.
 
-Pure numbers over a Plan: no I/O, no printing. Reading the model is memory_plan.py's job, the
-layout search memory_suggest.py's, and the text and JSON views memory_format.py's.
+Pure numbers over a Plan: no I/O, no printing. Reading the model is plan.py's job, the
+layout search suggest.py's, and the text and JSON views format.py's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from ...errors import InputError
 from ...models.hparams import HParams
-from ..gpus import GB, GPUS, find_gpu
+from ...units import GB
+from ..gpus import GPUS, find_gpu
 from ..plan import Plan, Stage
 from .activation import EngineLimits, activation_peak_bytes
 

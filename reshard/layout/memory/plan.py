@@ -1,7 +1,7 @@
 """`reshard plan` end to end: read MODEL's tensor shapes (its safetensors headers when the folder
 has them, else config.json alone: a folder, a bare config.json, or a hub id), build the Plan
 convert would execute, and attach per-rank memory, the stage report and the expert placement
-report. Reads no weights. Formatting is memory_format.py's; the layout search memory_suggest.py's.
+report. Reads no weights. Formatting is format.py's; the layout search suggest.py's.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...convert import plan_source, resolve_placements, resolve_stages
+from ...dtypes import CAST_DTYPES, DTYPE_SIZES
 from ...errors import InputError
-from ...io.headers import CAST_DTYPES, DTYPE_SIZES
 from ...io.manifest import MANIFEST
 from ...io.output_source import open_model
 from ...io.source import INDEX, SINGLE, Source, open_config
@@ -22,8 +21,9 @@ from ...models.shapes import synthesize_tensors
 from ..experts.nodes import NodeLayout
 from ..experts.report import PlacementReport, read_expert_load, report_placement
 from ..gpus import GPUS
-from ..plan import Plan, build_plan, check_layout
+from ..plan import Plan, check_layout
 from ..recipe import Recipe
+from ..resolve import plan_source, plan_tensors
 from ..stages.pipeline import StagePlan, plan_stages
 from .activation import EngineLimits
 from .model import Gpu, KvBudget, MemoryReport, memory_report
@@ -73,12 +73,9 @@ def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") 
 
 
 def build_layout(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
-    """The steps of convert.plan_source over shapes already matched (the suggest loop's path).
+    """The steps of resolve.plan_source over shapes already matched (the suggest loop's path).
     `stages`: already solved, else solved here."""
-    hp = shapes.hparams
-    stages = stages or resolve_stages(hp, recipe)
-    placements = resolve_placements(hp, recipe)
-    return build_plan(hp, shapes.tensors, shapes.roles, recipe, stages, placements)
+    return plan_tensors(shapes.hparams, shapes.tensors, shapes.roles, recipe, stages)
 
 
 def plan_model(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:

@@ -1,5 +1,5 @@
 """`reshard plan --suggest`: the smallest layout (tp x pp) whose every rank, after its weights,
-non-torch memory and activation peak (vLLM's terms, memory.py), still holds the KV cache that
+non-torch memory and activation peak (vLLM's terms, model.py), still holds the KV cache that
 --context x --batch needs in the GPU's budget, keeping TP inside a node and PP across nodes:
 tp grows up to a node (tp <= gpus_per_node, from plan.valid_tp) before pp > 1 is used, and
 then only with the node's largest valid tp. Layouts with fewer GPUs that need PP inside a
@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ...convert import resolve_stages
 from ...errors import LayoutError
 from ...models.hparams import HParams
 from ...quant.layout import split_problems
-from ..gpus import GB
+from ...units import format_gb
 from ..plan import Stage, build_plan, valid_tp
 from ..recipe import Recipe
+from ..resolve import resolve_stages
 from .activation import EngineLimits
 from .model import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
 from .plan import ModelShapes, weight_lower_bound
@@ -222,16 +222,16 @@ def _fewest_stages(
 def why_not(r: RankMemory) -> str:
     """Why a rank does not fit, in vLLM's terms and with every number."""
     parts = (
-        f"weights {_gb(r.weight_bytes)} + non-torch {_gb(r.non_torch_bytes)} + activation "
-        f"peak {_gb(r.activation_bytes)} = {_gb(r.fixed_bytes)} of the "
-        f"{_gb(r.budget_bytes)} budget"
+        f"weights {format_gb(r.weight_bytes)} + non-torch {format_gb(r.non_torch_bytes)} + "
+        f"activation peak {format_gb(r.activation_bytes)} = {format_gb(r.fixed_bytes)} of the "
+        f"{format_gb(r.budget_bytes)} budget"
     )
     where = f"rank {r.rank} (stage {r.pp_stage})"
     if r.kv_cache_bytes <= 0:
         return f"{where}: {parts}, no memory left for the KV cache"
     return (
-        f"{where}: {parts} leaves {_gb(r.kv_cache_bytes)} of KV cache ({r.kv_tokens:,} tokens), "
-        f"{_gb(r.kv_bytes)} needed"
+        f"{where}: {parts} leaves {format_gb(r.kv_cache_bytes)} of KV cache "
+        f"({r.kv_tokens:,} tokens), {format_gb(r.kv_bytes)} needed"
     )
 
 
@@ -257,9 +257,10 @@ def _average_reason(weights: int, kv: int, world: int, fit: Fit) -> str:
     gpus = "one GPU" if world == 1 else f"{world} GPUs"
     gpu, non_torch = fit.gpu, fit.limits.non_torch_bytes
     return (
-        f"{_gb(weights)} of weights + {_gb(kv)} of KV cache on {gpus} is at least "
-        f"{_gb(-(-(weights + kv) // world))} a GPU, + {_gb(non_torch)} non-torch; the budget is "
-        f"{_gb(gpu.budget_bytes)} ({gpu.utilization:g} x {_gb(gpu.total_bytes)})"
+        f"{format_gb(weights)} of weights + {format_gb(kv)} of KV cache on {gpus} is at least "
+        f"{format_gb(-(-(weights + kv) // world))} a GPU, + {format_gb(non_torch)} non-torch; "
+        f"the budget is {format_gb(gpu.budget_bytes)} "
+        f"({gpu.utilization:g} x {format_gb(gpu.total_bytes)})"
     )
 
 
@@ -276,7 +277,3 @@ def tp_problem(hp: HParams, tp: int) -> str:
     if quantized:  # a split that would cut an FP8 block or an int4 pack/group
         return quantized[0]
     return "the MLP widths do not split evenly (see `reshard plan --tp N`)"
-
-
-def _gb(n: int) -> str:
-    return f"{n / GB:.2f} GB"

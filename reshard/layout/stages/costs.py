@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...dtypes import CAST_SIZES
 from ...errors import InputError, ReshardIOError
 from ...io.strict_json import read_json
-from ...models.hparams import DTYPE_BYTES, HParams
+from ...models.hparams import HParams
 from ...models.mla import mla_shapes
-from ..gpus import GPUS, find_gpu
+from ..gpus import GPUS, GpuSpec, find_gpu
 
 COSTS_FORMAT = "reshard-costs"
 COSTS_VERSION = 1
@@ -46,16 +47,6 @@ class Item:
     kind: str  # "embed", "layer:full_attention+dense", "head": items of one kind cost the same
     cost: int  # nanoseconds, roofline or measured median
     weight_bytes: int  # bytes of this item's tensors on its stage
-
-
-@dataclass(frozen=True)
-class Device:
-    flops: float  # dense fp16/bf16 tensor FLOP/s: half the with-sparsity figure
-    bandwidth: float  # memory bytes/s
-
-
-# One entry per GPU of the shared table (gpus.py): `plan --gpu` picks the roofline's device.
-DEVICES = {name: Device(spec.flops, spec.bandwidth) for name, spec in GPUS.items()}
 
 
 def layer_kind(hp: HParams, layer: int) -> str:
@@ -124,11 +115,12 @@ def analytic_costs(
     ]
 
 
-def _device(name: str) -> Device:
+def _device(name: str) -> GpuSpec:
+    """The roofline's FLOP/s and bandwidth: the row of gpus.py that `plan --gpu` names."""
     key = find_gpu(name)
     if key is None:
-        raise InputError(f"device={name!r} is unknown. Known: {', '.join(DEVICES)}.")
-    return DEVICES[key]
+        raise InputError(f"device={name!r} is unknown. Known: {', '.join(GPUS)}.")
+    return GPUS[key]
 
 
 def _tokens(batch: int, seq: int, mode: str) -> int:
@@ -139,7 +131,7 @@ def _tokens(batch: int, seq: int, mode: str) -> int:
     return batch * seq if mode == "prefill" else batch
 
 
-def _roofline_ns(work: _Work, dev: Device) -> int:
+def _roofline_ns(work: _Work, dev: GpuSpec) -> int:
     seconds = max(work.flops / dev.flops, work.traffic / dev.bandwidth)
     return max(1, round(seconds * 1e9))
 
@@ -316,7 +308,7 @@ def item_costs_from_profile(
 
 def _weight_bytes(hp: HParams) -> list[int]:
     # In the checkpoint's dtype, whatever dtype the timing ran in.
-    dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
+    dtype_bytes = CAST_SIZES.get(hp.torch_dtype, 2)
     return [item.weight_bytes for item in analytic_costs(hp, dtype_bytes=dtype_bytes)]
 
 

@@ -1,15 +1,16 @@
 """Pipeline stages for a conversion or a plan: per-item costs (measured `costs.json`, else the
 analytic roofline), the exact split (or the recipe's explicit one), and its report.
 
-The solver and the report are in stages.py, the costs in costs.py; this module only wires
-them to a recipe and turns the result into plan.Stage values.
+The solver and the report are in solve.py and report.py, the costs in costs.py; this module
+only wires them to a recipe and turns the result into plan.Stage values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...models.hparams import DTYPE_BYTES, HParams
+from ...dtypes import CAST_SIZES
+from ...models.hparams import HParams
 from ..plan import Stage
 from ..recipe import Recipe
 from .costs import Item, analytic_costs, item_costs_from_profile, read_costs
@@ -31,9 +32,9 @@ def stage_costs(hp: HParams, recipe: Recipe, *, device: str = "H100") -> tuple[l
     if recipe.costs is not None:
         items = item_costs_from_profile(hp, read_costs(recipe.costs), where=str(recipe.costs))
         return items, f"measured: {recipe.costs}"
-    dtype_bytes = DTYPE_BYTES.get(hp.torch_dtype, 2)
+    dtype_bytes = CAST_SIZES.get(hp.torch_dtype, 2)
     if recipe.dtype != "keep":
-        dtype_bytes = DTYPE_BYTES[recipe.dtype]
+        dtype_bytes = CAST_SIZES[recipe.dtype]
     items = analytic_costs(hp, dtype_bytes=dtype_bytes, device=device)
     source = f"analytic roofline (decode, batch 1, {device})"
     return items, source + "; measure with `reshard profile layers`"
