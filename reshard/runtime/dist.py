@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import VerificationError
+from ..ranks import global_rank, rank_coords
 
 _HEADER_LEN = 4  # ndim + up to 3 dims: hidden states are [B, S, H]
 
@@ -86,16 +87,10 @@ class Comm:
         return ids
 
 
-def global_rank(dp_index: int, pp_stage: int, tp_rank: int, *, tp: int, pp: int) -> int:
-    """rank = (dp_index * pp + pp_stage) * tp + tp_rank (TP fastest)."""
-    return (dp_index * pp + pp_stage) * tp + tp_rank
-
-
 def build_comm(layout: dict[str, Any], rank: int) -> Comm:
     """Create every group of the layout (all ranks must call this, in the same order)."""
     tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
-    dp_index, rest = divmod(rank, tp * pp)
-    pp_stage, tp_rank = divmod(rest, tp)
+    dp_index, pp_stage, tp_rank = rank_coords(rank, tp=tp, pp=pp)
     tp_group = _new_groups(_tp_group_ranks(tp, pp, dp), rank)
     replica_group = _new_groups(_replica_group_ranks(tp, pp, dp), rank)
     return Comm(

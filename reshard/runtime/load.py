@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..dtypes import CAST_DTYPES, torch_dtypes
 from ..errors import CheckpointError, OutputError
 from ..io.strict_json import read_json
 from ..models.hparams import HParams, load_hparams
@@ -21,7 +22,7 @@ from .dequant import dequantize_tensors
 from .dist import Comm
 from .model import CausalLM, build_model
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: torch_dtypes()[code] for name, code in CAST_DTYPES.items()}  # --dtype names
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
