@@ -56,6 +56,9 @@ def config_for(arch: str, **overrides):
             kwargs.setdefault("moe_intermediate_size", 32)
         if arch.startswith("Qwen2Moe"):
             kwargs.setdefault("shared_expert_intermediate_size", 48)
+    if arch.startswith("Phi3"):  # its defaults (pad/eos 32000) lie outside the tiny vocab
+        kwargs.setdefault("pad_token_id", 0)
+        kwargs.setdefault("eos_token_id", 2)
     if arch.startswith("DeepseekV3"):
         for key, value in DEEPSEEK_V3.items():
             kwargs.setdefault(key, value)

@@ -278,8 +278,10 @@ def slice_tensor(hp, layout: Layout, coord: Coord, role: TensorRole, shape, plac
     elif kind in ("vocab", "head"):
         yield _slice_vocab(layout, coord, role.name, shape, role.name)
     elif kind == "column":
-        lo, hi = _column_range(hp, layout.tp, coord.tp_rank, role, shape)
+        lo, hi = _column_range(hp, layout.tp, coord.tp_rank, role.name, role.rule.heads, shape)
         yield role.name, (_rows(role.name, shape, lo, hi),), (hi - lo, *shape[1:]), 0
+    elif kind == "fused_column":
+        yield _slice_fused_column(hp, layout.tp, coord.tp_rank, role, shape)
     elif kind == "row":
         lo, hi = _split_range(role.name, shape, 1, layout.tp, coord.tp_rank, _unit(hp, role))
         yield role.name, (_cols(role.name, shape, lo, hi),), (shape[0], hi - lo, *shape[2:]), 0
@@ -314,6 +316,10 @@ def _cols(name: str, shape, lo: int, hi: int) -> Piece:
 
 def _unit(hp: HParams, role: TensorRole) -> int:
     """Rows (or columns) per head of a tensor split on head boundaries."""
+    return _head_width(hp, role.rule.heads)
+
+
+def _head_width(hp: HParams, heads: str | None) -> int:
     widths = {
         "q": hp.head_dim,
         "kv": hp.head_dim,
@@ -321,7 +327,7 @@ def _unit(hp: HParams, role: TensorRole) -> int:
         "kv_b": hp.qk_nope_head_dim + hp.v_head_dim,
         "v": hp.v_head_dim,
     }
-    return widths[role.rule.heads] if role.rule.heads else 1
+    return widths[heads] if heads else 1
 
 
 def _split_range(name, shape, dim: int, parts: int, index: int, unit: int) -> tuple[int, int]:
@@ -335,18 +341,45 @@ def _split_range(name, shape, dim: int, parts: int, index: int, unit: int) -> tu
     return index * step, (index + 1) * step
 
 
-def _column_range(hp: HParams, tp: int, tp_rank: int, role: TensorRole, shape):
-    if role.rule.heads == "kv" and hp.num_kv_heads < tp:
+def _column_range(hp: HParams, tp: int, tp_rank: int, name: str, heads: str | None, shape):
+    if heads == "kv" and hp.num_kv_heads < tp:
         # tp % kv == 0 (checked): each kv head is replicated on tp // kv consecutive ranks,
         # so rank r holds kv head r * kv // tp, the one its query heads use.
         if shape[0] != hp.num_kv_heads * hp.head_dim:
             raise LayoutError(
-                f"tensor '{role.name}' has {shape[0]} rows, expected num_key_value_heads x "
+                f"tensor '{name}' has {shape[0]} rows, expected num_key_value_heads x "
                 f"head_dim = {hp.num_kv_heads * hp.head_dim}. config.json and weights disagree."
             )
         head = tp_rank * hp.num_kv_heads // tp
         return head * hp.head_dim, (head + 1) * hp.head_dim
-    return _split_range(role.name, shape, 0, tp, tp_rank, _unit(hp, role))
+    return _split_range(name, shape, 0, tp, tp_rank, _head_width(hp, heads))
+
+
+def fused_part_rows(hp: HParams, parts: tuple[str, ...]) -> tuple[int, ...]:
+    """Rows of each part of a fused_column tensor: "q" and "kv" heads x head_dim, "mlp"
+    intermediate_size."""
+    rows = {"q": hp.q_size, "kv": hp.kv_size, "mlp": hp.intermediate_size}
+    return tuple(rows[p] for p in parts)
+
+
+def _slice_fused_column(hp: HParams, tp: int, tp_rank: int, role: TensorRole, shape):
+    """[q; k; v] (or [gate; up]) rows: each part split as its own column tensor would be
+    (kv heads replicated when fewer than tp), the rank's slices stacked in the same order."""
+    sizes = fused_part_rows(hp, role.rule.fused)
+    if shape[0] != sum(sizes):
+        raise LayoutError(
+            f"tensor '{role.name}' has {shape[0]} rows, expected {' + '.join(map(str, sizes))} "
+            f"= {sum(sizes)} ({' + '.join(role.rule.fused)} parts from config.json). "
+            "config.json and weights disagree."
+        )
+    pieces, offset, dest = [], 0, 0
+    for part, size in zip(role.rule.fused, sizes, strict=True):
+        heads = None if part == "mlp" else part
+        lo, hi = _column_range(hp, tp, tp_rank, role.name, heads, (size, *shape[1:]))
+        start, stop = (offset + lo, *(0 for _ in shape[1:])), (offset + hi, *shape[1:])
+        pieces.append(Piece(role.name, start, stop, (dest, *(0 for _ in shape[1:]))))
+        offset, dest = offset + size, dest + hi - lo
+    return role.name, tuple(pieces), (dest, *shape[1:]), 0
 
 
 def _slice_vocab(layout: Layout, coord: Coord, source: str, shape, out_name: str):

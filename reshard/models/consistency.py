@@ -75,6 +75,7 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
         "k_proj.weight": (kv, hidden),
         "v_proj.weight": (kv, hidden),
         "o_proj.weight": (hidden, q),
+        "qkv_proj.weight": ((f"{q[0]} + 2 x {kv[0]}", hp.q_size + 2 * hp.kv_size), hidden),
         "q_norm.weight": ((head_dim, hp.head_dim),),
         "k_norm.weight": ((head_dim, hp.head_dim),),
         "gate.weight": (experts, hidden),
@@ -102,6 +103,8 @@ def _mlp_shape(hp: HParams, name: str, leaf: str, hidden, experts):
         return (experts, hidden, inner)
     if leaf.split(".")[0] in ("down_proj", "w2"):
         return (hidden, inner)
+    if leaf == "gate_up_proj.weight":  # Phi-3: [gate; up]
+        return ((f"2 x {inner[0]}", 2 * inner[1]), hidden)
     return (inner, hidden)
 
 

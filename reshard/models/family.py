@@ -22,6 +22,9 @@ ROLES = (
     "expert_row",  # one routed expert's down: dim 1 split tp/ep ways
     "fused_expert_column",  # [E, 2I, H]: gate rows then up rows, per expert
     "fused_expert_row",  # [E, H, I]
+    # Parts stacked on dim 0 in the checkpoint (Phi-3 qkv_proj [q; k; v], gate_up_proj
+    # [gate; up]): each part split like its own column tensor, the rank's slices stacked again.
+    "fused_column",
     "drop",  # derivable from config (rotary inv_freq): recorded, not written
 )
 
@@ -40,9 +43,13 @@ class Rule:
     heads: str | None = None
     optional: bool = False
     group: str | None = None  # MoE layers need one complete group ("split" or "fused")
+    # fused_column: the parts on dim 0 in order, each a `heads` kind ("q", "kv") or "mlp"
+    # (intermediate_size rows), e.g. ("q", "kv", "kv") for [q; k; v].
+    fused: tuple[str, ...] | None = None
 
     def __post_init__(self):
         assert self.role in ROLES and self.scope in SCOPES, self
+        assert (self.role == "fused_column") == bool(self.fused), self
 
     @property
     def regex(self) -> re.Pattern:
@@ -63,6 +70,10 @@ class Features:
     # The router's fp32 top-k weights scale the experts without a cast back (transformers'
     # Mixtral and DeepSeek-V3 do this; Qwen casts to the hidden dtype first).
     router_fp32_weights: bool = False
+    # q/k/v stored as one `qkv_proj` ([q; k; v] rows) and gate/up as one `gate_up_proj`
+    # ([gate; up] rows), per rank too (Phi-3): the runtime splits the local output by size.
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
 
     @property
     def moe_block(self) -> str:

@@ -36,6 +36,7 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
         "k_proj.weight": (hp.kv_size, h),
         "v_proj.weight": (hp.kv_size, h),
         "o_proj.weight": (h, hp.q_size),
+        "qkv_proj.weight": (hp.q_size + 2 * hp.kv_size, h),  # Phi-3: [q; k; v]
         "q_proj.bias": (hp.q_size,),
         "k_proj.bias": (hp.kv_size,),
         "v_proj.bias": (hp.kv_size,),
@@ -59,6 +60,8 @@ QUANTIZED_ROLES = ("column", "row", "expert_column", "expert_row")
 def _mlp(leaf: str, inner: int, h: int) -> tuple[int, ...]:
     if leaf.split(".")[0] in ("down_proj", "w2"):
         return (h, inner)
+    if leaf == "gate_up_proj.weight":  # Phi-3: [gate; up]
+        return (2 * inner, h)
     return (inner, h)
 
 

@@ -83,9 +83,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache
     ) -> torch.Tensor:
         batch, seq, _ = x.shape  # x: [B, S, H]
-        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(batch, seq, self.heads, self.head_dim)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, S, hd]
@@ -94,6 +95,10 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, step.sliding_mask if self.sliding else step.mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         return row_parallel(self.o_proj, out, self.comm)  # [B, S, H]
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, S, H] -> this rank's q [B, S, h*hd], k and v [B, S, kvh*hd]."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

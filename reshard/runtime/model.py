@@ -18,6 +18,7 @@ from ..models.hparams import HParams
 from ..models.rules import is_mtp_name
 from .cache import KVCache, Step
 from .dist import Comm
+from .fused import FusedAttention, FusedMLP
 from .layers import MLP, Attention, LMHead, RMSNorm, Tensors, VocabEmbedding
 from .mla import MLAttention
 from .moe import ExpertMap, MoEBlock, build_expert_map
@@ -32,16 +33,18 @@ class DecoderLayer(nn.Module):
         prefix = f"model.layers.{layer}."
         self.input_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
+        features = family_of(hp).features
         attention = MLAttention if hp.is_mla else Attention
+        attention = FusedAttention if features.fused_qkv else attention
         self.self_attn = attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
         moe = layer in hp.moe_layers
-        blocks = family_of(hp).features.moe_blocks
-        self.ffn_name = _ffn_name(tensors, prefix, blocks) if moe else "mlp"
+        self.ffn_name = _ffn_name(tensors, prefix, features.moe_blocks) if moe else "mlp"
         ffn_prefix = f"{prefix}{self.ffn_name}."
         if moe:
             self.add_module(self.ffn_name, MoEBlock(hp, tensors, ffn_prefix, emap, comm))
         else:
-            self.add_module(self.ffn_name, MLP(hp, tensors, ffn_prefix, comm))
+            mlp = FusedMLP if features.fused_gate_up else MLP
+            self.add_module(self.ffn_name, mlp(hp, tensors, ffn_prefix, comm))
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache

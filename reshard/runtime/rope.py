@@ -18,16 +18,21 @@ def compute_inv_freq(hp: HParams) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] in fp32 and the cos/sin scale, as transformers does."""
     scaling = dict(hp.rope_scaling or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedModelError(
-            f"{hp.architecture}: partial_rotary_factor != 1 is not supported by the runtime."
-        )
     if rope_type not in _ROPE_TYPES:
         raise UnsupportedModelError(
             f"{hp.architecture}: rope type '{rope_type}' is not supported by the runtime "
-            f"(supported: {', '.join(sorted(_ROPE_TYPES))})."
+            f"(supported: {', '.join(sorted(_ROPE_TYPES))}); config.json sets it in "
+            "rope_scaling.rope_type (rope_parameters in transformers 5). convert, plan and "
+            "export work; verify only the hashes and weights tiers (--level hashes,weights)."
         )
     return _ROPE_TYPES[rope_type](hp, scaling)
+
+
+def rotary_dim(hp: HParams) -> int:
+    """Leading channels of each head that rotate: head_dim x partial_rotary_factor (Phi-4-mini
+    0.75), the rest pass through, as transformers' apply_rotary_pos_emb does."""
+    factor = float((hp.rope_scaling or {}).get("partial_rotary_factor", 1.0))
+    return int(hp.head_dim * factor)
 
 
 def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -37,16 +42,16 @@ def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
 
 
 def _rope_default(hp: HParams, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    return _default_inv_freq(hp.rope_theta, hp.head_dim), 1.0
+    return _default_inv_freq(hp.rope_theta, rotary_dim(hp)), 1.0
 
 
 def _rope_linear(hp: HParams, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    return _default_inv_freq(hp.rope_theta, hp.head_dim) / float(scaling["factor"]), 1.0
+    return _default_inv_freq(hp.rope_theta, rotary_dim(hp)) / float(scaling["factor"]), 1.0
 
 
 def _rope_llama3(hp: HParams, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
     # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
-    inv_freq = _default_inv_freq(hp.rope_theta, hp.head_dim)
+    inv_freq = _default_inv_freq(hp.rope_theta, rotary_dim(hp))
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_context = float(scaling["original_max_position_embeddings"])
@@ -59,7 +64,7 @@ def _rope_llama3(hp: HParams, scaling: dict[str, Any]) -> tuple[torch.Tensor, fl
 
 
 def _rope_yarn(hp: HParams, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    dim, base = hp.head_dim, hp.rope_theta
+    dim, base = rotary_dim(hp), hp.rope_theta
     original = int(scaling.get("original_max_position_embeddings") or hp.max_position_embeddings)
     factor = scaling.get("factor") or hp.max_position_embeddings / original
     attention_factor = scaling.get("attention_factor")
@@ -133,6 +138,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, S, hd]; cos/sin: [B, S, hd]."""
+    """x: [B, heads, S, hd]; cos/sin: [B, S, rd]. Partial rotary (rd < hd): the first rd
+    channels rotate, the rest pass through."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        rot, rest = x[..., :rd], x[..., rd:]
+        return torch.cat(((rot * cos) + (rotate_half(rot) * sin), rest), dim=-1)
     return (x * cos) + (rotate_half(x) * sin)
