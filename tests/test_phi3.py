@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from checkpoints import write_checkpoint  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
@@ -38,10 +39,15 @@ from reshard.verify.levels import verify_output  # noqa: E402
 
 ARCH = "Phi3ForCausalLM"
 HEADS, KV, HD, INTER, HIDDEN = 4, 2, 16, 96, 64
-# Partial rotary (half of each head rotates) and a window shorter than most prompts.
-CONFIG = dict(
-    num_hidden_layers=4, initializer_range=0.5, partial_rotary_factor=0.5, sliding_window=5
+# Partial rotary (half of each head rotates: 4 frequencies), longrope with its own factor per
+# frequency and an attention scale of sqrt(1 + ln 8 / ln 32), a window shorter than most prompts.
+LONGROPE = dict(
+    rope_type="longrope", short_factor=[1.0, 1.5, 2.5, 4.0], long_factor=[1.0, 3.0, 6.0, 12.0]
 )
+CONFIG = dict(
+    num_hidden_layers=4, initializer_range=0.5, partial_rotary_factor=0.5, sliding_window=5,
+    max_position_embeddings=256, original_max_position_embeddings=32, rope_scaling=LONGROPE,
+)  # fmt: skip
 PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 30, 7, 12, 90], [33, 2, 71], [64, 8, 19, 27, 50, 4], [1, 99]]
 NEW_TOKENS = 8
 QKV = "model.layers.{}.self_attn.qkv_proj.weight"
@@ -108,13 +114,43 @@ def test_runtime_matches_transformers_at_every_position(phi3):
         assert_close_scaled(got, hf_logits(hf, prompt), what=f"phi3 prompt len {len(prompt)}")
 
 
-def test_partial_rotary_inv_freq_matches_transformers(phi3):
+def test_longrope_inv_freq_and_scale_match_transformers(phi3):
     src, hf = phi3
-    expected, scale = hf.model.rotary_emb.compute_default_rope_parameters(hf.config)
+    expected, scale = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu")
     ours, our_scale = compute_inv_freq(load_hparams(src))
     assert ours.shape == (int(HD * 0.5) // 2,)  # 8 rotating channels of 16: 4 frequencies
     torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
-    assert our_scale == scale == 1.0
+    assert our_scale == pytest.approx(scale) == pytest.approx(1.6**0.5)  # ln 8 / ln 32 = 0.6
+
+
+def test_default_rope_with_partial_rotary_matches_transformers(tmp_path):
+    src = write_checkpoint(
+        tmp_path, ARCH, num_hidden_layers=2, initializer_range=0.5, partial_rotary_factor=0.25
+    )
+    hf = transformers.Phi3ForCausalLM.from_pretrained(src).eval()
+    expected, _ = hf.model.rotary_emb.compute_default_rope_parameters(hf.config)
+    assert compute_inv_freq(load_hparams(src))[0].shape == expected.shape == (2,)
+    for prompt, got in zip(PROMPTS, forward_logits(load_source_model(src), PROMPTS), strict=True):
+        assert_close_scaled(got, hf_logits(hf, prompt), what=f"prompt len {len(prompt)}")
+
+
+def test_longrope_past_the_original_context_is_refused(phi3, outputs):
+    """Past original_max_position_embeddings transformers re-runs every position with
+    long_factor; the runtime refuses, and verify does so before starting a world."""
+    src, _ = phi3
+    prompt = list(range(1, 31))  # 30 tokens + 3 new: positions up to 31 fit, 8 new do not
+    assert len(generate_greedy(load_source_model(src), [prompt], 3)[0].tokens) == 3
+    result = CliRunner().invoke(
+        main, ["verify", str(outputs["tp4"]), "--level", "generate", "--device", "cpu",
+               "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "8"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert (
+        "Phi3ForCausalLM: rope type 'longrope' runs only up to "
+        "original_max_position_embeddings=32 positions here (its short_factor; past it "
+        "transformers switches every position to long_factor); prompt 0 of 30 tokens + 8 new "
+        "tokens needs 37. Use shorter prompts or fewer --max-new-tokens." in result.output
+    )
 
 
 def phi3_config(**overrides) -> dict:
@@ -126,22 +162,42 @@ def phi3_config(**overrides) -> dict:
     return {**config, "architectures": [ARCH], **overrides}
 
 
-@pytest.mark.parametrize("rope_type", ["longrope", "su", "yarn"])
-def test_longrope_is_refused_naming_the_key(rope_type):
-    """transformers reads "su" and "yarn" of Phi-3 as longrope; the runtime refuses it."""
-    scaling = {"rope_type": rope_type, "factor": 2.0, "short_factor": [1.0] * 8}
-    hp = parse_hparams(phi3_config(rope_parameters=None, rope_scaling=scaling))
+@pytest.mark.parametrize("rope_type", ["su", "yarn"])
+def test_su_and_yarn_read_as_longrope(rope_type):
+    """As transformers' Phi3Config does; the original context comes from the top level."""
+    scaling = {"type": rope_type, "factor": 2.0, "short_factor": [1.0] * 8, "long_factor": [2] * 8}
+    config = phi3_config(rope_parameters=None, rope_scaling=scaling)
+    config["original_max_position_embeddings"] = 64
+    hp = parse_hparams(config)
     assert hp.rope_scaling["rope_type"] == "longrope"
+    assert hp.rope_scaling["original_max_position_embeddings"] == 64
+
+
+def test_longrope_factors_of_the_wrong_length_name_the_key():
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 7}
+    config = phi3_config(rope_parameters=None, rope_scaling=scaling)
+    with pytest.raises(CheckpointError) as e:
+        parse_hparams(config, where="cfg.json")
+    assert str(e.value).startswith(
+        "cfg.json: 'rope_scaling.long_factor' must list 8 numbers (one per rotary frequency: "
+        "head_dim x partial_rotary_factor / 2); it is [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]."
+    )
+
+
+def test_a_rope_type_the_runtime_lacks_is_refused_naming_the_key():
+    hp = parse_hparams(phi3_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(UnsupportedModelError) as e:
         compute_inv_freq(hp)
-    assert str(e.value).startswith("Phi3ForCausalLM: rope type 'longrope' is not supported")
-    assert "rope_scaling.rope_type (rope_parameters in transformers 5)" in str(e.value)
+    assert str(e.value) == (
+        "Phi3ForCausalLM: rope type 'dynamic' is not supported by the runtime (supported: "
+        "default, linear, llama3, longrope, yarn); config.json sets it in rope_scaling.rope_type "
+        "(rope_parameters in transformers 5). convert, plan and export work; verify runs "
+        "--level hashes --level weights."
+    )
 
 
 def test_quantized_phi3_is_refused_before_planning(tmp_path):
-    config = phi3_config(
-        quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16]}
-    )
+    config = phi3_config(quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16]})
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = CliRunner().invoke(main, ["plan", str(tmp_path), "--tp", "2"])
     assert result.exit_code == 2, result.output

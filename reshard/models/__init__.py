@@ -1,6 +1,6 @@
 """The model families reshard knows, one module each (llama.py, qwen2.py, ...), each holding
 one `Family`: its tensor rules, its own config.json keys and its runtime switches. Adding a
-family is a new module here and one line in FAMILIES (docs/adding-a-family.md)."""
+family is a new module here and one line in FAMILIES (docs/adding-a-model-family.md)."""
 
 from __future__ import annotations
 

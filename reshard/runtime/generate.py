@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedModelError
+from ..models.hparams import HParams
 from .cache import KVCache, pad_left
 from .model import CausalLM
+from .rope import rope_position_limit
 
 
 @dataclass
@@ -40,6 +42,21 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int
             )
 
 
+def check_rope_positions(hp: HParams, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """The last step feeds position len + new - 2, so transformers' rope sees len + new - 1."""
+    limit = rope_position_limit(hp)
+    longest = max(len(p) for p in prompts) + max_new_tokens - 1
+    if limit is not None and longest > limit:
+        i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+        raise UnsupportedModelError(
+            f"{hp.architecture}: rope type 'longrope' runs only up to "
+            f"original_max_position_embeddings={limit} positions here (its short_factor; "
+            f"past it transformers switches every position to long_factor); prompt {i} of "
+            f"{len(prompts[i])} tokens + {max_new_tokens} new tokens needs {longest}. Use "
+            "shorter prompts or fewer --max-new-tokens."
+        )
+
+
 @torch.inference_mode()
 def generate_greedy(
     stage: CausalLM,
@@ -52,6 +69,7 @@ def generate_greedy(
     """Greedy decode on this rank. Returns results on the last stage, [] on the others.
     `bar` (a tqdm or None) advances by one token per prompt per step."""
     check_prompts(prompts, stage.hp.vocab_size, max_new_tokens)
+    check_rope_positions(stage.hp, prompts, max_new_tokens)
     device = stage.device
     ids, valid = pad_left(prompts, device)  # [B, S] each
     cache = KVCache(len(prompts), ids.shape[1] + max_new_tokens, device)
@@ -101,6 +119,7 @@ def _collect(
 def forward_logits(stage: CausalLM, prompts: list[list[int]]) -> list[torch.Tensor]:
     """All-position logits of each prompt, [len_i, V] float32 (single-stage models only)."""
     check_prompts(prompts, stage.hp.vocab_size, 1)
+    check_rope_positions(stage.hp, prompts, 1)
     if not (stage.has_embed and stage.has_head):
         raise InputError("forward_logits needs the whole model on one stage (pp = 1).")
     ids, valid = pad_left(prompts, stage.device)

@@ -1,5 +1,6 @@
 """Rotary position embeddings with the inverse-frequency formulas transformers uses for the
-rope types reshard supports (default, linear, llama3, yarn). Pure tensor math: no modules,
+rope types reshard supports (default, linear, llama3, yarn, longrope up to its original
+context). Pure tensor math: no modules,
 no parallelism. Layout is HF's rotate_half convention (first half / second half of head_dim).
 """
 
@@ -23,7 +24,7 @@ def compute_inv_freq(hp: HParams) -> tuple[torch.Tensor, float]:
             f"{hp.architecture}: rope type '{rope_type}' is not supported by the runtime "
             f"(supported: {', '.join(sorted(_ROPE_TYPES))}); config.json sets it in "
             "rope_scaling.rope_type (rope_parameters in transformers 5). convert, plan and "
-            "export work; verify only the hashes and weights tiers (--level hashes,weights)."
+            "export work; verify runs --level hashes --level weights."
         )
     return _ROPE_TYPES[rope_type](hp, scaling)
 
@@ -115,11 +116,37 @@ def _linear_ramp(low: float, high: float, n: int) -> torch.Tensor:
     return torch.clamp((torch.arange(n, dtype=torch.float32) - low) / (high - low), 0, 1)
 
 
+def _rope_longrope(hp: HParams, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    # Phi-3.5 / Phi-4-mini: one factor per frequency, short_factor up to the original context.
+    # Past it transformers switches every position to long_factor and recomputes the cache;
+    # the runtime does not, and refuses such runs (rope_position_limit).
+    original = int(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor") or hp.max_position_embeddings / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None and factor <= 1:
+        attention_factor = 1.0
+    elif attention_factor is None:
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(original))
+    dim = rotary_dim(hp)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+    return 1.0 / (short * hp.rope_theta**exponents), float(attention_factor)
+
+
+def rope_position_limit(hp: HParams) -> int | None:
+    """Sequence length up to which the runtime's rope equals transformers' (None: any)."""
+    scaling = hp.rope_scaling or {}
+    if scaling.get("rope_type") == "longrope":
+        return int(scaling["original_max_position_embeddings"])
+    return None
+
+
 _ROPE_TYPES = {
     "default": _rope_default,
     "linear": _rope_linear,
     "llama3": _rope_llama3,
     "yarn": _rope_yarn,
+    "longrope": _rope_longrope,
 }
 
 

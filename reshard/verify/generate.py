@@ -21,7 +21,8 @@ import torch
 
 from ..dtypes import DTYPE_SIZES, dtype_name
 from ..errors import InputError
-from ..runtime.generate import check_prompts
+from ..models.hparams import HParams
+from ..runtime.generate import check_prompts, check_rope_positions
 from ..runtime.launch import default_device, generate_reference, generate_sharded
 from ..runtime.load import resolve_dtype
 from ..runtime.streamed import free_memory, reference_streamed, source_bytes
@@ -93,6 +94,7 @@ def verify_generation(
     vocab = int(manifest["hparams"]["vocab_size"])
     prompts = prompt_ids or read_prompts(prompts_file, [out_dir, source_dir], vocab)
     check_prompts(prompts, vocab, max_new_tokens)
+    check_rope_positions(HParams.from_dict(manifest["hparams"]), prompts, max_new_tokens)
     stored = shard_dtype(manifest)
     compute = torch.float32 if compute_dtype == "float32" else stored
     cast = None if compute == stored else dtype_name(compute)
