@@ -355,7 +355,7 @@ def _column_range(hp: HParams, tp: int, tp_rank: int, name: str, heads: str | No
     return _split_range(name, shape, 0, tp, tp_rank, _head_width(hp, heads))
 
 
-def fused_part_rows(hp: HParams, parts: tuple[str, ...]) -> tuple[int, ...]:
+def _fused_part_rows(hp: HParams, parts: tuple[str, ...]) -> tuple[int, ...]:
     """Rows of each part of a fused_column tensor: "q" and "kv" heads x head_dim, "mlp"
     intermediate_size."""
     rows = {"q": hp.q_size, "kv": hp.kv_size, "mlp": hp.intermediate_size}
@@ -365,7 +365,7 @@ def fused_part_rows(hp: HParams, parts: tuple[str, ...]) -> tuple[int, ...]:
 def _slice_fused_column(hp: HParams, tp: int, tp_rank: int, role: TensorRole, shape):
     """[q; k; v] (or [gate; up]) rows: each part split as its own column tensor would be
     (kv heads replicated when fewer than tp), the rank's slices stacked in the same order."""
-    sizes = fused_part_rows(hp, role.rule.fused)
+    sizes = _fused_part_rows(hp, role.rule.fused)
     if shape[0] != sum(sizes):
         raise LayoutError(
             f"tensor '{role.name}' has {shape[0]} rows, expected {' + '.join(map(str, sizes))} "
