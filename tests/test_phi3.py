@@ -184,6 +184,18 @@ def test_longrope_factors_of_the_wrong_length_name_the_key():
     )
 
 
+def test_longrope_without_its_factors_is_refused_naming_them():
+    config = {**phi3_config(), "architectures": ["LlamaForCausalLM"]}
+    config["rope_parameters"] = {"rope_type": "longrope", "factor": 2.0}
+    with pytest.raises(UnsupportedModelError) as e:
+        compute_inv_freq(parse_hparams(config))
+    assert str(e.value) == (
+        "LlamaForCausalLM: rope type 'longrope' needs rope_scaling.short_factor (8 numbers, one "
+        "per rotary frequency) and original_max_position_embeddings; config.json has None and "
+        "None. Fix config.json."
+    )
+
+
 def test_a_rope_type_the_runtime_lacks_is_refused_naming_the_key():
     hp = parse_hparams(phi3_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(UnsupportedModelError) as e:

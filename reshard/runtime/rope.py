@@ -120,25 +120,33 @@ def _rope_longrope(hp: HParams, scaling: dict[str, Any]) -> tuple[torch.Tensor, 
     # Phi-3.5 / Phi-4-mini: one factor per frequency, short_factor up to the original context.
     # Past it transformers switches every position to long_factor and recomputes the cache;
     # the runtime does not, and refuses such runs (rope_position_limit).
-    original = int(scaling["original_max_position_embeddings"])
+    dim = rotary_dim(hp)
+    short, original = scaling.get("short_factor"), scaling.get("original_max_position_embeddings")
+    if not isinstance(short, list) or len(short) != dim // 2 or not original:
+        raise UnsupportedModelError(
+            f"{hp.architecture}: rope type 'longrope' needs rope_scaling.short_factor ({dim // 2} "
+            "numbers, one per rotary frequency) and original_max_position_embeddings; "
+            f"config.json has {str(short)[:40]} and {original}. Fix config.json."
+        )
+    original = int(original)
     factor = scaling.get("factor") or hp.max_position_embeddings / original
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None and factor <= 1:
         attention_factor = 1.0
     elif attention_factor is None:
         attention_factor = math.sqrt(1 + math.log(factor) / math.log(original))
-    dim = rotary_dim(hp)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
-    return 1.0 / (short * hp.rope_theta**exponents), float(attention_factor)
+    short_t = torch.tensor(short, dtype=torch.float32)
+    return 1.0 / (short_t * hp.rope_theta**exponents), float(attention_factor)
 
 
 def rope_position_limit(hp: HParams) -> int | None:
     """Sequence length up to which the runtime's rope equals transformers' (None: any)."""
     scaling = hp.rope_scaling or {}
-    if scaling.get("rope_type") == "longrope":
-        return int(scaling["original_max_position_embeddings"])
-    return None
+    original = scaling.get("original_max_position_embeddings")
+    if scaling.get("rope_type") == "longrope" and original:
+        return int(original)
+    return None  # any length, or a longrope compute_inv_freq refuses
 
 
 _ROPE_TYPES = {
