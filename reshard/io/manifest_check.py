@@ -177,6 +177,7 @@ HPARAM_KINDS = {
     "bool": bool,
     "str": str,
     "int | None": (int, type(None)),
+    "float | None": (int, float, type(None)),
     "dict[str, Any] | None": (dict, type(None)),
     "tuple[str, ...]": list,
     "tuple[int, ...]": list,

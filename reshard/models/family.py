@@ -74,6 +74,13 @@ class Features:
     # ([gate; up] rows), per rank too (Phi-3): the runtime splits the local output by size.
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    # Gemma: RMSNorm scales by (1 + weight) in fp32, then casts (Llama: weight after the cast).
+    norm_adds_one: bool = False
+    # Gemma: post_attention_layernorm normalises the attention output before the residual add,
+    # and pre_/post_feedforward_layernorm wrap the MLP the same way (four norms per layer).
+    sandwich_norms: bool = False
+    # Gemma: the embedding output times sqrt(hidden_size), that factor cast to the hidden dtype.
+    scale_embedding: bool = False
 
     @property
     def moe_block(self) -> str:

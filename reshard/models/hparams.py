@@ -8,6 +8,7 @@ derived elsewhere. Nothing here knows about parallelism.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from .config_values import FIX, get_bool, get_dict, get_float, get_int, get_str,
 MAX_LAYERS = 100_000  # the deepest published decoders have ~160 layers
 
 DTYPE_BYTES = CAST_SIZES  # the one table is reshard/dtypes.py
+
+# A field added after manifests were first pinned (tests/golden): to_dict() leaves it out while
+# it holds its default, so the manifests of families that never set it stay byte-identical.
+OMIT_DEFAULT = {"omit_default": True}
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,12 @@ class HParams:
     v_head_dim: int = 0
     rope_interleave: bool = False
     num_mtp_layers: int = 0  # multi-token-prediction layers stored past num_hidden_layers
+    # Gemma: attention scale query_pre_attn_scalar**-0.5 (None: head_dim**-0.5); tanh
+    # soft-capping cap * tanh(x / cap) of the attention scores and of the final logits (None:
+    # off).
+    query_pre_attn_scalar: float | None = field(default=None, metadata=OMIT_DEFAULT)
+    attn_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
+    final_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
 
     @property
     def num_expert_groups(self) -> int:
@@ -102,6 +113,9 @@ class HParams:
         d = asdict(self)
         d["layer_types"] = list(self.layer_types)
         d["moe_layers"] = list(self.moe_layers)
+        for spec in dataclass_fields(self):
+            if spec.metadata.get("omit_default") and d[spec.name] == spec.default:
+                del d[spec.name]
         return d
 
     @classmethod
@@ -172,7 +186,8 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
     explicit = _explicit_layer_types(config, layers, where)  # checked before anything per layer
     fields.update(family.read_config(config, where, fields))
     default_sliding = fields.pop("default_sliding", None)
-    fields["layer_types"] = _layer_types(config, layers, explicit, default_sliding, where)
+    window = fields["sliding_window"]  # the family may set its own default
+    fields["layer_types"] = _layer_types(layers, explicit, default_sliding, window)
     return HParams(**fields)
 
 
@@ -268,16 +283,15 @@ def _explicit_layer_types(config: dict[str, Any], layers: int, where: str) -> tu
 
 
 def _layer_types(
-    config: dict[str, Any],
     layers: int,
     explicit: tuple[str, ...],
     default_sliding: tuple[bool, ...] | None,
-    where: str,
+    window: int | None,
 ) -> tuple[str, ...]:
     """Which layers use the sliding window, following transformers' config classes: an explicit
     `layer_types` wins; else the family's default pattern (Family.read_config's
-    `default_sliding`), else every layer slides (Mistral, Qwen3-MoE)."""
-    if _sliding_window(config, where) is None:
+    `default_sliding`), else every layer slides (Mistral, Qwen3-MoE). No window: all full."""
+    if window is None:
         return tuple("full_attention" for _ in range(layers))
     if explicit:
         return explicit

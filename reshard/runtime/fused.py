@@ -33,6 +33,7 @@ class FusedAttention(Attention):
                 f"{hp.head_dim}-wide heads. Re-convert the checkpoint."
             )
         self.layer, self.head_dim, self.comm = layer, hp.head_dim, comm
+        self.set_scores(hp)
         self.parts = (q_rows, kv_rows, kv_rows)
         self.heads, self.kv_heads = q_rows // hp.head_dim, kv_rows // hp.head_dim
         self.sliding = hp.layer_types[layer] == "sliding_attention" and bool(hp.sliding_window)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..models import family_of
 from ..models.hparams import HParams
 from .cache import KVCache, Step
 from .dist import Comm
@@ -50,18 +51,31 @@ def row_parallel(linear: nn.Linear, x: torch.Tensor, comm: Comm) -> torch.Tensor
 
 
 class RMSNorm(nn.Module):
-    """HF RMSNorm: normalise in fp32, cast back, then scale by the weight."""
+    """HF RMSNorm: normalise in fp32, cast back, then scale by the weight. With `adds_one`
+    (Gemma) the scale is (1 + weight), applied in fp32 before the cast."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, *, adds_one: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, device="meta"))
-        self.eps = eps
+        self.eps, self.adds_one = eps, adds_one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.adds_one:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
+
+
+def make_norm(hp: HParams, dim: int) -> RMSNorm:
+    """The family's RMSNorm over `dim` with config.json's rms_norm_eps."""
+    return RMSNorm(dim, hp.rms_norm_eps, adds_one=family_of(hp).features.norm_adds_one)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap), as transformers' Gemma computes it (None: x unchanged)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class Attention(nn.Module):
@@ -72,9 +86,10 @@ class Attention(nn.Module):
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, proj, linear_like(tensors, f"{prefix}{proj}"))
         if f"{prefix}q_norm.weight" in tensors:  # Qwen3: per-head RMSNorm on q and k
-            self.q_norm = RMSNorm(hp.head_dim, hp.rms_norm_eps)
-            self.k_norm = RMSNorm(hp.head_dim, hp.rms_norm_eps)
+            self.q_norm = make_norm(hp, hp.head_dim)
+            self.k_norm = make_norm(hp, hp.head_dim)
         self.layer, self.head_dim, self.comm = layer, hp.head_dim, comm
+        self.set_scores(hp)
         self.heads = self.q_proj.out_features // hp.head_dim
         self.kv_heads = self.k_proj.out_features // hp.head_dim
         self.sliding = hp.layer_types[layer] == "sliding_attention" and bool(hp.sliding_window)
@@ -96,6 +111,12 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         return row_parallel(self.o_proj, out, self.comm)  # [B, S, H]
 
+    def set_scores(self, hp: HParams) -> None:
+        """Scores scale by query_pre_attn_scalar**-0.5 (Gemma) or head_dim**-0.5, then a tanh
+        soft-cap when attn_logit_softcapping is set."""
+        self.scale = (hp.query_pre_attn_scalar or hp.head_dim) ** -0.5
+        self.softcap = hp.attn_logit_softcapping
+
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, S, H] -> this rank's q [B, S, h*hd], k and v [B, S, kvh*hd]."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -108,7 +129,18 @@ class Attention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        if self.softcap is not None:
+            return self._attend_capped(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+    def _attend_capped(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Gemma-2's eager attention: scores capped by tanh before the mask, softmax in fp32."""
+        scores = soft_cap(q @ k.transpose(2, 3) * self.scale, self.softcap)  # [B, h, S, T]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return probs @ v
 
 
 class MLP(nn.Module):
@@ -132,12 +164,19 @@ class MLP(nn.Module):
 class VocabEmbedding(nn.Module):
     """Rows [tp_rank*Vl, (tp_rank+1)*Vl) of the (padded) vocab; other ids give zeros, summed."""
 
-    def __init__(self, weight_shape: torch.Size, comm: Comm):
+    def __init__(self, weight_shape: torch.Size, comm: Comm, scale: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(weight_shape, device="meta"))
-        self.comm = comm
+        self.comm, self.scale = comm, scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._lookup(ids)  # [B, S, H]
+        if self.scale is None:
+            return out
+        # Gemma: the factor is an fp32 tensor cast to the hidden dtype first, as transformers'.
+        return out * torch.tensor(self.scale, dtype=torch.float32).to(out.dtype)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.tp == 1:
             return F.embedding(ids, self.weight)  # [B, S, H]
         rows = self.weight.shape[0]
@@ -151,12 +190,14 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """Vocab-column-parallel head: local logits, all-gathered, vocab padding stripped."""
 
-    def __init__(self, weight_shape: torch.Size, vocab_size: int, comm: Comm):
+    def __init__(
+        self, weight_shape: torch.Size, vocab_size: int, comm: Comm, softcap: float | None = None
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(weight_shape, device="meta"))
-        self.vocab_size, self.comm = vocab_size, comm
+        self.vocab_size, self.comm, self.softcap = vocab_size, comm, softcap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.weight)  # [B, S, Vp/tp]
         logits = self.comm.all_gather_last(logits)  # [B, S, Vp]
-        return logits[..., : self.vocab_size]  # [B, S, V]
+        return soft_cap(logits[..., : self.vocab_size], self.softcap)  # [B, S, V]

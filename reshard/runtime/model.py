@@ -19,7 +19,7 @@ from ..models.rules import is_mtp_name
 from .cache import KVCache, Step
 from .dist import Comm
 from .fused import FusedAttention, FusedMLP
-from .layers import MLP, Attention, LMHead, RMSNorm, Tensors, VocabEmbedding
+from .layers import MLP, Attention, LMHead, Tensors, VocabEmbedding, make_norm
 from .mla import MLAttention
 from .moe import ExpertMap, MoEBlock, build_expert_map
 from .rope import compute_inv_freq, rope_cos_sin
@@ -31,9 +31,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, hp: HParams, layer: int, tensors: Tensors, comm: Comm, emap: ExpertMap):
         super().__init__()
         prefix = f"model.layers.{layer}."
-        self.input_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
+        self.input_layernorm = make_norm(hp, hp.hidden_size)
+        self.post_attention_layernorm = make_norm(hp, hp.hidden_size)
         features = family_of(hp).features
+        self.sandwich = features.sandwich_norms
+        if self.sandwich:  # Gemma: the MLP between its own pre and post norms
+            self.pre_feedforward_layernorm = make_norm(hp, hp.hidden_size)
+            self.post_feedforward_layernorm = make_norm(hp, hp.hidden_size)
         attention = MLAttention if hp.is_mla else Attention
         attention = FusedAttention if features.fused_qkv else attention
         self.self_attn = attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
@@ -49,9 +53,21 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache
     ) -> torch.Tensor:
+        if self.sandwich:
+            return self._forward_sandwich(x, rope, step, cache)
         x = x + self.self_attn(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
         ffn = getattr(self, self.ffn_name)
         return x + ffn(self.post_attention_layernorm(x), step.token_valid)
+
+    def _forward_sandwich(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache
+    ) -> torch.Tensor:
+        """Gemma: post_attention_layernorm acts on the attention output, before the add."""
+        attn = self.self_attn(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
+        x = x + self.post_attention_layernorm(attn)
+        ffn = getattr(self, self.ffn_name)
+        out = ffn(self.pre_feedforward_layernorm(x), step.token_valid)  # [B, S, H]
+        return x + self.post_feedforward_layernorm(out)
 
 
 def _ffn_name(tensors: Tensors, prefix: str, blocks: tuple[str, ...]) -> str:
@@ -67,12 +83,14 @@ class Body(nn.Module):
     def __init__(self, hp: HParams, tensors: Tensors, comm: Comm, emaps: dict[int, ExpertMap]):
         super().__init__()
         if "model.embed_tokens.weight" in tensors:
-            self.embed_tokens = VocabEmbedding(tensors["model.embed_tokens.weight"].shape, comm)
+            scale = hp.hidden_size**0.5 if family_of(hp).features.scale_embedding else None
+            shape = tensors["model.embed_tokens.weight"].shape
+            self.embed_tokens = VocabEmbedding(shape, comm, scale)
         self.layers = nn.ModuleDict(
             {str(i): DecoderLayer(hp, i, tensors, comm, emaps[i]) for i in stage_layers(tensors)}
         )
         if "model.norm.weight" in tensors:
-            self.norm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
+            self.norm = make_norm(hp, hp.hidden_size)
 
 
 class CausalLM(nn.Module):
@@ -84,7 +102,8 @@ class CausalLM(nn.Module):
         self.hp, self.comm = hp, comm
         self.model = Body(hp, tensors, comm, emaps)
         if "lm_head.weight" in tensors:
-            self.lm_head = LMHead(tensors["lm_head.weight"].shape, hp.vocab_size, comm)
+            shape, cap = tensors["lm_head.weight"].shape, hp.final_logit_softcapping
+            self.lm_head = LMHead(shape, hp.vocab_size, comm, cap)
         self.inv_freq, self.rope_scale = compute_inv_freq(hp)
 
     @property

@@ -16,6 +16,7 @@ from typing import Any
 from ...dtypes import CAST_SIZES
 from ...errors import InputError, ReshardIOError
 from ...io.strict_json import read_json
+from ...models import family_of
 from ...models.hparams import HParams
 from ...models.mla import mla_shapes
 from ..gpus import GPUS, GpuSpec, find_gpu
@@ -183,7 +184,9 @@ def _dense_mlp_work(h: int, inter: int, tokens: int, db: int, bias: bool = False
 
 def _mlp_work(hp: HParams, layer: int, tokens: int, db: int) -> _Work:
     h = hp.hidden_size
-    norm = _Work(0, h * db, h * db)  # post_attention_layernorm
+    # post_attention_layernorm; Gemma adds pre_/post_feedforward_layernorm
+    norms = 3 if family_of(hp).features.sandwich_norms else 1
+    norm = _Work(0, norms * h * db, norms * h * db)
     if layer not in hp.moe_layers:
         return norm + _dense_mlp_work(h, hp.intermediate_size, tokens, db, hp.mlp_bias)
     return norm + _moe_work(hp, tokens, db)
