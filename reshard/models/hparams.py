@@ -78,10 +78,11 @@ class HParams:
     num_mtp_layers: int = 0  # multi-token-prediction layers stored past num_hidden_layers
     # Gemma: attention scale query_pre_attn_scalar**-0.5 (None: head_dim**-0.5); tanh
     # soft-capping cap * tanh(x / cap) of the attention scores and of the final logits (None:
-    # off).
+    # off); the rope base of sliding-window layers (Gemma-3; None: rope_theta on every layer).
     query_pre_attn_scalar: float | None = field(default=None, metadata=OMIT_DEFAULT)
     attn_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
     final_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
+    sliding_rope_theta: float | None = field(default=None, metadata=OMIT_DEFAULT)
 
     @property
     def num_expert_groups(self) -> int:
@@ -243,6 +244,9 @@ ROPE_NUMBERS = {
 def _rope(config: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
     params = get_dict(config, "rope_parameters", where)
     key = "rope_parameters" if params is not None else "rope_scaling"
+    if params is not None and "full_attention" in params:  # transformers 5, per layer type
+        params = get_dict(params, "full_attention", where) or {}
+        key = "rope_parameters.full_attention"
     scaling = params if params is not None else get_dict(config, "rope_scaling", where)
     scaling = dict(scaling or {})
     holder = scaling if "rope_theta" in scaling else config  # transformers >= 5 nests theta

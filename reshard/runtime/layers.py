@@ -85,7 +85,7 @@ class Attention(nn.Module):
         super().__init__()
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, proj, linear_like(tensors, f"{prefix}{proj}"))
-        if f"{prefix}q_norm.weight" in tensors:  # Qwen3: per-head RMSNorm on q and k
+        if f"{prefix}q_norm.weight" in tensors:  # Qwen3, Gemma-3: per-head RMSNorm on q and k
             self.q_norm = make_norm(hp, hp.head_dim)
             self.k_norm = make_norm(hp, hp.head_dim)
         self.layer, self.head_dim, self.comm = layer, hp.head_dim, comm

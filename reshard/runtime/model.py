@@ -22,7 +22,7 @@ from .fused import FusedAttention, FusedMLP
 from .layers import MLP, Attention, LMHead, Tensors, VocabEmbedding, make_norm
 from .mla import MLAttention
 from .moe import ExpertMap, MoEBlock, build_expert_map
-from .rope import compute_inv_freq, rope_cos_sin
+from .rope import compute_inv_freq, compute_sliding_inv_freq, rope_cos_sin
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -38,6 +38,7 @@ class DecoderLayer(nn.Module):
         if self.sandwich:  # Gemma: the MLP between its own pre and post norms
             self.pre_feedforward_layernorm = make_norm(hp, hp.hidden_size)
             self.post_feedforward_layernorm = make_norm(hp, hp.hidden_size)
+        self.sliding = hp.layer_types[layer] == "sliding_attention"
         attention = MLAttention if hp.is_mla else Attention
         attention = FusedAttention if features.fused_qkv else attention
         self.self_attn = attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
@@ -105,6 +106,7 @@ class CausalLM(nn.Module):
             shape, cap = tensors["lm_head.weight"].shape, hp.final_logit_softcapping
             self.lm_head = LMHead(shape, hp.vocab_size, comm, cap)
         self.inv_freq, self.rope_scale = compute_inv_freq(hp)
+        self.sliding_rope = compute_sliding_inv_freq(hp)  # None: one rope for every layer
 
     @property
     def has_embed(self) -> bool:
@@ -128,8 +130,12 @@ class CausalLM(nn.Module):
         if self.has_embed:
             x = self.model.embed_tokens(x)  # [B, S, H]
         rope = rope_cos_sin(self.inv_freq.to(x.device), step.positions, self.rope_scale, x.dtype)
+        sliding_rope = rope
+        if self.sliding_rope is not None:
+            inv_freq, scale = self.sliding_rope
+            sliding_rope = rope_cos_sin(inv_freq.to(x.device), step.positions, scale, x.dtype)
         for layer in self.model.layers.values():
-            x = layer(x, rope, step, cache)
+            x = layer(x, sliding_rope if layer.sliding else rope, step, cache)
         if not self.has_head:
             return x
         x = self.model.norm(x)

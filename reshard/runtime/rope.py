@@ -6,6 +6,7 @@ no parallelism. Layout is HF's rotate_half convention (first half / second half 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -34,6 +35,16 @@ def rotary_dim(hp: HParams) -> int:
     0.75), the rest pass through, as transformers' apply_rotary_pos_emb does."""
     factor = float((hp.rope_scaling or {}).get("partial_rotary_factor", 1.0))
     return int(hp.head_dim * factor)
+
+
+def compute_sliding_inv_freq(hp: HParams) -> tuple[torch.Tensor, float] | None:
+    """Sliding-window layers' own default rope at base sliding_rope_theta (Gemma-3), or None
+    when every layer shares compute_inv_freq's."""
+    if hp.sliding_rope_theta is None:
+        return None
+    return compute_inv_freq(
+        dataclasses.replace(hp, rope_theta=hp.sliding_rope_theta, rope_scaling=None)
+    )
 
 
 def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
