@@ -42,10 +42,14 @@ DEEPSEEK_V3 = dict(
 )
 
 
+# Architectures whose config class is not named after them.
+CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+
+
 def config_for(arch: str, **overrides):
     import transformers
 
-    cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    cls = getattr(transformers, CONFIG_CLASSES.get(arch, arch.replace("ForCausalLM", "Config")))
     kwargs = {**BASE, **overrides}
     if arch.startswith(("Mixtral", "Qwen2Moe", "Qwen3Moe")):
         kwargs.setdefault("num_experts_per_tok", 2)
