@@ -1,6 +1,10 @@
-"""`reshard profile layers`: time one module of each distinct item kind at the model's real
-shapes with random weights, from config.json alone, on CPU or CUDA (CUDA events there).
-The result is the costs.json that layout/stages/costs.py reads back; no stage is picked here.
+"""`reshard profile layers`: time the runtime's own modules (runtime/model.py: the embedding,
+one DecoderLayer of each distinct item kind, the final norm + head) at the model's real shapes
+with random weights, from config.json alone, on CPU or CUDA (CUDA events there). Each piece is
+built by `build_model` as a pipeline stage holding only that item, so memory is one layer's,
+whatever the depth. Quantized checkpoints are timed dequantized, in the profile's dtype: the
+runtime's verify path, not a quantized kernel. The result is the costs.json that
+layout/stages/costs.py reads back; no stage is picked here.
 """
 
 from __future__ import annotations
@@ -8,11 +12,10 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import InputError, ReshardIOError
 from ..layout.stages.costs import (
@@ -20,143 +23,16 @@ from ..layout.stages.costs import (
     COSTS_VERSION,
     _layers_by_kind,
     _tokens,
-    _top_k,
     _weight_bytes,
     item_kinds,
     model_shape,
 )
 from ..models.hparams import DTYPE_BYTES, HParams
+from ..models.shapes import synthesize_tensors, tensor_shape
 from ..progress import progress_bar
-
-# ---- profiling -----------------------------------------------------------------------------
-# Self-contained modules with the decoder's math (GQA attention with RoPE, RMSNorm, SwiGLU or
-# routed experts), built from config.json alone with random weights.
-
-
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, **factory: Any) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, **factory))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.to(x.dtype) * self.weight
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, S, hd]; cos/sin: [S, hd] (HF's rotate_half convention)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-class _Attention(nn.Module):
-    def __init__(self, hp: HParams, layer: int, **factory: Any) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.hd = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        # q/k/v fused into one matmul: the same FLOPs and bytes as three.
-        qkv = hp.q_size + 2 * hp.kv_size
-        self.qkv = nn.Linear(hp.hidden_size, qkv, bias=hp.attention_bias, **factory)
-        self.o = nn.Linear(hp.q_size, hp.hidden_size, bias=hp.o_bias, **factory)
-        qk = (_RMSNorm(self.hd, hp.rms_norm_eps, **factory) for _ in range(2))
-        self.q_norm, self.k_norm = qk if hp.qk_norm else (nn.Identity(), nn.Identity())
-        sliding = hp.layer_types[layer] == "sliding_attention"
-        self.window = hp.sliding_window if sliding else None
-
-    def forward(self, x: torch.Tensor, rope: tuple, cache: tuple | None) -> torch.Tensor:
-        b, s, _ = x.shape  # x: [B, S, H]
-        q, k, v = self.qkv(x).split([self.heads * self.hd, *[self.kv_heads * self.hd] * 2], -1)
-        q = self.q_norm(q.view(b, s, self.heads, self.hd)).transpose(1, 2)  # [B, nh, S, hd]
-        k = self.k_norm(k.view(b, s, self.kv_heads, self.hd)).transpose(1, 2)
-        v = v.view(b, s, self.kv_heads, self.hd).transpose(1, 2)
-        q, k = _rotate(q, *rope), _rotate(k, *rope)
-        if cache is None:
-            out = self._prefill(q, k, v)
-        else:  # decode: write the new K/V into the cache's last slot, attend over the window
-            cache[0][:, :, -1:], cache[1][:, :, -1:] = k, v
-            span = min(cache[0].shape[2], self.window or cache[0].shape[2])
-            k, v = cache[0][:, :, -span:], cache[1][:, :, -span:]
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        return self.o(out.transpose(1, 2).reshape(b, s, -1))
-
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s = q.shape[2]
-        if self.window is None or self.window >= s:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        pos = torch.arange(s, device=q.device)
-        offset = pos[:, None] - pos[None, :]
-        mask = (offset >= 0) & (offset < self.window)  # [S, S]: causal band
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-class _MLP(nn.Module):
-    def __init__(self, h: int, inter: int, bias: bool, **factory: Any) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(h, 2 * inter, bias=bias, **factory)
-        self.down = nn.Linear(inter, h, bias=bias, **factory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class _MoE(nn.Module):
-    def __init__(self, hp: HParams, **factory: Any) -> None:
-        super().__init__()
-        h, n, inter = hp.hidden_size, hp.num_experts, hp.moe_intermediate_size
-        self.top_k, self.norm_topk = _top_k(hp), hp.norm_topk_prob
-        self.router = nn.Linear(h, n, bias=False, **factory)
-        self.gate_up = nn.Parameter(torch.empty(n, 2 * inter, h, **factory).normal_(0, 0.02))
-        self.down = nn.Parameter(torch.empty(n, h, inter, **factory).normal_(0, 0.02))
-        shared = hp.shared_expert_intermediate_size
-        self.shared = _MLP(h, shared, False, **factory) if shared else None
-        self.shared_gate = nn.Linear(h, 1, bias=False, **factory) if shared else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # [T, H]
-        probs = self.router(flat).softmax(-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        # A loop over the experts some token picked: only those are read, as in fused kernels,
-        # though each costs its own launches (an upper bound on a fused kernel's time).
-        for e in experts.unique().tolist():
-            tok, slot = (experts == e).nonzero(as_tuple=True)
-            gate, up = (flat[tok] @ self.gate_up[e].T).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.down[e].T
-            out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
-        if self.shared is not None:
-            out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
-        return out.view_as(x)
-
-
-class _Layer(nn.Module):
-    def __init__(self, hp: HParams, layer: int, **factory: Any) -> None:
-        super().__init__()
-        self.norm1 = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
-        self.attn = _Attention(hp, layer, **factory)
-        self.norm2 = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
-        if layer in hp.moe_layers:
-            self.mlp: nn.Module = _MoE(hp, **factory)
-        else:
-            self.mlp = _MLP(hp.hidden_size, hp.intermediate_size, hp.mlp_bias, **factory)
-
-    def forward(self, x: torch.Tensor, rope: tuple, cache: tuple | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, cache)
-        return x + self.mlp(self.norm2(x))
-
-
-class _Head(nn.Module):
-    def __init__(self, hp: HParams, **factory: Any) -> None:
-        super().__init__()
-        self.norm = _RMSNorm(hp.hidden_size, hp.rms_norm_eps, **factory)
-        self.lm_head = nn.Linear(hp.hidden_size, hp.vocab_size, bias=False, **factory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x)[:, -1])  # logits at each sequence's last position only
+from ..runtime.cache import KVCache, Step
+from ..runtime.dist import Comm
+from ..runtime.model import CausalLM, build_model
 
 
 def profile_layers(
@@ -171,7 +47,7 @@ def profile_layers(
     dtype: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Time one module of each distinct item kind at the real shapes with random weights, and
+    """Time one piece of each distinct item kind at the real shapes with random weights, and
     return the costs.json content. dtype defaults to bfloat16 on CUDA, float32 on CPU."""
     _tokens(batch, seq, mode)
     if warmup < 0 or iters < 1:
@@ -182,11 +58,15 @@ def profile_layers(
         raise InputError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}.")
     factory = {"device": dev, "dtype": getattr(torch, dtype)}
     weights = dict(zip(item_kinds(hp), _weight_bytes(hp), strict=True))
+    # Names and shapes of the dequantized (dense) tensors, the ones the runtime computes with.
+    shapes = {
+        n: shape for n, (_, shape) in synthesize_tensors(replace(hp, quantization=None)).items()
+    }
     kinds = {}
     by_kind = _layers_by_kind(hp)
     with progress_bar(len(by_kind), desc="profile", unit="kind", enabled=progress) as bar:
         for kind, layers in by_kind.items():
-            run = _build_run(hp, kind, layers, batch, seq, mode, factory)
+            run = _build_run(hp, shapes, kind, layers, (batch, seq, mode), factory)
             times = _time_us(run, dev, warmup, iters)
             kinds[kind] = {**_summarise(times), "weight_bytes": weights[kind], "layers": layers}
             del run
@@ -210,25 +90,68 @@ def profile_layers(
 
 
 def _build_run(
-    hp: HParams, kind: str, layers: list[int], batch: int, seq: int, mode: str, factory: dict
+    hp: HParams,
+    shapes: dict[str, tuple[int, ...]],
+    kind: str,
+    layers: list[int],
+    work: tuple[int, int, str],
+    factory: dict,
 ) -> Callable[[], torch.Tensor]:
-    """A no-argument call running one forward of the item kind on ready inputs."""
+    """A no-argument call running one forward of the item kind's runtime module on ready
+    inputs. work: (batch, seq, mode)."""
+    batch, seq, mode = work
     new = seq if mode == "prefill" else 1  # tokens per sequence this step
+    piece = build_piece(hp, shapes, kind, layers, factory)
     if kind == "embed":
-        module = nn.Embedding(hp.vocab_size, hp.hidden_size, **factory)
         ids = torch.randint(hp.vocab_size, (batch, new), device=factory["device"])
-        return _inference(lambda: module(ids))
+        return _inference(lambda: piece.embed(ids))
     x = torch.randn(batch, new, hp.hidden_size, **factory)  # x: [B, S, H]
     if kind == "head":
-        head = _Head(hp, **factory)
-        return _inference(lambda: head(x))
-    layer = _Layer(hp, layers[0], **factory)
-    rope = _rope(hp, seq - new, seq, factory)
-    cache = None
-    if mode == "decode":  # a KV cache of `seq` positions, the last one for the new token
-        shape = (batch, hp.num_kv_heads, seq, hp.head_dim)
-        cache = (torch.randn(shape, **factory), torch.randn(shape, **factory))
-    return _inference(lambda: layer(x, rope, cache))
+        return _inference(lambda: piece.logits(x))  # engines take the last position's logits
+    layer = piece.model.layers[str(layers[0])]  # the runtime's DecoderLayer
+    cache = KVCache(batch, seq, factory["device"])
+    step = _begin_step(cache, hp, batch, seq - new)
+    full, sliding = piece.rotary(x, step)  # once per stage in the runtime: not timed here
+    rope = sliding if layer.sliding else full  # as CausalLM.forward picks it
+    return _inference(lambda: layer(x, rope, step, cache))
+
+
+def build_piece(
+    hp: HParams, shapes: dict[str, tuple[int, ...]], kind: str, layers: list[int], factory: dict
+) -> CausalLM:
+    """The runtime's stage holding only this item kind (one layer of a layer kind), with
+    random weights of the real shapes. Each piece is a stage of a 3-stage pipeline, as the
+    streamed reference builds them (runtime/streamed.py)."""
+    if kind == "embed":
+        names, stage = ["model.embed_tokens.weight"], 0
+    elif kind == "head":  # the last stage holds lm_head even when the embeddings are tied
+        names, stage = ["model.norm.weight", "lm_head.weight"], 2
+        shapes = {**shapes, "lm_head.weight": tensor_shape(hp, "lm_head.weight")}
+    else:
+        prefix = f"model.layers.{layers[0]}."
+        names, stage = [n for n in shapes if n.startswith(prefix)], 1
+    tensors = {n: _random_tensor(n, shapes[n], factory) for n in names}
+    comm = Comm(pp=3, pp_stage=stage)
+    return build_model(hp, tensors, comm=comm, where=f"profile of {hp.architecture} ({kind})")
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], factory: dict) -> torch.Tensor:
+    """Unit-scale activations (no overflow, no denormals to slow a CPU): matrices ~ N(0,
+    1/fan_in), norm weights 1, biases 0."""
+    if len(shape) == 1:
+        return (torch.zeros if name.endswith("bias") else torch.ones)(shape, **factory)
+    return torch.empty(shape, **factory).normal_(0.0, shape[-1] ** -0.5)
+
+
+def _begin_step(cache: KVCache, hp: HParams, batch: int, context: int) -> Step:
+    """The runtime's step for the new tokens after `context` cached ones (decode: seq - 1)."""
+    device = cache.valid.device
+    if context:
+        cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), None)
+    new = cache.max_len - context
+    return cache.begin_step(
+        torch.ones(batch, new, dtype=torch.bool, device=device), hp.sliding_window
+    )
 
 
 def _torch_device(device: str) -> torch.device:
@@ -250,15 +173,6 @@ def _inference(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
             return fn()
 
     return run
-
-
-def _rope(hp: HParams, start: int, end: int, factory: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    # cos/sin for positions [start, end): [S, hd]. Computed once, like the model-level rotary.
-    hd, dev = hp.head_dim, factory["device"]
-    inv = 1.0 / hp.rope_theta ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd)
-    angles = torch.outer(torch.arange(start, end, device=dev, dtype=torch.float32), inv)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(factory["dtype"]), angles.sin().to(factory["dtype"])
 
 
 def _time_us(run: Callable[[], Any], dev: torch.device, warmup: int, iters: int) -> list[float]:

@@ -25,6 +25,7 @@ from .moe import ExpertMap, MoEBlock, build_expert_map
 from .rope import compute_inv_freq, compute_sliding_inv_freq, rope_cos_sin
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [B, S, head_dim]
 
 
 class DecoderLayer(nn.Module):
@@ -128,16 +129,31 @@ class CausalLM(nn.Module):
         self, x: torch.Tensor, step: Step, cache: KVCache, *, last_only: bool = True
     ) -> torch.Tensor:
         if self.has_embed:
-            x = self.model.embed_tokens(x)  # [B, S, H]
-        rope = rope_cos_sin(self.inv_freq.to(x.device), step.positions, self.rope_scale, x.dtype)
-        sliding_rope = rope
-        if self.sliding_rope is not None:
-            inv_freq, scale = self.sliding_rope
-            sliding_rope = rope_cos_sin(inv_freq.to(x.device), step.positions, scale, x.dtype)
+            x = self.embed(x)  # [B, S, H]
+        rope, sliding_rope = self.rotary(x, step)
         for layer in self.model.layers.values():
             x = layer(x, sliding_rope if layer.sliding else rope, step, cache)
         if not self.has_head:
             return x
+        return self.logits(x, last_only=last_only)
+
+    # The pieces of forward, each callable alone (`reshard profile layers` times them).
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, S] -> hidden [B, S, H] (first stage)."""
+        return self.model.embed_tokens(ids)
+
+    def rotary(self, x: torch.Tensor, step: Step) -> tuple[Rope, Rope]:
+        """cos/sin [B, S, head_dim] of this step's positions for full and for sliding layers
+        (the same pair unless the family gives sliding layers their own base), shared by the
+        stage's layers."""
+        rope = rope_cos_sin(self.inv_freq.to(x.device), step.positions, self.rope_scale, x.dtype)
+        if self.sliding_rope is None:
+            return rope, rope
+        inv_freq, scale = self.sliding_rope
+        return rope, rope_cos_sin(inv_freq.to(x.device), step.positions, scale, x.dtype)
+
+    def logits(self, x: torch.Tensor, *, last_only: bool = True) -> torch.Tensor:
+        """Final norm + head (last stage): hidden [B, S, H] -> logits [B, S', V]."""
         x = self.model.norm(x)
         return self.lm_head(x[:, -1:] if last_only else x)
 
