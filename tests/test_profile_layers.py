@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from reshard.cli import main
 from reshard.layout.stages.costs import item_costs_from_profile, item_kinds, read_costs
+from reshard.models import BY_ARCHITECTURE
 from reshard.models.hparams import parse_hparams
 from reshard.profile import layers as profile_module
 from reshard.profile.layers import profile_layers
@@ -73,6 +74,17 @@ def test_deepseek_v3_profiles_every_item_kind(mode):
     items = item_costs_from_profile(hp, profile)
     assert [item.kind for item in items] == item_kinds(hp)
     assert all(item.cost > 0 for item in items)
+
+
+@pytest.mark.parametrize("arch", sorted(BY_ARCHITECTURE))
+def test_every_family_profiles_from_its_transformers_config(arch):
+    """Each architecture reshard knows, from the config transformers writes: one positive
+    timing per item kind, which plan accepts."""
+    hp = parse_hparams(config_for(arch).to_dict())
+    profile = profile_layers(hp, seq=4, mode="decode", warmup=0, iters=1)
+    assert list(profile["kinds"]) == list(dict.fromkeys(item_kinds(hp)))
+    assert all(k["median_us"] > 0 for k in profile["kinds"].values())
+    assert len(item_costs_from_profile(hp, profile)) == hp.num_layers + 2
 
 
 def test_the_timed_modules_are_the_runtimes(monkeypatch):

@@ -9,7 +9,8 @@ import click
 from .common import model_argument, run_command
 
 LAYERS_HELP = """Time one layer of each distinct kind (plus the embedding and the head) at the
-model's real shapes with random weights. Needs only config.json.
+model's real shapes with random weights. Needs only config.json. The modules are the
+runtime's own (those `verify` runs); a quantized checkpoint is timed dequantized, in --dtype.
 
 \b
 Example:
