@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..dtypes import CAST_SIZES
 from ..errors import InputError, ReshardIOError
 from ..layout.stages.costs import (
     COSTS_FORMAT,
@@ -27,7 +28,7 @@ from ..layout.stages.costs import (
     item_kinds,
     model_shape,
 )
-from ..models.hparams import DTYPE_BYTES, HParams
+from ..models.hparams import HParams
 from ..models.shapes import synthesize_tensors, tensor_shape
 from ..progress import progress_bar
 from ..runtime.cache import KVCache, Step
@@ -54,8 +55,8 @@ def profile_layers(
         raise InputError(f"warmup={warmup}, iters={iters}: need warmup >= 0 and iters >= 1.")
     dev = _torch_device(device)
     dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    if dtype not in DTYPE_BYTES:
-        raise InputError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}.")
+    if dtype not in CAST_SIZES:
+        raise InputError(f"dtype={dtype!r}: use one of {', '.join(CAST_SIZES)}.")
     factory = {"device": dev, "dtype": getattr(torch, dtype)}
     weights = dict(zip(item_kinds(hp), _weight_bytes(hp), strict=True))
     # Names and shapes of the dequantized (dense) tensors, the ones the runtime computes with.
