@@ -12,7 +12,6 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import CAST_SIZES
 from ..errors import CheckpointError, ReshardIOError, UnsupportedModelError
 from ..io.strict_json import read_json
 from ..quant import parse_quantization
@@ -20,8 +19,6 @@ from . import BY_ARCHITECTURE
 from .config_values import FIX, get_bool, get_dict, get_float, get_int, get_str, get_str_list
 
 MAX_LAYERS = 100_000  # the deepest published decoders have ~160 layers
-
-DTYPE_BYTES = CAST_SIZES  # the one table is reshard/dtypes.py
 
 # A field added after manifests were first pinned (tests/golden): to_dict() leaves it out while
 # it holds its default, so the manifests of families that never set it stay byte-identical.
