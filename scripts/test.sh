@@ -20,6 +20,13 @@ FLOAT_TESTS=(
     tests/test_runtime_dist.py::test_expert_replicas_are_computed_exactly_once
     tests/test_runtime_dist.py::test_fused_source_runs_like_per_expert_source
     tests/test_runtime_dist.py::test_tp4_llama_from_convert
+    tests/test_gemma.py::test_logits_and_greedy_ids_match_transformers
+    tests/test_gemma.py::test_streamed_reference_matches_the_full_one
+    tests/test_gemma.py::test_each_quirk_decides_the_output
+    tests/test_gemma.py::test_final_soft_cap_bites_on_the_fixture
+    tests/test_phi3.py::test_runtime_matches_transformers_at_every_position
+    tests/test_phi3.py::test_default_rope_with_partial_rotary_matches_transformers
+    tests/test_phi3.py::test_world_size_1_generation_is_token_exact
 )
 bash scripts/setup.sh --test
 $PY -m ruff check .
