@@ -44,8 +44,9 @@ from .io.rank_subset import (
 from .io.source import Source
 from .io.torchrun import torchrun_world
 from .io.writer import write_atomic, write_plan
+from .layout.check import check_layout
 from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
-from .layout.plan import Plan, check_layout
+from .layout.plan import Plan
 from .layout.recipe import Recipe
 from .layout.resolve import plan_source
 from .layout.stages.pipeline import plan_stages

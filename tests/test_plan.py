@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from reshard.errors import LayoutError
-from reshard.layout.plan import build_plan, valid_tp
+from reshard.layout.check import valid_tp
+from reshard.layout.plan import build_plan
 from reshard.layout.recipe import build_recipe
 from reshard.layout.resolve import resolve_stages
 from reshard.layout.stages.pipeline import solve_stages

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from reshard.cli import main
 from reshard.errors import InputError
-from reshard.layout.plan import check_layout
+from reshard.layout.check import check_layout
 from reshard.layout.recipe import Recipe, build_recipe, load_recipe, parse_size
 from reshard.models.hparams import parse_hparams
 

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from ..models.consistency import check_tensors_against_config
 from ..models.hparams import HParams
 from ..models.rules import TensorRole, match_tensors
+from .check import check_layout
 from .experts.moe import check_gpus_per_node, solve_placements
-from .plan import Plan, Stage, build_plan, check_layout
+from .plan import Plan, Stage, build_plan
 from .recipe import Recipe
 from .stages.pipeline import solve_stages
 

@@ -18,10 +18,11 @@ from ...io.source import INDEX, SINGLE, Source, open_config
 from ...models.hparams import HParams, parse_hparams
 from ...models.rules import TensorRole, match_tensors
 from ...models.shapes import synthesize_tensors
+from ..check import check_layout
 from ..experts.nodes import NodeLayout
 from ..experts.report import PlacementReport, read_expert_load, report_placement
 from ..gpus import GPUS
-from ..plan import Plan, check_layout
+from ..plan import Plan
 from ..recipe import Recipe
 from ..resolve import plan_source, plan_tensors
 from ..stages.pipeline import StagePlan, plan_stages

@@ -1,7 +1,7 @@
 """`reshard plan --suggest`: the smallest layout (tp x pp) whose every rank, after its weights,
 non-torch memory and activation peak (vLLM's terms, model.py), still holds the KV cache that
 --context x --batch needs in the GPU's budget, keeping TP inside a node and PP across nodes:
-tp grows up to a node (tp <= gpus_per_node, from plan.valid_tp) before pp > 1 is used, and
+tp grows up to a node (tp <= gpus_per_node, from check.valid_tp) before pp > 1 is used, and
 then only with the node's largest valid tp. Layouts with fewer GPUs that need PP inside a
 node are listed as alternatives. Per-rank bytes come from the real slicing (build_plan over
 one representative layer per layer shape; see TpBytes) and the stages convert would use;
@@ -17,7 +17,8 @@ from ...errors import LayoutError
 from ...models.hparams import HParams
 from ...quant.layout import split_problems
 from ...units import format_gb
-from ..plan import Stage, build_plan, valid_tp
+from ..check import valid_tp
+from ..plan import Stage, build_plan
 from ..recipe import Recipe
 from ..resolve import resolve_stages
 from .activation import EngineLimits
