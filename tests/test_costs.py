@@ -64,17 +64,19 @@ QWEN15_MOE_A27B = {
 }
 
 
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+}
+
+
 def tiny(**overrides):
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 1000,
-    }
-    return parse_hparams({**config, **overrides})
+    return parse_hparams({**TINY_CONFIG, **overrides})
 
 
 def total_bytes(items):

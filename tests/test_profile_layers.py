@@ -29,18 +29,10 @@ pytest.importorskip("transformers")
 
 from checkpoints import config_for  # noqa: E402
 from quant_fixtures import SCHEMES  # noqa: E402
+from test_costs import TINY_CONFIG  # noqa: E402
 
 DEEPSEEK_KINDS = ["embed", "layer:full_attention+dense", "layer:full_attention+moe", "head"]
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
-    "torch_dtype": "bfloat16",
-}
+TINY_LLAMA = {**TINY_CONFIG, "torch_dtype": "bfloat16"}
 
 
 def deepseek_config(**overrides) -> dict:
