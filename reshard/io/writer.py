@@ -7,6 +7,8 @@ several at once (page faults, pwrite and xxh3 release the GIL), each with one ma
 and one gather buffer, so peak memory is bounded by BUFFER_BUDGET whatever the model size.
 The bytes written do not depend on the number of workers. Files are `*.partial` until
 fsynced and renamed. torch is imported only to cast (--dtype). The writer makes no decisions.
+A reshard output as the source goes the same way: its rank-file tensors are the jobs
+(io/output_jobs.py), each checked against its manifest hash as it streams.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from pathlib import Path
 import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
-from ..errors import CheckpointError, ReshardIOError
-from ..layout.plan import OutFile, OutTensor, Piece, Plan
-from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
+from ..errors import CheckpointError, OutputError, ReshardIOError
+from ..layout.plan import OutTensor, Piece, Plan
+from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .headers import TensorInfo, encode_header, pread_exact
+from .output_jobs import rank_tensor_jobs
 from .source import Source
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
@@ -45,8 +48,8 @@ def buffer_bytes(workers: int) -> int:
 
 @dataclass
 class Target:
-    """One output tensor being filled: where it lives and how much of it is hashed. Only the
-    job of its one source tensor touches it, so no lock is needed."""
+    """One output tensor being filled: where it lives and how much of it is hashed. Jobs of
+    a reshard output's rank tensors may share a target: the lock guards the accounting."""
 
     file: Path
     fd: int
@@ -55,6 +58,7 @@ class Target:
     hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     hashed: int = 0  # bytes [0, hashed) are in the hash
     written: int = 0  # bytes written, checked against the plan at the end
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Job:
     path: Path
     info: TensorInfo
     consumers: tuple[tuple[Target, Piece], ...]
+    expect: str | None = None  # xxh3-128 the tensor's bytes must have (a rank-file tensor)
 
 
 def partial_path(path: Path) -> Path:
@@ -89,6 +94,34 @@ def write_plan(
     chunk_bytes: int | None = None,
 ) -> Written:
     """Write every output file of the plan with `workers` threads (default: the cores)."""
+    files = [
+        FileSpec(f.name, f.tensors, {"format": "pt", "rank": str(f.rank)}) for f in plan.files
+    ]
+    return write_files(
+        files, source, out_dir, progress=progress, workers=workers, chunk_bytes=chunk_bytes
+    )
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One safetensors file to write: its tensors in order, and its header's metadata."""
+
+    name: str
+    tensors: tuple[OutTensor, ...]
+    metadata: dict[str, str]
+
+
+def write_files(
+    specs: list[FileSpec],
+    source: Source,
+    out_dir: Path,
+    *,
+    progress=None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+) -> Written:
+    """Write the files (every tensor's pieces from `source`), fsync, and rename them only
+    when every job has succeeded, every rank-file hash included."""
     workers = workers or default_workers()
     files: list[tuple[int, Path]] = []
     targets: list[Target] = []
@@ -96,21 +129,18 @@ def write_plan(
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reshard-write")
     stop = threading.Event()
     try:
-        for out_file in plan.files:
-            path = out_dir / out_file.name
-            fd, file_targets, headers[out_file.name] = _create_file(path, out_file)
+        for spec in specs:
+            path = out_dir / spec.name
+            fd, file_targets, headers[spec.name] = _create_file(path, spec)
             files.append((fd, path))
             targets.extend(file_targets)
         jobs = collect_jobs(source, targets)
-        if source.reader is not None:  # a reshard output: tensors reassembled from rank files
-            copy_reassembled(source, jobs, progress, chunk_bytes or MAX_BUFFER)
-        else:
-            buffers = Buffers(chunk_bytes or buffer_bytes(workers))
-            futures = [pool.submit(copy_tensor, job, buffers, stop) for job in jobs]
-            for job, future in zip(jobs, futures, strict=True):
-                future.result()  # re-raises a worker's error (or Ctrl-C raised in it) here
-                if progress is not None:
-                    progress.update(job.info.nbytes)
+        buffers = Buffers(chunk_bytes or buffer_bytes(workers))
+        futures = [pool.submit(copy_tensor, job, buffers, stop) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):
+            future.result()  # re-raises a worker's error (or Ctrl-C raised in it) here
+            if progress is not None:
+                progress.update(job.info.nbytes)
         hashes = _finish_hashes(targets)
         list(pool.map(_fsync_partial, files))  # the files' writebacks overlap
     finally:
@@ -128,9 +158,9 @@ def _fsync_partial(file: tuple[int, Path]) -> None:
     _io(os.fsync, file[0], path=partial_path(file[1]))
 
 
-def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target], str]:
-    entries = [(t.name, t.dtype, t.shape) for t in out_file.tensors]
-    header, offsets = encode_header(entries, {"format": "pt", "rank": str(out_file.rank)})
+def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
+    entries = [(t.name, t.dtype, t.shape) for t in spec.tensors]
+    header, offsets = encode_header(entries, spec.metadata)
     tmp = partial_path(path)
     fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
     _pwrite_all(fd, memoryview(header), 0, tmp)
@@ -138,48 +168,26 @@ def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target], str]
     _io(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
     targets = [
         Target(tmp, fd, t, len(header) + begin)
-        for t, (begin, _) in zip(out_file.tensors, offsets, strict=True)
+        for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
     ]
     return fd, targets, xxhash.xxh3_128(header).hexdigest()
 
 
 def collect_jobs(source: Source, targets: list[Target]) -> list[Job]:
-    """One job per needed source tensor, in file order, then offset order within a file."""
+    """One job per needed source tensor, in file order, then offset order within a file (a
+    reshard output: one per rank-file tensor holding a needed block, with its hash)."""
     consumers: dict[str, list[tuple[Target, Piece]]] = {}
     for target in targets:
-        # internal invariant: one source per output tensor, so one job owns each target
-        assert len({p.source for p in target.tensor.pieces}) <= 1, target.tensor.name
         for piece in target.tensor.pieces:
             consumers.setdefault(piece.source, []).append((target, piece))
-    if source.reader is not None:  # virtual headers: the original's tensor order
-        pairs = [(header, info) for header, info in source.tensors.values()]
-    else:
-        pairs = [(header, info) for header in source.headers for info in header.tensors.values()]
+    if source.reader is not None:
+        return [Job(*job) for job in rank_tensor_jobs(source.reader, consumers)]
     return [
         Job(header.path, info, tuple(consumers[info.name]))
-        for header, info in pairs
+        for header in source.headers
+        for info in header.tensors.values()
         if info.name in consumers
     ]
-
-
-def copy_reassembled(source: Source, jobs: list[Job], progress, chunk_bytes: int) -> None:
-    """Row blocks come from source.reader (output_source.OutputReader), as torch tensors, in
-    one thread (the reader keeps state); its rank-file hashes are checked once everything
-    needed has been read."""
-    from .tensor_bytes import reused_buffer, tensor_bytes  # lazy: a plain copy needs no torch
-
-    alloc, gather = reused_buffer(), memoryview(bytearray(0))
-    for job in jobs:
-        info = job.info
-        widest = max(DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers)
-        for a, b, block in source.reader.iter_rows(info.name, info, chunk_bytes, alloc=alloc):
-            window = row_window(info.shape, a, b)
-            if len(gather) < window.size * widest:
-                gather = memoryview(bytearray(window.size * widest))
-            _copy_window(job, window, None, tensor_bytes(block), gather)
-        if progress is not None:
-            progress.update(info.nbytes)
-    source.reader.check_hashes()
 
 
 class Buffers:
@@ -207,6 +215,7 @@ def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
     item = DTYPE_SIZES[info.dtype]
     widest = max([item] + [DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers])
     gather = buffers.take()
+    hasher = xxhash.xxh3_128() if job.expect else None
     fd = _io(os.open, job.path, os.O_RDONLY, path=job.path)
     try:
         for window in tensor_windows(info.shape, widest, buffers.nbytes):
@@ -214,10 +223,23 @@ def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
                 return
             offset = info.begin + window.start * item
             data = map_range(fd, offset, window.size * item, job.path)
+            if hasher is not None:
+                hasher.update(data)
             _copy_window(job, window, (fd, offset), data, gather)
     finally:
         os.close(fd)
         buffers.give(gather)
+    if hasher is not None:
+        check_digest(job.path, info.name, hasher.hexdigest(), job.expect)
+
+
+def check_digest(path: Path, name: str, got: str, want: str) -> None:
+    """A rank-file tensor read as a source has the hash its manifest records (else exit 2)."""
+    if got != want:
+        raise OutputError(
+            f"{path}: tensor '{name}' hash {got} != manifest {want}: the output is corrupt. "
+            "Re-copy it, or convert from the original model."
+        )
 
 
 def _copy_window(job: Job, window: Window, at, data: memoryview, gather: memoryview) -> None:
@@ -302,10 +324,11 @@ def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) 
 
 
 def _account(target: Target, rel: int, data) -> None:
-    target.written += len(data)
-    if rel == target.hashed:  # in order: hash while streaming; else read back at the end
-        target.hasher.update(data)
-        target.hashed += len(data)
+    with target.lock:
+        target.written += len(data)
+        if rel == target.hashed:  # in order: hash while streaming; else read back at the end
+            target.hasher.update(data)
+            target.hashed += len(data)
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
