@@ -53,6 +53,7 @@ def check_default_rerun(out_dir: Path, *, resume: bool, force: bool) -> None:
         )
     if not resume:
         raise InputError(
-            f"{out_dir}: exists from an earlier run that did not finish (no -o given, so this "
-            "default folder). Pass --resume to finish it, or write elsewhere with -o DIR."
+            f"{out_dir}: exists already (an earlier run that did not finish, or a folder of "
+            "yours; no -o given, so this default folder). Pass --resume to finish an earlier "
+            "run, or write elsewhere with -o DIR."
         )
