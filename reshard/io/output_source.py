@@ -22,6 +22,7 @@ from ..errors import OutputError
 from ..models.hparams import parse_hparams
 from .headers import Header, TensorInfo, read_header
 from .manifest import MANIFEST, read_manifest
+from .pull import pull_jobs
 from .source import Source, open_source
 from .writer import io_error
 
@@ -186,6 +187,11 @@ class OutputReader:
         # read_block); re-layout, export and verify use the byte path (io/output_jobs.py)
         # and never import torch.
         self.scratch = None
+
+    def byte_jobs(self, consumers: dict) -> list:
+        """The writer's jobs for these consumers (source tensor -> (target, piece) pairs):
+        each target pulled from the rank-file tensors, each of those hashed (io/pull.py)."""
+        return pull_jobs(self, consumers)
 
     def source_record(self) -> dict[str, Any]:
         """The original's record, carried over, plus the output the bytes were read from."""
