@@ -61,3 +61,25 @@ def test_export_in_small_windows_gives_the_original_back(tp2, tmp_path, monkeypa
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
         assert got[name].view(torch.uint8).equal(tensor.view(torch.uint8)), name
+
+
+def test_scatter_views_interleave_row_parts_and_refuse_gaps():
+    from reshard.io.byte_runs import Group
+    from reshard.io.scatter import scatter_views
+
+    # 3 rows of 8 bytes split in two 4-byte parts: part 1 to "b", part 0 to "a" (any order)
+    a = Group(0, 12, ((0, 4), (8, 4), (16, 4)))
+    b = Group(0, 12, ((4, 4), (12, 4), (20, 4)))
+    gather = memoryview(bytearray(24))
+    first, iov, placed = scatter_views([("b", b), ("a", a)], gather)
+    assert first == 0 and [len(v) for v in iov] == [4] * 6
+    for i, view in enumerate(iov):  # source order: a0 b0 a1 b1 a2 b2
+        view[:] = bytes([i]) * 4
+    assert [(t, bytes(v)) for t, _, v in placed] == [
+        ("a", b"\0" * 4 + b"\2" * 4 + b"\4" * 4),
+        ("b", b"\1" * 4 + b"\3" * 4 + b"\5" * 4),
+    ]
+    gap = Group(0, 12, ((4, 4), (13, 4), (20, 4)))
+    assert scatter_views([("a", a), ("b", gap)], gather) is None
+    assert scatter_views([("a", a), ("b", a)], gather) is None  # a replica: not a tiling
+    assert scatter_views([("a", a), ("b", b)], memoryview(bytearray(23))) is None

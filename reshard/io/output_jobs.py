@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import OutputError
 from ..layout.plan import Piece
 
 
@@ -64,3 +65,12 @@ def whole_piece(name: str, shape: tuple[int, ...]) -> Piece:
     """All of a tensor, to the same place (export: each original tensor whole)."""
     zeros = (0,) * len(shape)
     return Piece(name, zeros, tuple(shape), zeros)
+
+
+def check_digest(path: Path, name: str, got: str, want: str) -> None:
+    """A rank-file tensor read as a source has the hash its manifest records (else exit 2)."""
+    if got != want:
+        raise OutputError(
+            f"{path}: tensor '{name}' hash {got} != manifest {want}: the output is corrupt. "
+            "Re-copy it, or convert from the original model."
+        )

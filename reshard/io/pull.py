@@ -20,10 +20,12 @@ from pathlib import Path
 import xxhash
 
 from ..dtypes import DTYPE_SIZES
+from ..errors import OutputError
 from ..layout.plan import Piece
 from .byte_runs import Window, piece_groups, tensor_windows
 from .headers import TensorInfo
-from .output_jobs import rank_tensor_jobs
+from .output_jobs import check_digest, rank_tensor_jobs
+from .scatter import preadv_exact
 from .writer import (
     Buffers,
     Target,
@@ -32,11 +34,8 @@ from .writer import (
     _io,
     _pwrite_all,
     cast_bytes,
-    check_digest,
     map_range,
 )
-
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def _pull_window(job: PullJob, window: Window, size: int, item: int, buf, fds) -
                 _account(target, rel, data)
                 return
             views = [buf[b : b + k] for b, k in group.segments]
-            _preadv_all(fds[part.path], views, at, part.path)
+            _read_parts(fds[part.path], views, at, part.path)
     data = buf[:n]
     if target.tensor.dtype != job.parts[0].info.dtype:  # the recipe asked for a cast
         data = cast_bytes(data, job.parts[0].info, target.tensor.dtype)
@@ -145,36 +144,13 @@ def _pull_window(job: PullJob, window: Window, size: int, item: int, buf, fds) -
     _account(target, rel, data)
 
 
-def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
-    """Read the file's bytes from `offset` on into `views`, back to back (IOV_MAX at a time)."""
-    for i in range(0, len(views), IOV_MAX):
-        chunk = views[i : i + IOV_MAX]
-        want = sum(len(v) for v in chunk)
-        got = _io(os.preadv, fd, chunk, offset, path=path)
-        if got < want:  # short read (rare for regular files): finish view by view
-            _finish_short(fd, chunk, offset, got, path)
-        offset += want
-
-
-def _finish_short(fd: int, views: list[memoryview], offset: int, got: int, path: Path) -> None:
-    from ..errors import OutputError
-
-    for view in views:
-        if got >= len(view):
-            got -= len(view)
-            offset += len(view)
-            continue
-        view = view[got:]
-        offset += got
-        got = 0
-        while len(view):
-            step = _io(os.preadv, fd, [view], offset, path=path)
-            if step == 0:
-                raise OutputError(
-                    f"{path}: ended at {offset} bytes while reading it. The file shrank while "
-                    "being read; re-copy it."
-                )
-            view, offset = view[step:], offset + step
+def _read_parts(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
+    """The rank tensor's bytes from `offset` on, scattered into `views` (io/scatter.py)."""
+    if _io(preadv_exact, fd, views, offset, path=path) < sum(len(v) for v in views):
+        raise OutputError(
+            f"{path}: ended before the bytes its header promised while reading it. The file "
+            "shrank while being read; re-copy it."
+        )
 
 
 def hash_tensor(job: HashJob, window_bytes: int, stop: threading.Event) -> None:

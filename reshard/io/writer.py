@@ -24,10 +24,11 @@ from pathlib import Path
 import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
-from ..errors import CheckpointError, OutputError, ReshardIOError
+from ..errors import CheckpointError, ReshardIOError
 from ..layout.plan import OutTensor, Piece, Plan
 from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .headers import TensorInfo, encode_header, pread_exact
+from .scatter import preadv_exact, scatter_views
 from .source import Source
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
@@ -225,38 +226,63 @@ def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
         for window in tensor_windows(info.shape, widest, buffers.nbytes):
             if stop.is_set():
                 return
-            offset = info.begin + window.start * item
-            data = map_range(fd, offset, window.size * item, job.path)
-            _copy_window(job, window, (fd, offset), data, gather)
+            _copy_window(job, window, (fd, info.begin + window.start * item), gather)
     finally:
         os.close(fd)
         buffers.give(gather)
 
 
-def check_digest(path: Path, name: str, got: str, want: str) -> None:
-    """A rank-file tensor read as a source has the hash its manifest records (else exit 2)."""
-    if got != want:
-        raise OutputError(
-            f"{path}: tensor '{name}' hash {got} != manifest {want}: the output is corrupt. "
-            "Re-copy it, or convert from the original model."
-        )
+def _copy_window(job: Job, window: Window, at: tuple[int, int], gather: memoryview) -> None:
+    """`at`: (fd, offset) of the window's bytes in the source file; they are mapped only if
+    a run needs them (split rows that tile the window are read straight into `gather`)."""
+    mapped: list[memoryview] = []
 
+    def data() -> memoryview:
+        if not mapped:
+            n = window.size * DTYPE_SIZES[job.info.dtype]
+            mapped.append(map_range(at[0], at[1], n, job.path))
+        return mapped[0]
 
-def _copy_window(job: Job, window: Window, at, data: memoryview, gather: memoryview) -> None:
-    """`at`: (fd, offset) where `data`, the window's bytes, lies in the source file, or None."""
     cast: dict[str, memoryview] = {}
+    split = []
     for target, piece in job.consumers:
         dtype = target.tensor.dtype
-        src, src_at = data, at
-        if dtype != job.info.dtype:  # the recipe asked for a cast
-            src = cast.get(dtype) or cast.setdefault(dtype, cast_bytes(data, job.info, dtype))
-            src_at = None
         groups = piece_groups(
             piece.start, piece.stop, piece.dest, job.info.shape, target.tensor.shape,
             window, DTYPE_SIZES[dtype],
         )  # fmt: skip
+        if dtype != job.info.dtype:  # the recipe asked for a cast
+            src = cast.get(dtype) or cast.setdefault(dtype, cast_bytes(data(), job.info, dtype))
+            for group in groups:
+                _write_group(target, group, src, None, gather)
+            continue
         for group in groups:
-            _write_group(target, group, src, src_at, gather)
+            if len(group.segments) > 1:
+                split.append((target, group))
+            else:
+                _write_group(target, group, data(), at, gather)
+    if split and not _scatter(split, at, gather, job.path):
+        for target, group in split:
+            _write_group(target, group, data(), at, gather)
+
+
+def _scatter(split: list, at: tuple[int, int], gather: memoryview, path: Path) -> bool:
+    """Split rows read straight into their places in `gather` (io/scatter.py), then each
+    output's bytes written with one call. False: they do not tile the window; nothing done."""
+    plan = scatter_views(split, gather)
+    if plan is None:
+        return False
+    first, iov, placed = plan
+    want = sum(g.nbytes for _, g, _ in placed)
+    if _io(preadv_exact, at[0], iov, at[1] + first, path=path) < want:
+        raise CheckpointError(
+            f"{path}: ended before the bytes its header promised. The file shrank or is "
+            "truncated; re-download it."
+        )
+    for target, group, view in placed:
+        _pwrite_all(target.fd, view, target.offset + group.dest, target.file)
+        _account(target, group.dest, view)
+    return True
 
 
 def map_range(fd: int, offset: int, n: int, path: Path) -> memoryview:
@@ -288,7 +314,7 @@ def _write_group(target: Target, group: Group, src: memoryview, at, gather: memo
     if len(group.segments) == 1:  # contiguous in the window: no gather
         begin, n = group.segments[0]
         data = src[begin : begin + n]
-        if at is None or n < SMALL_RUN:
+        if at is None:
             _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
         else:
             _copy_run(target, group.dest, (at[0], at[1] + begin), data)
@@ -300,11 +326,6 @@ def _write_group(target: Target, group: Group, src: memoryview, at, gather: memo
         _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
     _account(target, group.dest, data)
 
-
-# Below this, pwrite from the mapping beats a kernel copy: copy_file_range costs ~5 us a
-# call, pwrite ~2.5 us (measured, 1 KiB runs; AMD EPYC). A re-layout or export writes row
-# parts one by one: a tp 8 o_proj's 2 KiB rows, 8192 of them per rank tensor.
-SMALL_RUN = 64 << 10
 
 # copy_file_range errors that mean "not here" (old kernel, other file system): use pwrite.
 NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}

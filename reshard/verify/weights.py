@@ -16,8 +16,8 @@ from pathlib import Path
 from ..dtypes import DTYPE_SIZES
 from ..io.byte_runs import piece_groups, tensor_windows
 from ..io.headers import read_header
-from ..io.output_jobs import rank_tensor_jobs
-from ..io.writer import MAX_BUFFER, cast_bytes, check_digest, map_range
+from ..io.output_jobs import check_digest, rank_tensor_jobs
+from ..io.writer import MAX_BUFFER, cast_bytes, map_range
 from ..layout.plan import Piece
 
 WINDOW = MAX_BUFFER  # bytes of source mapped at once; two buffers of this size besides
