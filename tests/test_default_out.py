@@ -107,3 +107,12 @@ def test_default_folder_not_from_reshard_is_refused(tmp_path, monkeypatch):
     assert "tiny-llama-tp2: exists already" in refused.output
     assert (tmp_path / "tiny-llama-tp2" / "notes.txt").read_text() == "mine"
     shutil.rmtree(tmp_path / "tiny-llama-tp2")
+
+
+def test_ranks_runs_share_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ranks in ("0-1", "2-3"):  # a Slurm array's tasks, one after the other
+        done = run("convert", "--tp", 2, "--pp", 2, TINY, "--quiet", "--ranks", ranks)
+        assert done.exit_code == 0, done.output
+        assert done.output.splitlines()[0] == "writing to ./tiny-llama-tp2-pp2 (no -o given)"
+    assert (tmp_path / "tiny-llama-tp2-pp2" / MANIFEST).is_file()

@@ -43,7 +43,7 @@ def convert(
 
     recipe = recipe_from(max_file_size=max_file_size, **layout)
     if out_dir is None:
-        out_dir = default_convert_out(model, recipe, resume=resume, force=force)
+        out_dir = default_convert_out(model, recipe, resume=resume, force=force, ranks=ranks)
     result = convert_model(
         model,
         out_dir,
@@ -61,15 +61,18 @@ def convert(
         click.echo(result.stage_plan.report.render())
 
 
-def default_convert_out(model: str, recipe, *, resume: bool, force: bool) -> Path:
+def default_convert_out(model: str, recipe, *, resume: bool, force: bool, ranks) -> Path:
     """./<model name>-tp4-pp2, said on the first line; an earlier run's folder is refused
-    unless --resume or --force says what to do with it."""
+    unless --resume or --force says what to do with it (--ranks runs and a torchrun world's
+    processes share one folder by design: they join it)."""
+    from ..io.torchrun import torchrun_world
     from ..out_name import check_default_rerun, convert_out_name
 
     name = convert_out_name(model, tp=recipe.tp, pp=recipe.pp, ep=recipe.ep, dp=recipe.dp)
     out_dir = Path(name)
     click.echo(f"writing to ./{name} (no -o given)")
-    check_default_rerun(out_dir, resume=resume, force=force)
+    if ranks is None and torchrun_world() is None:
+        check_default_rerun(out_dir, resume=resume, force=force)
     return out_dir
 
 
