@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=16.0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/reshard-scale"))
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint for a rerun")
+    ap.add_argument("--config", type=Path, help="another model's dimensions (default 70B)")
     args = ap.parse_args()
     work, py = args.workdir, sys.executable
     src, out, copy = work / "src", work / "out", work / "copy"
@@ -48,9 +49,9 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     steps: list[tuple[str, list[str]]] = []
     if not (src / "model.safetensors.index.json").is_file():
-        steps.append(
-            ("generate (make_llama_slice)", [py, str(MAKE), str(src), "--gb", str(args.gb)])
-        )
+        make = [py, str(MAKE), str(src), "--gb", str(args.gb)]
+        make += ["--config", str(args.config)] if args.config else []
+        steps.append(("generate (make_llama_slice)", make))
     steps += [
         ("cp -r + sync", ["sh", "-c", f"cp -r '{src}' '{copy}' && sync"]),
         ("convert tp 8 x pp 2", [py, "-c", RESHARD, "convert", str(src), "--tp", "8", "--pp",
@@ -75,7 +76,8 @@ def main() -> None:
         gb = total["total_size"] / 1e9
         cfg = json.loads((src / "config.json").read_text())
         cp = next(s for n, s, _ in rows if n.startswith("cp"))
-        print(f"\n{gb:.2f} GB bf16: Llama-3-70B dimensions, {cfg['num_hidden_layers']} layers; "
+        dims = args.config.name if args.config else "Llama-3-70B"
+        print(f"\n{gb:.2f} GB bf16: {dims} dimensions, {cfg['num_hidden_layers']} layers; "
               f"load {os.getloadavg()[0]:.1f} after")  # fmt: skip
         print(f"{'step':<28} {'seconds':>8} {'GB/s':>6} {'x cp':>6} {'peak_RSS_MiB':>13}")
         for name, seconds, peak in rows:
