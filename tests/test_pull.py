@@ -63,13 +63,14 @@ def test_export_in_small_windows_gives_the_original_back(tp2, tmp_path, monkeypa
         assert got[name].view(torch.uint8).equal(tensor.view(torch.uint8)), name
 
 
-def test_scatter_views_interleave_row_parts_and_refuse_gaps():
+@pytest.mark.parametrize("stride", [0, 8], ids=["any", "evenly spaced"])
+def test_scatter_views_interleave_row_parts_and_refuse_gaps(stride):
     from reshard.io.byte_runs import Group
     from reshard.io.scatter import scatter_views
 
     # 3 rows of 8 bytes split in two 4-byte parts: part 1 to "b", part 0 to "a" (any order)
-    a = Group(0, 12, ((0, 4), (8, 4), (16, 4)))
-    b = Group(0, 12, ((4, 4), (12, 4), (20, 4)))
+    a = Group(0, 12, ((0, 4), (8, 4), (16, 4)), stride)
+    b = Group(0, 12, ((4, 4), (12, 4), (20, 4)), stride)
     gather = memoryview(bytearray(24))
     first, iov, placed = scatter_views([("b", b), ("a", a)], gather)
     assert first == 0 and [len(v) for v in iov] == [4] * 6
@@ -79,7 +80,7 @@ def test_scatter_views_interleave_row_parts_and_refuse_gaps():
         ("a", b"\0" * 4 + b"\2" * 4 + b"\4" * 4),
         ("b", b"\1" * 4 + b"\3" * 4 + b"\5" * 4),
     ]
-    gap = Group(0, 12, ((4, 4), (13, 4), (20, 4)))
+    gap = Group(0, 12, ((5, 4), (13, 4), (21, 4)), stride)
     assert scatter_views([("a", a), ("b", gap)], gather) is None
     assert scatter_views([("a", a), ("b", a)], gather) is None  # a replica: not a tiling
     assert scatter_views([("a", a), ("b", b)], memoryview(bytearray(23))) is None

@@ -24,22 +24,52 @@ def scatter_views(split: list, gather: memoryview) -> tuple[int, list, list] | N
     rows = len(groups[0].segments)
     if sum(g.nbytes for g in groups) > len(gather) or any(len(g.segments) != rows for g in groups):
         return None
-    cursor = first = groups[0].segments[0][0]
+    if not (_tiles_evenly(groups, rows) or _tiles(groups)):
+        return None
+    placed, per_group, pos = [], [], 0
+    for target, g in split:
+        view = gather[pos : pos + g.nbytes]
+        placed.append((target, g, view))
+        per_group.append(_cut(view, g, rows))
+        pos += g.nbytes
+    first = groups[0].segments[0][0]
+    return first, [v for row in zip(*per_group, strict=True) for v in row], placed
+
+
+def _tiles_evenly(groups: list, rows: int) -> bool:
+    """Evenly spaced groups of equal segments (byte_runs' row groups): O(groups) to check."""
+    stride = groups[0].stride
+    if not stride or any(g.stride != stride or g.nbytes % rows for g in groups):
+        return False
+    at = groups[0].segments[0][0]
+    for g in groups:
+        if g.segments[0][0] != at:
+            return False
+        at += g.nbytes // rows
+    return at - groups[0].segments[0][0] == stride
+
+
+def _tiles(groups: list) -> bool:
+    """Any groups: segment by segment, row by row, each starts where the last ended."""
+    cursor = groups[0].segments[0][0]
     for row in zip(*(g.segments for g in groups), strict=True):
         for begin, n in row:
             if begin != cursor:
-                return None
+                return False
             cursor += n
-    placed, per_group, pos = [], [], 0
-    for target, g in split:
-        view, at, views = gather[pos : pos + g.nbytes], 0, []
-        for _, n in g.segments:
-            views.append(view[at : at + n])
-            at += n
-        placed.append((target, g, view))
-        per_group.append(views)
-        pos += g.nbytes
-    return first, [v for row in zip(*per_group, strict=True) for v in row], placed
+    return True
+
+
+def _cut(view: memoryview, group, rows: int) -> list[memoryview]:
+    """The group's segments' places in its part of the buffer, back to back."""
+    if group.stride and not group.nbytes % rows:
+        n = group.nbytes // rows
+        return [view[a : a + n] for a in range(0, group.nbytes, n)]
+    views, at = [], 0
+    for _, n in group.segments:
+        views.append(view[at : at + n])
+        at += n
+    return views
 
 
 def preadv_exact(fd: int, views: list, offset: int) -> int:
