@@ -49,7 +49,7 @@ def buffer_bytes(workers: int) -> int:
 @dataclass
 class Target:
     """One output tensor being filled: where it lives and how much of it is hashed. Only the
-    job of its one source tensor touches it (the lock is for jobs that share one anyway)."""
+    job of its one source tensor (a pull: its own job) touches it, so no lock is needed."""
 
     file: Path
     fd: int
@@ -58,7 +58,6 @@ class Target:
     hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     hashed: int = 0  # bytes [0, hashed) are in the hash
     written: int = 0  # bytes written, checked against the plan at the end
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -350,11 +349,10 @@ def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) 
 
 
 def _account(target: Target, rel: int, data) -> None:
-    with target.lock:
-        target.written += len(data)
-        if rel == target.hashed:  # in order: hash while streaming; else read back at the end
-            target.hasher.update(data)
-            target.hashed += len(data)
+    target.written += len(data)
+    if rel == target.hashed:  # in order: hash while streaming; else read back at the end
+        target.hasher.update(data)
+        target.hashed += len(data)
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
