@@ -102,3 +102,9 @@ class Family:
     rules: tuple[Rule, ...]
     read_config: Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any]] = no_overrides
     features: Features = field(default_factory=Features)
+    # Output formats that can write it: "vllm" once its vLLM names are checked against vLLM's
+    # own loader (tests/golden/vllm/).
+    formats: tuple[str, ...] = ("native",)
+
+
+WITH_VLLM = ("native", "vllm")  # Family.formats of a family vLLM 0.32 loads as reshard writes it
