@@ -4,13 +4,14 @@ depend on vLLM):
 
     VLLM_PY=~/.cache/reshard/vllm-0.32/bin/python
     $VLLM_PY scripts/vllm_contract.py keys MODEL --tp 2 [--pp 2] [--ep] -o golden.json
-    $VLLM_PY scripts/vllm_contract.py run MODEL --tp 2 --load-format sharded_state [--load-only]
+    $VLLM_PY scripts/vllm_contract.py run MODEL[:FORMAT] [MODEL[:FORMAT] ...] --tp 2 [--load-only]
 
 `keys` starts the engine with load_format=sharded_state on a folder holding only config.json:
 the loader writes its state dict (keys, shapes, dtypes, per pp/tp rank) through
 scripts/vllm/sitecustomize.py before it looks for files, then fails for want of them.
-`run` prints one line `RESULT {json}`: greedy token ids and their logprobs per prompt (or
-`{"loaded": true}` with --load-only). Every line vLLM logs goes to stdout too, so a caller can
+`run` loads each model in turn (load format `auto` unless given, e.g. `out/:sharded_state`)
+and prints one line `RESULT {json}` for each: greedy token ids and their logprobs per prompt
+(none with --load-only). Every line vLLM logs goes to stdout too, so a caller can
 look for its warnings ("loading tensor of shape ...").
 """
 
@@ -89,34 +90,40 @@ def _keys_child(args, folder: str, dump: str) -> int:
 
 
 def run(args) -> int:
+    """Each MODEL[:LOAD_FORMAT] in turn in this one process (vLLM's import is paid once)."""
+    import gc
+
     from vllm import SamplingParams
 
-    start = time.perf_counter()
-    llm = _llm(args.model, args, args.load_format)
-    result: dict = {"loaded": True, "start_s": round(time.perf_counter() - start, 1)}
-    if not args.load_only:
-        params = SamplingParams(
-            temperature=0, max_tokens=args.max_tokens, logprobs=1, detokenize=False
-        )
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-        result["outputs"] = [
-            {
-                "ids": list(o.outputs[0].token_ids),
-                "logprobs": [
-                    lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)
-                ],
-            }
-            for o in outs
-        ]
-    print("RESULT " + json.dumps(result), flush=True)
+    for spec in [args.model, *args.more]:
+        model, _, load_format = spec.partition(":")
+        start = time.perf_counter()
+        llm = _llm(model, args, load_format or args.load_format)
+        result: dict = {"model": spec, "start_s": round(time.perf_counter() - start, 1)}
+        if not args.load_only:
+            params = SamplingParams(
+                temperature=0, max_tokens=args.max_tokens, logprobs=1, detokenize=False
+            )
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+            result["outputs"] = [_output(o.outputs[0]) for o in outs]
+        print("RESULT " + json.dumps(result), flush=True)
+        del llm
+        gc.collect()
     return 0
+
+
+def _output(out) -> dict:
+    return {
+        "ids": list(out.token_ids),
+        "logprobs": [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)],
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["keys", "run", "_keys"])
     p.add_argument("model")
-    p.add_argument("extra", nargs="?")
+    p.add_argument("more", nargs="*", help="run: more MODEL[:LOAD_FORMAT]; _keys: the dump folder")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", action="store_true")
@@ -130,7 +137,7 @@ def main() -> int:
     if args.mode == "keys":
         return keys(args)
     if args.mode == "_keys":
-        return _keys_child(args, args.model, args.extra)
+        return _keys_child(args, args.model, args.more[0])
     return run(args)
 
 

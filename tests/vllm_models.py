@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from checkpoints import write_checkpoint
 
 DENSE = dict(

@@ -82,6 +82,9 @@ class Recipe:
             )
         if type(self.vllm_version) is not str:
             raise InputError(f'{self.where("vllm_version")} must be a string such as "0.32".')
+        if self.format == "vllm" and self.placement == "balanced" and self.load is None:
+            # Nothing to balance without a load: vLLM's own (linear) placement it is.
+            object.__setattr__(self, "placement", "contiguous")
         if type(self.keep_mtp) is not bool:
             raise InputError(f"{self.origin}: output.keep_mtp must be true or false.")
         if type(self.redundant) is not int or self.redundant < 0:

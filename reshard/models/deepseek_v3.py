@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .blocks import DENSE_MLP, GLOBAL, QWEN_MOE_EXPERTS
 from .config_values import FIX, get_bool, get_float, get_int
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 from .mla import MLA_RULES
 
 ROUTER_AND_SHARED = (
@@ -76,6 +76,7 @@ def _read_mla(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="deepseek_v3",
     architectures=("DeepseekV3ForCausalLM",),
     rules=GLOBAL + MLA_RULES + DENSE_MLP + QWEN_MOE_EXPERTS + ROUTER_AND_SHARED,

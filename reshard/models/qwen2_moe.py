@@ -8,7 +8,7 @@ from typing import Any
 
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL, QWEN_MOE_EXPERTS
 from .config_values import get_bool, get_int
-from .family import Family, Rule
+from .family import WITH_VLLM, Family, Rule
 from .moe_config import read_experts
 
 SHARED_EXPERT = (
@@ -35,6 +35,7 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="qwen2_moe",
     architectures=("Qwen2MoeForCausalLM",),
     rules=GLOBAL + ATTENTION + DENSE_MLP + QWEN_MOE_EXPERTS + SHARED_EXPERT,

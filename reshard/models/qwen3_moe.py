@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL, QK_NORM, QWEN_MOE_EXPERTS
-from .family import Family
+from .family import WITH_VLLM, Family
 from .moe_config import read_experts
 
 
@@ -17,6 +17,7 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="qwen3_moe",
     architectures=("Qwen3MoeForCausalLM",),
     rules=GLOBAL + ATTENTION + QK_NORM + DENSE_MLP + QWEN_MOE_EXPERTS,

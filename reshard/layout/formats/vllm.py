@@ -5,8 +5,8 @@ Each TP rank of each PP stage gets `model-rank-{tp}-part-{k}.safetensors` (pp 1)
 of vLLM's model *before* its post-load processing, under vLLM's names:
 - q/k/v stacked as `qkv_proj` ([q_r; k_r; v_r], kv heads replicated as the plan cut them),
   gate/up as `gate_up_proj`, MLA's q_a/kv_a as `fused_qkv_a_proj`;
-- routed experts stacked as `experts.w13_weight` [E_local, 2*I_r, H] ([gate_r; up_r] per
-  expert) and `experts.w2_weight` [E_local, H, I_r];
+- routed experts stacked as `experts.routed_experts.w13_weight` [E_local, 2*I_r, H] ([gate_r; up_r] per
+  expert) and `...w2_weight` [E_local, H, I_r];
 - the vocab padded to a multiple of 64, split evenly; tied embeddings as `lm_head.weight`
   wherever the head is (vLLM keeps the smaller key of tensors sharing storage);
 - each attention layer's `attn._k_scale`, `_v_scale`, `_q_scale`, `_prob_scale` (fp32 1.0).
@@ -54,13 +54,13 @@ STACKS = (
     # Qwen-MoE / DeepSeek (gate_proj, up_proj, down_proj) and Mixtral (w1, w3, w2) experts
     Stack(
         r"(?P<p>.+\.experts)\.(?P<e>\d+)\.(?P<m>gate_proj|up_proj|w1|w3)\.weight",
-        "{p}.w13_weight",
+        "{p}.routed_experts.w13_weight",
         ("gate_proj|w1", "up_proj|w3"),
         experts=True,
     ),
     Stack(
         r"(?P<p>.+\.experts)\.(?P<e>\d+)\.(?P<m>down_proj|w2)\.weight",
-        "{p}.w2_weight",
+        "{p}.routed_experts.w2_weight",
         ("down_proj|w2",),
         experts=True,
     ),
