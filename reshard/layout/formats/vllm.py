@@ -76,6 +76,14 @@ STACKS = (
         ("q_a_proj", "kv_a_proj_with_mqa"),
     ),
 )
+# vLLM 0.32 also registers a MoE block's shared expert inside its FusedMoE
+# (`experts._shared_experts._layer`, sharing storage); its loader keeps the smaller key.
+RENAMES = (
+    (re.compile(r"(?P<p>.+\.mlp)\.shared_expert\.(?P<rest>.+)$"),
+     "{p}.experts._shared_experts._layer.{rest}"),
+    (re.compile(r"(?P<p>.+\.mlp)\.shared_expert_gate\.weight$"),
+     "{p}.experts._shared_experts._layer.expert_gate.weight"),
+)  # fmt: skip
 # Every attention layer: o_proj's module holds the attention whose scales vLLM keeps.
 ATTENTION = re.compile(r"(?P<p>.+\.self_attn)\.o_proj\.weight$")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -154,8 +162,16 @@ def _target(name: str) -> tuple[str, Stack | None, tuple[int, int]]:
         if m := stack.regex.match(name):
             groups = m.groupdict()
             expert = int(groups["e"]) if stack.experts else 0
-            return stack.target.format(**groups), stack, (expert, stack.member_index(m["m"]))
-    return name, None, (0, 0)
+            target = _renamed(stack.target.format(**groups))
+            return target, stack, (expert, stack.member_index(m["m"]))
+    return _renamed(name), None, (0, 0)
+
+
+def _renamed(name: str) -> str:
+    for pattern, target in RENAMES:
+        if m := pattern.match(name):
+            return target.format(**m.groupdict())
+    return name
 
 
 def _build(name: str, stack: Stack | None, members) -> OutTensor:
