@@ -5,8 +5,9 @@ Each TP rank of each PP stage gets `model-rank-{tp}-part-{k}.safetensors` (pp 1)
 of vLLM's model *before* its post-load processing, under vLLM's names:
 - q/k/v stacked as `qkv_proj` ([q_r; k_r; v_r], kv heads replicated as the plan cut them),
   gate/up as `gate_up_proj`, MLA's q_a/kv_a as `fused_qkv_a_proj`;
-- routed experts stacked as `experts.routed_experts.w13_weight` [E_local, 2*I_r, H] ([gate_r; up_r] per
-  expert) and `...w2_weight` [E_local, H, I_r];
+- routed experts stacked as `experts.routed_experts.w13_weight` [E_local, 2*I_r, H]
+  ([gate_r; up_r] per expert) and `...w2_weight` [E_local, H, I_r]; a shared expert under
+  `experts._shared_experts._layer` (the key vLLM keeps of the two it registers);
 - the vocab padded to a multiple of 64, split evenly; tied embeddings as `lm_head.weight`
   wherever the head is (vLLM keeps the smaller key of tensors sharing storage);
 - each attention layer's `attn._k_scale`, `_v_scale`, `_q_scale`, `_prob_scale` (fp32 1.0).
