@@ -105,6 +105,9 @@ class Family:
     # Output formats that can write it: "vllm" once its vLLM names are checked against vLLM's
     # own loader (tests/golden/vllm/).
     formats: tuple[str, ...] = ("native",)
+    # vLLM names that are this family's own (after the vLLM format's generic stacking):
+    # (regex on the name, format string over its groups), first match wins.
+    vllm_renames: tuple[tuple[str, str], ...] = ()
 
 
 WITH_VLLM = ("native", "vllm")  # Family.formats of a family vLLM 0.32 loads as reshard writes it

@@ -34,7 +34,18 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
     }
 
 
+# vLLM 0.32's Qwen2MoeSparseMoeBlock also registers its shared expert inside its FusedMoE
+# (`experts._shared_experts._layer`, the same storage); its loader keeps that, the smaller key.
+VLLM_RENAMES = (
+    (r"(?P<p>.+\.mlp)\.shared_expert\.(?P<rest>.+)", "{p}.experts._shared_experts._layer.{rest}"),
+    (
+        r"(?P<p>.+\.mlp)\.shared_expert_gate\.weight",
+        "{p}.experts._shared_experts._layer.expert_gate.weight",
+    ),
+)
+
 FAMILY = Family(
+    vllm_renames=VLLM_RENAMES,
     formats=WITH_VLLM,
     name="qwen2_moe",
     architectures=("Qwen2MoeForCausalLM",),

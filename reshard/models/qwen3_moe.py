@@ -16,7 +16,12 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
     return {**moe, "qk_norm": True}
 
 
+# vLLM 0.32's Qwen3MoeSparseMoeBlock hands its router to its FusedMoE (`experts.gate`, the
+# same storage); its loader keeps that, the smaller key.
+VLLM_RENAMES = ((r"(?P<p>.+\.mlp)\.gate\.weight", "{p}.experts.gate.weight"),)
+
 FAMILY = Family(
+    vllm_renames=VLLM_RENAMES,
     formats=WITH_VLLM,
     name="qwen3_moe",
     architectures=("Qwen3MoeForCausalLM",),

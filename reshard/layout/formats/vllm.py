@@ -6,13 +6,14 @@ of vLLM's model *before* its post-load processing, under vLLM's names:
 - q/k/v stacked as `qkv_proj` ([q_r; k_r; v_r], kv heads replicated as the plan cut them),
   gate/up as `gate_up_proj`, MLA's q_a/kv_a as `fused_qkv_a_proj`;
 - routed experts stacked as `experts.routed_experts.w13_weight` [E_local, 2*I_r, H]
-  ([gate_r; up_r] per expert) and `...w2_weight` [E_local, H, I_r]; a shared expert under
-  `experts._shared_experts._layer` (the key vLLM keeps of the two it registers);
+  ([gate_r; up_r] per expert) and `...w2_weight` [E_local, H, I_r];
 - the vocab padded to a multiple of 64, split evenly; tied embeddings as `lm_head.weight`
   wherever the head is (vLLM keeps the smaller key of tensors sharing storage);
 - each attention layer's `attn._k_scale`, `_v_scale`, `_q_scale`, `_prob_scale` (fp32 1.0).
 Stacked tensors are the native pieces at offsets (Part), so nothing is re-cut. Which
-families vLLM has is data in each family module (`Family.formats`).
+families vLLM has, and the names only some of vLLM's model files use (where a module is
+registered twice and the loader keeps the smaller key), are data in each family module
+(`Family.formats`, `Family.vllm_renames`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ...errors import LayoutError
+from ...models import family_of
 from ..tensors import OutFile, OutTensor, Part, Piece
 from .native import group_by_size
 
@@ -77,14 +79,6 @@ STACKS = (
         ("q_a_proj", "kv_a_proj_with_mqa"),
     ),
 )
-# vLLM 0.32 also registers a MoE block's shared expert inside its FusedMoE
-# (`experts._shared_experts._layer`, sharing storage); its loader keeps the smaller key.
-RENAMES = (
-    (re.compile(r"(?P<p>.+\.mlp)\.shared_expert\.(?P<rest>.+)$"),
-     "{p}.experts._shared_experts._layer.{rest}"),
-    (re.compile(r"(?P<p>.+\.mlp)\.shared_expert_gate\.weight$"),
-     "{p}.experts._shared_experts._layer.expert_gate.weight"),
-)  # fmt: skip
 # Every attention layer: o_proj's module holds the attention whose scales vLLM keeps.
 ATTENTION = re.compile(r"(?P<p>.+\.self_attn)\.o_proj\.weight$")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -109,7 +103,10 @@ class VllmFormat:
 
     def rank_files(self, hp, layout, coord, tensors: list[OutTensor], max_size) -> list[OutFile]:
         stage = layout.stages[coord.pp_stage]
-        out = vllm_tensors(tensors, tied_head=hp.tie_word_embeddings and stage.head)
+        renames = tuple((re.compile(p + "$"), t) for p, t in family_of(hp).vllm_renames)
+        out = vllm_tensors(
+            tensors, tied_head=hp.tie_word_embeddings and stage.head, renames=renames
+        )
         groups = group_by_size(out, max_size)
         stem = (
             f"model-rank-{coord.tp_rank}"
@@ -133,14 +130,14 @@ class VllmFormat:
 VLLM = VllmFormat()
 
 
-def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool) -> list[OutTensor]:
+def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool, renames=()) -> list[OutTensor]:
     """A rank's native tensors as vLLM's: stacked, renamed, with the attention scales."""
     members: dict[str, list[tuple[tuple[int, int], OutTensor]]] = {}
     stacks: dict[str, Stack] = {}
     order: list[str] = []
     names = {t.name for t in tensors}
     for t in tensors:
-        name, stack, key = _target(t.name)
+        name, stack, key = _target(t.name, renames)
         if tied_head and EMBED in names:  # one tied tensor, under the key vLLM keeps
             if t.name == HEAD:
                 continue  # vLLM ties the head to the embedding: the embedding's bytes win
@@ -157,19 +154,20 @@ def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool) -> list[OutTensor
     return [_build(name, stacks.get(name), members[name]) for name in order]
 
 
-def _target(name: str) -> tuple[str, Stack | None, tuple[int, int]]:
+def _target(name: str, renames) -> tuple[str, Stack | None, tuple[int, int]]:
     """The vLLM tensor a native tensor goes to, its rule, and its (expert, member) sort key."""
     for stack in STACKS:
         if m := stack.regex.match(name):
             groups = m.groupdict()
             expert = int(groups["e"]) if stack.experts else 0
-            target = _renamed(stack.target.format(**groups))
+            target = _renamed(stack.target.format(**groups), renames)
             return target, stack, (expert, stack.member_index(m["m"]))
-    return _renamed(name), None, (0, 0)
+    return _renamed(name, renames), None, (0, 0)
 
 
-def _renamed(name: str) -> str:
-    for pattern, target in RENAMES:
+def _renamed(name: str, renames) -> str:
+    """A family's own vLLM name (Family.vllm_renames), else the name as it is."""
+    for pattern, target in renames:
         if m := pattern.match(name):
             return target.format(**m.groupdict())
     return name
