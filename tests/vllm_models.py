@@ -52,6 +52,7 @@ MODELS = {
             qk_rope_head_dim=64,
             v_head_dim=32,
             head_dim=None,
+            topk_method="noaux_tc",  # as DeepSeek-V3's config says: vLLM then keeps the bias
         ),
         "MLA with shared experts and grouped routing",
     ),

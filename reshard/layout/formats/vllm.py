@@ -148,7 +148,7 @@ def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool, renames=()) -> li
         stacks[name] = stack
         if m := ATTENTION.match(t.name):
             for scale in SCALES:
-                const = f"{m['p']}.attn.{scale}"
+                const = _renamed(f"{m['p']}.attn.{scale}", renames)
                 order.append(const)
                 members[const] = []
     return [_build(name, stacks.get(name), members[name]) for name in order]
