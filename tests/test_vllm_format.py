@@ -230,6 +230,9 @@ def test_export_of_a_vllm_output_gives_back_the_source_bytes(models, tmp_path, n
     exported = read_all((tmp_path / "hf").glob("*.safetensors"))
     assert set(exported) == set(source)
     for key, tensor in source.items():
+        if key.endswith("e_score_correction_bias"):  # vLLM's fp32 parameter: an exact cast
+            assert same_bytes(exported[key], tensor.float()), key
+            continue
         assert same_bytes(exported[key], tensor), key
 
 

@@ -88,6 +88,7 @@ VLLM_RENAMES = (
 
 FAMILY = Family(
     vllm_renames=VLLM_RENAMES,
+    vllm_float32=(r".+\.mlp\.gate\.e_score_correction_bias",),  # DeepseekV2MoE makes it fp32
     formats=WITH_VLLM,
     name="deepseek_v3",
     architectures=("DeepseekV3ForCausalLM",),

@@ -19,7 +19,7 @@ registered twice and the loader keeps the smaller key), are data in each family 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...errors import LayoutError
 from ...models import family_of
@@ -103,7 +103,9 @@ class VllmFormat:
 
     def rank_files(self, hp, layout, coord, tensors: list[OutTensor], max_size) -> list[OutFile]:
         stage = layout.stages[coord.pp_stage]
-        renames = tuple((re.compile(p + "$"), t) for p, t in family_of(hp).vllm_renames)
+        family = family_of(hp)
+        renames = tuple((re.compile(p + "$"), t) for p, t in family.vllm_renames)
+        tensors = [_as_float32(t, family.vllm_float32) for t in tensors]
         out = vllm_tensors(
             tensors, tied_head=hp.tie_word_embeddings and stage.head, renames=renames
         )
@@ -128,6 +130,13 @@ class VllmFormat:
 
 
 VLLM = VllmFormat()
+
+
+def _as_float32(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
+    """A tensor vLLM keeps in float32, written as F32 (cast from a 16-bit float)."""
+    if t.dtype in ("BF16", "F16") and any(re.fullmatch(p, t.name) for p in patterns):
+        return replace(t, dtype="F32")
+    return t
 
 
 def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool, renames=()) -> list[OutTensor]:
