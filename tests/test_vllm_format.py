@@ -421,3 +421,14 @@ def test_a_recipe_can_ask_for_the_vllm_format(models, tmp_path):
         "model-rank-0-part-0.safetensors",
         "model-rank-1-part-0.safetensors",
     ]
+
+
+def test_an_untied_head_vllm_would_drop_is_refused(tmp_path):
+    """vLLM's Gemma-2 always ties its head: a checkpoint with its own lm_head cannot load."""
+    from checkpoints import write_checkpoint
+    from vllm_models import DENSE
+
+    src = write_checkpoint(tmp_path / "src", "Gemma2ForCausalLM", **DENSE)  # untied
+    line = refuse([str(src), "--tp", "2"], tmp_path / "o")
+    assert "keeps one tensor as 'model.embed_tokens.weight'" in line
+    assert "model.embed_tokens.weight and lm_head.weight" in line and "--format native" in line

@@ -150,7 +150,7 @@ def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool, renames=()) -> li
         if tied_head and EMBED in names:  # one tied tensor, under the key vLLM keeps
             if t.name == HEAD:
                 continue  # vLLM ties the head to the embedding: the embedding's bytes win
-            name = HEAD if t.name == EMBED else name
+            name = _renamed(HEAD, renames) if t.name == EMBED else name
         if name not in members:
             order.append(name)
         members.setdefault(name, []).append((key, t))
@@ -187,8 +187,12 @@ def _build(name: str, stack: Stack | None, members) -> OutTensor:
         return OutTensor(name, "F32", "F32", (), (), 0, fill=1.0)
     if stack is None:
         (_, t), *more = members
-        if more:  # internal invariant: only stacks gather several tensors under one name
-            raise AssertionError(name)
+        if more:
+            raise LayoutError(
+                f"vLLM {VERSIONS[-1]} keeps one tensor as '{name}', but this checkpoint has "
+                f"{' and '.join(x.name for _, x in members)} for it (an untied head where "
+                "vLLM's model ties it to the embedding?). Convert with --format native."
+            )
         if t.name == name:
             return t
         return OutTensor(name, t.dtype, t.source_dtype, t.shape, t.pieces, t.padding,
