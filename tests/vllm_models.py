@@ -57,9 +57,9 @@ MODELS = {
         "MLA with shared experts and grouped routing",
     ),
     "phi3": ("Phi3ForCausalLM", dict(pad_token_id=0, eos_token_id=2), "fused qkv / gate_up"),
-    # Gemmas tie their head (vLLM's Gemma models always do)
+    # tied, as Gemma-2 is (vLLM's Gemma-2 always ties its head)
     "gemma2": ("Gemma2ForCausalLM", dict(tie_word_embeddings=True), "soft caps, sandwich norms"),
-    "gemma3": ("Gemma3ForCausalLM", dict(tie_word_embeddings=True), "q/k norm, two ropes"),
+    "gemma3": ("Gemma3ForCausalLM", {}, "q/k norm, two ropes, untied head"),
 }
 
 

@@ -67,7 +67,7 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
-    # vLLM's Gemma models compute logits with the embedding itself: no lm_head module.
+    # vLLM's Gemma-2 computes logits with the embedding itself: no lm_head module.
     vllm_renames=((r"lm_head\.weight", "model.embed_tokens.weight"),),
     formats=WITH_VLLM,
     name="gemma2",

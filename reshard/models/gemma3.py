@@ -54,8 +54,6 @@ def _read_rope(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 FAMILY = Family(
-    # vLLM's Gemma models compute logits with the embedding itself: no lm_head module.
-    vllm_renames=((r"lm_head\.weight", "model.embed_tokens.weight"),),
     formats=WITH_VLLM,
     name="gemma3",
     architectures=("Gemma3ForCausalLM",),
