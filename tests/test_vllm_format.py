@@ -431,4 +431,5 @@ def test_an_untied_head_vllm_would_drop_is_refused(tmp_path):
     src = write_checkpoint(tmp_path / "src", "Gemma2ForCausalLM", **DENSE)  # untied
     line = refuse([str(src), "--tp", "2"], tmp_path / "o")
     assert "keeps one tensor as 'model.embed_tokens.weight'" in line
-    assert "model.embed_tokens.weight and lm_head.weight" in line and "--format native" in line
+    assert "lm_head.weight and model.embed_tokens.weight for it" in line
+    assert "--format native" in line
