@@ -23,7 +23,7 @@ from .io.output_jobs import whole_piece
 from .io.output_source import open_output_source
 from .io.source import INDEX, Source
 from .io.writer import FileSpec, fsync_dir, write_atomic, write_files
-from .layout.plan import OutTensor
+from .layout.tensors import OutTensor
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default
 

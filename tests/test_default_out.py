@@ -116,3 +116,11 @@ def test_ranks_runs_share_the_default_folder(tmp_path, monkeypatch):
         assert done.exit_code == 0, done.output
         assert done.output.splitlines()[0] == "writing to ./tiny-llama-tp2-pp2 (no -o given)"
     assert (tmp_path / "tiny-llama-tp2-pp2" / MANIFEST).is_file()
+
+
+def test_format_is_part_of_the_default_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    done = run("convert", "--tp", 2, "--format", "vllm", TINY, "--quiet")
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines()[0] == "writing to ./tiny-llama-tp2-vllm (no -o given)"
+    assert (tmp_path / "tiny-llama-tp2-vllm" / MANIFEST).is_file()

@@ -68,7 +68,9 @@ def default_convert_out(model: str, recipe, *, resume: bool, force: bool, ranks)
     from ..io.torchrun import torchrun_world
     from ..out_name import check_default_rerun, convert_out_name
 
-    name = convert_out_name(model, tp=recipe.tp, pp=recipe.pp, ep=recipe.ep, dp=recipe.dp)
+    name = convert_out_name(
+        model, tp=recipe.tp, pp=recipe.pp, ep=recipe.ep, dp=recipe.dp, format=recipe.format
+    )
     out_dir = Path(name)
     click.echo(f"writing to ./{name} (no -o given)")
     if ranks is None and torchrun_world() is None:

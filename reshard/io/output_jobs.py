@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
-from ..layout.plan import Piece
+from ..layout.tensors import Piece
 
 
 def rank_tensor_jobs(reader: Any, consumers: dict[str, list[tuple[Any, Piece]]]) -> list:
@@ -48,8 +48,9 @@ def overlap_piece(block: Any, piece: Piece) -> Piece | None:
         return None
     start = tuple(d + a - s for d, a, s in zip(block.dest, lo, block.start, strict=True))
     stop = tuple(s + b - a for s, a, b in zip(start, lo, hi, strict=True))
-    dest = tuple(d + a - s for d, a, s in zip(piece.dest, lo, piece.start, strict=True))
-    return Piece(block.tensor, start, stop, dest)
+    lift = len(piece.dest) - len(piece.start)  # a format stacking experts: fixed leading dims
+    moved = (d + a - s for d, a, s in zip(piece.dest[lift:], lo, piece.start, strict=True))
+    return Piece(block.tensor, start, stop, (*piece.dest[:lift], *moved))
 
 
 def manifest_hashes(manifest: dict) -> dict[tuple[str, str], str]:

@@ -12,16 +12,17 @@ nothing until every job has succeeded. torch only for a cast.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import xxhash
 
 from ..dtypes import DTYPE_SIZES
 from ..errors import OutputError
-from ..layout.plan import Piece
+from ..layout.tensors import Piece
 from .byte_runs import Window, piece_groups, tensor_windows
 from .headers import TensorInfo
 from .output_jobs import check_digest, rank_tensor_jobs
@@ -97,36 +98,55 @@ def pull_tensor(job: PullJob, buffers: Buffers, stop: threading.Event) -> None:
     widest = max(item, DTYPE_SIZES[tensor.dtype])
     rows = tensor.shape[0] if tensor.shape else 1
     filled = (rows - tensor.padding) * (tensor.nbytes // max(rows, 1) // DTYPE_SIZES[tensor.dtype])
+    shape, job = target_view(job)
     buf = buffers.take()
     fds = {}
     try:
         for part in job.parts:
             if part.path not in fds:
                 fds[part.path] = _io(os.open, part.path, os.O_RDONLY, path=part.path)
-        for window in tensor_windows(tensor.shape, widest, buffers.nbytes):
+        for window in tensor_windows(shape, widest, buffers.nbytes):
             if stop.is_set():
                 return
             size = min(window.size, filled - window.start)  # elements before the padding
             if size > 0:
-                _pull_window(job, window, size, item, buf, fds)
+                _pull_window(job, shape, window, size, item, buf, fds)
     finally:
         for fd in fds.values():
             os.close(fd)
         buffers.give(buf)
 
 
-def _pull_window(job: PullJob, window: Window, size: int, item: int, buf, fds) -> None:
+def target_view(job: PullJob) -> tuple[tuple[int, ...], PullJob]:
+    """The target's shape as its parts see it. A format stacking experts places a part at
+    fixed leading indices (a dest longer than the part's start): the target is then seen with
+    those leading dims merged (same bytes, row-major), and each dest folded to match."""
+    shape = job.target.tensor.shape
+    ndim = min(len(p.piece.start) for p in job.parts)
+    lift = len(shape) - ndim
+    if lift <= 0 or not ndim:
+        return shape, job
+    merged = (math.prod(shape[: lift + 1]), *shape[lift + 1 :])
+    parts = []
+    for part in job.parts:
+        row = 0
+        for d, n in zip(part.piece.dest[: lift + 1], shape[: lift + 1], strict=True):
+            row = row * n + d
+        dest = (row, *part.piece.dest[lift + 1 :])
+        parts.append(replace(part, piece=replace(part.piece, dest=dest)))
+    return merged, replace(job, parts=tuple(parts))
+
+
+def _pull_window(job: PullJob, shape, window: Window, size: int, item: int, buf, fds) -> None:
     """Fill the window's first `size` elements from the parts, write them, hash them."""
     target, n = job.target, size * item
     out_item = DTYPE_SIZES[target.tensor.dtype]
     rel = window.start * out_item  # where the window starts in the output tensor
     for part in job.parts:
-        piece, shape = part.piece, part.info.shape
+        piece = part.piece
         stop = tuple(d + b - a for d, a, b in zip(piece.dest, piece.start, piece.stop, strict=True))
         # the target is the "source" here: groups are runs contiguous in the rank tensor
-        groups = piece_groups(
-            piece.dest, stop, piece.start, target.tensor.shape, shape, window, item
-        )
+        groups = piece_groups(piece.dest, stop, piece.start, shape, part.info.shape, window, item)
         for group in groups:
             at = part.info.begin + group.dest
             if group.segments == ((0, n),) and out_item == item:

@@ -14,8 +14,10 @@ each output tensor pulled from the rank-file tensors holding it), run by the sam
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +27,8 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import CheckpointError, ReshardIOError
-from ..layout.plan import OutTensor, Piece, Plan
+from ..layout.plan import Plan
+from ..layout.tensors import OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .headers import TensorInfo, encode_header, pread_exact
 from .scatter import preadv_exact, scatter_views
@@ -48,8 +51,7 @@ def buffer_bytes(workers: int) -> int:
 
 @dataclass
 class Target:
-    """One output tensor being filled: where it lives and how much of it is hashed. Only the
-    job of its one source tensor (a pull: its own job) touches it, so no lock is needed."""
+    """One output tensor being filled: where it lives and how much of it is hashed."""
 
     file: Path
     fd: int
@@ -58,6 +60,9 @@ class Target:
     hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     hashed: int = 0  # bytes [0, hashed) are in the hash
     written: int = 0  # bytes written, checked against the plan at the end
+    # A format's stacked tensor (vLLM's qkv_proj) takes bytes from several source tensors,
+    # so several jobs may account for it at once.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,19 @@ def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
         Target(tmp, fd, t, len(header) + begin)
         for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
     ]
+    for target in targets:
+        if target.tensor.fill is not None:  # a format's constant (vLLM's attention scales)
+            data = memoryview(fill_bytes(target.tensor))
+            _pwrite_all(fd, data, target.offset, tmp)
+            _account(target, 0, data)
     return fd, targets, xxhash.xxh3_128(header).hexdigest()
+
+
+def fill_bytes(tensor: OutTensor) -> bytes:
+    """A constant tensor's bytes (float32 only: the formats' constants are fp32 scales)."""
+    if tensor.dtype != "F32":  # internal invariant: formats add fp32 constants only
+        raise AssertionError(f"{tensor.name}: constant of dtype {tensor.dtype}")
+    return struct.pack("<f", tensor.fill) * math.prod(tensor.shape)
 
 
 def collect_jobs(source: Source, targets: list[Target]) -> list:
@@ -181,8 +198,6 @@ def collect_jobs(source: Source, targets: list[Target]) -> list:
     reshard output's reader makes its own (objects with `run(buffers, stop)` and `nbytes`)."""
     consumers: dict[str, list[tuple[Target, Piece]]] = {}
     for target in targets:
-        # internal invariant: one source per output tensor, so one job owns each target
-        assert len({p.source for p in target.tensor.pieces}) <= 1, target.tensor.name
         for piece in target.tensor.pieces:
             consumers.setdefault(piece.source, []).append((target, piece))
     if source.reader is not None:
@@ -349,17 +364,18 @@ def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) 
 
 
 def _account(target: Target, rel: int, data) -> None:
-    target.written += len(data)
-    if rel == target.hashed:  # in order: hash while streaming; else read back at the end
-        target.hasher.update(data)
-        target.hashed += len(data)
+    with target.lock:
+        target.written += len(data)
+        if rel == target.hashed:  # in order: hash while streaming; else read back at the end
+            target.hasher.update(data)
+            target.hashed += len(data)
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
     hashes: dict[str, dict[str, str]] = {}
     for t in targets:
-        padding_bytes = t.tensor.padding * (t.tensor.nbytes // max(t.tensor.shape[0], 1))
-        expected = t.tensor.nbytes - (padding_bytes if t.tensor.shape else 0)
+        pad = t.tensor.padding
+        expected = t.tensor.nbytes - (pad * (t.tensor.nbytes // t.tensor.shape[0]) if pad else 0)
         if t.written != expected:  # internal invariant: the plan covers every element once
             raise AssertionError(f"{t.tensor.name}: wrote {t.written} of {expected} bytes")
         while t.hashed < t.tensor.nbytes:

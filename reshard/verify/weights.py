@@ -10,6 +10,7 @@ sources and the manifest's own checks stay in verify/levels.py.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..io.byte_runs import piece_groups, tensor_windows
 from ..io.headers import read_header
 from ..io.output_jobs import check_digest, rank_tensor_jobs
 from ..io.writer import MAX_BUFFER, cast_bytes, map_range
-from ..layout.plan import Piece
+from ..layout.tensors import Piece
 
 WINDOW = MAX_BUFFER  # bytes of source mapped at once; two buffers of this size besides
 
@@ -59,12 +60,13 @@ def compare_weights(out_dir: Path, manifest: dict, src, bar) -> list[str]:
     failures: list[str] = []
     fds: dict[str, int] = {}
     try:
-        checks, padding = _collect_checks(Path(out_dir), manifest, fds, failures)
+        checks, padding, constants = _collect_checks(Path(out_dir), manifest, fds, failures)
         scratch = Scratch()
         for job in _jobs(src, checks):
             _compare_job(*job, scratch, bar)
         failures += [c.failure() for c in checks if c in scratch.failed]
         failures += [msg for msg in (_padding_failure(*p) for p in padding) if msg]
+        failures += [msg for msg in (_fill_failure(*c) for c in constants) if msg]
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -72,9 +74,9 @@ def compare_weights(out_dir: Path, manifest: dict, src, bar) -> list[str]:
 
 
 def _collect_checks(out_dir: Path, manifest: dict, fds: dict, failures: list):
-    """(checks in manifest order, padding spans to check) for every rank of replica 0."""
+    """(checks in manifest order, padding spans, constants) for every rank of replica 0."""
     headers: dict[str, object] = {}
-    checks, padding = [], []
+    checks, padding, constants = [], [], []
     for entry in manifest["ranks"]:
         if entry.get("replica_of") is not None:
             continue
@@ -96,7 +98,9 @@ def _collect_checks(out_dir: Path, manifest: dict, fds: dict, failures: list):
                 )  # fmt: skip
             if meta["padding"]:
                 padding.append((header.path, fd, info, meta["padding"]))
-    return checks, padding
+            if meta.get("fill") is not None:  # a format's constant (vLLM's attention scales)
+                constants.append((header.path, fd, info, meta["fill"]))
+    return checks, padding, constants
 
 
 def _header(path: Path, headers: dict, fds: dict, failures: list):
@@ -223,3 +227,12 @@ def _padding_failure(path: Path, fd: int, info, rows: int) -> str | None:
     if _read_into(fd, memoryview(data), info.end - n) < n or data.count(0) != n:
         return f"{path}: tensor '{info.name}' has non-zero vocab padding rows"
     return None
+
+
+def _fill_failure(path: Path, fd: int, info, fill: float) -> str | None:
+    """A format's constant tensor holds its value in every element (float32, as written)."""
+    want = struct.pack("<f", fill) * info.numel
+    data = bytearray(info.nbytes)
+    if info.dtype != "F32" or _read_into(fd, memoryview(data), info.begin) < info.nbytes:
+        return f"{path}: tensor '{info.name}' is not the constant {fill}"
+    return None if data == want else f"{path}: tensor '{info.name}' is not the constant {fill}"
