@@ -42,7 +42,7 @@ from .writer import Written, io_error, write_atomic
 SUBSETS_LOCK = ".reshard.subsets.lock"
 MARKER_FORMAT = "reshard-rank-marker"
 _MARKER = re.compile(r"^reshard-rank-(\d{5})\.json$")
-_SPEC_PART = re.compile(r"^(\d+)(?:-(\d+))?$")
+_SPEC_PART = re.compile(r"^(\d{1,9})(?:-(\d{1,9}))?$")  # 9 digits: int() stays cheap
 
 
 def parse_ranks(spec: str, world_size: int) -> tuple[int, ...]:

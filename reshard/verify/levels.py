@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
 from ..io.headers import read_header
-from ..io.manifest import manifest_seal_failure, read_manifest, side_file_failures
+from ..io.manifest import MANIFEST, manifest_seal_failure, read_manifest, side_file_failures
 from ..io.output_source import is_output, open_model
 from ..io.rank_subset import check_partial_set
 from ..io.source import resolve_model
@@ -365,7 +365,8 @@ def verify_output(
     manifest = read_manifest(out_dir)
     if "generate" in levels:
         vocab = int(manifest["hparams"]["vocab_size"])
-        check_generate_options(vocab=vocab, **(generate_options or {}))
+        positions = (manifest["hparams"]["max_position_embeddings"], f"{out_dir}/{MANIFEST}")
+        check_generate_options(vocab=vocab, max_positions=positions, **(generate_options or {}))
     check_complete(out_dir, manifest)
     results = []
     file_checks = _checks_files_here()
