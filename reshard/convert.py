@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .io.commit import hold_interrupts
 from .io.manifest import MANIFEST, build_manifest, hash_side_files, write_manifest
 from .io.out_dir import (
     build_record,
@@ -219,8 +220,9 @@ def finish_if_complete(
         return missing
     check_marker_claims(out_dir, markers, own)
     written, sizes = written_from_markers(markers)
-    _commit(plan, source, recipe, out_dir, written, sizes)
-    remove_names(out_dir, marker_names(plan))
+    with hold_interrupts(out_dir):
+        _commit(plan, source, recipe, out_dir, written, sizes)
+        remove_names(out_dir, marker_names(plan))
     return ()
 
 
@@ -237,7 +239,8 @@ def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, pro
     with _progress_bar(read_total, progress) as bar:
         written = write_plan(plan, source, out_dir, progress=bar, workers=workers)
     sizes = {f.name: (out_dir / f.name).stat().st_size for f in plan.files}
-    _commit(plan, source, recipe, out_dir, written, sizes)
+    with hold_interrupts(out_dir):
+        _commit(plan, source, recipe, out_dir, written, sizes)
     return read_total, sizes
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .io.commit import hold_interrupts
 from .io.headers import TensorInfo, encode_header
 from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, check_unfinished, claim_folder, lock_out_dir
 from .io.output_source import CHUNK_BYTES, open_output_source
@@ -89,7 +90,8 @@ def _write_checkpoint(source: Source, hf_dir: Path, names: list[str], shards) ->
     fsync_dir(hf_dir)
     for side in source.side_files():
         write_atomic(hf_dir / side.name, side.read_bytes())
-    write_atomic(hf_dir / INDEX, _index_json(names, shards))
+    with hold_interrupts(hf_dir):  # the index is the commit: Ctrl-C now says it happened
+        write_atomic(hf_dir / INDEX, _index_json(names, shards))
 
 
 def _exported_tensors(source: Source) -> list[TensorInfo]:
