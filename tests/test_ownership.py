@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 from checkpoints import write_checkpoint

@@ -52,18 +52,22 @@ def parse_ranks(spec: str, world_size: int) -> tuple[int, ...]:
         match = _SPEC_PART.match(part.strip())
         if not match:
             raise InputError(
-                f"--ranks {spec!r}: {part.strip()!r} is not a rank or a range like 0-3 "
+                f"--ranks {_short(spec)}: {_short(part.strip())} is not a rank or a range like 0-3 "
                 f"(world size {world_size}). Write e.g. --ranks 0-3 or --ranks 0,2,5."
             )
         lo = int(match[1])
         hi = int(match[2]) if match[2] is not None else lo
         if hi < lo or hi >= world_size:
             raise InputError(
-                f"--ranks {spec!r}: {part.strip()!r} is outside the world: ranks are in "
-                f"[0, {world_size}) (world size {world_size} = dp * pp * tp)."
+                f"--ranks {_short(spec)}: {_short(part.strip())} is outside the world: ranks "
+                f"are in [0, {world_size}) (world size {world_size} = dp * pp * tp)."
             )
         ranks.update(range(lo, hi + 1))
     return tuple(sorted(ranks))
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
 
 
 def file_ranks(plan: Plan, world_ranks) -> tuple[int, ...]:

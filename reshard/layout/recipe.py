@@ -111,8 +111,9 @@ def where_from(origin: str, flags: frozenset[str], *names: str) -> str:
     given = [FLAGS[n] for n in names if n in flags]
     if given:
         return "/".join(given)
-    section = next(s for s, keys in SECTIONS.items() if names[0] in keys)
-    return f"{origin}: {section}.{names[0]}"
+    key = "file" if names[0] == "costs" else names[0]  # [costs] file sets Recipe.costs
+    section = next(s for s, keys in SECTIONS.items() if key in keys)
+    return f"{origin}: {section}.{key}"
 
 
 def _check_most(where: str, value: int) -> None:

@@ -48,9 +48,8 @@ def check_new_tokens(max_new_tokens: int, max_positions: int, *, where: str) -> 
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token.")
     if max_new_tokens >= max_positions:
-        shown = (
-            max_new_tokens if max_new_tokens < 10**20 else f"({len(str(max_new_tokens))} digits)"
-        )
+        digits = len(str(max_new_tokens))
+        shown = max_new_tokens if digits < 20 else f"(a number of {digits} digits)"
         raise InputError(
             f"--max-new-tokens {shown}: {where} holds {max_positions} positions "
             f"(max_position_embeddings), and a prompt token comes first; give at most "
