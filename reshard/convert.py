@@ -8,6 +8,7 @@ files out, shards in, side files copied, manifest last.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ def convert_model(
         )
     if not subset:
         check_unfinished(out_dir, force=force)  # before any work: refuse early and cheaply
-    scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle"
+    # Per process: it is deleted below, before or without OUT's lock, so a run refused as
+    # busy must not delete the scratch of the run it found there.
+    scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle-{os.getpid()}"
     try:
         source = open_model(model, allow_pickle=allow_pickle, scratch=scratch)
         check_not_source(source, out_dir)

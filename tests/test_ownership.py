@@ -215,3 +215,33 @@ def test_a_lock_symlink_is_refused_and_nothing_is_created_outside(copies, tmp_pa
     )
     assert (digest_tree(tmp_path / "outside"), digest_tree(o)) == before
     assert victim.exists() == (target == "existing")
+
+
+def test_a_refused_pickle_convert_leaves_the_running_ones_scratch_alone(copies, tmp_path):
+    """The pickle scratch beside OUT is per process: a run refused as busy deletes its own,
+    never the one the running convert reads from."""
+    import torch
+    from safetensors.torch import load_file
+
+    src, _, _ = copies
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(src / "config.json", pickled / "config.json")
+    torch.save(load_file(src / "model.safetensors"), pickled / "pytorch_model.bin")
+    o = tmp_path / "o"
+    o.mkdir()
+    running = tmp_path / f".o.reshard-pickle-{os.getppid()}"  # another live process's
+    running.mkdir()
+    (running / "pytorch_model.safetensors").write_bytes(b"being read")
+    fd = os.open(o / ".reshard.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        expect_error(
+            cli("convert", pickled, "--tp", "2", "-o", o, "--quiet", "--allow-pickle"),
+            2,
+            f"{o}: another reshard convert is writing into this folder",
+        )
+    finally:
+        os.close(fd)
+    assert (running / "pytorch_model.safetensors").read_bytes() == b"being read"
+    assert sorted(p.name for p in tmp_path.glob(".o.reshard-pickle*")) == [running.name]
