@@ -389,3 +389,24 @@ def test_a_full_device_for_json_names_the_file(out):
         "/dev/full: No space left on device",
         "free space on that disk",
     )
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["plan", "{src}", "--tp", "2", "--context", DIGITS_400], "--context"),
+        (["plan", "{src}", "--tp", "2", "--batch", DIGITS_400], "--batch"),
+        (["plan", "{src}", "--tp", "2", "--gpu-memory", DIGITS_400], "--gpu-memory"),
+        (["plan", "{src}", "--tp", "2", "--max-num-seqs", DIGITS_400], "--max-num-seqs"),
+        (["profile", "layers", "{src}", "--batch", DIGITS_400, "-o", "{tmp}/c.json"], "--batch"),
+        (["profile", "layers", "{src}", "--seq", DIGITS_400, "-o", "{tmp}/c.json"], "--seq"),
+    ],
+)
+def test_plan_and_profile_numbers_are_bounded(src, tmp_path, args, flag):
+    """Click's own range check (exit 2 naming the flag), not an OverflowError traceback."""
+    before = digest_tree(src)
+    args = [a.format(src=src, tmp=tmp_path) for a in args]
+    result = cli(*args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag}'" in result.output and "Traceback" not in result.output
+    assert digest_tree(src) == before and not (tmp_path / "c.json").exists()
