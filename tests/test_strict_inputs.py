@@ -410,3 +410,34 @@ def test_plan_and_profile_numbers_are_bounded(src, tmp_path, args, flag):
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
     assert f"Invalid value for '{flag}'" in result.output and "Traceback" not in result.output
     assert digest_tree(src) == before and not (tmp_path / "c.json").exists()
+
+
+def test_ctrl_c_just_after_exports_index_says_it_is_complete(out, tmp_path, monkeypatch):
+    import reshard.export as export
+
+    real = export.write_atomic
+
+    def write_then_interrupt(path, data):
+        real(path, data)
+        if path.name == "model.safetensors.index.json":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(export, "write_atomic", write_then_interrupt)
+    hf = tmp_path / "hf"
+    result = cli("export", out, "-o", hf)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: the output in {hf} was committed" in result.stderr
+    assert (hf / "model.safetensors.index.json").is_file()
+
+
+def test_a_manifest_without_side_files_says_they_are_not_covered(out):
+    """A manifest written before side files were hashed: verify says what it did not check."""
+    from reshard.io.manifest import write_manifest
+    from reshard.io.manifest_check import SEAL_KEY
+
+    doc = json.loads((out / "manifest.json").read_text())
+    del doc["side_files"], doc[SEAL_KEY]
+    write_manifest(out, doc)
+    result = cli("verify", out, "--level", "hashes")
+    assert result.exit_code == 0, result.output
+    assert "tensors in 2 files, side files NOT covered" in result.output
