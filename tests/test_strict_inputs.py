@@ -441,3 +441,18 @@ def test_a_manifest_without_side_files_says_they_are_not_covered(out):
     result = cli("verify", out, "--level", "hashes")
     assert result.exit_code == 0, result.output
     assert "tensors in 2 files, side files NOT covered" in result.output
+
+
+def test_profile_experts_max_new_tokens_past_the_positions(moe_config, tmp_path):
+    """Refused from config.json alone, before any weight is read (there are none here)."""
+    before = digest_tree(moe_config.parent)
+    expect_error(
+        cli(
+            "profile", "experts", moe_config.parent, "--prompt-ids", "1,2",
+            "--max-new-tokens", "100000", "-o", tmp_path / "load.json",
+        ),
+        2,
+        f"--max-new-tokens 100000: {moe_config} holds 256 positions",
+        "give at most 255",
+    )  # fmt: skip
+    assert digest_tree(moe_config.parent) == before and not (tmp_path / "load.json").exists()
