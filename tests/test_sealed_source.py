@@ -115,3 +115,21 @@ def test_the_intact_map_still_reads(out, tmp_path):
     """The control: the same commands on the untouched output succeed."""
     assert cli("convert", out, "--tp", "1", "-o", tmp_path / "a", "--quiet").exit_code == 0
     assert cli("export", out, "-o", tmp_path / "b").exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["re-layout", "export"])
+def test_an_edited_side_file_is_not_passed_on(out, tmp_path, command):
+    """OUT/config.json is copied into the new folder: it must be the one the manifest hashed."""
+    config = out / "config.json"
+    config.write_text(config.read_text().replace("}", ', "edited": true}', 1))
+    before = digest_tree(out)
+    new = tmp_path / "new"
+    if command == "re-layout":
+        result = cli("convert", out, "--tp", "1", "-o", new, "--quiet")
+    else:
+        result = cli("export", out, "-o", new)
+    expect_error(
+        result, 2, f"{config}: hash ", "!= manifest side_files['config.json']",
+        "restore it or re-run reshard convert",
+    )  # fmt: skip
+    assert digest_tree(out) == before and not new.exists()

@@ -212,10 +212,11 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
     return _read_checked(out_dir)[0]
 
 
-def read_sealed_manifest(out_dir: Path) -> dict[str, Any]:
+def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> dict[str, Any]:
     """The manifest of OUT as a map to read its rank files by (re-layout, export, --force's
     ownership): the schema, then the seal on the same bytes, then its config against its
-    hparams. A broken seal is an OutputError (exit 2): nothing is read or written through it.
+    hparams, then (`side_files`) the side files it lists, which a re-layout or an export
+    copies on. Any failure is an OutputError (exit 2): nothing is read or written through it.
     The rank files' own hashes are the reader's to check as it streams them."""
     doc, raw = _read_checked(out_dir)
     path = Path(out_dir) / MANIFEST
@@ -226,6 +227,11 @@ def read_sealed_manifest(out_dir: Path) -> dict[str, Any]:
             "reshard verify --level hashes)."
         )
     _check_config(path, doc)
+    failures = side_file_failures(out_dir, doc) if side_files else []
+    if failures:
+        raise OutputError(
+            f"{failures[0]} (an output read as a source passes its side files on unchanged)."
+        )
     return doc
 
 

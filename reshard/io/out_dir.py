@@ -183,7 +183,7 @@ def _proved_names(out_dir: Path) -> set[str]:
     if not os.path.isfile(out_dir / MANIFEST):
         return set()
     try:
-        manifest = read_sealed_manifest(out_dir)
+        manifest = read_sealed_manifest(out_dir, side_files=False)  # each proved below
     except ReshardError:
         return set()
     files = [(n, e) for n, e in manifest["files"].items() if is_plain_name(n)]
