@@ -456,3 +456,13 @@ def test_profile_experts_max_new_tokens_past_the_positions(moe_config, tmp_path)
         "give at most 255",
     )  # fmt: skip
     assert digest_tree(moe_config.parent) == before and not (tmp_path / "load.json").exists()
+
+
+def test_the_known_rope_types_and_dtypes_are_transformers_and_torchs_own():
+    """The lists config.json is checked against come from the libraries, not from us."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from reshard.models.hparams import CONFIG_DTYPES, ROPE_TYPES
+
+    assert set(ROPE_TYPES) == {"default", "su", *ROPE_INIT_FUNCTIONS}  # su: Phi-3's alias
+    assert all(isinstance(getattr(torch, n), torch.dtype) for n in CONFIG_DTYPES - {"auto"})

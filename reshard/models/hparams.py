@@ -238,7 +238,8 @@ def _torch_dtype(config: dict[str, Any], where: str) -> str:
 CONFIG_DTYPES = frozenset({*DTYPE_NAMES.values(), "auto", "float", "half", "double"})
 # transformers' rope types (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and "default"): any other
 # is a typo. Those the runtime lacks still convert (reshard/runtime/rope.py says which run).
-ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "longrope", "proportional", "yarn")
+# "su": Phi-3's older name for longrope (its family reads it as longrope, as transformers does).
+ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "longrope", "proportional", "su", "yarn")
 
 
 # Keys each rope type reads (reshard/runtime/rope.py); present and numeric, or refused here.
