@@ -51,6 +51,7 @@ from .io.torchrun import torchrun_world
 from .io.writer import Written, write_atomic, write_plan
 from .layout.check import check_layout
 from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
+from .layout.formats import format_named
 from .layout.plan import Plan
 from .layout.recipe import Recipe
 from .layout.resolve import plan_source
@@ -272,7 +273,10 @@ def _write_side_files(plan: Plan, source: Source, out_dir: Path) -> list[str]:
     for side in source.side_files():
         write_atomic(out_dir / side.name, side.read_bytes())
         names.append(side.name)
-    for name, data in _exports(plan).items():
+    for name, data in {
+        **_exports(plan),
+        **format_named(plan.layout.format).side_files(plan),
+    }.items():
         write_atomic(out_dir / name, data)
         names.append(name)
     return names
@@ -307,4 +311,5 @@ def output_names(plan: Plan, source: Source) -> list[str]:
     """Every file this run writes into OUT (each also as `.partial` while being written)."""
     names = [f.name for f in plan.files] + [p.name for p in source.side_files()]
     exports = list(EXPORT_FILES) if plan.placements else []
+    exports += list(format_named(plan.layout.format).side_files(plan))
     return names + exports + [MANIFEST] + marker_names(plan)
