@@ -12,6 +12,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import DTYPE_NAMES
 from ..errors import CheckpointError, ReshardIOError, UnsupportedModelError
 from ..io.strict_json import read_json
 from ..quant import parse_quantization
@@ -224,7 +225,21 @@ def _head_dim(config: dict[str, Any], heads: int, where: str, arch: str) -> int:
 
 def _torch_dtype(config: dict[str, Any], where: str) -> str:
     key = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
-    return get_str(config, key, where, default="float32")
+    value = get_str(config, key, where, default="float32")
+    if value not in CONFIG_DTYPES:
+        raise CheckpointError(
+            f"{where}: '{key}' is {value[:40]!r}, not a torch dtype (known: "
+            f"{', '.join(sorted(CONFIG_DTYPES))}). {FIX}"
+        )
+    return value
+
+
+# What config.json's torch_dtype / dtype may say: torch's names (and transformers' "auto").
+CONFIG_DTYPES = frozenset({*DTYPE_NAMES.values(), "auto", "float", "half", "double"})
+# transformers' rope types (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and "default"): any other
+# is a typo. Those the runtime lacks still convert (reshard/runtime/rope.py says which run).
+# "su": Phi-3's older name for longrope (its family reads it as longrope, as transformers does).
+ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "longrope", "proportional", "su", "yarn")
 
 
 # Keys each rope type reads (reshard/runtime/rope.py); present and numeric, or refused here.
@@ -250,6 +265,12 @@ def _rope(config: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | N
     theta = get_float(holder, "rope_theta", where, default=10000.0, positive=True)
     scaling.pop("rope_theta", None)
     rope_type = get_str(scaling, "rope_type", where, default=scaling.get("type") or "default")
+    if rope_type not in ROPE_TYPES:
+        name = "rope_type" if "rope_type" in scaling else "type"
+        raise CheckpointError(
+            f"{where}: '{key}.{name}' is {str(rope_type)[:40]!r}, not a rope type transformers "
+            f"knows ({', '.join(ROPE_TYPES)}). {FIX}"
+        )
     for name in ROPE_NUMBERS.get(rope_type, ()):
         value = scaling.get(name)
         if type(value) not in (int, float) or value <= 0:

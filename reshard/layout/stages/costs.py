@@ -24,6 +24,7 @@ from ..gpus import GPUS, GpuSpec, find_gpu
 COSTS_FORMAT = "reshard-costs"
 COSTS_VERSION = 1
 MODES = ("prefill", "decode")
+MAX_MICROS = 1e12  # 11.6 days per layer: past it a measured time is a typo (ns must fit int64)
 # Fields that fix every item's shape: a costs.json measured on another shape is refused.
 SHAPE_KEYS = (
     "architecture",
@@ -278,14 +279,29 @@ def _check_profile(profile: Any, where: str) -> None:
     if missing or not isinstance(profile["kinds"], dict) or not isinstance(profile["model"], dict):
         raise InputError(f"{where}: missing or malformed {missing or ['kinds']}. {_remedy(where)}")
     for kind, entry in profile["kinds"].items():
-        if not isinstance(entry, dict) or not all(
-            isinstance(entry.get(k), (int, float)) and entry[k] >= 0
-            for k in ("median_us", "iqr_us")
-        ):
+        if not isinstance(entry, dict):
             raise InputError(
-                f"{where}: kind {kind!r} needs numbers median_us >= 0 and iqr_us >= 0, got "
-                f"{entry!r}. {_remedy(where)}"
+                f"{where}: kind {_short(kind)} is {_short(entry)}, not an object with "
+                f"median_us and iqr_us. {_remedy(where)}"
             )
+        for key in ("median_us", "iqr_us"):
+            _check_micros(where, kind, key, entry.get(key))
+
+
+def _check_micros(where: str, kind: str, key: str, value: Any) -> None:
+    """A time in microseconds: a number (not a bool) in [0, MAX_MICROS]."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 <= value <= MAX_MICROS:
+        raise InputError(
+            f"{where}: kind {_short(kind)} needs numbers median_us >= 0 and iqr_us >= 0 (times "
+            f"in microseconds, at most {MAX_MICROS:.0e}); key 'kinds.{kind}.{key}' is "
+            f"{_short(value)}. {_remedy(where)}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def item_costs_from_profile(
