@@ -12,6 +12,8 @@ from pathlib import Path
 from ..dtypes import FLOAT_CODES, PLAIN_FLOAT_CODES
 from ..errors import CheckpointError
 from ..quant import check_parts, logical_shape, scheme_of
+from . import family_of
+from .deltanet import linear_leaf, linear_shapes
 from .hparams import HParams
 from .mla import mla_shapes
 from .rules import TensorRole
@@ -64,6 +66,10 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
     leaf = ".".join(name.rsplit(".", 2)[-2:])  # "q_proj.weight", "experts.down_proj"
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return ((f"vocab_size={hp.vocab_size}", hp.vocab_size), hidden)
+    if (linear := linear_leaf(name)) is not None and linear in linear_shapes(hp):
+        return linear_shapes(hp)[linear]
+    if leaf == "q_proj.weight" and family_of(hp).features.attention_output_gate:
+        return ((f"2 x {q[0]} (q and its output gate)", 2 * hp.q_size), hidden)  # per head
     if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
         bias = leaf.endswith(".bias")
         shape = mla_shapes(hp)[leaf.removesuffix(".bias") + ".weight" if bias else leaf]

@@ -95,6 +95,13 @@ def _check_indices(hp, name, rule, layer, expert, where) -> None:
             f"{where}: tensor '{name}' is an MoE tensor but config.json makes layer {layer} "
             "dense (decoder_sparse_step / mlp_only_layers). The config and weights disagree."
         )
+    if rule.scope in ("attention", "linear") and (rule.scope == "linear") != hp.is_linear(layer):
+        kind = "linear-attention" if rule.scope == "linear" else "softmax-attention"
+        raise UnsupportedModelError(
+            f"{where}: tensor '{name}' belongs to a {kind} layer but config.json makes layer "
+            f"{layer} a {hp.layer_types[layer]} layer (layer_types / full_attention_interval). "
+            "The config and the weights disagree."
+        )
     if rule.scope == "dense" and moe_layer:
         raise UnsupportedModelError(
             f"{where}: tensor '{name}' is a dense-MLP tensor but config.json makes layer "
@@ -117,6 +124,9 @@ def _expected(hp: HParams, rule: Rule):
         yield from (rule.template.format(layer=i) for i in layers if i not in hp.moe_layers)
     elif rule.scope == "moe":
         yield from (rule.template.format(layer=i) for i in hp.moe_layers)
+    elif rule.scope in ("attention", "linear"):
+        linear = rule.scope == "linear"
+        yield from (rule.template.format(layer=i) for i in layers if hp.is_linear(i) == linear)
     else:
         for i in hp.moe_layers:
             yield from (rule.template.format(layer=i, expert=e) for e in range(hp.num_experts))

@@ -8,6 +8,8 @@ order transformers saves them.
 from __future__ import annotations
 
 from ..quant import scheme_of, stored_tensors
+from . import family_of
+from .deltanet import linear_leaf, linear_shapes
 from .family import Rule
 from .hparams import HParams
 from .mla import mla_shapes
@@ -20,6 +22,8 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     leaf = ".".join(last[-2:])  # e.g. "q_proj.weight"
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (hp.vocab_size, h)
+    if (linear := linear_leaf(name)) is not None:
+        return tuple(size for _, size in linear_shapes(hp)[linear])
     mla = mla_shapes(hp)
     if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
         return tuple(size for _, size in mla[leaf])
@@ -32,7 +36,7 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     if ".experts." in name:
         return _mlp(leaf, hp.moe_intermediate_size, h)
     table = {
-        "q_proj.weight": (hp.q_size, h),
+        "q_proj.weight": (hp.q_size * _q_rows_per_head(hp), h),
         "k_proj.weight": (hp.kv_size, h),
         "v_proj.weight": (hp.kv_size, h),
         "o_proj.weight": (h, hp.q_size),
@@ -50,6 +54,11 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     if leaf.endswith("norm.weight"):
         return (h,)
     return _mlp(leaf, hp.intermediate_size, h)
+
+
+def _q_rows_per_head(hp: HParams) -> int:
+    """2 when q_proj also holds each head's output gate (Qwen3-Next), else 1."""
+    return 2 if family_of(hp).features.attention_output_gate else 1
 
 
 # The linear layers a quantized checkpoint stores quantized (router gates, embeddings and
