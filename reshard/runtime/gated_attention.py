@@ -34,5 +34,10 @@ class GatedAttention(Attention):
         k, v = cache.update(self.layer, k, v, step.start)  # [B, kvh, T, hd]
         out = self._attend(q, k, v, step.sliding_mask if self.sliding else step.mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
-        out = out * torch.sigmoid(gate.reshape(batch, seq, -1))  # the per-head output gate
+        out = apply_output_gate(out, gate.reshape(batch, seq, -1))
         return row_parallel(self.o_proj, out, self.comm)  # [B, S, H]
+
+
+def apply_output_gate(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """out, gate: [B, S, h*hd] -> out * sigmoid(gate), head by head."""
+    return out * torch.sigmoid(gate)

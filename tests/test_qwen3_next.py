@@ -1,0 +1,382 @@
+"""Qwen3-Next (gated DeltaNet linear layers beside gated full attention, MoE with a gated
+shared expert) against things reshard did not write: transformers' own forward and generate,
+safetensors' reader on the source and on the rank files. Two gloo worlds: tp 2 x pp 2 (each
+stage one linear and one full layer) and tp 4 x ep 4 with redundant experts from a load file.
+Each quirk switched off on purpose (conv or recurrent state not carried, q gate or shared
+expert gate dropped) moves the logits far past the fp32 bound.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+from checkpoints import write_checkpoint  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load  # noqa: E402
+from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
+from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E402
+
+from reshard.cli import main  # noqa: E402
+from reshard.errors import CheckpointError, UnsupportedModelError  # noqa: E402
+from reshard.layout.plan import build_plan  # noqa: E402
+from reshard.layout.recipe import build_recipe  # noqa: E402
+from reshard.layout.stages.pipeline import solve_stages  # noqa: E402
+from reshard.models.hparams import load_hparams, parse_hparams  # noqa: E402
+from reshard.models.rules import match_tensors  # noqa: E402
+from reshard.models.shapes import synthesize_tensors  # noqa: E402
+from reshard.runtime import deltanet, gated_attention  # noqa: E402
+from reshard.runtime.generate import forward_logits, generate_greedy  # noqa: E402
+from reshard.runtime.launch import generate_sharded  # noqa: E402
+from reshard.runtime.load import load_source_model  # noqa: E402
+from reshard.runtime.moe import MoEBlock  # noqa: E402
+
+ARCH = "Qwen3NextForCausalLM"
+HEADS, KV, HD, HIDDEN = 4, 2, 16, 64
+NK, NV, HK, HV, KERNEL = 4, 8, 8, 12, 4  # linear key/value heads and widths: 2 values per key
+# Layers 1 and 3 full attention, 0 and 2 linear; layer 0 dense, 1-3 MoE (8 experts, top 2).
+CONFIG = dict(
+    num_hidden_layers=4, initializer_range=0.5, full_attention_interval=2, mlp_only_layers=[0],
+    head_dim=HD, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=48, linear_num_key_heads=NK, linear_num_value_heads=NV,
+    linear_key_head_dim=HK, linear_value_head_dim=HV, linear_conv_kernel_dim=KERNEL,
+)  # fmt: skip
+PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 30, 7, 12, 90], [33, 2, 71], [64, 8, 19, 27, 50, 4], [1, 99]]
+NEW_TOKENS = 8
+LIN = "model.layers.{}.linear_attn."
+LAYOUTS = {"tp2pp2": dict(tp=2, pp=2), "tp4ep4r4": dict(tp=4, ep=4, redundant=4)}
+
+
+def calm_decay(src: Path) -> None:
+    """A_log drawn from log U(0.01, 1) instead of transformers' log U(0.01, 16): with this
+    init scale the largest rates decay the state by ~e^-80 a token, leaving outputs at
+    rounding noise that the gated norm scales back up (sharded vs unsharded then differs by
+    ~1e-3 on logits of 14). Trained decay rates are far smaller."""
+    tensors = load_file(src / "model.safetensors")
+    rng = torch.Generator().manual_seed(1)
+    for name in [n for n in tensors if n.endswith(".A_log")]:
+        tensors[name] = torch.empty(NV).uniform_(0.01, 1.0, generator=rng).log()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def qwen3_next(tmp_path_factory):
+    """(source folder, transformers model) of a tiny random Qwen3-Next."""
+    src = write_checkpoint(tmp_path_factory.mktemp("qwen3-next"), ARCH, **CONFIG)
+    calm_decay(src)
+    hf = transformers.Qwen3NextForCausalLM.from_pretrained(src).eval()
+    hf.generation_config.eos_token_id = None  # a fixed number of tokens
+    hf.generation_config.pad_token_id = 0
+    return src, hf
+
+
+@pytest.fixture(scope="module")
+def outputs(qwen3_next, tmp_path_factory):
+    src, _ = qwen3_next
+    made = {}
+    for name, recipe in LAYOUTS.items():
+        out = tmp_path_factory.mktemp(name)
+        if "redundant" in recipe:
+            recipe = {**recipe, "load": skewed_load(out.parent / f"{name}.json", 8, [1, 2, 3])}
+        made[name] = (out, convert(src, out, **recipe))
+    return made
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def rank_tensors(out: Path, entry: dict) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted({info["file"] for info in entry["tensors"].values()}):
+        with safe_open(str(out / file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def hf_generate(hf, prompt: list[int]) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float()  # [L, V]
+
+
+def expected_linear(source: dict, layer: int, tp: int, r: int) -> dict[str, torch.Tensor]:
+    """Rank r's share of a linear layer, computed from the heads: key heads r*NK/tp.. with
+    their value heads. in_proj_qkvz / in_proj_ba rows are grouped per key head in the
+    checkpoint; conv1d channels are [q; k; v] over all heads (vLLM's three-part loader)."""
+    p = LIN.format(layer)
+    keys = range(r * NK // tp, (r + 1) * NK // tp)
+    values = [v for v in range(NV) if v // (NV // NK) in keys]
+    qkvz = source[p + "in_proj_qkvz.weight"].view(NK, -1, HIDDEN)
+    ba = source[p + "in_proj_ba.weight"].view(NK, -1, HIDDEN)
+    q, k, v = source[p + "conv1d.weight"].split([NK * HK, NK * HK, NV * HV])
+    channels = lambda t, heads, w: torch.cat([t[h * w : (h + 1) * w] for h in heads])  # noqa: E731
+    out = source[p + "out_proj.weight"].view(HIDDEN, NV, HV)
+    return {
+        p + "in_proj_qkvz.weight": qkvz[list(keys)].reshape(-1, HIDDEN),
+        p + "in_proj_ba.weight": ba[list(keys)].reshape(-1, HIDDEN),
+        p + "conv1d.weight": torch.cat(
+            [channels(q, keys, HK), channels(k, keys, HK), channels(v, values, HV)]
+        ),
+        p + "A_log": source[p + "A_log"][values],
+        p + "dt_bias": source[p + "dt_bias"][values],
+        p + "norm.weight": source[p + "norm.weight"],
+        p + "out_proj.weight": out[:, values].reshape(HIDDEN, -1),
+    }
+
+
+def expected_gated_q(source: dict, layer: int, tp: int, r: int) -> torch.Tensor:
+    """Rank r's q heads, each with its gate rows right after it ([q_h; gate_h] per head)."""
+    q = source[f"model.layers.{layer}.self_attn.q_proj.weight"].view(HEADS, 2 * HD, HIDDEN)
+    return q[r * HEADS // tp : (r + 1) * HEADS // tp].reshape(-1, HIDDEN)
+
+
+# --- config, world size 1 -------------------------------------------------------------------
+
+
+def test_hparams_follow_the_config_class(qwen3_next):
+    src, hf = qwen3_next
+    hp = load_hparams(src)
+    assert hp.layer_types == tuple(hf.config.layer_types)
+    assert hp.layer_types == ("linear_attention", "full_attention") * 2
+    assert (hp.moe_layers, hp.norm_topk_prob, hp.qk_norm) == ((1, 2, 3), True, True)
+    assert hp.rope_scaling == {"rope_type": "default", "partial_rotary_factor": 0.25}
+    assert (hp.linear_num_key_heads, hp.linear_values_per_key, hp.linear_value_size) == (4, 2, 96)
+
+
+def test_interval_without_layer_types_gives_the_config_class_pattern():
+    """A hub config.json (transformers 4.57) has full_attention_interval, no layer_types,
+    partial_rotary_factor at the top level; absent keys take Qwen3NextConfig's defaults."""
+    config = {"architectures": [ARCH], "hidden_size": 64, "num_hidden_layers": 8,
+              "num_attention_heads": 4, "vocab_size": 101, "full_attention_interval": 4,
+              "partial_rotary_factor": 0.25, "num_experts": 8, "num_experts_per_tok": 2}  # fmt: skip
+    hp = parse_hparams(config)
+    theirs = transformers.Qwen3NextConfig(
+        **{k: v for k, v in config.items() if k != "architectures"}
+    )
+    assert hp.layer_types == tuple(theirs.layer_types)
+    assert hp.layer_types.count("full_attention") == 2  # layers 3 and 7
+    assert (hp.head_dim, hp.linear_num_value_heads, hp.linear_key_head_dim) == (256, 32, 128)
+    assert hp.shared_expert_intermediate_size == theirs.shared_expert_intermediate_size == 512
+
+
+def test_runtime_matches_transformers_at_every_position(qwen3_next):
+    src, hf = qwen3_next
+    for prompt, got in zip(PROMPTS, forward_logits(load_source_model(src), PROMPTS), strict=True):
+        assert_close_scaled(got, hf_logits(hf, prompt), what=f"prompt len {len(prompt)}")
+
+
+def test_world_size_1_generation_is_token_exact(qwen3_next):
+    """Left-padded batch prefill (chunked rule), then one-token decode (recurrent rule)."""
+    src, hf = qwen3_next
+    results = generate_greedy(load_source_model(src), PROMPTS, NEW_TOKENS)
+    for result in results:
+        assert result.tokens == hf_generate(hf, result.prompt), result.prompt
+    assert len({t for r in results for t in r.tokens}) > 6  # greedy ids vary
+
+
+# --- each quirk switched off fails ----------------------------------------------------------
+
+
+def _worst_decode_error(src, hf) -> float:
+    """Largest logit error over the decode steps, in units of the fp32 bound."""
+    worst = 0.0
+    for result in generate_greedy(load_source_model(src), PROMPTS, NEW_TOKENS):
+        full = hf_logits(hf, result.prompt + result.tokens)[len(result.prompt) - 1 : -1]
+        diff = float((result.logits - full).abs().max())
+        worst = max(worst, diff / scaled_bound(full, MODEL_ULPS, torch.float32))
+    return worst
+
+
+def test_fixture_is_within_the_bound(qwen3_next):
+    assert _worst_decode_error(*qwen3_next) <= 1.0
+
+
+def _forget_conv_state(x, state, weight):
+    return deltanet_conv_step(x, None, weight)
+
+
+deltanet_conv_step = deltanet.conv_step
+
+
+def _forget_recurrent(q, k, v, decay, beta, state):
+    return deltanet.chunk_delta_rule(q, k, v, decay, beta, None)
+
+
+@pytest.mark.parametrize(
+    "quirk, target, replacement",
+    [
+        ("conv state reset between steps", "conv_step", _forget_conv_state),
+        ("recurrent state reset between steps", "recurrent_delta_rule", _forget_recurrent),
+        ("q's output gate dropped", "apply_output_gate", lambda out, gate: out),
+    ],
+)
+def test_each_linear_quirk_switched_off_fails(qwen3_next, monkeypatch, quirk, target, replacement):
+    module = gated_attention if target == "apply_output_gate" else deltanet
+    monkeypatch.setattr(module, target, replacement)
+    assert _worst_decode_error(*qwen3_next) > 100, quirk
+
+
+def test_shared_expert_gate_dropped_fails(qwen3_next, monkeypatch):
+    """sigmoid(gate) = 1: the shared expert added whole."""
+    original = MoEBlock.forward
+
+    class Open(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((*x.shape[:-1], 1), 1e4, dtype=x.dtype)
+
+    def ungated(self, x, token_valid=None):
+        if hasattr(self, "shared_expert_gate"):
+            self.shared_expert_gate = Open()
+        return original(self, x, token_valid)
+
+    monkeypatch.setattr(MoEBlock, "forward", ungated)
+    assert _worst_decode_error(*qwen3_next) > 100
+
+
+# --- the split, bitwise ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_each_rank_holds_whole_key_heads_bitwise(qwen3_next, outputs, layout):
+    """Read back by safetensors on both sides: every linear tensor of every rank equals the
+    source slice of its key heads (and their value heads); q_proj keeps [q_h; gate_h]."""
+    src, _ = qwen3_next
+    source = read_all(src)
+    out, manifest = outputs[layout]
+    tp = manifest["layout"]["tp"]
+    seen = set()
+    for entry in manifest["ranks"]:
+        r, ranked = entry["tp_rank"], rank_tensors(out, entry)
+        for layer in (0, 2):
+            if LIN.format(layer) + "A_log" in ranked:
+                seen.add((layer, r))
+                for name, want in expected_linear(source, layer, tp, r).items():
+                    assert ranked[name].view(torch.uint8).equal(want.view(torch.uint8)), name
+        for layer in (1, 3):
+            name = f"model.layers.{layer}.self_attn.q_proj.weight"
+            if name in ranked:
+                assert ranked[name].equal(expected_gated_q(source, layer, tp, r)), name
+    assert seen == {(layer, r) for layer in (0, 2) for r in range(tp)}
+
+
+def test_plain_rows_would_cut_conv_channels_wrong(qwen3_next):
+    """The conv1d of rank 0 at tp 2 is not its first half of rows (that is all of q and half
+    of k): the split re-cuts [q; k; v] per part."""
+    src, _ = qwen3_next
+    source = read_all(src)
+    conv = source[LIN.format(0) + "conv1d.weight"]
+    ours = expected_linear(source, 0, 2, 0)[LIN.format(0) + "conv1d.weight"]
+    assert ours.shape == conv[: conv.shape[0] // 2].shape
+    assert not ours.equal(conv[: conv.shape[0] // 2])
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_bitwise_rebuild_exports_and_maps(qwen3_next, outputs, layout):
+    src, _ = qwen3_next
+    out, manifest = outputs[layout]
+    maps = check_moe_output(src, out, manifest)
+    if "redundant" in LAYOUTS[layout]:
+        assert all(sum(p.logcnt) == 12 and max(p.logcnt) > 1 for p in maps.values())
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_plan_from_config_alone_matches_the_converted_shapes(qwen3_next, outputs, layout):
+    src, _ = qwen3_next
+    out, manifest = outputs[layout]
+    hp = load_hparams(src)
+    tensors = synthesize_tensors(hp, "F32")
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        assert {n: s for n, (_, s) in tensors.items()} == {
+            n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
+        }
+    if "redundant" in LAYOUTS[layout]:
+        return  # placement from a load file: covered by check_moe_output
+    recipe = build_recipe(**LAYOUTS[layout])
+    plan = build_plan(hp, tensors, match_tensors(hp, tensors), recipe, solve_stages(hp, recipe))
+    planned = {f.rank: {t.name: list(t.shape) for t in f.tensors} for f in plan.files}
+    for entry in manifest["ranks"]:
+        written = {name: info["shape"] for name, info in entry["tensors"].items()}
+        assert planned[entry["rank"]] == written, entry["rank"]
+
+
+# --- gloo worlds: every tier, and token-exact against transformers ---------------------------
+
+
+def test_tp2_pp2_is_token_exact_against_transformers(qwen3_next, outputs):
+    _, hf = qwen3_next
+    out, manifest = outputs["tp2pp2"]
+    assert [s["layers"] for s in manifest["layout"]["stages"]] == [[0, 1], [2, 3]]
+    results = generate_sharded(out, PROMPTS, NEW_TOKENS, device="cpu")
+    for result in results:
+        assert result.tokens == hf_generate(hf, result.prompt), result.prompt
+        full = hf_logits(hf, result.prompt + result.tokens)[len(result.prompt) - 1 : -1]
+        assert_close_scaled(result.logits, full, what=f"tp2pp2 prompt {result.prompt}")
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_verify_tier_passes_and_matches_transformers(qwen3_next, outputs, layout):
+    _, hf = qwen3_next
+    rows = assert_all_tiers_pass(outputs[layout][0], **GENERATE)
+    for row in rows:
+        assert row["sharded_ids"] == hf_generate(hf, row["prompt_ids"]), row["prompt_ids"]
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+def test_key_heads_not_divisible_by_tp_are_refused(qwen3_next):
+    src, _ = qwen3_next
+    result = CliRunner().invoke(main, ["plan", str(src), "--tp", "8"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "linear_num_key_heads=4 is not divisible by tp=8 (linear-attention layers split on "
+        "whole key heads with their value heads)" in result.output
+    )
+
+
+def test_a_linear_tensor_on_a_full_attention_layer_names_both(qwen3_next):
+    src, _ = qwen3_next
+    hp = load_hparams(src)
+    names = [*synthesize_tensors(hp), "model.layers.1.linear_attn.A_log"]
+    with pytest.raises(UnsupportedModelError) as e:
+        match_tensors(hp, names, where="ckpt")
+    assert str(e.value) == (
+        "ckpt: tensor 'model.layers.1.linear_attn.A_log' belongs to a linear-attention layer "
+        "but config.json makes layer 1 a full_attention layer (layer_types / "
+        "full_attention_interval). The config and the weights disagree."
+    )
+
+
+def test_value_heads_not_a_multiple_of_key_heads_are_refused():
+    config = {"architectures": [ARCH], "hidden_size": 64, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "vocab_size": 101, "num_experts": 8,
+              "linear_num_key_heads": 4, "linear_num_value_heads": 6}  # fmt: skip
+    with pytest.raises(CheckpointError) as e:
+        parse_hparams(config, where="cfg.json")
+    assert str(e.value).startswith(
+        "cfg.json: linear_num_value_heads=6 is not a multiple of linear_num_key_heads=4; each "
+        "key head serves a whole group of value heads."
+    )
+
+
+def test_linear_layer_types_on_another_family_are_refused():
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 101,
+              "layer_types": ["linear_attention", "full_attention"]}  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="linear_attention layers, which Llama"):
+        parse_hparams(config)
