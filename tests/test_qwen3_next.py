@@ -163,7 +163,8 @@ def test_interval_without_layer_types_gives_the_config_class_pattern():
     partial_rotary_factor at the top level; absent keys take Qwen3NextConfig's defaults."""
     config = {"architectures": [ARCH], "hidden_size": 64, "num_hidden_layers": 8,
               "num_attention_heads": 4, "vocab_size": 101, "full_attention_interval": 4,
-              "partial_rotary_factor": 0.25, "num_experts": 8, "num_experts_per_tok": 2}  # fmt: skip
+              "partial_rotary_factor": 0.25, "num_experts": 8,
+              "num_experts_per_tok": 2}  # fmt: skip
     hp = parse_hparams(config)
     theirs = transformers.Qwen3NextConfig(
         **{k: v for k, v in config.items() if k != "architectures"}
