@@ -11,6 +11,7 @@ from . import (
     gemma2,
     gemma3,
     llama,
+    minimax_m2,
     mixtral,
     phi3,
     qwen2,
@@ -36,6 +37,7 @@ FAMILIES: tuple[Family, ...] = (
     gemma2.FAMILY,
     gemma3.FAMILY,
     qwen3_next.FAMILY,
+    minimax_m2.FAMILY,
 )
 
 BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}

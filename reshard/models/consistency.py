@@ -74,6 +74,9 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
         bias = leaf.endswith(".bias")
         shape = mla_shapes(hp)[leaf.removesuffix(".bias") + ".weight" if bias else leaf]
         return shape[:1] if bias else shape
+    if leaf.endswith(".e_score_correction_bias"):  # MiniMax-M2: on the MoE block
+        return (experts,)
+    span = family_of(hp).features.qk_norm_over_heads  # q/k norms over all heads
     if leaf.endswith(".bias"):
         return labelled_shape(hp, name.removesuffix(".bias") + ".weight")[:1]
     table = {
@@ -82,8 +85,8 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
         "v_proj.weight": (kv, hidden),
         "o_proj.weight": (hidden, q),
         "qkv_proj.weight": ((f"{q[0]} + 2 x {kv[0]}", hp.q_size + 2 * hp.kv_size), hidden),
-        "q_norm.weight": ((head_dim, hp.head_dim),),
-        "k_norm.weight": ((head_dim, hp.head_dim),),
+        "q_norm.weight": (q,) if span else ((head_dim, hp.head_dim),),
+        "k_norm.weight": (kv,) if span else ((head_dim, hp.head_dim),),
         "gate.weight": (experts, hidden),
         "shared_expert_gate.weight": (("1", 1), hidden),
     }

@@ -85,6 +85,12 @@ class Features:
     # Qwen3-Next: q_proj holds [q_h; gate_h] per head (2 x head_dim rows each); the attention
     # output is multiplied by sigmoid(gate) before o_proj.
     attention_output_gate: bool = False
+    # MiniMax-M2: q_norm / k_norm span all heads of the projection ([heads x head_dim]), so a
+    # TP rank normalises its heads by the mean of squares averaged over the TP group.
+    qk_norm_over_heads: bool = False
+    # Where a sigmoid router's selection bias sits, under the MoE block: DeepSeek-V3 keeps it
+    # in the gate, MiniMax-M2 on the block itself ("e_score_correction_bias").
+    correction_bias: str = "gate.e_score_correction_bias"
 
     @property
     def moe_block(self) -> str:

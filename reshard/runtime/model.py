@@ -24,6 +24,7 @@ from .gated_attention import GatedAttention
 from .layers import MLP, Attention, LMHead, Tensors, VocabEmbedding, make_norm
 from .mla import MLAttention
 from .moe import ExpertMap, MoEBlock, build_expert_map
+from .qk_norm import SpanNormAttention
 from .rope import compute_inv_freq, compute_sliding_inv_freq, rope_cos_sin
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -85,6 +86,8 @@ class DecoderLayer(nn.Module):
 def _attention(hp: HParams, features) -> type[nn.Module]:
     if features.attention_output_gate:
         return GatedAttention
+    if features.qk_norm_over_heads:
+        return SpanNormAttention
     if features.fused_qkv:
         return FusedAttention
     return MLAttention if hp.is_mla else Attention
