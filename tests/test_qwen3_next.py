@@ -57,11 +57,14 @@ def calm_decay(src: Path) -> None:
     """A_log drawn from log U(0.01, 1) instead of transformers' log U(0.01, 16): with this
     init scale the largest rates decay the state by ~e^-80 a token, leaving outputs at
     rounding noise that the gated norm scales back up (sharded vs unsharded then differs by
-    ~1e-3 on logits of 14). Trained decay rates are far smaller."""
+    ~1e-3 on logits of 14). Trained decay rates are far smaller. Norm weights random
+    (transformers starts them at 0 or 1), so a wrongly placed one changes the numbers."""
     tensors = load_file(src / "model.safetensors")
     rng = torch.Generator().manual_seed(1)
     for name in [n for n in tensors if n.endswith(".A_log")]:
         tensors[name] = torch.empty(NV).uniform_(0.01, 1.0, generator=rng).log()
+    for name in [n for n in tensors if n.endswith("norm.weight")]:  # not all 0 / 1
+        tensors[name] = 0.5 * torch.randn(tensors[name].shape, generator=rng)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
 
 
