@@ -27,7 +27,6 @@ from reshard.models.shapes import synthesize_tensors  # noqa: E402
 from reshard.runtime import qk_norm  # noqa: E402
 from reshard.runtime.dist import Comm  # noqa: E402
 from reshard.runtime.generate import forward_logits, generate_greedy  # noqa: E402
-from reshard.runtime.launch import generate_sharded  # noqa: E402
 from reshard.runtime.load import load_source_model  # noqa: E402
 from reshard.runtime.moe import MoEBlock  # noqa: E402
 
@@ -244,17 +243,10 @@ def test_bitwise_rebuild_exports_and_maps(minimax, outputs, layout):
         assert all(sum(p.logcnt) == 12 and max(p.logcnt) > 1 for p in maps.values())
 
 
-def test_tp2_pp2_is_token_exact_against_transformers(minimax, outputs):
-    _, hf = minimax
-    results = generate_sharded(outputs["tp2pp2"][0], PROMPTS, NEW_TOKENS, device="cpu")
-    for result in results:
-        assert result.tokens == hf_generate(hf, result.prompt), result.prompt
-        full = hf_logits(hf, result.prompt + result.tokens)[len(result.prompt) - 1 : -1]
-        assert_close_scaled(result.logits, full, what=f"tp2pp2 prompt {result.prompt}")
-
-
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_verify_tier_passes_and_matches_transformers(minimax, outputs, layout):
+    """One gloo world each: sharded greedy ids equal the unsharded runtime's (logits within
+    verify's fp32 bound) and transformers' own generate."""
     _, hf = minimax
     rows = assert_all_tiers_pass(outputs[layout][0], **GENERATE)
     for row in rows:
