@@ -8,6 +8,7 @@ expert gate dropped) moves the logits far past the fp32 bound.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -345,6 +346,27 @@ def test_every_verify_tier_passes_and_matches_transformers(qwen3_next, outputs, 
     rows = assert_all_tiers_pass(out, **GENERATE)
     for row in rows:
         assert row["sharded_ids"] == hf_generate(hf, row["prompt_ids"]), row["prompt_ids"]
+
+
+def test_mtp_module_is_skipped_with_a_notice(qwen3_next, tmp_path):
+    """The released checkpoints' `mtp.*` tensors (transformers ignores them): not written,
+    listed as dropped, named in convert's summary."""
+    from reshard.cli.report import format_convert_summary
+    from reshard.convert import convert_model
+
+    src, _ = qwen3_next
+    copy = tmp_path / "src"
+    copy.mkdir()
+    tensors = load_file(src / "model.safetensors")
+    mtp = {"mtp.fc.weight": torch.ones(HIDDEN, 2 * HIDDEN), "mtp.norm.weight": torch.ones(HIDDEN)}
+    save_file({**tensors, **mtp}, copy / "model.safetensors", metadata={"format": "pt"})
+    (copy / "config.json").write_text((src / "config.json").read_text())
+    result = convert_model(str(copy), tmp_path / "out", build_recipe(tp=2))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert sorted(manifest["dropped"]) == sorted(mtp)
+    assert "skipped the multi-token-prediction layer (2 tensors of layer 4)" in (
+        format_convert_summary(result)
+    )
 
 
 # --- refusals --------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
         "sliding_window": None,  # Qwen3NextConfig has no window
         "rope_scaling": read_partial_rotary(config, where, fields["rope_scaling"], 0.25),
         "layer_types": read_hybrid_layers(config, where, layers),
+        # The released checkpoints carry one multi-token-prediction layer under `mtp.`;
+        # transformers ignores it, convert skips it (--keep-mtp writes it).
+        "num_mtp_layers": 1,
     }
 
 

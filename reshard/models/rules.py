@@ -77,6 +77,8 @@ def is_mtp_name(hp: HParams, name: str) -> bool:
 
 
 def _mtp_layer(hp: HParams, name: str) -> int | None:
+    if hp.num_mtp_layers and name.startswith("mtp."):  # Qwen3-Next's own `mtp.` module
+        return hp.num_layers
     m = _LAYER_INDEX.match(name)
     layer = int(m.group(1)) if m else -1
     mtp = hp.num_layers <= layer < hp.num_layers + hp.num_mtp_layers
