@@ -7,6 +7,7 @@ TP statistic not averaged, the selection bias ignored) fail.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,12 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
 from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load  # noqa: E402
 from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E402
 
+from reshard.cli import main  # noqa: E402
 from reshard.errors import UnsupportedModelError  # noqa: E402
 from reshard.models.hparams import load_hparams, parse_hparams  # noqa: E402
 from reshard.models.shapes import synthesize_tensors  # noqa: E402
@@ -251,3 +254,44 @@ def test_every_verify_tier_passes_and_matches_transformers(minimax, outputs, lay
     rows = assert_all_tiers_pass(outputs[layout][0], **GENERATE)
     for row in rows:
         assert row["sharded_ids"] == hf_generate(hf, row["prompt_ids"]), row["prompt_ids"]
+
+
+# --- plan on the released config (examples/configs) -----------------------------------------
+
+EXAMPLE = Path(__file__).parent.parent / "examples/configs/minimax-m2"
+
+
+def test_example_weights_in_their_stored_dtypes():
+    """MiniMax-M2 as released: every attention and expert matrix FP8 (1 byte) with an F32
+    scale per 128 x 128 block; embeddings, lm_head, norms, routers and biases BF16."""
+    from reshard.layout.memory.model import kv_bytes_per_token
+
+    hp = load_hparams(EXAMPLE)
+    h, v, layers, experts = 3072, 200064, 62, 256
+    blocks = lambda rows, cols: -(-rows // 128) * -(-cols // 128)  # noqa: E731
+    matrices = [(6144, h), (1024, h), (1024, h), (h, 6144)] + [(1536, h), (1536, h), (h, 1536)] * (
+        experts
+    )
+    fp8 = sum(r * c + 4 * blocks(r, c) for r, c in matrices)
+    bf16 = 2 * (6144 + 1024 + 2 * h + experts * h + experts)  # norms, router, bias
+    total = 2 * 2 * v * h + 2 * h + layers * (fp8 + bf16)
+    written = sum(
+        {"F8_E4M3": 1, "F32": 4, "BF16": 2}[dtype] * math.prod(shape)
+        for dtype, shape in synthesize_tensors(hp).values()
+    )
+    assert written == total == 230_024_081_408  # 229B parameters
+    assert kv_bytes_per_token(hp, range(layers), 1, 2) == layers * 8 * 128 * 2 * 2
+
+
+def test_example_tp8_needs_ep_for_whole_fp8_blocks():
+    result = CliRunner().invoke(main, ["plan", str(EXAMPLE), "--tp", "8"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' (and w3 alike) would "
+        "hold 192 of its 1536 rows per rank (split 8 ways), not a multiple of the fp8_block "
+        "block size 128; with tp=8 these fit: --ep 2 (expert tp 4), --ep 4 (expert tp 2), "
+        "--ep 8 (expert tp 1)" in result.output
+    )
+    result = CliRunner().invoke(main, ["plan", str(EXAMPLE), "--tp", "8", "--ep", "8"])
+    assert result.exit_code == 0, result.output
+    assert "230.71 GB written in all" in result.output

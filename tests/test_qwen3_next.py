@@ -9,6 +9,7 @@ expert gate dropped) moves the logits far past the fp32 bound.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,42 @@ def test_linear_layer_types_on_another_family_are_refused():
               "layer_types": ["linear_attention", "full_attention"]}  # fmt: skip
     with pytest.raises(UnsupportedModelError, match="linear_attention layers, which Llama"):
         parse_hparams(config)
+
+
+# --- plan on the released config (examples/configs) -----------------------------------------
+
+EXAMPLE = Path(__file__).parent.parent / "examples/configs/qwen3-next-80b-a3b"
+
+
+def test_example_weights_count_every_released_tensor():
+    """Qwen3-Next-80B-A3B in bf16, counted by hand from its config (MTP module excluded):
+    12 gated-attention and 36 DeltaNet layers, 512 experts + a gated shared expert each."""
+    hp = load_hparams(EXAMPLE)
+    h, v = 2048, 151936
+    attention = 2 * 16 * 256 * h + 2 * 2 * 256 * h + h * 16 * 256 + 2 * 256
+    linear = (2 * 2048 + 2 * 4096) * h + 64 * h + 8192 * 4 + 2 * 32 + 128 + h * 4096
+    moe = 512 * h + 512 * 3 * 512 * h + 3 * 512 * h + h
+    params = 2 * v * h + h + 12 * attention + 36 * linear + 48 * (moe + 2 * h)
+    written = sum(2 * math.prod(shape) for _, shape in synthesize_tensors(hp).values())
+    assert written == 2 * params == 159_348_782_592  # 79.7B (+ 1.65B MTP = 81.3B)
+
+
+def test_example_kv_per_token_and_state_per_sequence_as_vllm():
+    """vLLM 0.32: 12 attention layers cache K and V of their kv heads (2 < tp 8: one each);
+    36 DeltaNet layers hold conv (2 x 2048 + 4096)/tp x 3 and recurrent 32/tp x 128 x 128
+    elements per sequence (gated_delta_net_state_shape), bf16."""
+    from reshard.layout.memory.model import kv_bytes_per_token, state_bytes_per_sequence
+
+    hp = load_hparams(EXAMPLE)
+    layers = range(hp.num_layers)
+    assert kv_bytes_per_token(hp, layers, 1, 2) == 12 * 2 * 256 * 2 * 2
+    assert kv_bytes_per_token(hp, layers, 8, 2) == 12 * 1 * 256 * 2 * 2
+    for tp in (1, 2, 4, 8):
+        state = (8192 // tp) * 3 + (32 // tp) * 128 * 128
+        assert state_bytes_per_sequence(hp, layers, tp, 2) == 36 * state * 2
+    result = CliRunner().invoke(main, ["plan", str(EXAMPLE), "--tp", "8", "--gpu", "H100"])
+    assert result.exit_code == 0, result.output
+    assert "160.21 GB written in all" in result.output
+    assert f"{8 * 12 * 256 * 2 * 2:,} B a token over all ranks" in result.output
+    state = 8 * 36 * 2 * (1024 * 3 + 4 * 128 * 128)
+    assert f"a fixed state of {state:,} B per sequence over all ranks" in result.output
