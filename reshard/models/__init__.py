@@ -17,6 +17,7 @@ from . import (
     qwen2,
     qwen2_moe,
     qwen3,
+    qwen3_5_moe,
     qwen3_moe,
     qwen3_next,
 )
@@ -38,6 +39,7 @@ FAMILIES: tuple[Family, ...] = (
     gemma3.FAMILY,
     qwen3_next.FAMILY,
     minimax_m2.FAMILY,
+    qwen3_5_moe.FAMILY,
 )
 
 BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}

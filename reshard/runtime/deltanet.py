@@ -23,6 +23,11 @@ from .dist import Comm
 from .layers import Tensors, get_activation, linear_like, row_parallel
 
 CHUNK = 64  # transformers' chunk size for the prompt
+# The input projections: grouped per key head (Qwen3-Next) or apart (Qwen3.5).
+INPUTS = {
+    True: ("in_proj_qkvz", "in_proj_ba"),
+    False: ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+}
 
 
 class GatedRMSNorm(nn.Module):
@@ -44,12 +49,14 @@ class GatedRMSNorm(nn.Module):
 
 class GatedDeltaNet(nn.Module):
     """in_proj_qkvz / in_proj_ba rows come grouped per key head ([q; k; v; z] and [b; a] of
-    each group); conv1d channels are [q; k; v] of this rank's heads."""
+    each group), or in_proj_qkv [q; k; v], in_proj_z, _b, _a apart; conv1d channels are
+    [q; k; v] of this rank's heads."""
 
     def __init__(self, hp: HParams, layer: int, tensors: Tensors, prefix: str, comm: Comm):
         super().__init__()
-        self.in_proj_qkvz = linear_like(tensors, f"{prefix}in_proj_qkvz")
-        self.in_proj_ba = linear_like(tensors, f"{prefix}in_proj_ba")
+        self.grouped = f"{prefix}in_proj_qkvz.weight" in tensors  # else Qwen3.5's apart
+        for name in INPUTS[self.grouped]:
+            setattr(self, name, linear_like(tensors, prefix + name))
         conv = tensors[f"{prefix}conv1d.weight"].shape  # [C_l, 1, K]
         self.conv1d = nn.Conv1d(
             conv[0], conv[0], conv[2], groups=conv[0], bias=False, device="meta"
@@ -65,23 +72,26 @@ class GatedDeltaNet(nn.Module):
             hp.linear_key_head_dim,
             hp.linear_value_head_dim,
         )
-        self.key_heads = self.in_proj_ba.out_features // (2 * self.per_key)
+        self.key_heads = heads[0] // self.per_key  # A_log: one per value head
         self.value_heads = self.key_heads * self.per_key
-        self._check(prefix, heads[0], conv[0])
+        self._check(prefix, conv[0])
 
-    def _check(self, prefix: str, a_heads: int, channels: int) -> None:
+    def _check(self, prefix: str, channels: int) -> None:
         nk, nv, hk, hv = self.key_heads, self.value_heads, self.hk, self.hv
-        expected = {
-            "in_proj_qkvz.weight rows": (self.in_proj_qkvz.out_features, 2 * nk * hk + 2 * nv * hv),
+        rows = {name: getattr(self, name).out_features for name in INPUTS[self.grouped]}
+        wanted = {"in_proj_qkvz": 2 * nk * hk + 2 * nv * hv, "in_proj_ba": 2 * nv,
+                  "in_proj_qkv": 2 * nk * hk + nv * hv, "in_proj_z": nv * hv,
+                  "in_proj_b": nv, "in_proj_a": nv}  # fmt: skip
+        expected = {f"{name}.weight rows": (got, wanted[name]) for name, got in rows.items()}
+        expected |= {
             "conv1d.weight channels": (channels, 2 * nk * hk + nv * hv),
-            "A_log heads": (a_heads, nv),
             "out_proj.weight columns": (self.out_proj.in_features, nv * hv),
-        }  # fmt: skip
+        }
         for what, (got, want) in expected.items():
             if got != want:
                 raise CheckpointError(
                     f"tensor {prefix}{what.split()[0]}: {what.split()[1]} {got}, but "
-                    f"in_proj_ba's {nk} key heads (of {self.per_key} value heads each) need "
+                    f"A_log's {nv} value heads ({nk} key heads of {self.per_key} each) need "
                     f"{want}. Re-convert the checkpoint."
                 )
 
@@ -108,7 +118,11 @@ class GatedDeltaNet(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, S, H] -> q, k [B, S, nk*hk], v, z [B, S, nv*hv], b, a [B, S, nv]: the
-        grouped rows of each key head regrouped by kind."""
+        grouped rows of each key head regrouped by kind (or read apart, Qwen3.5)."""
+        if not self.grouped:
+            keys = self.key_heads * self.hk
+            q, k, v = self.in_proj_qkv(x).split([keys, keys, self.value_heads * self.hv], -1)
+            return q, k, v, self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         batch, seq, _ = x.shape
         r, hk, hv = self.per_key, self.hk, self.hv
         qkvz = self.in_proj_qkvz(x).view(batch, seq, self.key_heads, -1)  # [B, S, nk, group]
