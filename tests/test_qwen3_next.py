@@ -466,3 +466,48 @@ def test_example_kv_per_token_and_state_per_sequence_as_vllm():
     assert f"{8 * 12 * 256 * 2 * 2:,} B a token over all ranks" in result.output
     state = 8 * 36 * 2 * (1024 * 3 + 4 * 128 * 128)
     assert f"a fixed state of {state:,} B per sequence over all ranks" in result.output
+
+
+def _config() -> dict:
+    config = transformers.Qwen3NextConfig(
+        hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=HEADS,
+        num_key_value_heads=KV, vocab_size=101, **{k: v for k, v in CONFIG.items()
+                                                   if k.startswith(("linear_", "head_dim"))},
+        full_attention_interval=2, num_experts=8, num_experts_per_tok=2,
+    ).to_dict()  # fmt: skip
+    return {**config, "architectures": [ARCH]}
+
+
+def test_linear_tensor_that_disagrees_with_the_config_names_the_keys():
+    from reshard.models.consistency import check_tensors_against_config
+
+    hp = parse_hparams(_config())
+    tensors = synthesize_tensors(hp, "F32")
+    name = LIN.format(0) + "in_proj_qkvz.weight"
+    tensors[name] = ("F32", (200, HIDDEN))
+    with pytest.raises(CheckpointError) as e:
+        check_tensors_against_config(
+            hp, tensors, match_tensors(hp, tensors), cast="keep",
+            files=dict.fromkeys(tensors, "x.safetensors"), config="config.json",
+        )  # fmt: skip
+    assert str(e.value).startswith(
+        f"x.safetensors: tensor '{name}' has 200 in dim 0 (shape [200, 64]), but config.json "
+        "says 2 x linear_num_key_heads=4 x linear_key_head_dim=8 + 2 x "
+        "linear_num_value_heads=8 x linear_value_head_dim=12, which implies 256."
+    )
+
+
+def test_runtime_refuses_linear_shards_that_do_not_fit_together():
+    """A rank file whose out_proj was cut for other heads than its A_log: named, with the
+    numbers, before anything runs."""
+    from reshard.runtime.model import build_model
+
+    hp = parse_hparams(_config())
+    tensors = {n: torch.zeros(s) for n, (_, s) in synthesize_tensors(hp, "F32").items()}
+    tensors[LIN.format(0) + "out_proj.weight"] = torch.zeros(HIDDEN, 48)
+    with pytest.raises(CheckpointError) as e:
+        build_model(hp, tensors)
+    assert str(e.value) == (
+        f"tensor {LIN.format(0)}out_proj.weight: columns 48, but A_log's 8 value heads (4 key "
+        "heads of 2 each) need 96. Re-convert the checkpoint."
+    )
