@@ -460,11 +460,11 @@ def test_example_kv_per_token_and_state_per_sequence_as_vllm():
     for tp in (1, 2, 4, 8):
         state = (8192 // tp) * 3 + (32 // tp) * 128 * 128
         assert state_bytes_per_sequence(hp, layers, tp, 2) == 36 * state * 2
-    result = CliRunner().invoke(main, ["plan", str(EXAMPLE), "--tp", "8", "--gpu", "H100"])
+    result = CliRunner().invoke(main, ["plan", str(EXAMPLE), "--gpu", "B200"])  # tp 1: quick
     assert result.exit_code == 0, result.output
-    assert "160.21 GB written in all" in result.output
-    assert f"{8 * 12 * 256 * 2 * 2:,} B a token over all ranks" in result.output
-    state = 8 * 36 * 2 * (1024 * 3 + 4 * 128 * 128)
+    assert "159.35 GB written in all" in result.output
+    assert f"{12 * 2 * 256 * 2 * 2:,} B a token over all ranks" in result.output
+    state = 36 * 2 * (8192 * 3 + 32 * 128 * 128)  # 39.5 MB, the same summed over any tp
     assert f"a fixed state of {state:,} B per sequence over all ranks" in result.output
 
 
