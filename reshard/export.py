@@ -2,27 +2,29 @@
 
 Every tensor of the original gets its name, shape and bytes back (padding rows dropped,
 replicas read once, a tied lm_head absent as in the original), in the original's order, in
-`model-0000X-of-0000N.safetensors` files of at most --max-shard-size. Streaming: one row
-block at a time; shards are `.partial` until every rank-file hash has checked out, and the
-index is written last. Quantized outputs are not handled (no quantized layouts exist yet).
+`model-0000X-of-0000N.safetensors` files of at most --max-shard-size. On convert's byte path
+(io/writer.write_files): each original tensor is one target whose pieces are re-aimed at the
+rank-file tensors holding them; no torch. Shards are `.partial` until every rank-file hash has
+checked out, and the index is written last. Quantized outputs are not handled (no quantized
+layouts exist yet).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
 from .io.commit import hold_interrupts
-from .io.headers import TensorInfo, encode_header
+from .io.headers import TensorInfo
 from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, check_unfinished, claim_folder, lock_out_dir
-from .io.output_source import CHUNK_BYTES, open_output_source
+from .io.output_jobs import whole_piece
+from .io.output_source import open_output_source
 from .io.source import INDEX, Source
-from .io.tensor_bytes import reused_buffer, tensor_bytes
-from .io.writer import fsync_dir, io_error, partial_path, write_atomic
+from .io.writer import FileSpec, write_atomic, write_files
+from .layout.tensors import OutTensor
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default
 
@@ -56,7 +58,12 @@ def shard_name(i: int, n: int) -> str:
 
 
 def export_output(
-    out_dir: Path, hf_dir: Path, *, max_shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False
+    out_dir: Path,
+    hf_dir: Path,
+    *,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    workers: int | None = None,
 ) -> ExportResult:
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
@@ -67,7 +74,7 @@ def export_output(
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     with lock_out_dir(hf_dir):  # like convert: one writer, and only its own files go
         claim_folder(hf_dir, _export_record(names, source), force=force)
-        _write_checkpoint(source, hf_dir, names, shards)
+        _write_checkpoint(source, hf_dir, names, shards, workers)
     return ExportResult(
         hf_dir, tuple(names), len(infos), sum(i.nbytes for i in infos),
         time.perf_counter() - start, _cast_tensors(source, infos),
@@ -80,14 +87,14 @@ def _export_record(names: list[str], source: Source) -> dict:
     return {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "files": sorted(owned)}
 
 
-def _write_checkpoint(source: Source, hf_dir: Path, names: list[str], shards) -> None:
-    alloc = reused_buffer()  # one block at a time: written before the next is read
-    for name, shard in zip(names, shards, strict=True):
-        _write_shard(source, hf_dir / name, shard, alloc)
-    source.reader.check_hashes()  # before anything is committed
-    for name in names:
-        _call(os.replace, partial_path(hf_dir / name), hf_dir / name, path=hf_dir / name)
-    fsync_dir(hf_dir)
+def _write_checkpoint(source: Source, hf_dir: Path, names: list[str], shards, workers) -> None:
+    """The shards in one pass (renamed only once every rank-file hash checked out), then the
+    side files, then the index."""
+    specs = [
+        FileSpec(name, tuple(_whole_tensor(i) for i in shard), {"format": "pt"})
+        for name, shard in zip(names, shards, strict=True)
+    ]
+    write_files(specs, source, hf_dir, workers=workers)  # renames, then fsyncs the folder
     for side in source.side_files():
         write_atomic(hf_dir / side.name, side.read_bytes())
     with hold_interrupts(hf_dir):  # the index is the commit: Ctrl-C now says it happened
@@ -117,27 +124,10 @@ def _check_hf_dir(hf_dir: Path, source: Source, *, force: bool) -> None:
     check_unfinished(hf_dir, force=force)  # a reshard output or a checkpoint: --force only
 
 
-def _write_shard(source: Source, path: Path, shard: list[TensorInfo], alloc) -> None:
-    entries = [(i.name, i.dtype, i.shape) for i in shard]
-    header, offsets = encode_header(entries, {"format": "pt"})
-    tmp = partial_path(path)
-    fd = _call(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, path=tmp)
-    try:
-        _pwrite(fd, memoryview(header), 0, tmp)
-        # Full size up front: on ext4, extending writes cost ~10x writes into a sized file.
-        _call(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
-        for info, (begin, _) in zip(shard, offsets, strict=True):
-            _write_tensor(source, fd, tmp, info, len(header) + begin, alloc)
-        _call(os.fsync, fd, path=tmp)
-    finally:
-        os.close(fd)
-
-
-def _write_tensor(source: Source, fd: int, path: Path, info: TensorInfo, offset: int, alloc):
-    """Whole rows of the original are contiguous bytes: one pwrite per row block."""
-    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-    for a, _, rows in source.reader.iter_rows(info.name, info, CHUNK_BYTES, alloc=alloc):
-        _pwrite(fd, tensor_bytes(rows.contiguous()), offset + a * row_bytes, path)
+def _whole_tensor(info: TensorInfo) -> OutTensor:
+    """An original tensor, whole, as the writer's target: its one piece is all of it."""
+    piece = whole_piece(info.name, info.shape)
+    return OutTensor(info.name, info.dtype, info.dtype, info.shape, (piece,), 0)
 
 
 def _index_json(names: list[str], shards: list[list[TensorInfo]]) -> bytes:
@@ -145,17 +135,3 @@ def _index_json(names: list[str], shards: list[list[TensorInfo]]) -> bytes:
     total = sum(i.nbytes for shard in shards for i in shard)
     doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def _pwrite(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    data = data.cast("B")
-    while len(data):
-        n = _call(os.pwrite, fd, data, offset, path=path)
-        data, offset = data[n:], offset + n
-
-
-def _call(fn, *args, path: Path):
-    try:
-        return fn(*args)
-    except OSError as e:
-        raise io_error(e, path) from None

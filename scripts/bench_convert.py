@@ -8,7 +8,9 @@ on disk: cp is followed by sync (system-wide, the issue's baseline) or by `sync 
 of the copy's files only: on a shared machine a plain sync also flushes what others wrote),
 reshard fsyncs its files, the naive converter calls os.sync(). Reports medians, the ratio to
 the median of cp -r + sync from the same run, and the 1-minute load average, since on a
-shared machine that is what the figures move with.
+shared machine that is what the figures move with. The account of what remains: CPU seconds
+per GB (user and system, from the children's rusage, medians) and, from one extra untimed run
+of each under `strace -c -f` (when strace is installed), system calls per GB by kind.
 
     python scripts/bench_convert.py [--gb 1 --gb 4] [--repeats 5] [--workers 1 --workers 2]
 """
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -126,20 +129,53 @@ def build_checkpoint(path: Path, gb: float) -> int:
     return total
 
 
-def run_once(cmd: list[str], out: Path) -> tuple[float, int | None]:
-    """Seconds for the whole process and its peak RSS in KiB (None for cp)."""
+def run_once(cmd: list[str], out: Path) -> tuple[float, int | None, float, float]:
+    """Seconds for the whole process, its peak RSS in KiB (None for cp), and the user and
+    system CPU seconds of it and its children (the final sync's included, as cp's is)."""
     subprocess.run(["sync"], check=True)  # start from no dirty pages, ours or others'
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"benchmark command failed ({done.returncode}): {cmd}\n{done.stderr}")
     shutil.rmtree(out)
     peak = done.stderr.split("PEAK_RSS_KB")[1].split()[0] if "PEAK_RSS_KB" in done.stderr else None
-    return seconds, int(peak) if peak else None
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return seconds, int(peak) if peak else None, user, system
 
 
-def contenders(src: Path, work: Path, workers: list[int]) -> dict[str, tuple[list[str], Path]]:
+def count_syscalls(cmd: list[str], out: Path, work: Path) -> dict[str, int]:
+    """{syscall: calls} of one run under `strace -c -f` (every thread and child)."""
+    report = work / "strace.txt"
+    subprocess.run(["strace", "-f", "-c", "-o", str(report), *cmd], check=True,
+                   capture_output=True)  # fmt: skip
+    shutil.rmtree(out)
+    calls = {}
+    for line in report.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3])
+    return calls
+
+
+def print_account(total: int, results: dict[str, list], syscalls: dict[str, dict]) -> None:
+    gb = total / 1e9
+    print("CPU per GB (medians of user / system seconds; cp's figure includes its sync):")
+    for name, runs in results.items():
+        user = statistics.median(r[2] for r in runs) / gb
+        system = statistics.median(r[3] for r in runs) / gb
+        print(f"  {name:<24} user {user:5.2f} s/GB  system {system:5.2f} s/GB")
+    for name, calls in syscalls.items():
+        top = sorted(calls.items(), key=lambda kv: -kv[1])[:6]
+        kinds = ", ".join(f"{k} {v / gb:.0f}" for k, v in top)
+        print(f"  syscalls per GB, {name}: {sum(calls.values()) / gb:.0f} ({kinds})")
+
+
+def contenders(
+    src: Path, work: Path, workers: list[int], naive: bool = True
+) -> dict[str, tuple[list[str], Path]]:
     py = sys.executable
     out = work / "out"
     copy = f"cp -r '{src}' '{out}'"
@@ -151,13 +187,15 @@ def contenders(src: Path, work: Path, workers: list[int]) -> dict[str, tuple[lis
     for w in workers:
         cmd = [py, "-c", RESHARD, "convert", str(src), "--tp", "4", "-o", str(out)]
         runs[f"reshard --workers {w}"] = ([*cmd, "--quiet", "--workers", str(w)], out)
-    runs["naive load+slice+save"] = ([py, "-c", NAIVE, str(src), str(out), "4"], out)
+    if naive:
+        runs["naive load+slice+save"] = ([py, "-c", NAIVE, str(src), str(out), "4"], out)
     return runs
 
 
-def bench(src: Path, work: Path, workers: list[int], repeats: int, loads: list[float]):
-    """{contender: [(seconds, peak KiB)]}; `loads` gets the load average before each run."""
-    runs = contenders(src, work, workers)
+def bench(src: Path, work: Path, workers: list[int], repeats: int, loads: list[float], naive):
+    """{contender: [(seconds, peak KiB, user s, system s)]}; `loads` gets the load average
+    before each run."""
+    runs = contenders(src, work, workers, naive)
     names = list(runs)
     results: dict[str, list] = {n: [] for n in names}
     for r in range(repeats):
@@ -178,7 +216,7 @@ def cpu_name() -> str:
 
 
 def print_table(gb: float, total: int, results: dict[str, list], loads: list[float]) -> None:
-    cp = statistics.median(s for s, _ in results["cp -r + sync"])
+    cp = statistics.median(r[0] for r in results["cp -r + sync"])
     print(
         f"\n{total / 1e9:.2f} GB ({gb:g} GB asked), {len(next(iter(results.values())))} rounds, "
         f"1-min load average {min(loads):.1f}-{max(loads):.1f} (median "
@@ -186,10 +224,10 @@ def print_table(gb: float, total: int, results: dict[str, list], loads: list[flo
     )
     print(f"{'what':<24} {'median_s':>9} {'min_s':>7} {'x cp':>6} {'peak_RSS_MiB':>13}")
     for name, runs in results.items():
-        med = statistics.median(s for s, _ in runs)
-        peaks = [p for _, p in runs if p is not None]
+        med = statistics.median(r[0] for r in runs)
+        peaks = [r[1] for r in runs if r[1] is not None]
         rss = f"{max(peaks) / 1024:.0f}" if peaks else "-"
-        print(f"{name:<24} {med:9.2f} {min(s for s, _ in runs):7.2f} {med / cp:6.2f} {rss:>13}")
+        print(f"{name:<24} {med:9.2f} {min(r[0] for r in runs):7.2f} {med / cp:6.2f} {rss:>13}")
 
 
 def main() -> None:
@@ -198,6 +236,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, action="append", help="default: 1, 2, cores")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/reshard-bench"))
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive converter")
     args = ap.parse_args()
     sizes = args.gb or [1.0, 4.0]
     workers = sorted(set(args.workers or [1, 2, os.cpu_count() or 1]))
@@ -210,8 +249,14 @@ def main() -> None:
             src = args.workdir / f"src-{gb:g}"
             total = build_checkpoint(src, gb)
             loads: list[float] = []
-            results = bench(src, args.workdir, workers, args.repeats, loads)
+            results = bench(src, args.workdir, workers, args.repeats, loads, not args.no_naive)
             print_table(gb, total, results, loads)
+            syscalls = {}
+            if shutil.which("strace"):
+                runs = contenders(src, args.workdir, workers)
+                for name in ("cp -r + sync", f"reshard --workers {workers[-1]}"):
+                    syscalls[name] = count_syscalls(*runs[name], args.workdir)
+            print_account(total, results, syscalls)
             shutil.rmtree(src)
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Benchmark: `reshard export` and a re-layout from a reshard output, against `reshard convert`
 from the HF checkpoint, on the Llama-shaped bf16 checkpoint of bench_convert.py.
 
-Interleaved repeats of four whole processes, medians, ratios against convert in the same run,
-and the peak RSS (VmHWM) of each:
+Interleaved repeats of four whole processes (the order rotates from round to round), medians,
+ratios against convert in the same run, and the peak RSS (VmHWM) of each:
   convert  HF -> tp 4            (the baseline; its output is the source of the next two)
   export   tp 4 -> HF            (`reshard export`)
   relayout tp 4 -> tp 2          (`reshard convert OUT --tp 2`)
@@ -62,8 +62,12 @@ def bench(src: Path, work: Path, repeats: int) -> dict[str, tuple[float, float]]
     }
     times: dict[str, list[float]] = {k: [] for k in steps}
     rss: dict[str, list[int]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for name, args in steps.items():
+    names = list(steps)
+    for r in range(repeats):
+        # the tp 4 output feeds export and re-layout: convert tp4 stays first in every round
+        rest = names[1:]
+        for name in [names[0], *rest[r % 3 :], *rest[: r % 3]]:
+            args = steps[name]
             seconds, peak = run(args)
             times[name].append(seconds)
             rss[name].append(peak)
@@ -84,10 +88,14 @@ def main() -> None:
     results = bench(src, args.workdir, args.repeats)
     base = results["convert HF -> tp4"][0]
     print(f"checkpoint {total / 1e9:.2f} GB bf16; medians of {args.repeats} interleaved runs,")
-    print("whole processes (python + torch import included), bytes fsynced; ratio vs convert tp4")
-    print("step                  seconds  ratio  peak_RSS_MiB")
+    print("whole processes (interpreter start to exit), bytes fsynced; x tp4 / x tp2: ratio to")
+    print("convert HF -> tp4 / HF -> tp2 (the convert writing the same files as the re-layout)")
+    print("step                  seconds  x tp4  x tp2  peak_RSS_MiB")
+    tp2 = results["convert HF -> tp2"][0]
     for name, (seconds, peak) in results.items():
-        print(f"{name:20s}  {seconds:7.2f}  {seconds / base:5.2f}  {peak:12.0f}")
+        print(
+            f"{name:20s}  {seconds:7.2f}  {seconds / base:5.2f}  {seconds / tp2:5.2f}  {peak:12.0f}"
+        )
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 

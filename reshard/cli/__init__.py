@@ -24,8 +24,8 @@ and prove they generate what the original generates.
 Example:
   reshard inspect meta-llama/Llama-3.1-8B
   reshard plan    meta-llama/Llama-3.1-70B --tp 4 --pp 2 --gpu H100
-  reshard convert meta-llama/Llama-3.1-70B --tp 4 --pp 2 -o out/
-  reshard verify  out/
+  reshard convert --tp 4 --pp 2 meta-llama/Llama-3-70B      (writes ./Llama-3-70B-tp4-pp2)
+  reshard verify  Llama-3-70B-tp4-pp2
 
 Exit codes: 0 ok, 1 verification mismatch, 2 bad input or refusal, 3 I/O failure,
 130 interrupted.

@@ -8,18 +8,22 @@ import click
 
 from .common import layout_options, model_argument, recipe_from, run_command
 
-CONVERT_HELP = """Write per-rank safetensors shards and OUT/manifest.json.
+CONVERT_HELP = """Write per-rank safetensors shards and OUT/manifest.json. Without -o, OUT is
+./<model name>-tp4-pp2 (the layout's parts); a rerun into it needs --resume, --force or -o.
 
 \b
 Example:
-  reshard convert meta-llama/Llama-3.1-70B --tp 4 --pp 2 -o out/
+  reshard convert --tp 4 --pp 2 meta-llama/Llama-3-70B
   reshard convert ./model --recipe recipes/llama3-70b-8xh100.toml -o out/ --dtype bf16
 """
 
 
 @click.command(help=CONVERT_HELP)
 @model_argument
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path),
+    help="Output folder (default: ./<model name>-tp4-pp2).",
+)  # fmt: skip
 @layout_options
 @click.option("--max-file-size", help="Split a rank's file past this size (e.g. 20GB).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (weights_only).")
@@ -38,6 +42,8 @@ def convert(
     from .report import format_convert_summary
 
     recipe = recipe_from(max_file_size=max_file_size, **layout)
+    if out_dir is None:
+        out_dir = default_convert_out(model, recipe, resume=resume, force=force, ranks=ranks)
     result = convert_model(
         model,
         out_dir,
@@ -55,20 +61,43 @@ def convert(
         click.echo(result.stage_plan.report.render())
 
 
+def default_convert_out(model: str, recipe, *, resume: bool, force: bool, ranks) -> Path:
+    """./<model name>-tp4-pp2, said on the first line; an earlier run's folder is refused
+    unless --resume or --force says what to do with it (--ranks runs and a torchrun world's
+    processes share one folder by design: they join it)."""
+    from ..io.torchrun import torchrun_world
+    from ..out_name import check_default_rerun, convert_out_name
+
+    name = convert_out_name(
+        model, tp=recipe.tp, pp=recipe.pp, ep=recipe.ep, dp=recipe.dp, format=recipe.format
+    )
+    out_dir = Path(name)
+    click.echo(f"writing to ./{name} (no -o given)")
+    if ranks is None and torchrun_world() is None:
+        check_default_rerun(out_dir, resume=resume, force=force)
+    return out_dir
+
+
 EXPORT_HELP = """Write a reshard output back as a standard Hugging Face checkpoint: the original
 tensors (names, dtypes, shapes, bytes; padding removed, replicas once, tied embeddings as in
 the original) in model-0000X-of-0000N.safetensors files, the index (written last), config,
 generation config and tokenizer.
 
+Without -o, HF_DIR is ./<model name>-hf.
+
 \b
 Example:
+  reshard export Llama-3-70B-tp4-pp2
   reshard export out/ -o Llama-3-8B-hf/ --max-shard-size 5GB
 """
 
 
 @click.command(help=EXPORT_HELP)
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "hf_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", "hf_dir", type=click.Path(path_type=Path),
+    help="Checkpoint folder (default: ./<model name>-hf).",
+)  # fmt: skip
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Per safetensors file.")
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in the folder.")
 @run_command
@@ -78,5 +107,17 @@ def export(out_dir, hf_dir, max_shard_size, force) -> None:
     from .report import format_export_summary
 
     size = parse_size(max_shard_size, where="--max-shard-size")
+    if hf_dir is None:
+        hf_dir = default_export_out(out_dir)
     result = export_output(out_dir, hf_dir, max_shard_size=size, force=force)
     click.echo(format_export_summary(result))
+
+
+def default_export_out(out_dir: Path) -> Path:
+    """./<original model name>-hf, said on the first line."""
+    from ..io.manifest import read_manifest
+    from ..out_name import export_out_name
+
+    name = export_out_name(read_manifest(out_dir), out_dir)
+    click.echo(f"writing to ./{name} (no -o given)")
+    return Path(name)

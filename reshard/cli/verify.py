@@ -60,12 +60,11 @@ def verify(
     out_dir, source, levels, prompt_ids, prompts_file, max_new_tokens, device, compute_dtype,
     reference, json_path, quiet,
 ):  # fmt: skip
-    from ..profile.experts import parse_prompt_ids
     from ..verify.levels import LEVELS, verify_output
     from .report import format_verify, verify_report
 
     options = {
-        "prompt_ids": [parse_prompt_ids(s) for s in prompt_ids] or None,
+        "prompt_ids": _prompt_ids(prompt_ids),
         "prompts_file": prompts_file,
         "max_new_tokens": max_new_tokens,
         "device": device,
@@ -86,3 +85,13 @@ def verify(
         except OSError as e:
             raise io_error(e, json_path) from None
     sys.exit(0 if report["passed"] else 1)
+
+
+def _prompt_ids(specs) -> list | None:
+    """--prompt-ids as lists of ints (None: not given; the parser's module is loaded only
+    then, so the file tiers start without it)."""
+    if not specs:
+        return None
+    from ..profile.experts import parse_prompt_ids
+
+    return [parse_prompt_ids(s) for s in specs]

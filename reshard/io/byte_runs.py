@@ -38,6 +38,7 @@ class Group:
     dest: int  # byte offset in the output tensor
     nbytes: int
     segments: tuple[tuple[int, int], ...]
+    stride: int = 0  # bytes from one segment's start to the next when all are evenly spaced
 
 
 def strides_of(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -94,7 +95,12 @@ def piece_groups(
         window = Window(
             (0,) * lift + window.prefix, window.lo, window.hi, window.start, window.size
         )
-    runs = _piece_runs(start, stop, dest, shape or (1,), out_shape or (1,), window)
+    grid = _run_grid(start, stop, dest, shape or (1,), out_shape or (1,), window)
+    if grid is None:
+        return ()
+    if grid[3] <= 1:  # one run per row (or one run): evenly spaced, built without a loop
+        return _row_groups(*grid, itemsize)
+    runs = _piece_runs(*grid)
     groups: list[tuple[int, int, list[tuple[int, int]]]] = []  # dest, nbytes, segments
     for src, dst, n in runs:
         segment = (src * itemsize, n * itemsize)
@@ -106,8 +112,22 @@ def piece_groups(
     return tuple(Group(dest, nbytes, tuple(segments)) for dest, nbytes, segments in groups)
 
 
-def _piece_runs(start, stop, dest, shape, out_shape, window: Window) -> list[tuple[int, int, int]]:
-    """(element offset in the window, element offset in the output, length) for each run."""
+def _row_groups(src0, dst0, lens, k, src_strides, dst_strides, itemsize) -> tuple[Group, ...]:
+    """_piece_runs' groups when k <= 1: run i is (src0 + i * ss, dst0 + i * ds, run). The
+    runs are one group when back to back in the output (ds == run), else one group each."""
+    run = math.prod(lens[k:]) * itemsize
+    rows = lens[0] if k == 1 else 1
+    ss, ds = (src_strides[0] * itemsize, dst_strides[0] * itemsize) if k == 1 else (0, 0)
+    src0, dst0 = src0 * itemsize, dst0 * itemsize
+    if rows == 1 or ds == run:
+        segments = tuple((src0 + i * ss, run) for i in range(rows))
+        return (Group(dst0, run * rows, segments, ss if rows > 1 else 0),)
+    return tuple(Group(dst0 + i * ds, run, ((src0 + i * ss, run),)) for i in range(rows))
+
+
+def _run_grid(start, stop, dest, shape, out_shape, window: Window):
+    """Where the block's runs start and how they repeat: (src0, dst0, lens, k, source
+    strides, output strides) in elements, or None when the block misses the window."""
     lo, hi = list(start or (0,)), list(stop or (1,))
     dest = dest or (0,)
     for j, i in enumerate(window.prefix):
@@ -115,7 +135,7 @@ def _piece_runs(start, stop, dest, shape, out_shape, window: Window) -> list[tup
     lo[window.dim], hi[window.dim] = max(lo[window.dim], window.lo), min(hi[window.dim], window.hi)
     lens = [h - low for low, h in zip(lo, hi, strict=True)]
     if min(lens) <= 0:
-        return []
+        return None
     # k: the dims after k are whole in both source and output, so each index of the dims
     # before k starts one run of lens[k:] elements.
     k = len(shape) - 1
@@ -125,6 +145,11 @@ def _piece_runs(start, stop, dest, shape, out_shape, window: Window) -> list[tup
     src0 = sum(a * s for a, s in zip(lo, src_strides, strict=True)) - window.start
     dst_lo = [d + a - s for d, a, s in zip(dest, lo, start or (0,), strict=True)]
     dst0 = sum(a * s for a, s in zip(dst_lo, dst_strides, strict=True))
+    return src0, dst0, lens, k, src_strides, dst_strides
+
+
+def _piece_runs(src0, dst0, lens, k, src_strides, dst_strides) -> list[tuple[int, int, int]]:
+    """(element offset in the window, element offset in the output, length) for each run."""
     run = math.prod(lens[k:])
     runs = []
     for idx in itertools.product(*(range(n) for n in lens[:k])):

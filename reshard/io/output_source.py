@@ -22,6 +22,7 @@ from ..errors import OutputError
 from ..models.hparams import parse_hparams
 from .headers import Header, TensorInfo, read_header
 from .manifest import MANIFEST, read_sealed_manifest
+from .pull import pull_jobs
 from .source import Source, open_source
 from .writer import io_error
 
@@ -209,11 +210,15 @@ class OutputReader:
         self.blocks = blocks
         self.headers = headers
         self.hashers: dict[tuple[str, str], list] = {}  # (file, tensor) -> [xxh3, bytes hashed]
-        # torch is imported here, not at the top: convert of a plain checkpoint needs
-        # open_model from this module and no torch at all.
-        import torch
+        # Rows on their way to a gather, for the torch block readers below (iter_rows,
+        # read_block); re-layout, export and verify use the byte path (io/output_jobs.py)
+        # and never import torch.
+        self.scratch = None
 
-        self.scratch = torch.empty(0, dtype=torch.uint8)  # rows on their way to a gather
+    def byte_jobs(self, consumers: dict) -> list:
+        """The writer's jobs for these consumers (source tensor -> (target, piece) pairs):
+        each target pulled from the rank-file tensors, each of those hashed (io/pull.py)."""
+        return pull_jobs(self, consumers)
 
     def source_record(self) -> dict[str, Any]:
         """The original's record, carried over, plus the output the bytes were read from."""
@@ -306,7 +311,7 @@ class OutputReader:
         row_bytes = out.nbytes // shape[0] if shape[0] else 0
         n = (r1 - r0) * row_bytes
         if into is None:
-            if self.scratch.numel() < n:
+            if self.scratch is None or self.scratch.numel() < n:
                 self.scratch = torch.empty(n, dtype=torch.uint8)
             into = self.scratch[:n].view(torch_dtypes()[out.dtype]).view(r1 - r0, *shape[1:])
         data = tensor_bytes(into)

@@ -7,6 +7,8 @@ several at once (page faults, pwrite and xxh3 release the GIL), each with one ma
 and one gather buffer, so peak memory is bounded by BUFFER_BUDGET whatever the model size.
 The bytes written do not depend on the number of workers. Files are `*.partial` until
 fsynced and renamed. torch is imported only to cast (--dtype). The writer makes no decisions.
+A reshard output as the source brings its own jobs (`source.reader.byte_jobs`, io/pull.py:
+each output tensor pulled from the rank-file tensors holding it), run by the same pool.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import xxhash
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import CheckpointError, ReshardIOError
 from ..layout.plan import Plan
-from ..layout.tensors import OutFile, OutTensor, Piece
-from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
+from ..layout.tensors import OutTensor, Piece
+from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .headers import TensorInfo, encode_header, pread_exact
+from .scatter import preadv_exact, scatter_views
 from .source import Source
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
@@ -70,6 +73,13 @@ class Job:
     info: TensorInfo
     consumers: tuple[tuple[Target, Piece], ...]
 
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def run(self, buffers: Buffers, stop: threading.Event) -> None:
+        copy_tensor(self, buffers, stop)
+
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
@@ -94,6 +104,32 @@ def write_plan(
     chunk_bytes: int | None = None,
 ) -> Written:
     """Write every output file of the plan with `workers` threads (default: the cores)."""
+    files = [FileSpec(f.name, f.tensors, {"format": "pt", "rank": str(f.rank)}) for f in plan.files]
+    return write_files(
+        files, source, out_dir, progress=progress, workers=workers, chunk_bytes=chunk_bytes
+    )
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One safetensors file to write: its tensors in order, and its header's metadata."""
+
+    name: str
+    tensors: tuple[OutTensor, ...]
+    metadata: dict[str, str]
+
+
+def write_files(
+    specs: list[FileSpec],
+    source: Source,
+    out_dir: Path,
+    *,
+    progress=None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+) -> Written:
+    """Write the files (every tensor's pieces from `source`), fsync, and rename them only
+    when every job has succeeded, every rank-file hash included."""
     workers = workers or default_workers()
     files: list[tuple[int, Path]] = []
     targets: list[Target] = []
@@ -101,21 +137,18 @@ def write_plan(
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reshard-write")
     stop = threading.Event()
     try:
-        for out_file in plan.files:
-            path = out_dir / out_file.name
-            fd, file_targets, headers[out_file.name] = _create_file(path, out_file)
+        for spec in specs:
+            path = out_dir / spec.name
+            fd, file_targets, headers[spec.name] = _create_file(path, spec)
             files.append((fd, path))
             targets.extend(file_targets)
         jobs = collect_jobs(source, targets)
-        if source.reader is not None:  # a reshard output: tensors reassembled from rank files
-            copy_reassembled(source, jobs, progress, chunk_bytes or MAX_BUFFER)
-        else:
-            buffers = Buffers(chunk_bytes or buffer_bytes(workers))
-            futures = [pool.submit(copy_tensor, job, buffers, stop) for job in jobs]
-            for job, future in zip(jobs, futures, strict=True):
-                future.result()  # re-raises a worker's error (or Ctrl-C raised in it) here
-                if progress is not None:
-                    progress.update(job.info.nbytes)
+        buffers = Buffers(chunk_bytes or buffer_bytes(workers))
+        futures = [pool.submit(job.run, buffers, stop) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):
+            future.result()  # re-raises a worker's error (or Ctrl-C raised in it) here
+            if progress is not None:
+                progress.update(job.nbytes)
         hashes = _finish_hashes(targets)
         list(pool.map(_fsync_partial, files))  # the files' writebacks overlap
     finally:
@@ -133,9 +166,9 @@ def _fsync_partial(file: tuple[int, Path]) -> None:
     _io(os.fsync, file[0], path=partial_path(file[1]))
 
 
-def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target], str]:
-    entries = [(t.name, t.dtype, t.shape) for t in out_file.tensors]
-    header, offsets = encode_header(entries, {"format": "pt", "rank": str(out_file.rank)})
+def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
+    entries = [(t.name, t.dtype, t.shape) for t in spec.tensors]
+    header, offsets = encode_header(entries, spec.metadata)
     tmp = partial_path(path)
     fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
     _pwrite_all(fd, memoryview(header), 0, tmp)
@@ -143,7 +176,7 @@ def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target], str]
     _io(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
     targets = [
         Target(tmp, fd, t, len(header) + begin)
-        for t, (begin, _) in zip(out_file.tensors, offsets, strict=True)
+        for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
     ]
     for target in targets:
         if target.tensor.fill is not None:  # a format's constant (vLLM's attention scales)
@@ -160,41 +193,21 @@ def fill_bytes(tensor: OutTensor) -> bytes:
     return struct.pack("<f", tensor.fill) * math.prod(tensor.shape)
 
 
-def collect_jobs(source: Source, targets: list[Target]) -> list[Job]:
-    """One job per needed source tensor, in file order, then offset order within a file."""
+def collect_jobs(source: Source, targets: list[Target]) -> list:
+    """One job per needed source tensor, in file order, then offset order within a file; a
+    reshard output's reader makes its own (objects with `run(buffers, stop)` and `nbytes`)."""
     consumers: dict[str, list[tuple[Target, Piece]]] = {}
     for target in targets:
         for piece in target.tensor.pieces:
             consumers.setdefault(piece.source, []).append((target, piece))
-    if source.reader is not None:  # virtual headers: the original's tensor order
-        pairs = [(header, info) for header, info in source.tensors.values()]
-    else:
-        pairs = [(header, info) for header in source.headers for info in header.tensors.values()]
+    if source.reader is not None:
+        return source.reader.byte_jobs(consumers)
     return [
         Job(header.path, info, tuple(consumers[info.name]))
-        for header, info in pairs
+        for header in source.headers
+        for info in header.tensors.values()
         if info.name in consumers
     ]
-
-
-def copy_reassembled(source: Source, jobs: list[Job], progress, chunk_bytes: int) -> None:
-    """Row blocks come from source.reader (output_source.OutputReader), as torch tensors, in
-    one thread (the reader keeps state); its rank-file hashes are checked once everything
-    needed has been read."""
-    from .tensor_bytes import reused_buffer, tensor_bytes  # lazy: a plain copy needs no torch
-
-    alloc, gather = reused_buffer(), memoryview(bytearray(0))
-    for job in jobs:
-        info = job.info
-        widest = max(DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers)
-        for a, b, block in source.reader.iter_rows(info.name, info, chunk_bytes, alloc=alloc):
-            window = row_window(info.shape, a, b)
-            if len(gather) < window.size * widest:
-                gather = memoryview(bytearray(window.size * widest))
-            _copy_window(job, window, None, tensor_bytes(block), gather)
-        if progress is not None:
-            progress.update(info.nbytes)
-    source.reader.check_hashes()
 
 
 class Buffers:
@@ -227,29 +240,63 @@ def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
         for window in tensor_windows(info.shape, widest, buffers.nbytes):
             if stop.is_set():
                 return
-            offset = info.begin + window.start * item
-            data = map_range(fd, offset, window.size * item, job.path)
-            _copy_window(job, window, (fd, offset), data, gather)
+            _copy_window(job, window, (fd, info.begin + window.start * item), gather)
     finally:
         os.close(fd)
         buffers.give(gather)
 
 
-def _copy_window(job: Job, window: Window, at, data: memoryview, gather: memoryview) -> None:
-    """`at`: (fd, offset) where `data`, the window's bytes, lies in the source file, or None."""
+def _copy_window(job: Job, window: Window, at: tuple[int, int], gather: memoryview) -> None:
+    """`at`: (fd, offset) of the window's bytes in the source file; they are mapped only if
+    a run needs them (split rows that tile the window are read straight into `gather`)."""
+    mapped: list[memoryview] = []
+
+    def data() -> memoryview:
+        if not mapped:
+            n = window.size * DTYPE_SIZES[job.info.dtype]
+            mapped.append(map_range(at[0], at[1], n, job.path))
+        return mapped[0]
+
     cast: dict[str, memoryview] = {}
+    split = []
     for target, piece in job.consumers:
         dtype = target.tensor.dtype
-        src, src_at = data, at
-        if dtype != job.info.dtype:  # the recipe asked for a cast
-            src = cast.get(dtype) or cast.setdefault(dtype, cast_bytes(data, job.info, dtype))
-            src_at = None
         groups = piece_groups(
             piece.start, piece.stop, piece.dest, job.info.shape, target.tensor.shape,
             window, DTYPE_SIZES[dtype],
         )  # fmt: skip
+        if dtype != job.info.dtype:  # the recipe asked for a cast
+            src = cast.get(dtype) or cast.setdefault(dtype, cast_bytes(data(), job.info, dtype))
+            for group in groups:
+                _write_group(target, group, src, None, gather)
+            continue
         for group in groups:
-            _write_group(target, group, src, src_at, gather)
+            if len(group.segments) > 1:
+                split.append((target, group))
+            else:
+                _write_group(target, group, data(), at, gather)
+    if split and not _scatter(split, at, gather, job.path):
+        for target, group in split:
+            _write_group(target, group, data(), at, gather)
+
+
+def _scatter(split: list, at: tuple[int, int], gather: memoryview, path: Path) -> bool:
+    """Split rows read straight into their places in `gather` (io/scatter.py), then each
+    output's bytes written with one call. False: they do not tile the window; nothing done."""
+    plan = scatter_views(split, gather)
+    if plan is None:
+        return False
+    first, iov, placed = plan
+    want = sum(g.nbytes for _, g, _ in placed)
+    if _io(preadv_exact, at[0], iov, at[1] + first, path=path) < want:
+        raise CheckpointError(
+            f"{path}: ended before the bytes its header promised. The file shrank or is "
+            "truncated; re-download it."
+        )
+    for target, group, view in placed:
+        _pwrite_all(target.fd, view, target.offset + group.dest, target.file)
+        _account(target, group.dest, view)
+    return True
 
 
 def map_range(fd: int, offset: int, n: int, path: Path) -> memoryview:

@@ -4,6 +4,8 @@
 2. weights: every output tensor's pieces equal the source tensors bitwise (after the recorded
    cast), padding rows are zero, and the pieces cover every element of every source tensor.
 The generation tier lives in verify/generate.py; `verify_output` runs all the tiers asked for.
+The first two import no torch (the weights tier's byte comparison is verify/weights.py; torch
+only for a piece the recipe cast); generate is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -11,15 +13,11 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
-import torch
 import xxhash
-from safetensors import SafetensorError, safe_open
 
-from ..dtypes import DTYPE_SIZES, torch_dtypes
+from ..dtypes import DTYPE_SIZES
 from ..errors import OutputError
 from ..io.headers import read_header
 from ..io.manifest import MANIFEST, manifest_seal_failure, read_manifest, side_file_failures
@@ -27,8 +25,10 @@ from ..io.output_source import is_output, open_model
 from ..io.rank_subset import check_partial_set
 from ..io.source import resolve_model
 from ..progress import progress_bar
-from .generate import check_generate_options, verify_generation
 from .result import LEVELS, LevelResult
+from .weights import compare_weights
+
+HASH_BLOCK = 16 << 20  # read into one reused buffer: fresh memory costs a fault per 4 KiB
 
 
 def check_complete(out_dir: Path, manifest: dict) -> None:
@@ -68,7 +68,7 @@ def _hash_files(out_dir: Path, manifest: dict, bar) -> tuple[list[str], int]:
         except Exception as e:  # a corrupt header is a verification failure, not bad input
             failures.append(f"{path}: unreadable header ({e})")
             continue
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             digest = xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
         bar.update(header.data_start)
         if digest != meta["header_xxh3_128"]:
@@ -86,7 +86,8 @@ def _check_file_hashes(path: Path, header, manifest: dict, rank: int, bar) -> li
         t: e for t, e in manifest["ranks"][rank]["tensors"].items() if e["file"] == path.name
     }
     failures = [f"{path}: tensor '{t}' is missing" for t in expected if t not in header.tensors]
-    with open(path, "rb") as f:
+    buf = memoryview(bytearray(HASH_BLOCK))
+    with open(path, "rb", buffering=0) as f:
         for name, info in header.tensors.items():
             entry = expected.get(name)
             if entry is None:
@@ -95,20 +96,27 @@ def _check_file_hashes(path: Path, header, manifest: dict, rank: int, bar) -> li
             if problem := header_mismatch(info, entry):
                 failures.append(f"{path}: tensor '{name}' (rank {rank}) {problem}")
                 continue
-            f.seek(info.begin)
-            h = xxhash.xxh3_128()
-            left = info.nbytes
-            while left:
-                block = f.read(min(left, 64 << 20))
-                h.update(block)
-                left -= len(block)
-                bar.update(len(block))
+            h = _hash_range(f, info.begin, info.nbytes, buf, bar)
             if h.hexdigest() != entry["xxh3_128"]:
                 failures.append(
                     f"{path}: tensor '{name}' (rank {rank}) hash {h.hexdigest()} != manifest "
                     f"{entry['xxh3_128']}: the file is corrupt; re-copy it or re-run convert"
                 )
     return failures
+
+
+def _hash_range(f, offset: int, n: int, buf: memoryview, bar) -> xxhash.xxh3_128:
+    """xxh3-128 of the file's bytes [offset, offset + n), read into `buf` block by block."""
+    h = xxhash.xxh3_128()
+    f.seek(offset)
+    while n:
+        got = f.readinto(buf[: min(n, len(buf))])
+        if not got:
+            break  # the file is shorter: the hash differs
+        h.update(buf[:got])
+        n -= got
+        bar.update(got)
+    return h
 
 
 def header_mismatch(info, entry: dict) -> str | None:
@@ -161,15 +169,8 @@ def _output_bytes(entry: dict) -> int:
 
 def _verify_weights(out_dir: Path, manifest: dict, src, bar) -> LevelResult:
     failures = unknown_sources(manifest, src)
-    reader = SafetensorsReader if src.reader is None else ReassembledReader
-    with reader(src) as blocks:
-        for entry in manifest["ranks"]:
-            if entry.get("replica_of") is not None or failures:
-                continue
-            for fname in entry["files"]:
-                failures += _check_file_weights(Path(out_dir) / fname, entry, blocks, bar)
-        if src.reader is not None:
-            src.reader.check_hashes()  # the output it was made from is intact
+    if not failures:
+        failures += compare_weights(out_dir, manifest, src, bar)
     failures += check_coverage(manifest, {n: src.info(n).shape for n in src.tensors})
     n = sum(len(e.get("tensors") or {}) for e in manifest["ranks"])
     return LevelResult("weights", not failures, f"{n} tensors vs {src.path}", failures)
@@ -226,126 +227,6 @@ def _overlap(found) -> bool:
     return False
 
 
-def _check_file_weights(path: Path, entry: dict, blocks: SafetensorsReader, bar) -> list[str]:
-    """Compare one output file with the source, piece by piece, in bounded row chunks."""
-    try:
-        header = read_header(path)
-    except Exception as e:  # a corrupt header is a verification failure, not bad input
-        return [f"{path}: unreadable header ({_first_line(e)})"]
-    try:
-        return _compare_file(path, header, entry, blocks, bar)
-    except SafetensorError as e:  # safetensors refuses what reshard's reader let through
-        return [f"{path}: safetensors cannot read it ({_first_line(e)})"]
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e) or type(e).__name__).splitlines()[0][:200]
-
-
-def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader, bar) -> list[str]:
-    failures = []
-    for name, meta in entry["tensors"].items():
-        if meta["file"] != path.name:
-            continue
-        info = header.tensors.get(name)
-        problem = header_mismatch(info, meta) if info else "is missing from the file"
-        if problem:
-            failures.append(f"{path}: tensor '{name}' (rank {entry['rank']}) {problem}")
-            continue
-        shape = meta["shape"]
-        for p in meta["pieces"]:
-            for src_index, out_index in _row_chunks(p, meta["dtype"]):
-                block = blocks.read(blocks.source_path(p["source"]), p["source"], src_index)
-                out = blocks.read(path, name, out_index).reshape(block.shape)
-                bar.update(out.numel() * out.element_size())
-                if not _bitwise_equal(out, block.to(torch_dtypes()[meta["dtype"]])):
-                    failures.append(
-                        f"{path}: tensor '{name}' (rank {entry['rank']}) differs from source "
-                        f"'{p['source']}' block {p['start']}:{p['stop']}"
-                    )
-                    break
-        if "fill" in meta and not torch.all(blocks.read(path, name, ()) == meta["fill"]):
-            failures.append(f"{path}: tensor '{name}' is not the constant {meta['fill']}")
-        if meta["padding"]:
-            rows = (slice(shape[0] - meta["padding"], shape[0]),)
-            if torch.count_nonzero(blocks.read(path, name, rows)):
-                failures.append(f"{path}: tensor '{name}' has non-zero vocab padding rows")
-    return failures
-
-
-def _row_chunks(piece: dict, dtype: str, budget: int = 64 << 20):
-    """(source index, output index) pairs covering the piece, each at most ~budget bytes."""
-    start, stop, dest = piece["start"], piece["stop"], piece["dest"]
-    if not start:  # a scalar
-        yield (), ()
-        return
-    # A block stacked at fixed leading indices of its tensor (a format's experts).
-    lift = len(dest) - len(start)
-    lead, dest = tuple(slice(d, d + 1) for d in dest[:lift]), dest[lift:]
-    row_bytes = DTYPE_SIZES[dtype] * math.prod(e - s for s, e in zip(start[1:], stop[1:]))
-    step = max(1, budget // max(row_bytes, 1))
-    rest_src = tuple(slice(s, e) for s, e in zip(start[1:], stop[1:]))
-    rest_out = tuple(slice(d, d + e - s) for d, s, e in zip(dest[1:], start[1:], stop[1:]))
-    for a in range(start[0], stop[0], step):
-        b = min(stop[0], a + step)
-        out0 = dest[0] + a - start[0]
-        yield (slice(a, b), *rest_src), (*lead, slice(out0, out0 + b - a), *rest_out)
-
-
-class SafetensorsReader:
-    """Blocks of tensors read through safetensors' own reader. Its handles map whole files,
-    and every page read stays in the process's RSS while mapped, so the handles are closed
-    and reopened after every `recycle_bytes` read: memory stays flat whatever the model size."""
-
-    def __init__(self, src, recycle_bytes: int = 128 << 20):
-        self.src = src
-        self.stack = ExitStack()
-        self.handles: dict[Path, Any] = {}
-        self.read_since_open = 0
-        self.recycle_bytes = recycle_bytes
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stack.close()
-
-    def source_path(self, name: str) -> Path:
-        return self.src.tensors[name][0].path
-
-    def read(self, path: Path, name: str, index: tuple) -> torch.Tensor:
-        if self.read_since_open > self.recycle_bytes:
-            self.stack.close()
-            self.handles.clear()
-            self.read_since_open = 0
-        if path not in self.handles:
-            self.handles[path] = self.stack.enter_context(safe_open(str(path), "pt"))
-        f = self.handles[path]
-        tensor = f.get_slice(name)[index] if index else f.get_tensor(name)
-        self.read_since_open += tensor.numel() * tensor.element_size()
-        return tensor
-
-
-class ReassembledReader(SafetensorsReader):
-    """Source blocks reassembled from the rank files of a reshard output (the one a re-layout
-    was made from); blocks of the output under test still come through safetensors."""
-
-    def source_path(self, name: str) -> None:
-        return None
-
-    def read(self, path: Path | None, name: str, index: tuple) -> torch.Tensor:
-        if path is not None:
-            return super().read(path, name, index)
-        return self.src.reader.read_block(name, self.src.info(name), index)
-
-
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    a = a.contiguous().reshape(-1).view(torch.uint8)
-    return torch.equal(a, b.contiguous().reshape(-1).view(torch.uint8))
-
-
 def _checks_files_here() -> bool:
     """Under torchrun, the file tiers run once per node (local rank 0), not once per GPU:
     sixteen ranks re-hashing the same 140 GB would read it sixteen times."""
@@ -369,6 +250,8 @@ def verify_output(
     check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
     manifest = read_manifest(out_dir)
     if "generate" in levels:
+        from .generate import check_generate_options  # torch: only for the generate tier
+
         vocab = int(manifest["hparams"]["vocab_size"])
         positions = (manifest["hparams"]["max_position_embeddings"], f"{out_dir}/{MANIFEST}")
         check_generate_options(vocab=vocab, max_positions=positions, **(generate_options or {}))
@@ -402,6 +285,8 @@ def verify_output(
                 )
             )  # fmt: skip
         else:
+            from .generate import verify_generation
+
             ref = reference_dir(manifest, source_dir)
             options = {"progress": progress, **(generate_options or {})}
             results.append(verify_generation(out_dir, manifest, ref, **options))
