@@ -8,6 +8,7 @@ order transformers saves them.
 from __future__ import annotations
 
 from ..quant import scheme_of, stored_tensors
+from . import family_of
 from .family import Rule
 from .hparams import HParams
 from .mla import mla_shapes
@@ -29,6 +30,8 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
         return (1, h)
     if "shared_expert." in name:
         return _mlp(leaf, hp.shared_expert_intermediate_size, h)
+    if ".experts." in name and family_of(hp).features.stacked_experts:
+        return stacked_expert_shape(hp, leaf)
     if ".experts." in name:
         return _mlp(leaf, hp.moe_intermediate_size, h)
     table = {
@@ -44,6 +47,9 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
         "q_norm.weight": (hd,),
         "k_norm.weight": (hd,),
         "gate.weight": (hp.num_experts, h),
+        "self_attn.sinks": (hp.num_heads,),  # gpt-oss
+        "router.weight": (hp.num_experts, h),
+        "router.bias": (hp.num_experts,),
     }
     if leaf in table:
         return table[leaf]
@@ -55,6 +61,18 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
 # The linear layers a quantized checkpoint stores quantized (router gates, embeddings and
 # lm_head stay in the checkpoint's float dtype, as in DeepSeek-V3 and Qwen3-FP8).
 QUANTIZED_ROLES = ("column", "row", "expert_column", "expert_row")
+
+
+def stacked_expert_shape(hp: HParams, leaf: str) -> tuple[int, ...]:
+    """gpt-oss's [E, in, out] experts and their biases."""
+    e, h, inner = hp.num_experts, hp.hidden_size, hp.moe_intermediate_size
+    table = {
+        "experts.gate_up_proj": (e, h, 2 * inner),
+        "experts.gate_up_proj_bias": (e, 2 * inner),
+        "experts.down_proj": (e, inner, h),
+        "experts.down_proj_bias": (e, h),
+    }
+    return table[leaf]
 
 
 def _mlp(leaf: str, inner: int, h: int) -> tuple[int, ...]:

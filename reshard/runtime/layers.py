@@ -88,6 +88,8 @@ class Attention(nn.Module):
         if f"{prefix}q_norm.weight" in tensors:  # Qwen3, Gemma-3: per-head RMSNorm on q and k
             self.q_norm = make_norm(hp, hp.head_dim)
             self.k_norm = make_norm(hp, hp.head_dim)
+        if family_of(hp).features.attention_sinks:  # gpt-oss: [local heads]
+            self.sinks = nn.Parameter(torch.empty_like(tensors[f"{prefix}sinks"], device="meta"))
         self.layer, self.head_dim, self.comm = layer, hp.head_dim, comm
         self.set_scores(hp)
         self.heads = self.q_proj.out_features // hp.head_dim
@@ -131,6 +133,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         if self.softcap is not None:
             return self._attend_capped(q, k, v, mask)
+        if hasattr(self, "sinks"):
+            return self._attend_sinks(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _attend_capped(
@@ -141,6 +145,18 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return probs @ v
+
+    def _attend_sinks(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """gpt-oss's eager attention: each head's sink logit joins the softmax as one more
+        column (max subtracted first), then is dropped, so rows may sum to less than 1."""
+        scores = (q @ k.transpose(2, 3) * self.scale).masked_fill(~mask, float("-inf"))
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)  # [B, h, S, 1]
+        logits = torch.cat([scores, sinks.to(scores.dtype)], dim=-1)  # [B, h, S, T + 1]
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+        return probs.to(v.dtype) @ v
 
 
 class MLP(nn.Module):

@@ -29,7 +29,13 @@ from ..stages.pipeline import StagePlan, plan_stages
 from .activation import EngineLimits
 from .model import Gpu, KvBudget, MemoryReport, memory_report
 
-EXPERT_ROLES = ("expert_column", "expert_row", "fused_expert_column", "fused_expert_row")
+EXPERT_ROLES = (
+    "expert_column",
+    "expert_row",
+    "fused_expert_column",
+    "fused_expert_row",
+    "stacked_expert",
+)
 
 
 @dataclass(frozen=True)
