@@ -18,6 +18,11 @@ from .layers import Tensors
 PARTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
 
+def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved columns: gate_i at 2i, up_i at 2i + 1."""
+    return gate_up[..., ::2], gate_up[..., 1::2]
+
+
 class StackedExpertWeights(nn.Module):
     def __init__(self, hp: HParams, tensors: Tensors, prefix: str, comm: Comm):
         super().__init__()
@@ -31,7 +36,7 @@ class StackedExpertWeights(nn.Module):
     def forward_slot(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """x: [n, H] -> this rank's share of expert `slot`'s output [n, H]."""
         gate_up = x @ self.gate_up_proj[slot] + self.gate_up_proj_bias[slot]  # [n, 2*I_l]
-        hidden = self.activate(gate_up[..., ::2], gate_up[..., 1::2])  # [n, I_l]
+        hidden = self.activate(*split_gate_up(gate_up))  # [n, I_l]
         out = hidden @ self.down_proj[slot]  # [n, H]
         return out + self.down_proj_bias[slot] if self.adds_bias else out
 
