@@ -10,6 +10,7 @@ from . import (
     deepseek_v3,
     gemma2,
     gemma3,
+    glm4_moe,
     gpt_oss,
     llama,
     mixtral,
@@ -36,6 +37,7 @@ FAMILIES: tuple[Family, ...] = (
     gemma2.FAMILY,
     gemma3.FAMILY,
     gpt_oss.FAMILY,
+    glm4_moe.FAMILY,
 )
 
 BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}

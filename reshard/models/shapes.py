@@ -92,6 +92,8 @@ def _wanted(hp: HParams, rule: Rule) -> bool:
         return hp.attention_bias
     if rule.template.endswith("o_proj.bias"):
         return hp.o_bias
+    if rule.template.endswith(("q_norm.weight", "k_norm.weight")):
+        return hp.qk_norm
     if hp.is_mla and rule.template.endswith(("q_a_proj.weight", "q_a_layernorm.weight")):
         return hp.q_lora_rank > 0
     if hp.is_mla and rule.template.endswith("q_b_proj.weight"):
