@@ -63,6 +63,13 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
 QUANTIZED_ROLES = ("column", "row", "expert_column", "expert_row")
 
 
+def _quantized(scheme, rule: Rule, name: str) -> bool:
+    """Stored quantized under `scheme`: linear weights (mxfp4: the stacked experts' only)."""
+    if scheme.kind == "mxfp4":
+        return rule.role == "stacked_expert" and name.endswith(("gate_up_proj", "down_proj"))
+    return rule.role in QUANTIZED_ROLES and name.endswith(".weight")
+
+
 def stacked_expert_shape(hp: HParams, leaf: str) -> tuple[int, ...]:
     """gpt-oss's [E, in, out] experts and their biases."""
     e, h, inner = hp.num_experts, hp.hidden_size, hp.moe_intermediate_size
@@ -118,7 +125,7 @@ def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str,
     scheme = scheme_of(hp)
     out: dict[str, tuple[str, tuple]] = {}
     for n in sorted(names, key=key):
-        if scheme and rule_of[n].role in QUANTIZED_ROLES and n.endswith(".weight"):
+        if scheme and _quantized(scheme, rule_of[n], n):
             out.update(stored_tensors(scheme, n, tensor_shape(hp, n), dtype))
         else:
             out[n] = (dtype, tensor_shape(hp, n))
