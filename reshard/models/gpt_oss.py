@@ -61,6 +61,8 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
         # Without layer_types: even layers slide, odd ones are full.
         "default_sliding": tuple(i % 2 == 0 for i in range(layers)),
     }
+    if config.get("torch_dtype") is None and config.get("dtype") is None:
+        out["torch_dtype"] = "bfloat16"  # the released checkpoints' float tensors; no key says so
     if "sliding_window" not in config:
         out["sliding_window"] = 128
     if not config.get("rope_parameters") and not config.get("rope_scaling"):
