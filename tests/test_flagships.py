@@ -106,7 +106,8 @@ def test_suggest_picks_the_readme_layouts(name, gpu, choice):
 
 
 # A tiny Kimi-K2: one expert group, 24 experts (4 a token), one dense layer, its routed
-# scale and yarn rope with mscale, block FP8 as released (4 x 4 blocks here: a head of kv_b is 20 rows).
+# scale and yarn rope with mscale, block FP8 as released (4 x 4 blocks here: a head of kv_b
+# is 20 rows).
 KIMI = dict(
     num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=16, n_routed_experts=24,
     n_group=1, topk_group=1, num_experts_per_tok=4, routed_scaling_factor=2.827,
