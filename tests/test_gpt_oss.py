@@ -35,6 +35,7 @@ from reshard.models.hparams import HParams, load_hparams  # noqa: E402
 from reshard.models.shapes import synthesize_tensors  # noqa: E402
 from reshard.runtime import stacked_experts  # noqa: E402
 from reshard.runtime.generate import forward_logits, generate_greedy  # noqa: E402
+from reshard.runtime.layers import make_norm  # noqa: E402
 from reshard.runtime.load import load_source_model  # noqa: E402
 from reshard.runtime.model import build_model  # noqa: E402
 
@@ -155,6 +156,23 @@ def test_each_quirk_decides_the_output(gpt_oss, quirk, monkeypatch):
     assert worst > 1000 * bound, (quirk, worst, bound)
     ids = [r.tokens for r in generate_greedy(off, PROMPTS, NEW_TOKENS)]
     assert ids != [hf_generate(hf, prompt) for prompt in PROMPTS], quirk
+
+
+def test_bf16_norm_scales_in_fp32_as_transformers(gpt_oss):
+    """transformers keeps gpt-oss's norms in fp32 and casts after the scale: on bf16 input
+    the runtime's norm is bitwise theirs, and differs from Llama's cast-then-scale."""
+    path, hf = gpt_oss
+    theirs = type(hf.model.norm)(64, eps=hf.config.rms_norm_eps)  # fp32 weight, as loaded
+    weight = (torch.randn(64) * 2).to(torch.bfloat16)  # a bf16 checkpoint's norm
+    theirs.weight.data = weight.float()
+    ours = make_norm(load_hparams(path), 64)  # hidden_size
+    ours.load_state_dict({"weight": weight}, assign=True)
+    x = (torch.randn(5, 64) * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert torch.equal(ours(x), expected)
+        ours.scale_fp32 = False  # Llama's order
+        assert not torch.equal(ours(x), expected)
 
 
 def test_hparams_follow_transformers_config(gpt_oss):

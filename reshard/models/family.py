@@ -89,6 +89,9 @@ class Features:
     sandwich_norms: bool = False
     # Gemma: the embedding output times sqrt(hidden_size), that factor cast to the hidden dtype.
     scale_embedding: bool = False
+    # gpt-oss: RMSNorm scales by the weight in fp32, then casts (transformers keeps its norms
+    # in fp32); Llama casts first. The same in an fp32 run, not in a bf16 one.
+    norm_scale_fp32: bool = False
     # gpt-oss: a learned per-head logit `self_attn.sinks` joins each softmax (then dropped).
     attention_sinks: bool = False
     # The router's module name inside the MoE block (gpt-oss: `router`, with a bias).

@@ -76,5 +76,7 @@ FAMILY = Family(
     architectures=("GptOssForCausalLM",),
     rules=GLOBAL + ATTENTION + LAYER,
     read_config=read_config,
-    features=Features(attention_sinks=True, router="router", stacked_experts=True),
+    features=Features(
+        attention_sinks=True, router="router", stacked_experts=True, norm_scale_fp32=True
+    ),
 )

@@ -54,10 +54,12 @@ class RMSNorm(nn.Module):
     """HF RMSNorm: normalise in fp32, cast back, then scale by the weight. With `adds_one`
     (Gemma) the scale is (1 + weight), applied in fp32 before the cast."""
 
-    def __init__(self, dim: int, eps: float, *, adds_one: bool = False) -> None:
+    def __init__(
+        self, dim: int, eps: float, *, adds_one: bool = False, scale_fp32: bool = False
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, device="meta"))
-        self.eps, self.adds_one = eps, adds_one
+        self.eps, self.adds_one, self.scale_fp32 = eps, adds_one, scale_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -65,12 +67,17 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.adds_one:
             return (x * (1.0 + self.weight.float())).to(dtype)
+        if self.scale_fp32:  # gpt-oss
+            return (self.weight.float() * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
 def make_norm(hp: HParams, dim: int) -> RMSNorm:
     """The family's RMSNorm over `dim` with config.json's rms_norm_eps."""
-    return RMSNorm(dim, hp.rms_norm_eps, adds_one=family_of(hp).features.norm_adds_one)
+    features = family_of(hp).features
+    return RMSNorm(
+        dim, hp.rms_norm_eps, adds_one=features.norm_adds_one, scale_fp32=features.norm_scale_fp32
+    )
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
