@@ -85,7 +85,7 @@ def write_mxfp4(path: Path) -> object:
                 stored[name] = param.detach().clone().contiguous()
     path.mkdir(parents=True, exist_ok=True)
     save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
-    config_json = {**config.to_dict(), "quantization_config": MXFP4}
+    config_json = {**config.to_dict(), "dtype": "float32", "quantization_config": MXFP4}
     (path / "config.json").write_text(json.dumps(config_json))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -234,3 +234,40 @@ def test_a_layout_that_cuts_a_block_is_refused_before_any_write(mxfp4, tmp_path)
         assert result.output.startswith(expected), result.output
     assert not (tmp_path / "out").exists()
     assert CliRunner().invoke(main, ["plan", str(path), "--tp", "4", "--ep", "2"]).exit_code == 0
+
+
+def _copy_without(src: Path, dst: Path, drop: str) -> None:
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    del tensors[drop]
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_blocks_without_their_scales_are_refused(mxfp4, tmp_path):
+    path, _ = mxfp4
+    src = tmp_path / "src"
+    _copy_without(path, src, "model.layers.2.mlp.experts.down_proj_scales")
+    result = CliRunner().invoke(main, ["convert", str(src), "--tp", "2", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    down = "model.layers.2.mlp.experts.down_proj"
+    assert result.output == (
+        f"error: {src}: quantized weight '{down}' is stored as ['{down}_blocks'], but mxfp4 "
+        f"stores ['{down}_blocks', '{down}_scales']. The checkpoint and its "
+        "quantization_config disagree.\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_blocks_without_a_quantization_config_are_refused(mxfp4, tmp_path):
+    path, _ = mxfp4
+    src = tmp_path / "src"
+    src.mkdir()
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "model.safetensors").symlink_to(path / "model.safetensors")
+    result = CliRunner().invoke(main, ["plan", str(src), "--tp", "2"])
+    assert result.exit_code == 2, result.output
+    assert "model.layers.0.mlp.experts.down_proj_blocks" in result.output
+    assert "are quantized but config.json has no quantization_config" in result.output

@@ -15,11 +15,11 @@ SUFFIXES = {"_blocks": "mx_blocks", "_scales": "mx_scales"}
 
 
 def split_name(module: str, leaf: str, names) -> tuple[str, str] | None:
-    """(logical `module.W`, part) of `module.W_blocks` / `module.W_scales` when both
-    siblings exist; None otherwise."""
+    """(logical `module.W`, part) of `module.W_blocks` / `module.W_scales` (a lone one too,
+    so the check of parts names its missing sibling); None otherwise."""
     for suffix, part in SUFFIXES.items():
         base = leaf.removesuffix(suffix)
-        if base != leaf and all(f"{module}.{base}{s}" in names for s in SUFFIXES):
+        if base and base != leaf:
             return f"{module}.{base}", part
     return None
 
