@@ -275,3 +275,13 @@ def test_a_split_that_cuts_a_gate_up_pair_is_refused(tmp_path):
         "divisible by the expert tp=4 (tp/ep). Valid tp for this model: 1, 2.\n"
     )
     assert CliRunner().invoke(main, ["plan", str(tmp_path), "--tp", "2"]).exit_code == 0
+
+
+def test_a_bad_swiglu_limit_exits_2_naming_the_key_and_file(tmp_path):
+    config = config_for(ARCH, **{**FIXTURE, "swiglu_limit": -7.0}).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["plan", str(tmp_path), "--tp", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(
+        f"error: {tmp_path / 'config.json'}: 'swiglu_limit' is -7.0; expected a positive number."
+    )
