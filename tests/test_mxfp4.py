@@ -271,3 +271,28 @@ def test_blocks_without_a_quantization_config_are_refused(mxfp4, tmp_path):
     assert result.exit_code == 2, result.output
     assert "model.layers.0.mlp.experts.down_proj_blocks" in result.output
     assert "are quantized but config.json has no quantization_config" in result.output
+
+
+def test_a_piece_that_cuts_a_block_is_refused_at_slicing_time():
+    """The per-tensor guard behind split_problems: input columns 16:32 of down_proj."""
+    from reshard.errors import LayoutError
+    from reshard.layout.plan import Piece
+    from reshard.models.family import Rule
+    from reshard.models.rules import TensorRole
+    from reshard.quant import mxfp4
+
+    down = "model.layers.0.mlp.experts.down_proj"
+    rule = Rule("model.layers.{layer}.mlp.experts.down_proj", "stacked_expert", "moe")
+    role = TensorRole(f"{down}_blocks", rule, 0, None, "mx_blocks", down)
+    piece = Piece(role.name, (0, 16, 0), (1, 32, 64), (0, 0, 0))
+    with pytest.raises(LayoutError) as refused:
+        mxfp4.stored_pieces(role, (piece,), (8, 64, 64), (8, 64, 2, 16))
+    assert str(refused.value) == (
+        f"tensor '{down}_blocks': this rank's input columns 16:32 of '{down}' (16 per rank) "
+        "cut an mxfp4 block of 32. Choose an expert tp (tp/ep) that leaves a multiple of 32 "
+        "per rank."
+    )
+    whole = Piece(role.name, (3, 32, 0), (4, 64, 64), (1, 0, 0))
+    pieces, local = mxfp4.stored_pieces(role, (whole,), (8, 64, 64), (8, 64, 2, 16))
+    assert pieces == (Piece(role.name, (3, 0, 1, 0), (4, 64, 2, 16), (1, 0, 0, 0)),)
+    assert local == (2, 64, 1, 16)

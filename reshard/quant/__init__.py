@@ -357,7 +357,7 @@ def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
     """Map the pieces of the logical weight (at most one cut dim) onto part `role.part`:
     (pieces, local stored shape)."""
     if scheme.kind == "mxfp4":
-        return mxfp4.stored_pieces(role, pieces, logical, stored, _refuse_cut(scheme, role))
+        return mxfp4.stored_pieces(role, pieces, logical, stored)
     out = []
     local = list(stored)
     for p in pieces:
@@ -372,17 +372,6 @@ def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
                 local[sdim] = b - a
         out.append(type(p)(role.name, tuple(start), tuple(stop), tuple(0 for _ in stored)))
     return tuple(out), tuple(local)
-
-
-def _refuse_cut(scheme: QuantScheme, role):
-    def refuse(what: str, lo: int, hi: int, unit: int) -> None:
-        raise LayoutError(
-            f"tensor '{role.name}': this rank's {what} columns {lo}:{hi} of '{role.logical}' "
-            f"({hi - lo} per rank) cut a {scheme.kind} block of {unit}. Choose a tp (or an "
-            f"expert tp = tp/ep) that leaves a multiple of {unit} per rank."
-        )
-
-    return refuse
 
 
 def describe(scheme: QuantScheme) -> str:

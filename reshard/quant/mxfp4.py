@@ -8,6 +8,8 @@ dequantizes, only to verify).
 
 from __future__ import annotations
 
+from ..errors import LayoutError
+
 BLOCK = 32  # fp4 values per block: one scale each
 BLOCK_BYTES = BLOCK // 2
 PARTS = ("mx_blocks", "mx_scales")
@@ -45,17 +47,21 @@ def logical_shape(name: str, tensors) -> tuple[int, int, int]:
 _DIMS = {0: (0, 1), 1: (2, BLOCK), 2: (1, 1)}
 
 
-def stored_pieces(role, pieces, logical, stored, refuse):
+def stored_pieces(role, pieces, logical, stored):
     """Map pieces of the logical [E, in, out] weight onto part `role.part` ([E, out, in/32,
-    16] or [E, out, in/32]): (pieces, local stored shape). `refuse(what, lo, hi, unit)` raises
-    for a range that cuts a block."""
+    16] or [E, out, in/32]): (pieces, local stored shape). Refuses a range that cuts a block
+    (split_problems refuses such layouts from config.json first)."""
     out, local = [], list(stored)
     for p in pieces:
         start, stop, dest = [0] * len(stored), list(stored), [0] * len(stored)
         for dim, (sdim, unit) in _DIMS.items():
             lo, hi = p.start[dim], p.stop[dim]
             if lo % unit or hi % unit:
-                refuse("in" if dim == 1 else "out", lo, hi, unit)
+                raise LayoutError(
+                    f"tensor '{role.name}': this rank's input columns {lo}:{hi} of "
+                    f"'{role.logical}' ({hi - lo} per rank) cut an mxfp4 block of {unit}. "
+                    f"Choose an expert tp (tp/ep) that leaves a multiple of {unit} per rank."
+                )
             start[sdim], stop[sdim] = lo // unit, hi // unit
             dest[sdim] = p.dest[dim] // unit
             if dim:
