@@ -13,12 +13,15 @@ from . import (
     glm4_moe,
     gpt_oss,
     llama,
+    minimax_m2,
     mixtral,
     phi3,
     qwen2,
     qwen2_moe,
     qwen3,
+    qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
 )
 from .family import Family
 
@@ -38,6 +41,9 @@ FAMILIES: tuple[Family, ...] = (
     gemma3.FAMILY,
     gpt_oss.FAMILY,
     glm4_moe.FAMILY,
+    qwen3_next.FAMILY,
+    minimax_m2.FAMILY,
+    qwen3_5_moe.FAMILY,
 )
 
 BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}
