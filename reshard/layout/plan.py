@@ -210,6 +210,8 @@ def slice_tensor(hp, layout: Layout, coord: Coord, role: TensorRole, shape, plac
             yield role.name, (piece,), tuple(local), 0
     elif kind in ("fused_expert_column", "fused_expert_row"):
         yield _slice_fused(hp, layout, coord, role, shape, placements)
+    elif kind == "stacked_expert":
+        yield _slice_stacked(hp, layout, coord, role, shape, placements)
     else:  # pragma: no cover - ROLES is closed
         raise AssertionError(kind)
 
@@ -242,6 +244,7 @@ def _head_width(hp: HParams, heads: str | None) -> int:
         "qk": hp.qk_head_dim,
         "kv_b": hp.qk_nope_head_dim + hp.v_head_dim,
         "v": hp.v_head_dim,
+        "head": 1,  # one entry per q head (gpt-oss attention sinks)
         "q_gated": 2 * hp.head_dim,  # [q_h; gate_h] per head
         # Gated DeltaNet, per key head: [q; k; v; z] and [b; a] rows of its group, the
         # group's value heads (A_log, dt_bias), its v channels (conv1d, out_proj), its k.
@@ -347,3 +350,22 @@ def _slice_fused(hp, layout: Layout, coord: Coord, role: TensorRole, shape, plac
             pieces.append(Piece(role.name, (e, 0, lo), (e + 1, shape[1], hi), (slot, 0, 0)))
         local = (len(experts), shape[1], hi - lo)
     return role.name, tuple(pieces), local, 0
+
+
+def _slice_stacked(hp, layout: Layout, coord: Coord, role: TensorRole, shape, placements):
+    """[E, ...]: this rank's experts in slot order, each cut along Rule.expert_split."""
+    experts = _local_experts(placements, role.layer, coord, hp, layout)
+    lo, hi, dim = 0, 0, None
+    if role.rule.expert_split:
+        dim, unit = role.rule.expert_split
+        lo, hi = _split_range(role.name, shape, dim, layout.etp, coord.etp_rank, unit)
+    pieces = []
+    for slot, e in enumerate(experts):
+        start, stop = [e, *(0 for _ in shape[1:])], [e + 1, *shape[1:]]
+        if dim is not None:
+            start[dim], stop[dim] = lo, hi
+        pieces.append(Piece(role.name, tuple(start), tuple(stop), (slot, *(0 for _ in shape[1:]))))
+    local = [len(experts), *shape[1:]]
+    if dim is not None:
+        local[dim] = hi - lo
+    return role.name, tuple(pieces), tuple(local), 0

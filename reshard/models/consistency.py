@@ -51,7 +51,7 @@ def _check_quantized_shapes(hp: HParams, tensors, roles, files, config: str) -> 
     if scheme is None:
         return
     for name, role in roles.items():
-        if role.part in ("weight", "qweight") and name in tensors:
+        if role.part in ("weight", "qweight", "mx_blocks") and name in tensors:
             logical = logical_shape(scheme, role.logical, tensors)
             _check_shape(hp, role.logical, logical, files[name], config)
 
@@ -74,6 +74,8 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
         bias = leaf.endswith(".bias")
         shape = mla_shapes(hp)[leaf.removesuffix(".bias") + ".weight" if bias else leaf]
         return shape[:1] if bias else shape
+    if ".experts." in name and family_of(hp).features.stacked_experts:
+        return _stacked_shape(hp, leaf, hidden, experts)
     if leaf.endswith(".e_score_correction_bias"):  # MiniMax-M2: on the MoE block
         return (experts,)
     span = family_of(hp).features.qk_norm_over_heads  # q/k norms over all heads
@@ -89,12 +91,28 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
         "k_norm.weight": (kv,) if span else ((head_dim, hp.head_dim),),
         "gate.weight": (experts, hidden),
         "shared_expert_gate.weight": (("1", 1), hidden),
+        "self_attn.sinks": ((f"num_attention_heads={hp.num_heads}", hp.num_heads),),
+        "router.weight": (experts, hidden),
+        "router.bias": (experts,),
     }
     if leaf in table:
         return table[leaf]
     if leaf.endswith("norm.weight"):
         return (hidden,)
     return _mlp_shape(hp, name, leaf, hidden, experts)
+
+
+def _stacked_shape(hp: HParams, leaf: str, hidden, experts):
+    """gpt-oss's [E, in, out] experts (intermediate_size is the expert width there)."""
+    inner = (f"intermediate_size={hp.moe_intermediate_size}", hp.moe_intermediate_size)
+    double = (f"2 x {inner[0]}", 2 * inner[1])
+    table = {
+        "experts.gate_up_proj": (experts, hidden, double),
+        "experts.gate_up_proj_bias": (experts, double),
+        "experts.down_proj": (experts, inner, hidden),
+        "experts.down_proj_bias": (experts, hidden),
+    }
+    return table[leaf]
 
 
 def _mlp_shape(hp: HParams, name: str, leaf: str, hidden, experts):

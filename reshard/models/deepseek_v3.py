@@ -23,13 +23,16 @@ ROUTER_AND_SHARED = (
 
 
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:
-    return {**_read_experts(config, where, fields["num_layers"]), **_read_mla(config, where)}
+    return {**read_grouped_experts(config, where, fields["num_layers"]), **_read_mla(config, where)}
 
 
-def _read_experts(config: dict[str, Any], where: str, layers: int) -> dict[str, Any]:
-    """transformers' DeepseekV3Config names and defaults: layers from first_k_dense_replace
-    on are MoE; n_shared_experts shared experts act as one MLP n_shared x
-    moe_intermediate_size wide; experts come in n_group groups."""
+def read_grouped_experts(
+    config: dict[str, Any], where: str, layers: int, *, dense: int = 3, scale: float = 2.5
+) -> dict[str, Any]:
+    """transformers' DeepseekV3Config names and defaults (GLM-4.5 reads the same keys with
+    its own `dense` and `scale` defaults): layers from first_k_dense_replace on are MoE;
+    n_shared_experts shared experts act as one MLP n_shared x moe_intermediate_size wide;
+    experts come in n_group groups."""
     experts = get_int(config, "n_routed_experts", where)
     top_k = get_int(config, "num_experts_per_tok", where)
     width = get_int(config, "moe_intermediate_size", where)
@@ -41,7 +44,7 @@ def _read_experts(config: dict[str, Any], where: str, layers: int) -> dict[str, 
             f"groups, topk_group={keep} <= n_group and num_experts_per_tok={top_k} <= the "
             f"experts of the kept groups. {FIX}"
         )
-    dense = get_int(config, "first_k_dense_replace", where, default=3, minimum=0)
+    dense = get_int(config, "first_k_dense_replace", where, default=dense, minimum=0)
     return {
         "num_experts": experts,
         "num_experts_per_tok": top_k,
@@ -54,7 +57,7 @@ def _read_experts(config: dict[str, Any], where: str, layers: int) -> dict[str, 
         "n_group": groups,
         "topk_group": keep,
         "routed_scaling_factor": get_float(
-            config, "routed_scaling_factor", where, default=2.5, positive=True
+            config, "routed_scaling_factor", where, default=scale, positive=True
         ),
     }
 

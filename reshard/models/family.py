@@ -25,6 +25,10 @@ ROLES = (
     # Parts stacked on dim 0 in the checkpoint (Phi-3 qkv_proj [q; k; v], gate_up_proj
     # [gate; up]): each part split like its own column tensor, the rank's slices stacked again.
     "fused_column",
+    # Experts stacked on dim 0 of one tensor ([E, ...]; gpt-oss `gate_up_proj` [E, H, 2I],
+    # `down_proj` [E, I, H], their biases): each rank keeps its experts, each cut along
+    # `Rule.expert_split` (dim, unit) into tp/ep parts, or whole when that is None.
+    "stacked_expert",
     "drop",  # derivable from config (rotary inv_freq): recorded, not written
 )
 
@@ -47,10 +51,14 @@ class Rule:
     # fused_column: the parts on dim 0 in order, each a `heads` kind ("q", "kv") or "mlp"
     # (intermediate_size rows), e.g. ("q", "kv", "kv") for [q; k; v].
     fused: tuple[str, ...] | None = None
+    # stacked_expert: (dim, unit) cut tp/ep ways in whole units (gpt-oss's interleaved
+    # gate/up columns: unit 2, so each rank keeps its gate/up pairs), None: whole per expert.
+    expert_split: tuple[int, int] | None = None
 
     def __post_init__(self):
         assert self.role in ROLES and self.scope in SCOPES, self
         assert (self.role == "fused_column") == bool(self.fused), self
+        assert self.expert_split is None or self.role == "stacked_expert", self
 
     @property
     def regex(self) -> re.Pattern:
@@ -82,6 +90,16 @@ class Features:
     sandwich_norms: bool = False
     # Gemma: the embedding output times sqrt(hidden_size), that factor cast to the hidden dtype.
     scale_embedding: bool = False
+    # gpt-oss: RMSNorm scales by the weight in fp32, then casts (transformers keeps its norms
+    # in fp32); Llama casts first. The same in an fp32 run, not in a bf16 one.
+    norm_scale_fp32: bool = False
+    # gpt-oss: a learned per-head logit `self_attn.sinks` joins each softmax (then dropped).
+    attention_sinks: bool = False
+    # The router's module name inside the MoE block (gpt-oss: `router`, with a bias).
+    router: str = "gate"
+    # gpt-oss: experts as [E, in, out] tensors with biases, gate/up interleaved in columns
+    # (gate = [..., ::2], up = [..., 1::2]) and the clamped SwiGLU (HParams.swiglu_limit).
+    stacked_experts: bool = False
     # Qwen3-Next: q_proj holds [q_h; gate_h] per head (2 x head_dim rows each); the attention
     # output is multiplied by sigmoid(gate) before o_proj.
     attention_output_gate: bool = False

@@ -81,6 +81,10 @@ class HParams:
     attn_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
     final_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
     sliding_rope_theta: float | None = field(default=None, metadata=OMIT_DEFAULT)
+    # gpt-oss's clamped SwiGLU: gate clamped above at the limit, up within +-limit,
+    # (up + 1) * gate * sigmoid(alpha * gate) (None: the family's plain activation).
+    swiglu_limit: float | None = field(default=None, metadata=OMIT_DEFAULT)
+    swiglu_alpha: float | None = field(default=None, metadata=OMIT_DEFAULT)
     # Gated DeltaNet linear attention (layer_types "linear_attention"; Qwen3-Next): key and
     # value heads and widths, and the causal conv's kernel. Each value head belongs to key
     # head v // (value heads / key heads); a linear layer keeps a fixed state per sequence.

@@ -35,6 +35,8 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
         return (1, h)
     if "shared_expert." in name:
         return _mlp(leaf, hp.shared_expert_intermediate_size, h)
+    if ".experts." in name and family_of(hp).features.stacked_experts:
+        return stacked_expert_shape(hp, leaf)
     if ".experts." in name:
         return _mlp(leaf, hp.moe_intermediate_size, h)
     table = {
@@ -50,6 +52,9 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
         "q_norm.weight": (hp.q_size if _span_norm(hp) else hd,),
         "k_norm.weight": (hp.kv_size if _span_norm(hp) else hd,),
         "gate.weight": (hp.num_experts, h),
+        "self_attn.sinks": (hp.num_heads,),  # gpt-oss
+        "router.weight": (hp.num_experts, h),
+        "router.bias": (hp.num_experts,),
     }
     if leaf in table:
         return table[leaf]
@@ -73,6 +78,26 @@ def _q_rows_per_head(hp: HParams) -> int:
 QUANTIZED_ROLES = ("column", "row", "expert_column", "expert_row")
 
 
+def _quantized(scheme, rule: Rule, name: str, ndim: int) -> bool:
+    """Stored quantized under `scheme`: 2-D linear weights, not norms (mxfp4: the stacked
+    experts' only)."""
+    if scheme.kind == "mxfp4":
+        return rule.role == "stacked_expert" and name.endswith(("gate_up_proj", "down_proj"))
+    return rule.role in QUANTIZED_ROLES and name.endswith(".weight") and ndim == 2
+
+
+def stacked_expert_shape(hp: HParams, leaf: str) -> tuple[int, ...]:
+    """gpt-oss's [E, in, out] experts and their biases."""
+    e, h, inner = hp.num_experts, hp.hidden_size, hp.moe_intermediate_size
+    table = {
+        "experts.gate_up_proj": (e, h, 2 * inner),
+        "experts.gate_up_proj_bias": (e, 2 * inner),
+        "experts.down_proj": (e, inner, h),
+        "experts.down_proj_bias": (e, h),
+    }
+    return table[leaf]
+
+
 def _mlp(leaf: str, inner: int, h: int) -> tuple[int, ...]:
     if leaf.split(".")[0] in ("down_proj", "w2"):
         return (h, inner)
@@ -90,6 +115,8 @@ def _wanted(hp: HParams, rule: Rule) -> bool:
         return hp.attention_bias
     if rule.template.endswith("o_proj.bias"):
         return hp.o_bias
+    if rule.template.endswith(("q_norm.weight", "k_norm.weight")):
+        return hp.qk_norm
     if hp.is_mla and rule.template.endswith(("q_a_proj.weight", "q_a_layernorm.weight")):
         return hp.q_lora_rank > 0
     if hp.is_mla and rule.template.endswith("q_b_proj.weight"):
@@ -114,8 +141,7 @@ def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str,
     scheme = scheme_of(hp)
     out: dict[str, tuple[str, tuple]] = {}
     for n in sorted(names, key=key):
-        linear = n.endswith(".weight") and len(tensor_shape(hp, n)) == 2  # not a norm
-        if scheme and rule_of[n].role in QUANTIZED_ROLES and linear:
+        if scheme and _quantized(scheme, rule_of[n], n, len(tensor_shape(hp, n))):
             out.update(stored_tensors(scheme, n, tensor_shape(hp, n), dtype))
         else:
             out[n] = (dtype, tensor_shape(hp, n))

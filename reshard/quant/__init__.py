@@ -14,6 +14,7 @@ from typing import Any
 
 from ..dtypes import CAST_DTYPES
 from ..errors import LayoutError, UnsupportedModelError
+from . import mxfp4
 
 PACK = 8  # int4 values per int32 (AWQ along out, GPTQ along in, qzeros along out)
 
@@ -33,6 +34,7 @@ SCHEME_PARTS = {
     "fp8_channel": ("weight", "weight_scale"),
     "awq": ("qweight", "qzeros", "scales"),
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "mxfp4": mxfp4.PARTS,  # gpt-oss experts: quant/mxfp4.py
 }
 
 
@@ -82,11 +84,12 @@ def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] 
     method = str(qc.get("quant_method", "")).lower()
     parsers = {"fp8": _parse_fp8, "compressed-tensors": _parse_compressed, "awq": _parse_awq}
     parsers["gptq"] = _parse_gptq
+    parsers["mxfp4"] = lambda qc, where: QuantScheme("mxfp4")
     if method not in parsers:
         raise UnsupportedModelError(
             f"{where}: quantization_config.quant_method={method!r} is not supported. "
             "Supported: fp8 (per-tensor or weight_block_size), compressed-tensors FP8 "
-            "(tensor or channel), awq (gemm, 4 bit), gptq (4 bit)."
+            "(tensor or channel), awq (gemm, 4 bit), gptq (4 bit), mxfp4."
         )
     return parsers[method](qc, where).to_dict()
 
@@ -175,6 +178,8 @@ def split_name(name: str, names) -> tuple[str, str | None]:
     `names`: every tensor name of the checkpoint (an FP8 weight is a part only when it has
     a scale next to it)."""
     module, _, leaf = name.rpartition(".")
+    if mx := mxfp4.split_name(module, leaf, names):
+        return mx
     if leaf in SUFFIXES:
         return f"{module}.weight", SUFFIXES[leaf]
     if leaf == "weight" and (
@@ -184,7 +189,7 @@ def split_name(name: str, names) -> tuple[str, str | None]:
     return name, None
 
 
-SPLITTABLE = ("replicate", "column", "row", "expert_column", "expert_row")
+SPLITTABLE = ("replicate", "column", "row", "expert_column", "expert_row", "stacked_expert")
 
 
 def check_quantized_role(name: str, role: str, where: str) -> None:
@@ -202,6 +207,8 @@ def stored_tensors(
     """What a quantized linear `name` (`<module>.weight`, logical [out, in], unquantized dtype
     `dtype`) is stored as: {stored name: (safetensors dtype, stored shape)}. The check of
     config-implied shapes against a checkpoint uses this for quantized weights."""
+    if scheme.kind == "mxfp4":  # [E, in, out] experts
+        return mxfp4.stored_tensors(name, shape)
     out, inn = shape
     module = name.rpartition(".")[0]
     g = scheme.group_size
@@ -247,6 +254,8 @@ def logical_shape(scheme: QuantScheme, name: str, tensors) -> tuple[int, int]:
     """[out, in] of the logical weight `name`, from its main stored tensor in `tensors`
     (name -> (dtype, shape))."""
     module = name.rpartition(".")[0]
+    if scheme.kind == "mxfp4":
+        return mxfp4.logical_shape(name, tensors)
     if scheme.kind.startswith("fp8"):
         return tuple(tensors[name][1])
     qshape = tensors[f"{module}.qweight"][1]
@@ -366,6 +375,8 @@ def stored_slice(
 def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
     """Map the pieces of the logical weight (at most one cut dim) onto part `role.part`:
     (pieces, local stored shape)."""
+    if scheme.kind == "mxfp4":
+        return mxfp4.stored_pieces(role, pieces, logical, stored)
     out = []
     local = list(stored)
     for p in pieces:
@@ -383,6 +394,8 @@ def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
 
 
 def describe(scheme: QuantScheme) -> str:
+    if scheme.kind == "mxfp4":
+        return "MXFP4: fp4 e2m1 in blocks of 32 with an e8m0 scale each"
     if scheme.kind == "fp8_block":
         return f"FP8 E4M3, block-scaled {list(scheme.block)}"
     if scheme.kind.startswith("fp8"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..models import family_of
 from ..models.hparams import HParams
 from ..models.rules import rules_for
-from . import PACK, QuantScheme, scheme_of
+from . import PACK, QuantScheme, mxfp4, scheme_of
 
 # (tensor leaf, logical dim that a split cuts) per parallel MLP linear.
 _MLP = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))
@@ -30,6 +30,8 @@ def split_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
     scheme = scheme_of(hp)
     if scheme is None:
         return []
+    if scheme.kind == "mxfp4":
+        return mxfp4.split_problems(hp, tp, ep, expert_eps)
     unit = units(scheme)
     cut: dict[tuple, list[str]] = {}  # one line per module group (attention, mlp, experts)
     for name, dim, size, parts in _splits(hp, tp, ep):

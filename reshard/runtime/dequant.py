@@ -38,7 +38,7 @@ def dequantize_tensors(
 
 
 def dequantize_weight(scheme: QuantScheme, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One weight's stored parts -> fp32 [out, in]."""
+    """One weight's stored parts -> fp32 [out, in] (mxfp4 experts: [E, in, out])."""
     if scheme.kind == "fp8_block":
         return _fp8_block(parts["weight"], parts["scale_inv"], scheme.block)
     if scheme.kind in ("fp8_tensor", "fp8_channel"):
@@ -50,6 +50,8 @@ def dequantize_weight(scheme: QuantScheme, parts: dict[str, torch.Tensor]) -> to
         )
     if scheme.kind == "awq":
         return _awq(parts, scheme.group_size)
+    if scheme.kind == "mxfp4":
+        return _mxfp4(parts["mx_blocks"], parts["mx_scales"])
     return _gptq(parts, scheme.group_size, scheme.desc_act)
 
 
@@ -58,6 +60,21 @@ def _fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block) -> torch.Te
     bn, bk = block
     scale = scale_inv.float().repeat_interleave(bn, 0)[:out].repeat_interleave(bk, 1)[:, :inn]
     return weight.float() * scale  # [out, in]
+
+
+# fp4 e2m1 code -> value (bit 3 the sign), as transformers' integrations/mxfp4.FP4_VALUES.
+_FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """blocks uint8 [E, out, G, 16], scales uint8 [E, out, G] -> fp32 [E, in = 32 G, out]:
+    low nibble first, each block times 2**(scale - 127), as the float checkpoint stores it."""
+    lut = torch.tensor(_FP4, device=blocks.device)
+    values = torch.stack((lut[(blocks & 15).long()], lut[(blocks >> 4).long()]), dim=-1)
+    values = values.flatten(-2)  # [E, out, G, 32]
+    exponents = scales.to(torch.int32) - 127
+    weight = torch.ldexp(values, exponents[..., None].float())  # [E, out, G, 32]
+    return weight.flatten(-2).transpose(1, 2).contiguous()  # [E, in, out]
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,12 @@ class RMSNorm(nn.Module):
     """HF RMSNorm: normalise in fp32, cast back, then scale by the weight. With `adds_one`
     (Gemma) the scale is (1 + weight), applied in fp32 before the cast."""
 
-    def __init__(self, dim: int, eps: float, *, adds_one: bool = False) -> None:
+    def __init__(
+        self, dim: int, eps: float, *, adds_one: bool = False, scale_fp32: bool = False
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, device="meta"))
-        self.eps, self.adds_one = eps, adds_one
+        self.eps, self.adds_one, self.scale_fp32 = eps, adds_one, scale_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -65,12 +67,17 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.adds_one:
             return (x * (1.0 + self.weight.float())).to(dtype)
+        if self.scale_fp32:  # gpt-oss
+            return (self.weight.float() * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
 def make_norm(hp: HParams, dim: int) -> RMSNorm:
     """The family's RMSNorm over `dim` with config.json's rms_norm_eps."""
-    return RMSNorm(dim, hp.rms_norm_eps, adds_one=family_of(hp).features.norm_adds_one)
+    features = family_of(hp).features
+    return RMSNorm(
+        dim, hp.rms_norm_eps, adds_one=features.norm_adds_one, scale_fp32=features.norm_scale_fp32
+    )
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -88,6 +95,8 @@ class Attention(nn.Module):
         if f"{prefix}q_norm.weight" in tensors:  # Qwen3, Gemma-3: per-head RMSNorm on q and k
             self.q_norm = make_norm(hp, hp.head_dim)
             self.k_norm = make_norm(hp, hp.head_dim)
+        if family_of(hp).features.attention_sinks:  # gpt-oss: [local heads]
+            self.sinks = nn.Parameter(torch.empty_like(tensors[f"{prefix}sinks"], device="meta"))
         self.layer, self.head_dim, self.comm = layer, hp.head_dim, comm
         self.set_scores(hp)
         self.heads = self.q_proj.out_features // hp.head_dim
@@ -131,6 +140,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         if self.softcap is not None:
             return self._attend_capped(q, k, v, mask)
+        if hasattr(self, "sinks"):
+            return self._attend_sinks(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _attend_capped(
@@ -141,6 +152,18 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return probs @ v
+
+    def _attend_sinks(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """gpt-oss's eager attention: each head's sink logit joins the softmax as one more
+        column (max subtracted first), then is dropped, so rows may sum to less than 1."""
+        scores = (q @ k.transpose(2, 3) * self.scale).masked_fill(~mask, float("-inf"))
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)  # [B, h, S, 1]
+        logits = torch.cat([scores, sinks.to(scores.dtype)], dim=-1)  # [B, h, S, T + 1]
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+        return probs.to(v.dtype) @ v
 
 
 class MLP(nn.Module):

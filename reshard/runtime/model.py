@@ -50,7 +50,7 @@ class DecoderLayer(nn.Module):
                 hp, layer, tensors, f"{prefix}self_attn.", comm
             )
         moe = layer in hp.moe_layers
-        self.ffn_name = _ffn_name(tensors, prefix, features.moe_blocks) if moe else "mlp"
+        self.ffn_name = _ffn_name(tensors, prefix, features) if moe else "mlp"
         ffn_prefix = f"{prefix}{self.ffn_name}."
         if moe:
             self.add_module(self.ffn_name, MoEBlock(hp, tensors, ffn_prefix, emap, comm))
@@ -93,11 +93,11 @@ def _attention(hp: HParams, features) -> type[nn.Module]:
     return MLAttention if hp.is_mla else Attention
 
 
-def _ffn_name(tensors: Tensors, prefix: str, blocks: tuple[str, ...]) -> str:
-    for name in blocks:
-        if f"{prefix}{name}.gate.weight" in tensors:
+def _ffn_name(tensors: Tensors, prefix: str, features) -> str:
+    for name in features.moe_blocks:
+        if f"{prefix}{name}.{features.router}.weight" in tensors:
             return name
-    raise KeyError(f"{prefix}{blocks[0]}.gate.weight")
+    raise KeyError(f"{prefix}{features.moe_block}.{features.router}.weight")
 
 
 class Body(nn.Module):

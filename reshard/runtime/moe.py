@@ -23,6 +23,7 @@ from ..models import family_of
 from ..models.hparams import HParams
 from .dist import Comm
 from .layers import MLP, Tensors, get_activation, linear_like
+from .stacked_experts import StackedExpertWeights
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,14 @@ class MoEBlock(nn.Module):
 
     def __init__(self, hp: HParams, tensors: Tensors, prefix: str, emap: ExpertMap, comm: Comm):
         super().__init__()
-        self.gate = linear_like(tensors, f"{prefix}gate")
+        features = family_of(hp).features
+        self.router_name = features.router  # "gate", or gpt-oss's biased "router"
+        self.add_module(self.router_name, linear_like(tensors, f"{prefix}{self.router_name}"))
         self.fused = f"{prefix}experts.gate_up_proj" in tensors
-        if self.fused:
+        self.stacked = features.stacked_experts
+        if self.stacked:
+            self.experts = StackedExpertWeights(hp, tensors, f"{prefix}experts.", comm)
+        elif self.fused:
             self.experts = FusedExpertWeights(tensors, f"{prefix}experts.")
         else:
             names = family_of(hp).features.expert_names  # (gate, up, down) per expert
@@ -142,7 +148,10 @@ class MoEBlock(nn.Module):
         """Softmax (fp32) -> top-k -> optional renormalisation. Returns weights, expert ids."""
         if self.hp.router_scoring == "sigmoid":
             return self.route_grouped(flat)
-        logits = self.gate(flat)  # [N, E]
+        logits = getattr(self, self.router_name)(flat)  # [N, E]
+        if self.hp.router_scoring == "topk_softmax":  # gpt-oss: softmax over the top-k logits
+            top, experts = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
+            return F.softmax(top, dim=1, dtype=top.dtype), experts
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
         if self.renormalise:
@@ -191,6 +200,8 @@ class MoEBlock(nn.Module):
         return [s for s in order if s in hit]
 
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            return self.experts.forward_slot(slot, x)  # [n, H], partial over etp
         key = slot if self.fused else self.emap.local_experts[slot]
         gate, up = self.experts.gate_up(key, x)  # [n, I_l] each
         return self.experts.down(key, self.act(gate) * up)  # [n, H], partial over etp

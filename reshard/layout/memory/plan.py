@@ -36,7 +36,13 @@ from .model import (
     state_bytes_per_sequence,
 )
 
-EXPERT_ROLES = ("expert_column", "expert_row", "fused_expert_column", "fused_expert_row")
+EXPERT_ROLES = (
+    "expert_column",
+    "expert_row",
+    "fused_expert_column",
+    "fused_expert_row",
+    "stacked_expert",
+)
 
 
 @dataclass(frozen=True)
