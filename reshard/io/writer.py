@@ -311,8 +311,8 @@ def _account(target: Target, rel: int, data) -> None:
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
     hashes: dict[str, dict[str, str]] = {}
     for t in targets:
-        padding_bytes = t.tensor.padding * (t.tensor.nbytes // max(t.tensor.shape[0], 1))
-        expected = t.tensor.nbytes - (padding_bytes if t.tensor.shape else 0)
+        rows = t.tensor.shape[0] if t.tensor.shape else 1  # a 0-dim scalar (NVFP4 scale_2)
+        expected = t.tensor.nbytes - t.tensor.padding * (t.tensor.nbytes // max(rows, 1))
         if t.written != expected:  # internal invariant: the plan covers every element once
             raise AssertionError(f"{t.tensor.name}: wrote {t.written} of {expected} bytes")
         while t.hashed < t.tensor.nbytes:

@@ -8,6 +8,7 @@ order transformers saves them.
 from __future__ import annotations
 
 from ..quant import scheme_of, stored_tensors
+from ..quant.format import quantizes
 from .family import Rule
 from .hparams import HParams
 from .mla import mla_shapes
@@ -98,7 +99,8 @@ def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str,
     scheme = scheme_of(hp)
     out: dict[str, tuple[str, tuple]] = {}
     for n in sorted(names, key=key):
-        if scheme and rule_of[n].role in QUANTIZED_ROLES and n.endswith(".weight"):
+        quantized = scheme and quantizes(scheme, n.rpartition(".")[0])  # ignore / targets
+        if quantized and rule_of[n].role in QUANTIZED_ROLES and n.endswith(".weight"):
             out.update(stored_tensors(scheme, n, tensor_shape(hp, n), dtype))
         else:
             out[n] = (dtype, tensor_shape(hp, n))

@@ -9,11 +9,13 @@ layouts would cut a block, pack or group is in quant/layout.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..dtypes import CAST_DTYPES
 from ..errors import LayoutError, UnsupportedModelError
+from . import compressed, nvfp4
+from .format import quantizes
 
 PACK = 8  # int4 values per int32 (AWQ along out, GPTQ along in, qzeros along out)
 
@@ -26,7 +28,12 @@ SUFFIXES = {
     "qzeros": "qzeros",  # [in/g, out/8], int32
     "scales": "scales",  # [in/g, out], fp16
     "g_idx": "g_idx",  # GPTQ [in]: the group of each input row
+    # compressed-tensors int (quant/compressed.py) and NVFP4 (quant/nvfp4.py): part = leaf
+    **{leaf: leaf for leaf in ("weight_packed", "weight_shape", "weight_zero_point")},
+    **{leaf: leaf for leaf in ("weight_scale_2", "weight_global_scale", "input_global_scale")},
 }
+# Storage forms with their own module (quant/format.py's seam), by scheme kind.
+FORMATS = {**compressed.FORMATS, **nvfp4.FORMATS}
 SCHEME_PARTS = {
     "fp8_block": ("weight", "scale_inv"),
     "fp8_tensor": ("weight", "weight_scale"),
@@ -43,27 +50,45 @@ class QuantScheme:
     group_size: int = 0  # awq / gptq
     desc_act: bool = False  # gptq act-order: g_idx is a permutation of groups
     input_scale: bool = False  # fp8: a static per-tensor input_scale is stored too
+    # The FORMATS kinds: bits, strategy (group/channel/tensor), asymmetric zero points, and
+    # which linear modules are quantized (compressed-tensors ignore/targets rules).
+    bits: int = 0
+    strategy: str = ""
+    zero_point: bool = False
+    ignore: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
 
     @property
     def parts(self) -> tuple[str, ...]:
+        if self.kind in FORMATS:
+            return FORMATS[self.kind].parts(self)
         extra = ("input_scale",) if self.input_scale else ()
         return SCHEME_PARTS[self.kind] + extra
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "kind": self.kind,
             "block": list(self.block) if self.block else None,
             "group_size": self.group_size,
             "desc_act": self.desc_act,
             "input_scale": self.input_scale,
         }
+        extra = {"bits": self.bits, "strategy": self.strategy, "zero_point": self.zero_point}
+        extra |= {"ignore": list(self.ignore), "targets": list(self.targets)}
+        return d | {k: v for k, v in extra.items() if v}  # older manifests: none of these
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
         """Raises KeyError / ValueError on a dict that is not a scheme (a damaged manifest)."""
         block = tuple(d["block"]) if d.get("block") else None
         scheme = cls(d["kind"], block, d["group_size"], d["desc_act"], d["input_scale"])
-        if scheme.kind not in SCHEME_PARTS or (scheme.kind == "fp8_block") != bool(block):
+        scheme = replace(
+            scheme, bits=int(d.get("bits", 0)), strategy=str(d.get("strategy", "")),
+            zero_point=bool(d.get("zero_point", False)), ignore=tuple(d.get("ignore", ())),
+            targets=tuple(d.get("targets", ())),
+        )  # fmt: skip
+        known = scheme.kind in SCHEME_PARTS or scheme.kind in FORMATS
+        if not known or (scheme.kind == "fp8_block") != bool(block):
             raise ValueError(f"not a quantization scheme: {d!r}")
         return scheme
 
@@ -81,12 +106,13 @@ def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] 
         )
     method = str(qc.get("quant_method", "")).lower()
     parsers = {"fp8": _parse_fp8, "compressed-tensors": _parse_compressed, "awq": _parse_awq}
-    parsers["gptq"] = _parse_gptq
+    parsers |= {"gptq": _parse_gptq, "modelopt": _parse_modelopt, "modelopt_fp4": _parse_modelopt}
     if method not in parsers:
         raise UnsupportedModelError(
             f"{where}: quantization_config.quant_method={method!r} is not supported. "
-            "Supported: fp8 (per-tensor or weight_block_size), compressed-tensors FP8 "
-            "(tensor or channel), awq (gemm, 4 bit), gptq (4 bit)."
+            "Supported: fp8 (per-tensor or weight_block_size), compressed-tensors (FP8 tensor "
+            "or channel, int4/int8 pack-quantized, int8 int-quantized, nvfp4-pack-quantized), "
+            "modelopt (NVFP4), awq (gemm, 4 bit), gptq (4 bit)."
         )
     return parsers[method](qc, where).to_dict()
 
@@ -108,15 +134,32 @@ def _parse_fp8(qc: dict, where: str) -> QuantScheme:
     return QuantScheme("fp8_block", block=(block[0], block[1]), input_scale=static)
 
 
+def _parse_modelopt(qc: dict, where: str) -> QuantScheme:
+    return QuantScheme(**nvfp4.parse_modelopt(qc, where))
+
+
 def _parse_compressed(qc: dict, where: str) -> QuantScheme:
     groups = qc.get("config_groups")
     groups = list(groups.values()) if isinstance(groups, dict) else []
     weights = [g.get("weights") if isinstance(g, dict) else None for g in groups]
     weights = [w if isinstance(w, dict) else {} for w in weights]
-    if len(groups) != 1 or weights[0].get("type") != "float" or weights[0].get("num_bits") != 8:
+    if len(groups) != 1:
         raise UnsupportedModelError(
-            f"{where}: compressed-tensors config_groups {[w.get('type') for w in weights]} "
-            "is not one FP8 (float, 8 bit) group; reshard splits only FP8 compressed-tensors."
+            f"{where}: compressed-tensors config_groups holds {len(groups)} groups "
+            f"{[(w.get('type'), w.get('num_bits')) for w in weights]}; reshard splits a "
+            "checkpoint quantized with one group (one scheme for every quantized linear)."
+        )
+    fmt = str(groups[0].get("format") or qc.get("format", ""))
+    rules = {"ignore": _names(qc, "ignore", where), "targets": _names(groups[0], "targets", where)}
+    if weights[0].get("type") == "int":
+        return QuantScheme(**compressed.parse_int(qc, groups[0], fmt, where), **rules)
+    if weights[0].get("type") == "float" and weights[0].get("num_bits") == 4:
+        return QuantScheme(**nvfp4.parse_compressed(groups[0], fmt, where), **rules)
+    if weights[0].get("type") != "float" or weights[0].get("num_bits") != 8:
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors weights type={weights[0].get('type')!r} "
+            f"num_bits={weights[0].get('num_bits')!r}: reshard splits int (4 or 8 bit), "
+            "float 8 bit (FP8) and float 4 bit (NVFP4) weights."
         )
     strategy = weights[0].get("strategy")
     if strategy not in ("tensor", "channel"):
@@ -128,6 +171,16 @@ def _parse_compressed(qc: dict, where: str) -> QuantScheme:
     static = isinstance(acts, dict) and not acts.get("dynamic", True)
     kind = "fp8_channel" if strategy == "channel" else "fp8_tensor"
     return QuantScheme(kind, input_scale=static)
+
+
+def _names(d: dict, key: str, where: str) -> tuple[str, ...]:
+    value = d.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors {key}={value!r} must be a list of module names or "
+            "'re:' patterns. Re-download config.json."
+        )
+    return tuple(value)
 
 
 def _parse_int4(qc: dict, where: str, method: str) -> int:
@@ -204,6 +257,9 @@ def stored_tensors(
     config-implied shapes against a checkpoint uses this for quantized weights."""
     out, inn = shape
     module = name.rpartition(".")[0]
+    if scheme.kind in FORMATS:
+        stored = FORMATS[scheme.kind].stored(scheme, out, inn, dtype)
+        return {f"{module}.{leaf}": spec for leaf, spec in stored.items()}
     g = scheme.group_size
     scales = dtype if dtype in CAST_DTYPES.values() else "F16"  # int4 scales: AWQ/GPTQ fp16
     if scheme.kind == "fp8_block":
@@ -247,6 +303,9 @@ def logical_shape(scheme: QuantScheme, name: str, tensors) -> tuple[int, int]:
     """[out, in] of the logical weight `name`, from its main stored tensor in `tensors`
     (name -> (dtype, shape))."""
     module = name.rpartition(".")[0]
+    if scheme.kind in FORMATS:
+        main = FORMATS[scheme.kind].main
+        return FORMATS[scheme.kind].logical(scheme, {main: tensors[f"{module}.{main}"]})
     if scheme.kind.startswith("fp8"):
         return tuple(tensors[name][1])
     qshape = tensors[f"{module}.qweight"][1]
@@ -281,7 +340,14 @@ def check_parts(scheme: QuantScheme | None, tensors, roles, where: str) -> None:
 
 def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, where) -> None:
     module = weight.rpartition(".")[0]
-    scales = tensors.get(f"{module}.scales", ("F16",))[0]  # fp16 or bf16, as exported
+    leaf = "weight_scale" if scheme.kind in FORMATS else "scales"
+    scales = tensors.get(f"{module}.{leaf}", ("F16",))[0]  # fp16 or bf16, as exported
+    if scheme.kind in FORMATS and not quantizes(scheme, module):
+        raise UnsupportedModelError(
+            f"{where}: tensors {sorted(names)} are quantized, but quantization_config leaves "
+            f"'{module}' unquantized (ignore {list(scheme.ignore)}, targets "
+            f"{list(scheme.targets)}). The checkpoint and its quantization_config disagree."
+        )
     try:
         expected = stored_tensors(scheme, weight, logical_shape(scheme, weight, tensors), scales)
     except KeyError as e:
@@ -309,6 +375,8 @@ def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, w
 
 # part -> (logical dim 0 = out, logical dim 1 = in) -> (stored dim, unit) or None (kept whole).
 def _part_map(scheme: QuantScheme, part: str) -> tuple:
+    if scheme.kind in FORMATS:
+        return FORMATS[scheme.kind].part_map(scheme, part)
     g = scheme.group_size
     bn, bk = scheme.block or (1, 1)
     table = {
@@ -364,6 +432,8 @@ def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
 
 
 def describe(scheme: QuantScheme) -> str:
+    if scheme.kind in FORMATS:
+        return FORMATS[scheme.kind].describe(scheme)
     if scheme.kind == "fp8_block":
         return f"FP8 E4M3, block-scaled {list(scheme.block)}"
     if scheme.kind.startswith("fp8"):
