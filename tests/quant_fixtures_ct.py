@@ -37,8 +37,10 @@ def _ct(weights: dict, fmt: str, acts: dict | None = None) -> dict:
 
 
 def _int(bits: int, strategy: str, group: int | None = None, symmetric: bool = True) -> dict:
-    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
-            "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax"}  # fmt: skip
+    return {
+        "num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+        "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax",
+    }  # fmt: skip
 
 
 NVFP4_ARGS = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
@@ -179,8 +181,10 @@ def write_quantized_ct(path: Path, scheme: str, arch: str = "LlamaForCausalLM", 
         module, _, leaf = name.rpartition(".")
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             state[name] = _quantize_experts(scheme, name, tensor, stored)
-        elif leaf == "weight" and module.rsplit(".", 1)[-1] in LINEARS and not ignored(
-            scheme, module
+        elif (
+            leaf == "weight"
+            and module.rsplit(".", 1)[-1] in LINEARS
+            and not ignored(scheme, module)
         ):
             parts, state[name] = quantize(scheme, tensor)
             stored.update({f"{module}.{k}": t.contiguous() for k, t in parts.items()})

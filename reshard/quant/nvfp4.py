@@ -50,8 +50,10 @@ def parse_modelopt(qc: dict, where: str) -> dict[str, Any]:
 
 def parse_compressed(group: dict, fmt: str, where: str) -> dict[str, Any]:
     w = group.get("weights") or {}
-    if fmt != "nvfp4-pack-quantized" or w.get("group_size") != BLOCK or not w.get(
-        "symmetric", True
+    if (
+        fmt != "nvfp4-pack-quantized"
+        or w.get("group_size") != BLOCK
+        or not w.get("symmetric", True)
     ):
         raise UnsupportedModelError(
             f"{where}: compressed-tensors fp4 weights (format {fmt!r}, group_size "
