@@ -75,7 +75,10 @@ def test_schemes_parse_from_quantization_config():
         ({"quant_method": "gptq", "bits": 4, "group_size": -1}, "gptq group_size=-1"),
         ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size=[128]"),
         ({"quant_method": "fp8", "weight_block_size": "128"}, "weight_block_size='128'"),
-        ({"quant_method": "compressed-tensors", "config_groups": [1]}, "is not one FP8"),
+        (
+            {"quant_method": "compressed-tensors", "config_groups": [1]},
+            "config_groups is [1], not an object",
+        ),
         ("fp8", "quantization_config is str 'fp8', not an object"),
     ],
 )

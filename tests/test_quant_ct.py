@@ -86,7 +86,10 @@ def test_schemes_parse_from_quantization_config():
 
 def _ct_group(**weights):
     base = SCHEMES["w4a16"]["config_groups"]["group_0"]
-    return {**SCHEMES["w4a16"], "config_groups": {"g": {**base, "weights": base["weights"] | weights}}}
+    return {
+        **SCHEMES["w4a16"],
+        "config_groups": {"g": {**base, "weights": base["weights"] | weights}},
+    }
 
 
 @pytest.mark.parametrize(
@@ -166,8 +169,10 @@ def test_w4a16_splits_keep_packs_and_groups(quantized, tmp_path):
     [64, 6]: rank 1 holds words 6:12 and groups 3:6. weight_shape [64, 96] whole on both."""
     src, _ = quantized("w4a16")
     convert_model(str(src), tmp_path / "out", build_recipe(tp=2))
-    source, rank0, rank1 = load_source(src), load_rank(tmp_path / "out", 0), load_rank(
-        tmp_path / "out", 1
+    source, rank0, rank1 = (
+        load_source(src),
+        load_rank(tmp_path / "out", 0),
+        load_rank(tmp_path / "out", 1),
     )
     q, down = "model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj"
     assert source[f"{down}.weight_packed"].shape == (64, 12)
@@ -175,7 +180,9 @@ def test_w4a16_splits_keep_packs_and_groups(quantized, tmp_path):
     assert torch.equal(rank1[f"{down}.weight_packed"], source[f"{down}.weight_packed"][:, 6:])
     scale = rank1[f"{down}.weight_scale"].view(torch.int16)
     assert torch.equal(scale, source[f"{down}.weight_scale"][:, 3:].view(torch.int16))
-    assert rank0[f"{down}.weight_shape"].tolist() == [64, 96] == rank1[f"{down}.weight_shape"].tolist()
+    assert (
+        rank0[f"{down}.weight_shape"].tolist() == [64, 96] == rank1[f"{down}.weight_shape"].tolist()
+    )
     ignored = "model.layers.1.mlp.down_proj.weight"  # plain fp32, split like any row weight
     assert torch.equal(rank1[ignored], source[ignored][:, 48:])
 
@@ -190,7 +197,9 @@ def test_zero_points_split_in_packs_of_rows(quantized, tmp_path):
     gate, down = "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"
     assert source[f"{gate}.weight_zero_point"].shape == (12, 4)
     assert torch.equal(rank1[f"{gate}.weight_zero_point"], source[f"{gate}.weight_zero_point"][6:])
-    assert torch.equal(rank1[f"{down}.weight_zero_point"], source[f"{down}.weight_zero_point"][:, 3:])
+    assert torch.equal(
+        rank1[f"{down}.weight_zero_point"], source[f"{down}.weight_zero_point"][:, 3:]
+    )
 
 
 def test_nvfp4_splits_keep_16_value_blocks(quantized, tmp_path):
@@ -404,4 +413,3 @@ def test_plan_suggest_and_convert_refuse_a_cut_group_from_a_real_config(tmp_path
     assert suggest.exit_code == 0, suggest.output
     line = next(ln for ln in suggest.output.splitlines() if ln.strip().startswith("tp 4:"))
     assert "192 of its 768 columns per rank" in line and "pack/group size 128" in line
-

@@ -140,15 +140,18 @@ def _parse_modelopt(qc: dict, where: str) -> QuantScheme:
 
 def _parse_compressed(qc: dict, where: str) -> QuantScheme:
     groups = qc.get("config_groups")
-    groups = list(groups.values()) if isinstance(groups, dict) else []
-    weights = [g.get("weights") if isinstance(g, dict) else None for g in groups]
-    weights = [w if isinstance(w, dict) else {} for w in weights]
-    if len(groups) != 1:
-        raise UnsupportedModelError(
-            f"{where}: compressed-tensors config_groups holds {len(groups)} groups "
-            f"{[(w.get('type'), w.get('num_bits')) for w in weights]}; reshard splits a "
-            "checkpoint quantized with one group (one scheme for every quantized linear)."
+    if not isinstance(groups, dict) or len(groups) != 1:
+        what = (
+            f"holds {len(groups)} groups {sorted(groups)}"
+            if isinstance(groups, dict)
+            else (f"is {groups!r}, not an object of groups")
         )
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors config_groups {what}; reshard splits a checkpoint "
+            "quantized with one group (one scheme for every quantized linear)."
+        )
+    groups = [g if isinstance(g, dict) else {} for g in groups.values()]
+    weights = [g.get("weights") if isinstance(g.get("weights"), dict) else {} for g in groups]
     fmt = str(groups[0].get("format") or qc.get("format", ""))
     rules = {"ignore": _names(qc, "ignore", where), "targets": _names(groups[0], "targets", where)}
     if weights[0].get("type") == "int":
