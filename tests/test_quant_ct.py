@@ -296,6 +296,24 @@ def test_quantized_tensors_of_an_ignored_module_are_refused(quantized, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_plain_linear_the_config_quantizes_is_refused(quantized, tmp_path):
+    """The other way round: layer 1's MLP is stored unquantized, and a config without that
+    ignore rule says it is quantized."""
+    src = _copy(quantized("w4a16")[0], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["ignore"] = ["lm_head"]
+    (src / "config.json").write_text(json.dumps(config))
+    text = (
+        "tensor 'model.layers.1.mlp.down_proj.weight' is stored unquantized (F32 [64, 96]), "
+        "but quantization_config (int4 compressed-tensors pack-quantized, per-group 16 scale, "
+        "symmetric) quantizes 'model.layers.1.mlp.down_proj': it is not in ignore ['lm_head']."
+    )
+    for args in (("plan", src, "--tp", 2), ("convert", src, "--tp", 2, "-o", tmp_path / "out")):
+        result = cli(*args)
+        assert result.exit_code == 2 and text in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_scale_with_the_wrong_shape_is_refused(quantized, tmp_path):
     """check_parts through the new forms: a weight_scale of [out, in/8] where group 16 says
     [out, in/16] names the tensor, both shapes and the scheme."""

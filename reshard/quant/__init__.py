@@ -339,6 +339,23 @@ def check_parts(scheme: QuantScheme | None, tensors, roles, where: str) -> None:
         )
     for weight, names in by_weight.items():
         _check_weight_parts(scheme, weight, names, tensors, where)
+    if scheme is not None and scheme.kind in FORMATS:
+        _check_plain_linears(scheme, tensors, roles, where)
+
+
+def _check_plain_linears(scheme: QuantScheme, tensors, roles, where: str) -> None:
+    """A FORMATS config says which linears it leaves alone (ignore / targets): any other
+    linear weight stored plain means the config and the tensors disagree."""
+    for name, (dtype, shape) in tensors.items():
+        role, module = roles[name], name.rpartition(".")[0]
+        linear = role.role in SPLITTABLE[1:] and name.endswith(".weight") and len(shape) == 2
+        if linear and not role.part and quantizes(scheme, module):
+            raise UnsupportedModelError(
+                f"{where}: tensor '{name}' is stored unquantized ({dtype} {list(shape)}), but "
+                f"quantization_config ({describe(scheme)}) quantizes '{module}': it is not in "
+                f"ignore {list(scheme.ignore)}. The checkpoint and its quantization_config "
+                "disagree; re-download config.json with the weights."
+            )
 
 
 def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, where) -> None:
