@@ -431,3 +431,27 @@ def test_plan_suggest_and_convert_refuse_a_cut_group_from_a_real_config(tmp_path
     assert suggest.exit_code == 0, suggest.output
     line = next(ln for ln in suggest.output.splitlines() if ln.strip().startswith("tp 4:"))
     assert "192 of its 768 columns per rank" in line and "pack/group size 128" in line
+
+
+def test_moe_w4a16_experts_split_in_groups_token_exact(tmp_path):
+    """Qwen3-MoE, expert width 32 in groups of 16: tp 4 would cut down_proj's groups and is
+    refused proposing ep; tp 2 x pp 2 splits every expert in two whole groups (expert tp 2),
+    bitwise, and generates the twin's tokens."""
+    src, twin = write_quantized_ct(tmp_path / "src", "w4a16", "Qwen3MoeForCausalLM")
+    result = cli("convert", src, "--tp", 4, "-o", tmp_path / "refused")
+    assert result.exit_code == 2, result.output
+    assert (
+        "tensor 'model.layers.0.mlp.experts.0.down_proj.weight' would hold 8 of its 32 columns "
+        "per rank (split 4 ways), not a multiple of the ct_packed pack/group size 16; with "
+        "tp=4 these fit: --ep 2 (expert tp 2), --ep 4 (expert tp 1)"
+    ) in result.output
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2, pp=2))
+    assert_bitwise_rebuild(src, out)
+    down = "model.layers.0.mlp.experts.3.down_proj"  # [64, 32]: weight_packed [64, 4]
+    assert torch.equal(load_rank(out, 1)[f"{down}.weight_packed"], load_source(src)[
+        f"{down}.weight_packed"][:, 2:])  # fmt: skip
+    rows = assert_all_tiers_pass(out, max_new_tokens=NEW_TOKENS)
+    for row in rows:
+        assert row["reference_ids"] == twin_generate(twin, row["prompt_ids"]), row
