@@ -455,3 +455,54 @@ def test_moe_w4a16_experts_split_in_groups_token_exact(tmp_path):
     rows = assert_all_tiers_pass(out, max_new_tokens=NEW_TOKENS)
     for row in rows:
         assert row["reference_ids"] == twin_generate(twin, row["prompt_ids"]), row
+
+
+def _legacy_modelopt(config_dir: Path, folder: Path, exclude: list[str]) -> Path:
+    """The ModelOpt layout before config.json carried quantization_config: the scheme in
+    hf_quant_config.json beside it."""
+    shutil.copytree(config_dir, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    doc = {
+        "producer": {"name": "modelopt", "version": "0.23.0"},
+        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+                         "exclude_modules": exclude},
+    }  # fmt: skip
+    (folder / "hf_quant_config.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_hf_quant_config_json_is_read_when_config_json_has_none(quantized, tmp_path):
+    """plan counts the same bytes from hf_quant_config.json as from quantization_config;
+    convert carries the file to the output, which verifies and generates the twin's ids."""
+    legacy = _legacy_modelopt(
+        EXAMPLES / "llama-3.1-8b-instruct-nvfp4", tmp_path / "plan", ["lm_head"]
+    )
+    assert _plan_total(legacy) == _plan_total(EXAMPLES / "llama-3.1-8b-instruct-nvfp4")
+    src, twin = quantized("nvfp4_modelopt")
+    exclude = SCHEMES["nvfp4_modelopt"]["exclude_modules"]
+    legacy = _legacy_modelopt(src, tmp_path / "src", exclude)
+    convert_model(str(legacy), tmp_path / "out", build_recipe(tp=2))
+    assert (tmp_path / "out" / "hf_quant_config.json").read_bytes() == (
+        legacy / "hf_quant_config.json"
+    ).read_bytes()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"]["kind"] == "nvfp4"
+    from reshard.runtime.generate import generate_greedy
+    from reshard.runtime.load import load_source_model
+
+    prompt = [7, 3, 99, 12, 40]
+    ours = generate_greedy(load_source_model(legacy, dtype="float32"), [prompt], NEW_TOKENS)
+    assert ours[0].tokens == twin_generate(twin, prompt)
+
+
+def test_a_broken_hf_quant_config_json_is_refused_naming_it(tmp_path):
+    folder = _legacy_modelopt(EXAMPLES / "llama-3.1-8b-instruct-nvfp4", tmp_path / "m", [])
+    (folder / "hf_quant_config.json").write_text('["NVFP4"]')
+    result = cli("plan", folder)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"error: {folder / 'hf_quant_config.json'}: hf_quant_config.json is a JSON list, not "
+        "an object. Re-download hf_quant_config.json."
+    )
