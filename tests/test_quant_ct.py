@@ -506,3 +506,18 @@ def test_a_broken_hf_quant_config_json_is_refused_naming_it(tmp_path):
         f"error: {folder / 'hf_quant_config.json'}: hf_quant_config.json is a JSON list, not "
         "an object. Re-download hf_quant_config.json."
     )
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16_channel", "nvfp4_ct", "nvfp4_modelopt"])
+def test_reference_memory_counts_packed_values_unpacked(quantized, scheme):
+    """The auto reference choice sizes the dequantized model: weight_packed holds 32/bits
+    values an int32 (8 for int4, 4 for int8), an NVFP4 byte 2; scales and shapes are kept."""
+    from reshard.runtime.streamed import source_bytes
+
+    src, twin = quantized(scheme)
+    side_leaves = ("weight_scale", "weight_shape", "weight_scale_2", "input_scale",
+                   "weight_global_scale", "input_global_scale")  # fmt: skip
+    stored = load_source(src)
+    side = sum(t.numel() for n, t in stored.items() if n.rpartition(".")[2] in side_leaves)
+    weights = sum(t.numel() for t in twin.state_dict().values())
+    assert source_bytes(src, torch.float32) == 4 * (weights + side)

@@ -296,10 +296,14 @@ def _blocks(shape, bn: int, bk: int) -> tuple[int, int]:
     return -(-shape[0] // bn), -(-shape[1] // bk)
 
 
-def unpacked_numel(name: str, shape) -> int:
-    """Elements a stored tensor holds once dequantized (a packed int32 qweight holds 8)."""
+def unpacked_numel(name: str, shape, dtype: str = "", scheme: QuantScheme | None = None) -> int:
+    """Elements a stored tensor holds once dequantized: an int32 qweight holds 8, a
+    compressed-tensors weight_packed 32/bits, an NVFP4 uint8 byte 2 (`dtype`: safetensors')."""
     n = math.prod(shape)
-    return n * PACK if name.endswith(".qweight") else n
+    leaf = name.rpartition(".")[2]
+    if leaf == "qweight" or (leaf == "weight_packed" and dtype == "I32"):
+        return n * (32 // scheme.bits if scheme and scheme.bits else PACK)
+    return n * 2 if leaf in ("weight", "weight_packed") and dtype == "U8" else n
 
 
 def logical_shape(scheme: QuantScheme, name: str, tensors) -> tuple[int, int]:
