@@ -4,7 +4,8 @@ Every tensor of the original gets its name, shape and bytes back (padding rows d
 replicas read once, a tied lm_head absent as in the original), in the original's order, in
 `model-0000X-of-0000N.safetensors` files of at most --max-shard-size. Streaming: one row
 block at a time; shards are `.partial` until every rank-file hash has checked out, and the
-index is written last. Quantized outputs are not handled (no quantized layouts exist yet).
+index is written last. A quantized output gives back its stored parts (packed weights,
+scales) byte for byte: they are tensors like any other here.
 """
 
 from __future__ import annotations
