@@ -346,7 +346,7 @@ def test_slicing_refuses_a_cut_block_the_config_did_not_predict():
     from reshard.errors import LayoutError
     from reshard.models.family import Rule
     from reshard.models.rules import TensorRole
-    from reshard.quant import stored_slice
+    from reshard.quant.slicing import stored_slice
 
     rule = Rule("m.{layer}.o_proj.weight", "row", "layer")
     name = "m.0.o_proj.weight_scale_inv"

@@ -240,7 +240,7 @@ def test_slicing_refuses_a_cut_zero_point_pack():
     packed 8 rows a word."""
     from reshard.models.family import Rule
     from reshard.models.rules import TensorRole
-    from reshard.quant import stored_slice
+    from reshard.quant.slicing import stored_slice
 
     scheme = QuantScheme("ct_packed", group_size=16, bits=4, strategy="group", zero_point=True)
     rule = Rule("m.{layer}.q_proj.weight", "column", "layer")

@@ -3,7 +3,8 @@ a quantized linear weight is stored as, and how a split of the logical weight [o
 onto each of them in whole blocks, packs or groups. Pure: no I/O, no torch.
 
 Convert never dequantizes; the runtime does, only to verify (runtime/dequant.py). Which
-layouts would cut a block, pack or group is in quant/layout.py.
+layouts would cut a block, pack or group is in quant/layout.py; each part's slice of a split
+in quant/slicing.py.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..dtypes import CAST_DTYPES
-from ..errors import LayoutError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from . import compressed, nvfp4
-from .format import quantizes
+from .format import names_list, quantizes
 
 PACK = 8  # int4 values per int32 (AWQ along out, GPTQ along in, qzeros along out)
 
@@ -141,49 +142,39 @@ def _parse_modelopt(qc: dict, where: str) -> QuantScheme:
 def _parse_compressed(qc: dict, where: str) -> QuantScheme:
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
-        what = (
-            f"holds {len(groups)} groups {sorted(groups)}"
-            if isinstance(groups, dict)
-            else (f"is {groups!r}, not an object of groups")
-        )
+        what = f"is {groups!r}, not an object of groups"
+        if isinstance(groups, dict):
+            what = f"holds {len(groups)} groups {sorted(groups)}"
         raise UnsupportedModelError(
             f"{where}: compressed-tensors config_groups {what}; reshard splits a checkpoint "
             "quantized with one group (one scheme for every quantized linear)."
         )
-    groups = [g if isinstance(g, dict) else {} for g in groups.values()]
-    weights = [g.get("weights") if isinstance(g.get("weights"), dict) else {} for g in groups]
-    fmt = str(groups[0].get("format") or qc.get("format", ""))
-    rules = {"ignore": _names(qc, "ignore", where), "targets": _names(groups[0], "targets", where)}
-    if weights[0].get("type") == "int":
-        return QuantScheme(**compressed.parse_int(qc, groups[0], fmt, where), **rules)
-    if weights[0].get("type") == "float" and weights[0].get("num_bits") == 4:
-        return QuantScheme(**nvfp4.parse_compressed(groups[0], fmt, where), **rules)
-    if weights[0].get("type") != "float" or weights[0].get("num_bits") != 8:
+    group = next(iter(groups.values()))
+    group = group if isinstance(group, dict) else {}
+    w = group.get("weights") if isinstance(group.get("weights"), dict) else {}
+    fmt = str(group.get("format") or qc.get("format", ""))
+    rules = {"ignore": names_list(qc, "ignore", where)}
+    rules["targets"] = names_list(group, "targets", where)
+    if w.get("type") == "int":
+        return QuantScheme(**compressed.parse_int(group, fmt, where), **rules)
+    if w.get("type") == "float" and w.get("num_bits") == 4:
+        return QuantScheme(**nvfp4.parse_compressed(group, fmt, where), **rules)
+    if w.get("type") != "float" or w.get("num_bits") != 8:
         raise UnsupportedModelError(
-            f"{where}: compressed-tensors weights type={weights[0].get('type')!r} "
-            f"num_bits={weights[0].get('num_bits')!r}: reshard splits int (4 or 8 bit), "
+            f"{where}: compressed-tensors weights type={w.get('type')!r} "
+            f"num_bits={w.get('num_bits')!r}: reshard splits int (4 or 8 bit), "
             "float 8 bit (FP8) and float 4 bit (NVFP4) weights."
         )
-    strategy = weights[0].get("strategy")
+    strategy = w.get("strategy")
     if strategy not in ("tensor", "channel"):
         raise UnsupportedModelError(
             f"{where}: compressed-tensors weights.strategy={strategy!r}: reshard splits "
             "'tensor' and 'channel' FP8 (block FP8: use quant_method fp8)."
         )
-    acts = groups[0].get("input_activations")
+    acts = group.get("input_activations")
     static = isinstance(acts, dict) and not acts.get("dynamic", True)
     kind = "fp8_channel" if strategy == "channel" else "fp8_tensor"
     return QuantScheme(kind, input_scale=static)
-
-
-def _names(d: dict, key: str, where: str) -> tuple[str, ...]:
-    value = d.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UnsupportedModelError(
-            f"{where}: compressed-tensors {key}={value!r} must be a list of module names or "
-            "'re:' patterns. Re-download config.json."
-        )
-    return tuple(value)
 
 
 def _parse_int4(qc: dict, where: str, method: str) -> int:
@@ -395,64 +386,6 @@ def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, w
                 f"stores it as {dtype} {list(shape)}. The checkpoint and its "
                 "quantization_config disagree."
             )
-
-
-# part -> (logical dim 0 = out, logical dim 1 = in) -> (stored dim, unit) or None (kept whole).
-def _part_map(scheme: QuantScheme, part: str) -> tuple:
-    if scheme.kind in FORMATS:
-        return FORMATS[scheme.kind].part_map(scheme, part)
-    g = scheme.group_size
-    bn, bk = scheme.block or (1, 1)
-    table = {
-        "weight": ((0, 1), (1, 1)),
-        "scale_inv": ((0, bn), (1, bk)),
-        "weight_scale": ((0, 1), None) if scheme.kind == "fp8_channel" else (None, None),
-        "input_scale": (None, None),
-        "qzeros": ((1, PACK), None if scheme.desc_act else (0, g)),
-        "scales": ((1, 1), None if scheme.desc_act else (0, g)),
-        "g_idx": (None, (0, 1)),
-    }
-    table["qweight"] = ((1, PACK), (0, 1)) if scheme.kind == "awq" else ((1, 1), (0, PACK))
-    return table[part]
-
-
-def stored_slice(
-    scheme: QuantScheme, role, lo: int, hi: int, dim: int, logical, stored
-) -> tuple[int, int, int] | None:
-    """The logical range [lo, hi) along `dim` of the weight -> (stored dim, start, stop) of
-    part `role.part`, or None when that part is kept whole. Refuses a range that would cut a
-    block, pack or group."""
-    rule = _part_map(scheme, role.part)[dim]
-    if rule is None:
-        return None
-    sdim, unit = rule
-    if lo % unit or (hi % unit and hi != logical[dim]):
-        what = "rows" if dim == 0 else "columns"
-        raise LayoutError(
-            f"tensor '{role.name}': this rank's {what} {lo}:{hi} of '{role.logical}' "
-            f"({hi - lo} per rank) cut a {scheme.kind} unit of {unit} {what}. Choose a "
-            f"tp (or an expert tp = tp/ep) that leaves a multiple of {unit} per rank."
-        )
-    return sdim, lo // unit, min(-(-hi // unit), stored[sdim])
-
-
-def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
-    """Map the pieces of the logical weight (at most one cut dim) onto part `role.part`:
-    (pieces, local stored shape)."""
-    out = []
-    local = list(stored)
-    for p in pieces:
-        start, stop = [0] * len(stored), list(stored)
-        for dim in (0, 1):
-            if p.stop[dim] - p.start[dim] == logical[dim]:
-                continue
-            cut = stored_slice(scheme, role, p.start[dim], p.stop[dim], dim, logical, stored)
-            if cut is not None:
-                sdim, a, b = cut
-                start[sdim], stop[sdim] = a, b
-                local[sdim] = b - a
-        out.append(type(p)(role.name, tuple(start), tuple(stop), tuple(0 for _ in stored)))
-    return tuple(out), tuple(local)
 
 
 def describe(scheme: QuantScheme) -> str:

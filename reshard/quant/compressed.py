@@ -25,7 +25,7 @@ INT8 = "ct_int8"  # int-quantized / naive-quantized int8 (W8A8)
 STRATEGIES = ("group", "channel", "tensor")
 
 
-def parse_int(qc: dict, group: dict, fmt: str, where: str) -> dict[str, Any]:
+def parse_int(group: dict, fmt: str, where: str) -> dict[str, Any]:
     """One compressed-tensors config group with integer weights -> QuantScheme fields."""
     w = group.get("weights") or {}
     bits, strategy, g = w.get("num_bits"), w.get("strategy"), w.get("group_size")

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UnsupportedModelError
+
 Stored = dict[str, tuple[str, tuple[int, ...]]]  # stored leaf -> (safetensors dtype, shape)
 # (stored dim, unit) along logical (out, in) for one part; None: the part is kept whole.
 Rule = tuple[int, int] | None
@@ -63,3 +65,14 @@ def quantizes(scheme, module: str) -> bool:
         return False
     targets = getattr(scheme, "targets", ())
     return not targets or "Linear" in targets or matches(module, targets)
+
+
+def names_list(d: dict, key: str, where: str) -> tuple[str, ...]:
+    """config[key] as module-name rules (compressed-tensors ignore / targets)."""
+    value = d.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors {key}={value!r} must be a list of module names or "
+            "'re:' patterns. Re-download config.json."
+        )
+    return tuple(value)
