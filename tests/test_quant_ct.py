@@ -389,6 +389,15 @@ def test_plan_counts_nvfp4_bytes_exactly():
     )
 
 
+def test_plan_counts_compressed_tensors_nvfp4_bytes_exactly():
+    """compressed-tensors NVFP4 (W4A4): as ModelOpt's, with weight_global_scale and
+    input_global_scale F32 [1] per linear."""
+    per_layer = sum(o * i // 2 + o * i // 16 + 8 for o, i in LLAMA_8B)
+    assert _plan_total(EXAMPLES / "llama-3.1-8b-instruct-nvfp4-ct") == per_layer * 32 + (
+        _unquantized_rest()
+    )
+
+
 def test_plan_honours_the_ignore_list(tmp_path):
     """Layer 0 ignored: its 7 linears count in bf16 (2 bytes a value), the others packed."""
     config = json.loads((EXAMPLES / "llama-3.1-8b-instruct-w4a16" / "config.json").read_text())
