@@ -50,6 +50,7 @@ SCHEMES = {
     "w4a16_zp": _ct(_int(4, "group", 16, symmetric=False), "pack-quantized"),
     "w8a16_channel": _ct(_int(8, "channel"), "pack-quantized"),
     "w4a16_tensor": _ct(_int(4, "tensor"), "pack-quantized"),
+    "w4a16_actorder": _ct({**_int(4, "group", 16), "actorder": "group"}, "pack-quantized"),
     "w8a8": _ct(
         _int(8, "channel"), "int-quantized",
         {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
@@ -90,6 +91,23 @@ def _group_view(w: torch.Tensor, strategy: str, group: int) -> torch.Tensor:
     if strategy == "group":
         return w.reshape(w.shape[0], -1, group)
     return w.reshape(w.shape[0], 1, -1) if strategy == "channel" else w.reshape(1, 1, -1)
+
+
+def quantize_actorder(w: torch.Tensor, args: dict, seed: int):
+    """GPTQ act-order groups: input column c belongs to group g_idx[c], a permutation of
+    contiguous groups; the scale of column c is weight_scale[:, g_idx[c]]."""
+    bits, g = args["num_bits"], args["group_size"]
+    out, inn = w.shape
+    perm = torch.randperm(inn, generator=torch.Generator().manual_seed(seed))
+    g_idx = torch.empty(inn, dtype=torch.long)
+    g_idx[perm] = torch.arange(inn) // g
+    amax = torch.stack([w[:, g_idx == i].abs().amax(1) for i in range(inn // g)], 1)
+    scale = (amax / ((1 << bits) / 2)).clamp(min=1e-4).to(torch.bfloat16)  # [out, in/g]
+    s = scale.float()[:, g_idx]  # [out, in]
+    q = torch.round(w / s).clamp(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    parts = {"weight_packed": pack_int32(q.to(torch.int8), bits), "weight_scale": scale,
+             "weight_shape": torch.tensor([out, inn]), "weight_g_idx": g_idx.int()}  # fmt: skip
+    return parts, q * s
 
 
 def quantize_int(w: torch.Tensor, args: dict, packed: bool):
@@ -157,12 +175,14 @@ def quantize_nvfp4(w: torch.Tensor, modelopt: bool):
     return parts, twin
 
 
-def quantize(scheme: str, w: torch.Tensor):
+def quantize(scheme: str, w: torch.Tensor, seed: int = 0):
     """{stored leaf: tensor}, fp32 twin of one [out, in] weight."""
     w = w.float()
     if scheme.startswith("nvfp4"):
         return quantize_nvfp4(w, scheme == "nvfp4_modelopt")
     group = SCHEMES[scheme]["config_groups"]["group_0"]["weights"]
+    if group["actorder"] == "group":
+        return quantize_actorder(w, group, seed)
     return quantize_int(w, group, SCHEMES[scheme]["format"] == "pack-quantized")
 
 
@@ -177,7 +197,7 @@ def write_quantized_ct(path: Path, scheme: str, arch: str = "LlamaForCausalLM", 
     _randomize_selection_bias(twin)
     state = twin.state_dict()
     stored: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
+    for i, (name, tensor) in enumerate(state.items()):
         module, _, leaf = name.rpartition(".")
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             state[name] = _quantize_experts(scheme, name, tensor, stored)
@@ -186,7 +206,7 @@ def write_quantized_ct(path: Path, scheme: str, arch: str = "LlamaForCausalLM", 
             and module.rsplit(".", 1)[-1] in LINEARS
             and not ignored(scheme, module)
         ):
-            parts, state[name] = quantize(scheme, tensor)
+            parts, state[name] = quantize(scheme, tensor, seed + i)
             stored.update({f"{module}.{k}": t.contiguous() for k, t in parts.items()})
         else:
             stored[name] = tensor.contiguous()

@@ -34,8 +34,8 @@ from reshard.runtime.dequant import dequantize_tensors  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
 KINDS = {
     "w4a16": "ct_packed", "w4a16_zp": "ct_packed", "w8a16_channel": "ct_packed",
-    "w4a16_tensor": "ct_packed", "w8a8": "ct_int8", "nvfp4_ct": "ct_nvfp4",
-    "nvfp4_modelopt": "nvfp4",
+    "w4a16_tensor": "ct_packed", "w4a16_actorder": "ct_packed", "w8a8": "ct_int8",
+    "nvfp4_ct": "ct_nvfp4", "nvfp4_modelopt": "nvfp4",
 }  # fmt: skip
 # Stored bytes per safetensors dtype, for counting plan's figures by hand.
 SIZE = {"I32": 4, "I64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4}
@@ -98,7 +98,7 @@ def _ct_group(**weights):
         (_ct_group(num_bits=3), "num_bits=3, strategy='group'): reshard splits pack-quantized"),
         (_ct_group(group_size=12), "group_size=12: reshard splits the group (group_size a "
          "positive multiple of 8), channel and tensor strategies"),
-        (_ct_group(actorder="group"), "actorder 'group' stores a weight_g_idx permutation"),
+        (_ct_group(actorder="group", strategy="channel"), "actorder 'group' orders the groups"),
         (_ct_group(strategy="tensor", symmetric=False), "asymmetric per-tensor zero point"),
         (_ct_group(strategy="block"), "strategy='block')"),
         ({**SCHEMES["w4a16"], "config_groups": {"a": {}, "b": {}}},
@@ -184,6 +184,21 @@ def test_zero_points_split_in_packs_of_rows(quantized, tmp_path):
     assert torch.equal(
         rank1[f"{down}.weight_zero_point"], source[f"{down}.weight_zero_point"][:, 3:]
     )
+
+
+def test_actorder_row_split_keeps_scales_whole_at_tp4(quantized, tmp_path):
+    """actorder group: weight_g_idx names each column's group, so a row split cuts
+    weight_packed words and weight_g_idx with the columns and keeps weight_scale whole; only
+    the 8-value word binds, so tp 4 (24 of down_proj's 96 columns a rank) converts."""
+    src, _ = quantized("w4a16_actorder")
+    convert_model(str(src), tmp_path / "out", build_recipe(tp=4))
+    assert_bitwise_rebuild(src, tmp_path / "out")
+    source, rank3 = load_source(src), load_rank(tmp_path / "out", 3)
+    down = "model.layers.0.mlp.down_proj"
+    assert torch.equal(rank3[f"{down}.weight_packed"], source[f"{down}.weight_packed"][:, 9:])
+    assert torch.equal(rank3[f"{down}.weight_g_idx"], source[f"{down}.weight_g_idx"][72:])
+    scale = rank3[f"{down}.weight_scale"].view(torch.int16)
+    assert torch.equal(scale, source[f"{down}.weight_scale"].view(torch.int16))  # [64, 6]
 
 
 def test_nvfp4_splits_keep_16_value_blocks(quantized, tmp_path):

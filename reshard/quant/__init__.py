@@ -31,6 +31,7 @@ SUFFIXES = {
     "g_idx": "g_idx",  # GPTQ [in]: the group of each input row
     # compressed-tensors int (quant/compressed.py) and NVFP4 (quant/nvfp4.py): part = leaf
     **{leaf: leaf for leaf in ("weight_packed", "weight_shape", "weight_zero_point")},
+    "weight_g_idx": "weight_g_idx",
     **{leaf: leaf for leaf in ("weight_scale_2", "weight_global_scale", "input_global_scale")},
 }
 # Storage forms with their own module (quant/format.py's seam), by scheme kind.

@@ -9,8 +9,11 @@
   `weight_zero_point` int8 beside it when asymmetric); activations quantized at run time.
 
 A split keeps whole groups along `in`, whole words of `weight_packed` along `in` and, with
-zero points, whole words of `weight_zero_point` along `out`. `weight_shape` is kept whole on
-every rank (it names the whole weight, as the checkpoint does). Pure: no I/O, no torch.
+zero points, whole words of `weight_zero_point` along `out`. With `actorder: group` a
+`weight_g_idx` int32 [in] names each input column's group (GPTQ act-order): a row split cuts
+it with the columns and keeps scales and zero points whole (as vLLM loads them).
+`weight_shape` is kept whole on every rank (it names the whole weight, as the checkpoint
+does). Pure: no I/O, no torch.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ def parse_int(group: dict, fmt: str, where: str) -> dict[str, Any]:
             f"{what} group_size={g!r}: reshard splits the group (group_size a positive "
             f"multiple of {32 // bits if kind == PACKED else 1}), channel and tensor strategies."
         )
-    if w.get("actorder") == "group":
+    act_order = w.get("actorder") == "group"  # weight_g_idx: each input column's group
+    if act_order and (kind != PACKED or strategy != "group"):
         raise UnsupportedModelError(
-            f"{what}: actorder 'group' stores a weight_g_idx permutation, which reshard does not "
-            "split yet. Re-quantize with actorder 'static' (or null)."
+            f"{what}: actorder 'group' orders the groups of pack-quantized group weights; "
+            "it cannot apply here. The quantization_config is inconsistent; re-download it."
         )
     zero_point = not w.get("symmetric", True)
     if zero_point and strategy == "tensor":
@@ -61,6 +65,7 @@ def parse_int(group: dict, fmt: str, where: str) -> dict[str, Any]:
         "group_size": g if strategy == "group" else 0,
         "zero_point": zero_point,
         "input_scale": static,
+        "desc_act": act_order,
     }
 
 
@@ -81,6 +86,8 @@ def _scale_shape(scheme, out: int, inn: int) -> tuple[int, ...]:
 
 def _scale_rule(scheme, out_unit: int) -> tuple[Rule, Rule]:
     """weight_scale (out_unit 1) / weight_zero_point (packed along out) per strategy."""
+    if scheme.strategy == "group" and scheme.desc_act:  # g_idx names global groups
+        return (0, out_unit), None
     if scheme.strategy == "group":
         return (0, out_unit), (1, scheme.group_size)
     return ((0, out_unit), None) if scheme.strategy == "channel" else (None, None)
@@ -91,7 +98,8 @@ def _scale_rule(scheme, out_unit: int) -> tuple[Rule, Rule]:
 
 def _packed_parts(scheme) -> tuple[str, ...]:
     zp = ("weight_zero_point",) if scheme.zero_point else ()
-    return ("weight_packed", "weight_scale", "weight_shape", *zp)
+    g_idx = ("weight_g_idx",) if scheme.desc_act else ()
+    return ("weight_packed", "weight_scale", "weight_shape", *zp, *g_idx)
 
 
 def _packed_stored(scheme, out: int, inn: int, dtype: str) -> Stored:
@@ -104,6 +112,8 @@ def _packed_stored(scheme, out: int, inn: int, dtype: str) -> Stored:
     if scheme.zero_point:
         groups = _scale_shape(scheme, out, inn)[1]
         parts["weight_zero_point"] = ("I32", (ceil_div(out, pack), groups))
+    if scheme.desc_act:
+        parts["weight_g_idx"] = ("I32", (inn,))
     return parts
 
 
@@ -114,12 +124,15 @@ def _packed_map(scheme, part: str) -> tuple[Rule, Rule]:
         return _scale_rule(scheme, 1)
     if part == "weight_zero_point":
         return _scale_rule(scheme, _pack(scheme))
+    if part == "weight_g_idx":
+        return None, (0, 1)
     return None, None  # weight_shape
 
 
 def _packed_units(scheme) -> tuple[int, int]:
     out = _pack(scheme) if scheme.zero_point else 1
-    return out, scheme.group_size if scheme.strategy == "group" else _pack(scheme)
+    grouped = scheme.strategy == "group" and not scheme.desc_act  # act-order: words bind
+    return out, scheme.group_size if grouped else _pack(scheme)
 
 
 def _packed_logical(scheme, stored: Stored) -> tuple[int, int]:
@@ -130,6 +143,7 @@ def _packed_logical(scheme, stored: Stored) -> tuple[int, int]:
 def _describe(scheme) -> str:
     unit = f"group {scheme.group_size}" if scheme.strategy == "group" else scheme.strategy
     zp = ", zero points" if scheme.zero_point else ", symmetric"
+    zp += ", actorder group" if scheme.desc_act else ""
     form = "pack-quantized" if scheme.kind == PACKED else "int-quantized"
     return f"int{scheme.bits} compressed-tensors {form}, per-{unit} scale{zp}"
 

@@ -24,9 +24,12 @@ def unpack_ints(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return values.flatten(-2) - (1 << (bits - 1))
 
 
-def _expand(scale: torch.Tensor, out: int, inn: int, group: int) -> torch.Tensor:
-    """A per-group [out, in/g], per-channel [out, 1] or per-tensor [1] scale -> [out, in]."""
+def _expand(scale: torch.Tensor, out: int, inn: int, group: int, g_idx=None) -> torch.Tensor:
+    """A per-group [out, in/g], per-channel [out, 1] or per-tensor [1] scale -> [out, in].
+    `g_idx` [in] (act-order): each local column's global group; the scale is whole."""
     scale = scale.float().reshape(out, -1) if scale.numel() > 1 else scale.float().reshape(1, 1)
+    if g_idx is not None:
+        return scale[:, g_idx.long()]
     if scale.shape[1] > 1:
         scale = scale.repeat_interleave(group, 1)[:, :inn]
     return scale.expand(out, inn)
@@ -38,13 +41,14 @@ def _ints(scheme, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     else:
         q = parts["weight"].to(torch.int32)
     out, inn = q.shape
+    g, g_idx = scheme.group_size, parts.get("weight_g_idx")
     weight = q.float()
     if scheme.zero_point:
         zp = parts["weight_zero_point"]
         if scheme.kind == compressed.PACKED:  # packed along out: [ceil(out/p), groups]
             zp = unpack_ints(zp.T.contiguous(), scheme.bits).T[:out]
-        weight = weight - _expand(zp, out, inn, scheme.group_size)
-    return weight * _expand(parts["weight_scale"], out, inn, scheme.group_size)
+        weight = weight - _expand(zp, out, inn, g, g_idx)
+    return weight * _expand(parts["weight_scale"], out, inn, g, g_idx)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
