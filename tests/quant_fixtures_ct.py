@@ -55,6 +55,10 @@ SCHEMES = {
         _int(8, "channel"), "int-quantized",
         {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
     ),
+    "w8a8_zp": _ct(
+        _int(8, "channel", symmetric=False), "int-quantized",
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+    ),
     "nvfp4_ct": _ct(NVFP4_ARGS, "nvfp4-pack-quantized", {**NVFP4_ARGS, "dynamic": "local"}),
     "nvfp4_modelopt": {
         "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
