@@ -27,6 +27,9 @@ FLOAT_TESTS=(
     tests/test_phi3.py::test_runtime_matches_transformers_at_every_position
     tests/test_phi3.py::test_default_rope_with_partial_rotary_matches_transformers
     tests/test_phi3.py::test_world_size_1_generation_is_token_exact
+    tests/test_quant_ct.py::test_channel_and_tensor_strategies_split_and_match_the_twin
+    tests/test_quant_ct.py::test_w8a8_zero_points_split_with_the_rows
+    tests/test_quant_ct.py::test_hf_quant_config_json_is_read_when_config_json_has_none
 )
 bash scripts/setup.sh --test
 $PY -m ruff check .
