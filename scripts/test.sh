@@ -30,6 +30,7 @@ FLOAT_TESTS=(
     tests/test_quant_ct.py::test_channel_and_tensor_strategies_split_and_match_the_twin
     tests/test_quant_ct.py::test_w8a8_zero_points_split_with_the_rows
     tests/test_quant_ct.py::test_hf_quant_config_json_is_read_when_config_json_has_none
+    tests/test_quant_ct.py::test_streamed_reference_dequantizes_like_the_full_one
 )
 bash scripts/setup.sh --test
 $PY -m ruff check .

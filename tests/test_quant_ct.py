@@ -22,6 +22,7 @@ from quant_fixtures_ct import SCHEMES, write_quantized_ct  # noqa: E402
 from test_convert import assert_bitwise_rebuild, load_rank, load_source  # noqa: E402
 from test_quant import NEW_TOKENS, twin_generate  # noqa: E402
 from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
+from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
@@ -569,3 +570,19 @@ def test_reference_memory_counts_packed_values_unpacked(quantized, scheme):
     side = sum(t.numel() for n, t in stored.items() if n.rpartition(".")[2] in side_leaves)
     weights = sum(t.numel() for t in twin.state_dict().values())
     assert source_bytes(src, torch.float32) == 4 * (weights + side)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16_zp", "nvfp4_modelopt"])
+def test_streamed_reference_dequantizes_like_the_full_one(quantized, scheme):
+    """The streamed reference (one layer at a time) dequantizes each piece as the full model
+    does: zero points packed along out, 0-dim global scales."""
+    from reshard.runtime.generate import generate_greedy
+    from reshard.runtime.load import load_source_model
+    from reshard.runtime.streamed import reference_streamed
+
+    src, _ = quantized(scheme)
+    prompt = [5, 17, 3, 88, 42, 9, 61]
+    ours = generate_greedy(load_source_model(src, dtype="float32"), [prompt], NEW_TOKENS)
+    streamed = reference_streamed(src, ours, dtype=torch.float32)
+    assert streamed[0].tokens == ours[0].tokens
+    assert_close_scaled(streamed[0].logits, ours[0].logits, what=f"{scheme} streamed logits")
