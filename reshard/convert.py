@@ -46,6 +46,7 @@ from .io.torchrun import torchrun_world
 from .io.writer import write_atomic, write_plan
 from .layout.check import check_layout
 from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
+from .layout.formats import format_named
 from .layout.plan import Plan
 from .layout.recipe import Recipe
 from .layout.resolve import plan_source
@@ -248,7 +249,10 @@ def _progress_bar(total: int, show: bool):
 def _write_side_files(plan: Plan, source: Source, out_dir: Path) -> None:
     for side in source.side_files():
         write_atomic(out_dir / side.name, side.read_bytes())
-    for name, data in _exports(plan).items():
+    for name, data in {
+        **_exports(plan),
+        **format_named(plan.layout.format).side_files(plan),
+    }.items():
         write_atomic(out_dir / name, data)
 
 
@@ -289,6 +293,7 @@ def output_names(plan: Plan, source: Source) -> list[str]:
     """Every file this run writes into OUT (each also as `.partial` while being written)."""
     names = [f.name for f in plan.files] + [p.name for p in source.side_files()]
     exports = list(EXPORT_FILES) if plan.placements else []
+    exports += list(format_named(plan.layout.format).side_files(plan))
     return names + exports + [MANIFEST] + marker_names(plan)
 
 

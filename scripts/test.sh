@@ -2,6 +2,7 @@
 # The whole test suite: install with test extras, lint, then pytest.
 #   bash scripts/test.sh [PYTEST ARGS]
 #   bash scripts/test.sh --cpu-kernels [PYTEST ARGS]   (also what CI=true does)
+#   RESHARD_SKIP_ENGINE=1 bash scripts/test.sh          (without the vLLM engine tier)
 # --cpu-kernels then re-runs the float-sensitive tests under ATEN_CPU_CAPABILITY=default and
 # =avx2: torch picks other CPU kernels (other summation orders), which is what another
 # machine does; tolerances must hold on all of them (tests/tolerances.py).
@@ -33,6 +34,11 @@ FLOAT_TESTS=(
     tests/test_quant_ct.py::test_streamed_reference_dequantizes_like_the_full_one
 )
 bash scripts/setup.sh --test
+# The engine tier (tests/test_vllm_engine.py) runs vLLM's CPU build from its own cached venv.
+if [[ "${RESHARD_SKIP_ENGINE:-}" != "1" ]]; then
+    RESHARD_VLLM_PYTHON=$(bash scripts/setup_vllm.sh)
+    export RESHARD_VLLM_PYTHON
+fi
 $PY -m ruff check .
 $PY -m ruff format --check .
 HF_HUB_OFFLINE=1 $PY -m pytest -q -p no:cacheprovider "$@"

@@ -12,6 +12,7 @@ import click
 from ..dtypes import cli_spellings
 from ..errors import InputError, ReshardError
 from ..layout.experts.place import PLACEMENTS
+from ..layout.formats import FORMAT_NAMES
 from ..layout.recipe import build_recipe, normalise_dtype
 
 
@@ -94,6 +95,13 @@ def layout_options(fn):
             click.option(
                 "--keep-mtp", "keep_mtp", is_flag=True, default=None,
                 help="Write DeepSeek's MTP layer whole on the last stage's tp_rank 0.",
+            ),
+            click.option(
+                "--format", "format", type=click.Choice(FORMAT_NAMES),
+                help="Output format: native (default) or vllm (vLLM's sharded_state files).",
+            ),
+            click.option(
+                "--vllm-version", help="vLLM whose sharded_state contract to write (0.32).",
             ),
         ]
     ):  # fmt: skip

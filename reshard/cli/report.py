@@ -23,7 +23,8 @@ def format_convert_summary(result) -> str:
         f"{result.seconds:.2f} s ({format_bytes(rate)}/s)",
     ]
     if lay.vocab_padded != lay.vocab_size:
-        lines.append(f"vocab {lay.vocab_size} zero-padded to {lay.vocab_padded} (multiple of tp)")
+        unit = "multiple of 64, as vLLM pads" if lay.format == "vllm" else "multiple of tp"
+        lines.append(f"vocab {lay.vocab_size} zero-padded to {lay.vocab_padded} ({unit})")
     if lay.pp > 1:
         spans = ", ".join(f"{s.first_layer}-{s.last_layer}" for s in lay.stages)
         lines.append(f"stages (layers): {spans}")
@@ -45,7 +46,18 @@ def format_convert_summary(result) -> str:
     if plan.placements:  # the expert maps, as each engine reads them
         lines.append(f"engine files: {SGLANG_FILE} (SGLang --init-expert-location), {TRTLLM_FILE}")
     lines.append(_manifest_line(result))
+    if lay.format == "vllm" and result.missing in (None, ()):
+        lines.append(_serve_line(result))
     return "\n".join(lines)
+
+
+def _serve_line(result) -> str:
+    from ..layout.formats.vllm_serve import SERVE_SCRIPT, partition_env, serve_command
+
+    env = partition_env(result.plan)
+    command = serve_command(result.plan).replace('"$HERE"', str(result.out_dir))
+    prefix = f"VLLM_PP_LAYER_PARTITION={env} " if env else ""
+    return f"serve with vLLM: bash {result.out_dir / SERVE_SCRIPT}   # {prefix}{command}"
 
 
 def _manifest_line(result) -> str:

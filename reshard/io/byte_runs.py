@@ -84,7 +84,16 @@ def piece_groups(
     itemsize: int,
 ) -> tuple[Group, ...]:
     """The groups that copy the part of the block source[start:stop] inside `window` to
-    output[dest + ...], as byte offsets (`itemsize`: bytes per element of both buffers)."""
+    output[dest + ...], as byte offsets (`itemsize`: bytes per element of both buffers). A
+    `dest` longer than `start` places the block at fixed indices of the output's leading dims
+    (a format stacking experts): the source is seen with leading length-1 dims."""
+    lift = len(dest) - len(start)
+    if lift > 0 and start:
+        start, stop = (0,) * lift + start, (1,) * lift + stop
+        shape = (1,) * lift + shape
+        window = Window(
+            (0,) * lift + window.prefix, window.lo, window.hi, window.start, window.size
+        )
     runs = _piece_runs(start, stop, dest, shape or (1,), out_shape or (1,), window)
     groups: list[tuple[int, int, list[tuple[int, int]]]] = []  # dest, nbytes, segments
     for src, dst, n in runs:

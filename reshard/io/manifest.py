@@ -12,7 +12,9 @@ from typing import Any
 
 from .. import __version__
 from ..errors import OutputError
-from ..layout.plan import OutTensor, Plan
+from ..layout.formats import format_named
+from ..layout.plan import Plan
+from ..layout.tensors import OutTensor
 from ..quant import manifest_entry
 from ..ranks import RANK_ORDER
 from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
@@ -103,7 +105,15 @@ def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
         ],  # fmt: skip
         "experts": experts,
         "keep_mtp": layout.keep_mtp,  # MTP layer on the last stage's tp_rank 0; runtime skips it
+        **_format_entry(layout),
     }
+
+
+def _format_entry(layout) -> dict[str, Any]:
+    """layout.format for an engine format ({"name": "vllm", "vllm_version": "0.32"}); the
+    native format records nothing, so its manifests keep their bytes."""
+    entry = format_named(layout.format).manifest_entry(layout)
+    return {"format": entry} if entry else {}
 
 
 def _rank_entries(plan: Plan, source: Source, hashes) -> list[dict[str, Any]]:
@@ -144,7 +154,21 @@ def _tensor_entry(fname: str, t: OutTensor, digest: str, source: Source) -> dict
         "slice": _slice_summary(t, source),
         "padding": t.padding,
         "xxh3_128": digest,
+        **_format_fields(t),
     }
+
+
+def _format_fields(t: OutTensor) -> dict[str, Any]:
+    """What an output format adds to a tensor entry (none for the native format): the native
+    tensors a stacked tensor holds, or the value of a constant."""
+    fields: dict[str, Any] = {}
+    if t.parts:
+        fields["parts"] = [
+            {"name": p.name, "shape": list(p.shape), "at": list(p.at)} for p in t.parts
+        ]
+    if t.fill is not None:
+        fields["fill"] = t.fill
+    return fields
 
 
 def _slice_summary(t: OutTensor, source: Source) -> dict[str, int] | None:

@@ -16,6 +16,7 @@ import xxhash
 
 from ..dtypes import CAST_DTYPES, DTYPE_SIZES
 from ..errors import OutputError
+from ..layout.formats import FORMAT_NAMES
 from ..models.hparams import HParams
 from ..quant import scheme_of
 from ..ranks import rank_coords, replica_base
@@ -210,6 +211,10 @@ def _check_layout(f: Fields, layout: dict, hp: HParams) -> dict:
     vocab = f.int(layout, "vocab_size", "layout.vocab_size", lo=1)
     f.int(layout, "vocab_padded", "layout.vocab_padded", lo=vocab)
     f.get(layout, "tie_word_embeddings", bool, "layout.tie_word_embeddings")
+    if "format" in layout:  # an engine format; the native format records none
+        fmt = f.get(layout, "format", dict, "layout.format")
+        f.one_of(fmt, "name", "layout.format.name", FORMAT_NAMES)
+        f.get(fmt, "vllm_version", str, "layout.format.vllm_version")
     if f.get(layout, "experts", (dict, type(None)), "layout.experts") is not None:
         _check_experts(f, layout["experts"], hp, ep)
     stages = f.get(layout, "stages", list, "layout.stages")
@@ -345,6 +350,23 @@ def _check_tensors(f: Fields, entry: dict, i: int) -> None:
         f.hex(meta, "xxh3_128", f"{field}.xxh3_128")
         for j, piece in enumerate(f.get(meta, "pieces", list, f"{field}.pieces")):
             _check_piece(f, piece, shape, f"{field}.pieces[{j}]")
+        if "fill" in meta and type(meta["fill"]) not in (int, float):
+            f.fail(f"{field}.fill", f"is {_short(meta['fill'])}, not a number")
+        for j, part in enumerate(meta.get("parts", [])):
+            _check_part(f, part, shape, f"{field}.parts[{j}]")
+
+
+def _check_part(f: Fields, part, shape: list[int], field: str) -> None:
+    """A native tensor inside a format's stacked one: it must fit at its offset."""
+    if not isinstance(part, dict):
+        f.fail(field, "is not an object")
+    f.get(part, "name", str, f"{field}.name")
+    at = f.ints(part, "at", f"{field}.at", len(shape))
+    own = f.get(part, "shape", list, f"{field}.shape")
+    own = f.ints(part, "shape", f"{field}.shape", len(own))
+    lift = len(shape) - len(own)
+    if lift < 0 or any(a + n > m for a, n, m in zip(at, [1] * lift + own, shape, strict=True)):
+        f.fail(field, f"shape {own} at {at} does not fit shape {shape}")
 
 
 def _check_piece(f: Fields, piece, shape: list[int], field: str) -> None:
@@ -353,9 +375,14 @@ def _check_piece(f: Fields, piece, shape: list[int], field: str) -> None:
     source = f.get(piece, "source", str, f"{field}.source")
     if not source:
         f.fail(f"{field}.source", "is empty")
-    start, stop, dest = (
-        f.ints(piece, k, f"{field}.{k}", len(shape)) for k in ("start", "stop", "dest")
-    )
+    dest = f.ints(piece, "dest", f"{field}.dest", len(shape))
+    # A block stacked by a format at fixed leading indices has fewer dims than its tensor.
+    ndim = len(f.get(piece, "start", list, f"{field}.start"))
+    if not 0 < ndim <= len(shape) and ndim != len(shape):
+        f.fail(f"{field}.start", f"has {ndim} dims, the tensor {len(shape)}")
+    start, stop = (f.ints(piece, k, f"{field}.{k}", ndim) for k in ("start", "stop"))
+    lift = len(shape) - ndim
+    start, stop = [0] * lift + start, [1] * lift + stop
     for d, (a, b, o, n) in enumerate(zip(start, stop, dest, shape, strict=True)):
         if a > b or o + b - a > n:
             f.fail(field, f"block {start}:{stop} at {dest} does not fit shape {shape} (dim {d})")

@@ -96,7 +96,8 @@ def plan_fingerprint(plan: Plan) -> str:
     """xxh3-128 of everything the plan writes: layout, files, tensors and their pieces."""
     lay = plan.layout
     body = {
-        "layout": [lay.tp, lay.pp, lay.ep, lay.dp, lay.dtype, lay.vocab_padded],
+        "layout": [lay.tp, lay.pp, lay.ep, lay.dp, lay.dtype, lay.vocab_padded]
+        + ([lay.format, lay.format_version] if lay.format != "native" else []),
         "stages": [[s.first_layer, s.last_layer, s.embed, s.head] for s in lay.stages],
         "files": [[f.name, f.rank, [_tensor_key(t) for t in f.tensors]] for f in plan.files],
     }
@@ -105,7 +106,10 @@ def plan_fingerprint(plan: Plan) -> str:
 
 def _tensor_key(t) -> list:
     pieces = [[p.source, p.start, p.stop, p.dest] for p in t.pieces]
-    return [t.name, t.dtype, list(t.shape), t.padding, pieces]
+    key = [t.name, t.dtype, list(t.shape), t.padding, pieces]
+    if t.parts or t.fill is not None:  # a format's stacked tensor or constant
+        key.append([[[p.name, p.shape, p.at] for p in t.parts], t.fill])
+    return key
 
 
 def read_own_json(path: Path) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,7 @@ def open_output_source(out_dir: Path) -> Source:
             f"{where}: has no per-file tensor list in 'source' (written by an older reshard), "
             "so the original tensor order is unknown. Convert from the original model instead."
         )
-    headers = _check_rank_files(Path(out_dir), manifest)
+    headers = _row_views(_check_rank_files(Path(out_dir), manifest), manifest)
     blocks = _collect_blocks(manifest)
     config = manifest["config"]
     hp = parse_hparams(config, where=where)
@@ -118,9 +118,35 @@ def _collect_blocks(manifest: dict) -> dict[str, list[Block]]:
         for out_name, meta in entry["tensors"].items():
             for p in meta["pieces"]:
                 box = (tuple(p["start"]), tuple(p["stop"]))
-                block = Block(meta["file"], out_name, *box, tuple(p["dest"]))
+                dest = _flat_dest(p["dest"], meta["shape"], len(p["start"]))
+                block = Block(meta["file"], out_name, *box, dest)
                 blocks.setdefault(p["source"], {}).setdefault(box, block)
     return {name: list(boxes.values()) for name, boxes in blocks.items()}
+
+
+def _flat_dest(dest: list[int], shape: list[int], ndim: int) -> tuple[int, ...]:
+    """A block stacked at fixed leading indices of its tensor (a format's experts): its place
+    in the tensor seen as rows of the block's own width (the leading dims merged)."""
+    lift = len(dest) - ndim
+    if lift <= 0 or not ndim:
+        return tuple(dest)
+    row = 0
+    for d, n in zip(dest[: lift + 1], shape[: lift + 1], strict=True):
+        row = row * n + d
+    return (row, *dest[lift + 1 :])
+
+
+def _row_views(headers: dict[str, Header], manifest: dict) -> dict[str, Header]:
+    """Stacked rank-file tensors seen with their leading dims merged, as _flat_dest places
+    blocks in them (same bytes, so hashes and offsets are unchanged)."""
+    for entry in manifest["ranks"]:
+        for name, meta in (entry.get("tensors") or {}).items():
+            lift = max((len(p["dest"]) - len(p["start"]) for p in meta["pieces"]), default=0)
+            if lift > 0:
+                info = headers[meta["file"]].tensors[name]
+                merged = (math.prod(info.shape[: lift + 1]), *info.shape[lift + 1 :])
+                headers[meta["file"]].tensors[name] = replace(info, shape=merged)
+    return headers
 
 
 def _virtual_headers(out_dir: Path, manifest: dict, blocks, headers) -> tuple[Header, ...]:

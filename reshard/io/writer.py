@@ -12,8 +12,10 @@ fsynced and renamed. torch is imported only to cast (--dtype). The writer makes 
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +25,8 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import CheckpointError, ReshardIOError
-from ..layout.plan import OutFile, OutTensor, Piece, Plan
+from ..layout.plan import Plan
+from ..layout.tensors import OutFile, OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, row_window, tensor_windows
 from .headers import TensorInfo, encode_header, pread_exact
 from .source import Source
@@ -45,8 +48,7 @@ def buffer_bytes(workers: int) -> int:
 
 @dataclass
 class Target:
-    """One output tensor being filled: where it lives and how much of it is hashed. Only the
-    job of its one source tensor touches it, so no lock is needed."""
+    """One output tensor being filled: where it lives and how much of it is hashed."""
 
     file: Path
     fd: int
@@ -55,6 +57,9 @@ class Target:
     hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     hashed: int = 0  # bytes [0, hashed) are in the hash
     written: int = 0  # bytes written, checked against the plan at the end
+    # A format's stacked tensor (vLLM's qkv_proj) takes bytes from several source tensors,
+    # so several jobs may account for it at once.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -140,15 +145,25 @@ def _create_file(path: Path, out_file: OutFile) -> tuple[int, list[Target], str]
         Target(tmp, fd, t, len(header) + begin)
         for t, (begin, _) in zip(out_file.tensors, offsets, strict=True)
     ]
+    for target in targets:
+        if target.tensor.fill is not None:  # a format's constant (vLLM's attention scales)
+            data = memoryview(fill_bytes(target.tensor))
+            _pwrite_all(fd, data, target.offset, tmp)
+            _account(target, 0, data)
     return fd, targets, xxhash.xxh3_128(header).hexdigest()
+
+
+def fill_bytes(tensor: OutTensor) -> bytes:
+    """A constant tensor's bytes (float32 only: the formats' constants are fp32 scales)."""
+    if tensor.dtype != "F32":  # internal invariant: formats add fp32 constants only
+        raise AssertionError(f"{tensor.name}: constant of dtype {tensor.dtype}")
+    return struct.pack("<f", tensor.fill) * math.prod(tensor.shape)
 
 
 def collect_jobs(source: Source, targets: list[Target]) -> list[Job]:
     """One job per needed source tensor, in file order, then offset order within a file."""
     consumers: dict[str, list[tuple[Target, Piece]]] = {}
     for target in targets:
-        # internal invariant: one source per output tensor, so one job owns each target
-        assert len({p.source for p in target.tensor.pieces}) <= 1, target.tensor.name
         for piece in target.tensor.pieces:
             consumers.setdefault(piece.source, []).append((target, piece))
     if source.reader is not None:  # virtual headers: the original's tensor order
@@ -302,17 +317,18 @@ def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) 
 
 
 def _account(target: Target, rel: int, data) -> None:
-    target.written += len(data)
-    if rel == target.hashed:  # in order: hash while streaming; else read back at the end
-        target.hasher.update(data)
-        target.hashed += len(data)
+    with target.lock:
+        target.written += len(data)
+        if rel == target.hashed:  # in order: hash while streaming; else read back at the end
+            target.hasher.update(data)
+            target.hashed += len(data)
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
     hashes: dict[str, dict[str, str]] = {}
     for t in targets:
-        rows = t.tensor.shape[0] if t.tensor.shape else 1  # a 0-dim scalar (NVFP4 scale_2)
-        expected = t.tensor.nbytes - t.tensor.padding * (t.tensor.nbytes // max(rows, 1))
+        pad = t.tensor.padding
+        expected = t.tensor.nbytes - (pad * (t.tensor.nbytes // t.tensor.shape[0]) if pad else 0)
         if t.written != expected:  # internal invariant: the plan covers every element once
             raise AssertionError(f"{t.tensor.name}: wrote {t.written} of {expected} bytes")
         while t.hashed < t.tensor.nbytes:

@@ -7,11 +7,10 @@ The writer executes a Plan without making a single decision of its own.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..dtypes import CAST_DTYPES, DTYPE_SIZES
+from ..dtypes import CAST_DTYPES
 from ..errors import LayoutError
 from ..models.hparams import HParams
 from ..models.rules import TensorRole
@@ -19,7 +18,9 @@ from ..quant import check_parts, logical_shape, scheme_of
 from ..quant.slicing import stored_pieces
 from ..ranks import rank_coords, replica_base
 from .check import check_layout
+from .formats import format_named
 from .recipe import Recipe
+from .tensors import OutFile, OutTensor, Piece
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Layout:
     vocab_padded: int
     dtype: str  # "keep" or a cast target
     keep_mtp: bool = False  # MTP layer written whole on the last stage's tp_rank 0
+    format: str = "native"  # how rank files are named and filled (layout/formats/)
+    format_version: str | None = None  # the engine version a format targets (vLLM: "0.32")
 
     @property
     def etp(self) -> int:
@@ -68,41 +71,6 @@ class Layout:
     def coord(self, rank: int) -> Coord:
         dp_index, pp_stage, tp_rank = rank_coords(rank, tp=self.tp, pp=self.pp)
         return Coord(rank, dp_index, pp_stage, tp_rank, tp_rank // self.etp, tp_rank % self.etp)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Copy the block source[start:stop] (per dim) to output[dest:dest + (stop - start)]."""
-
-    source: str
-    start: tuple[int, ...]
-    stop: tuple[int, ...]
-    dest: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class OutTensor:
-    name: str
-    dtype: str  # safetensors dtype written
-    source_dtype: str
-    shape: tuple[int, ...]  # local shape
-    pieces: tuple[Piece, ...]
-    padding: int  # zero rows appended along dim 0
-
-    @property
-    def nbytes(self) -> int:
-        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class OutFile:
-    name: str
-    rank: int
-    tensors: tuple[OutTensor, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
 
 
 @dataclass(frozen=True)
@@ -137,7 +105,9 @@ def build_plan(
     """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors."""
     check_layout(hp, recipe)
     check_parts(scheme_of(hp), tensors, roles, where="the checkpoint")
-    padded = -(-hp.vocab_size // recipe.tp) * recipe.tp
+    fmt = format_named(recipe.format)
+    fmt.check(hp, recipe)
+    padded = fmt.vocab_padded(hp.vocab_size, recipe.tp)
     layout = Layout(
         recipe.tp,
         recipe.pp,
@@ -148,8 +118,11 @@ def build_plan(
         padded,
         recipe.dtype,
         recipe.keep_mtp,
+        fmt.name,
+        recipe.vllm_version if fmt.name == "vllm" else None,
     )
     placements = placements or {}
+    fmt.check_plan(layout, placements)
     files: list[OutFile] = []
     ranks: list[RankPlan] = []
     for rank in range(layout.world_size):
@@ -159,7 +132,7 @@ def build_plan(
             ranks.append(RankPlan(coord, replica.files, replica.coord.rank))
             continue
         out = _rank_tensors(hp, tensors, roles, layout, coord, placements)
-        rank_files = _split_files(rank, out, recipe.max_file_size)
+        rank_files = fmt.rank_files(hp, layout, coord, out, recipe.max_file_size)
         files.extend(rank_files)
         ranks.append(RankPlan(coord, tuple(f.name for f in rank_files), None))
     dropped = tuple(n for n, r in roles.items() if r.role == "drop" and not _kept_mtp(layout, r))
@@ -360,20 +333,3 @@ def _slice_fused(hp, layout: Layout, coord: Coord, role: TensorRole, shape, plac
             pieces.append(Piece(role.name, (e, 0, lo), (e + 1, shape[1], hi), (slot, 0, 0)))
         local = (len(experts), shape[1], hi - lo)
     return role.name, tuple(pieces), local, 0
-
-
-def _split_files(rank: int, tensors: list[OutTensor], max_size: int | None) -> list[OutFile]:
-    groups: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if max_size and groups[-1] and size + t.nbytes > max_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    if len(groups) == 1:
-        return [OutFile(f"rank-{rank:05d}.safetensors", rank, tuple(groups[0]))]
-    return [
-        OutFile(f"rank-{rank:05d}-part-{i + 1:03d}.safetensors", rank, tuple(g))
-        for i, g in enumerate(groups)
-    ]

@@ -17,13 +17,14 @@ from ..dtypes import recipe_spellings
 from ..errors import InputError
 from ..units import SIZE_UNITS
 from .experts.place import PLACEMENTS
+from .formats import FORMAT_NAMES
 
 DTYPES = recipe_spellings()  # 'bf16' -> 'bfloat16', ...
 
 # TOML section -> keys it may hold (and the Recipe field each sets).
 SECTIONS = {
     "layout": ("tp", "pp", "ep", "dp", "stages"),
-    "output": ("dtype", "max_file_size", "keep_mtp"),
+    "output": ("dtype", "max_file_size", "keep_mtp", "format", "vllm_version"),
     "experts": ("placement", "redundant", "load", "gpus_per_node"),
     "costs": ("file",),
 }
@@ -32,6 +33,7 @@ FLAGS = {
     "tp": "--tp", "pp": "--pp", "ep": "--ep", "dp": "--dp", "dtype": "--dtype",
     "max_file_size": "--max-file-size", "placement": "--placement", "redundant": "--redundant",
     "load": "--expert-load", "costs": "--costs", "gpus_per_node": "--gpus-per-node",
+    "format": "--format", "vllm_version": "--vllm-version",
 }  # fmt: skip
 
 
@@ -50,6 +52,8 @@ class Recipe:
     gpus_per_node: int | None = None  # node-aware placement for grouped routing
     costs: Path | None = None  # costs.json from `reshard profile layers`
     keep_mtp: bool = False  # write DeepSeek's multi-token-prediction layer (last stage)
+    format: str = "native"  # output format: "native" or "vllm" (layout/formats/)
+    vllm_version: str = "0.32"  # the vLLM whose sharded_state contract --format vllm writes
     origin: str = "defaults"  # the recipe file, for messages
     flags: frozenset[str] = frozenset()  # fields given by CLI flags, for messages
 
@@ -72,6 +76,15 @@ class Recipe:
                 f"{self.where('placement')} {self.placement!r} is not one of "
                 f"{', '.join(PLACEMENTS)}."
             )
+        if self.format not in FORMAT_NAMES:
+            raise InputError(
+                f"{self.where('format')} {self.format!r} is not one of {', '.join(FORMAT_NAMES)}."
+            )
+        if type(self.vllm_version) is not str:
+            raise InputError(f'{self.where("vllm_version")} must be a string such as "0.32".')
+        if self.format == "vllm" and self.placement == "balanced" and self.load is None:
+            # Nothing to balance without a load: vLLM's own (linear) placement it is.
+            object.__setattr__(self, "placement", "contiguous")
         if type(self.keep_mtp) is not bool:
             raise InputError(f"{self.origin}: output.keep_mtp must be true or false.")
         if type(self.redundant) is not int or self.redundant < 0:

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .blocks import DENSE_MLP, GLOBAL, QWEN_MOE_EXPERTS
 from .config_values import FIX, get_bool, get_float, get_int
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 from .mla import MLA_RULES
 
 ROUTER_AND_SHARED = (
@@ -75,7 +75,21 @@ def _read_mla(config: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+# vLLM 0.32's DeepseekV2 model registers MLA's projections twice (self_attn and its
+# mla_attn wrapper) and the shared experts and router inside its FusedMoE: its loader keeps
+# the smaller key of each pair. (q_proj, used when q_lora_rank is null, follows the same rule.)
+VLLM_RENAMES = (
+    (r"(?P<p>.+\.self_attn)\.(?P<m>o_proj|q_a_layernorm|q_b_proj|q_proj)\.weight",
+     "{p}.mla_attn.{m}.weight"),
+    (r"(?P<p>.+\.self_attn)\.attn\.(?P<s>_\w+_scale)", "{p}.mla_attn.mla_attn.{s}"),
+    (r"(?P<p>.+\.mlp)\.shared_experts\.(?P<rest>.+)", "{p}.experts._shared_experts._layer.{rest}"),
+    (r"(?P<p>.+\.mlp)\.gate\.(?P<w>weight|e_score_correction_bias)", "{p}.experts.gate.{w}"),
+)  # fmt: skip
+
 FAMILY = Family(
+    vllm_renames=VLLM_RENAMES,
+    vllm_float32=(r".+\.mlp\.gate\.e_score_correction_bias",),  # DeepseekV2MoE makes it fp32
+    formats=WITH_VLLM,
     name="deepseek_v3",
     architectures=("DeepseekV3ForCausalLM",),
     rules=GLOBAL + MLA_RULES + DENSE_MLP + QWEN_MOE_EXPERTS + ROUTER_AND_SHARED,

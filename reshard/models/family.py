@@ -102,3 +102,16 @@ class Family:
     rules: tuple[Rule, ...]
     read_config: Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any]] = no_overrides
     features: Features = field(default_factory=Features)
+    # Output formats that can write it: "vllm" once its vLLM names are checked against vLLM's
+    # own loader (tests/golden/vllm/).
+    formats: tuple[str, ...] = ("native",)
+    # vLLM names that are this family's own (after the vLLM format's generic stacking):
+    # (regex on the name, format string over its groups), first match wins.
+    vllm_renames: tuple[tuple[str, str], ...] = ()
+    # Native names (regexes) whose vLLM parameter is float32 whatever the checkpoint's dtype:
+    # the vLLM format writes them as F32 (an exact cast from BF16/F16), so the loader casts
+    # nothing.
+    vllm_float32: tuple[str, ...] = ()
+
+
+WITH_VLLM = ("native", "vllm")  # Family.formats of a family vLLM 0.32 loads as reshard writes it

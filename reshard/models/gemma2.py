@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import UnsupportedModelError
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL
 from .config_values import get_bool, get_float, get_int, get_str
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 
 SANDWICH_NORMS = (
     Rule("model.layers.{layer}.pre_feedforward_layernorm.weight", "replicate", "layer"),
@@ -67,6 +67,9 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
+    # vLLM's Gemma-2 computes logits with the embedding itself: no lm_head module.
+    vllm_renames=((r"lm_head\.weight", "model.embed_tokens.weight"),),
+    formats=WITH_VLLM,
     name="gemma2",
     architectures=("Gemma2ForCausalLM",),
     rules=GLOBAL + ATTENTION + SANDWICH_NORMS + DENSE_MLP,

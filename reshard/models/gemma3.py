@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import UnsupportedModelError
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL, QK_NORM
 from .config_values import FIX, get_dict, get_float, get_int, get_str
-from .family import Family
+from .family import WITH_VLLM, Family
 from .gemma2 import GEMMA_FEATURES, SANDWICH_NORMS, read_cap, read_common
 
 GLOBAL_THETA = 1_000_000.0  # Gemma3TextConfig's defaults: global and sliding-layer rope bases
@@ -54,6 +54,7 @@ def _read_rope(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="gemma3",
     architectures=("Gemma3ForCausalLM",),
     rules=GLOBAL + ATTENTION + QK_NORM + SANDWICH_NORMS + DENSE_MLP,

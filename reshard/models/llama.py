@@ -2,9 +2,10 @@
 dense decoder every other family extends."""
 
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL
-from .family import Family
+from .family import WITH_VLLM, Family
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="llama",
     architectures=("LlamaForCausalLM", "MistralForCausalLM"),
     rules=GLOBAL + ATTENTION + DENSE_MLP,

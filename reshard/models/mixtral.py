@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .blocks import ATTENTION, GLOBAL, fused_experts
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 from .moe_config import read_experts
 
 MIXTRAL_EXPERTS = (
@@ -35,6 +35,7 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="mixtral",
     architectures=("MixtralForCausalLM",),
     rules=GLOBAL + ATTENTION + MIXTRAL_EXPERTS,

@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import CheckpointError, UnsupportedModelError
 from .blocks import GLOBAL
 from .config_values import FIX, get_dict, get_float, get_int
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 
 LAYER = (
     Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer"),
@@ -69,6 +69,7 @@ def _longrope(config: dict[str, Any], scaling: dict, where: str, rotary: float) 
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="phi3",
     architectures=("Phi3ForCausalLM",),
     rules=GLOBAL + LAYER,

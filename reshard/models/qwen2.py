@@ -7,7 +7,7 @@ from typing import Any
 
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL
 from .config_values import get_int
-from .family import Family
+from .family import WITH_VLLM, Family
 
 
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -20,6 +20,7 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
     name="qwen2",
     architectures=("Qwen2ForCausalLM",),
     rules=GLOBAL + ATTENTION + DENSE_MLP,  # the biases are ATTENTION's optional entries

@@ -8,7 +8,7 @@ from typing import Any
 
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL, QWEN_MOE_EXPERTS
 from .config_values import get_bool, get_int
-from .family import Family, Rule
+from .family import WITH_VLLM, Family, Rule
 from .moe_config import read_experts
 
 SHARED_EXPERT = (
@@ -34,7 +34,19 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
     }
 
 
+# vLLM 0.32's Qwen2MoeSparseMoeBlock also registers its shared expert inside its FusedMoE
+# (`experts._shared_experts._layer`, the same storage); its loader keeps that, the smaller key.
+VLLM_RENAMES = (
+    (r"(?P<p>.+\.mlp)\.shared_expert\.(?P<rest>.+)", "{p}.experts._shared_experts._layer.{rest}"),
+    (
+        r"(?P<p>.+\.mlp)\.shared_expert_gate\.weight",
+        "{p}.experts._shared_experts._layer.expert_gate.weight",
+    ),
+)
+
 FAMILY = Family(
+    vllm_renames=VLLM_RENAMES,
+    formats=WITH_VLLM,
     name="qwen2_moe",
     architectures=("Qwen2MoeForCausalLM",),
     rules=GLOBAL + ATTENTION + DENSE_MLP + QWEN_MOE_EXPERTS + SHARED_EXPERT,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL, QK_NORM, QWEN_MOE_EXPERTS
-from .family import Family
+from .family import WITH_VLLM, Family
 from .moe_config import read_experts
 
 
@@ -16,7 +16,13 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
     return {**moe, "qk_norm": True}
 
 
+# vLLM 0.32's Qwen3MoeSparseMoeBlock hands its router to its FusedMoE (`experts.gate`, the
+# same storage); its loader keeps that, the smaller key.
+VLLM_RENAMES = ((r"(?P<p>.+\.mlp)\.gate\.weight", "{p}.experts.gate.weight"),)
+
 FAMILY = Family(
+    vllm_renames=VLLM_RENAMES,
+    formats=WITH_VLLM,
     name="qwen3_moe",
     architectures=("Qwen3MoeForCausalLM",),
     rules=GLOBAL + ATTENTION + QK_NORM + DENSE_MLP + QWEN_MOE_EXPERTS,

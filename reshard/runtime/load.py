@@ -164,4 +164,25 @@ def _read_rank_tensors(
                 f"{list(tensors[name].shape)}, manifest.json says {info['shape']}. "
                 "Re-run `reshard convert` into an empty folder."
             )
-    return tensors
+    return native_tensors(entry, tensors)
+
+
+def native_tensors(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict:
+    """An output format's tensors as the native ones the runtime builds from: each stacked
+    tensor's parts cut back out (views, no copy), a format's constants left out."""
+    out = {}
+    for name, tensor in tensors.items():
+        meta = entry["tensors"][name]
+        if "fill" in meta:
+            continue
+        for part in meta.get("parts") or [{"name": name, "shape": meta["shape"], "at": None}]:
+            out[part["name"]] = _cut(tensor, part["shape"], part["at"])
+    return out
+
+
+def _cut(tensor: torch.Tensor, shape: list[int], at: list[int] | None) -> torch.Tensor:
+    if at is None:
+        return tensor
+    lift = len(at) - len(shape)
+    index = tuple(at[:lift]) + tuple(slice(a, a + n) for a, n in zip(at[lift:], shape))
+    return tensor[index]

@@ -254,7 +254,7 @@ def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader, ba
         for p in meta["pieces"]:
             for src_index, out_index in _row_chunks(p, meta["dtype"]):
                 block = blocks.read(blocks.source_path(p["source"]), p["source"], src_index)
-                out = blocks.read(path, name, out_index)
+                out = blocks.read(path, name, out_index).reshape(block.shape)
                 bar.update(out.numel() * out.element_size())
                 if not _bitwise_equal(out, block.to(torch_dtypes()[meta["dtype"]])):
                     failures.append(
@@ -262,6 +262,8 @@ def _compare_file(path: Path, header, entry: dict, blocks: SafetensorsReader, ba
                         f"'{p['source']}' block {p['start']}:{p['stop']}"
                     )
                     break
+        if "fill" in meta and not torch.all(blocks.read(path, name, ()) == meta["fill"]):
+            failures.append(f"{path}: tensor '{name}' is not the constant {meta['fill']}")
         if meta["padding"]:
             rows = (slice(shape[0] - meta["padding"], shape[0]),)
             if torch.count_nonzero(blocks.read(path, name, rows)):
@@ -275,6 +277,9 @@ def _row_chunks(piece: dict, dtype: str, budget: int = 64 << 20):
     if not start:  # a scalar
         yield (), ()
         return
+    # A block stacked at fixed leading indices of its tensor (a format's experts).
+    lift = len(dest) - len(start)
+    lead, dest = tuple(slice(d, d + 1) for d in dest[:lift]), dest[lift:]
     row_bytes = DTYPE_SIZES[dtype] * math.prod(e - s for s, e in zip(start[1:], stop[1:]))
     step = max(1, budget // max(row_bytes, 1))
     rest_src = tuple(slice(s, e) for s, e in zip(start[1:], stop[1:]))
@@ -282,7 +287,7 @@ def _row_chunks(piece: dict, dtype: str, budget: int = 64 << 20):
     for a in range(start[0], stop[0], step):
         b = min(stop[0], a + step)
         out0 = dest[0] + a - start[0]
-        yield (slice(a, b), *rest_src), (slice(out0, out0 + b - a), *rest_out)
+        yield (slice(a, b), *rest_src), (*lead, slice(out0, out0 + b - a), *rest_out)
 
 
 class SafetensorsReader:
