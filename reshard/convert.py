@@ -8,16 +8,20 @@ files out, shards in, side files copied, manifest last.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .io.manifest import MANIFEST, build_manifest, write_manifest
+from .io.commit import hold_interrupts
+from .io.manifest import MANIFEST, build_manifest, hash_side_files, write_manifest
 from .io.out_dir import (
     build_record,
     check_out_apart,
+    check_unfinished,
+    claim_folder,
     claim_out_dir,
     flock_path,
     lock_out_dir,
@@ -29,6 +33,7 @@ from .io.rank_subset import (
     SUBSETS_LOCK,
     all_file_ranks,
     check_manifest_absent,
+    check_marker_claims,
     check_record_matches,
     file_ranks,
     hold_subset_locks,
@@ -43,7 +48,7 @@ from .io.rank_subset import (
 )
 from .io.source import Source
 from .io.torchrun import torchrun_world
-from .io.writer import write_atomic, write_plan
+from .io.writer import Written, write_atomic, write_plan
 from .layout.check import check_layout
 from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
 from .layout.formats import format_named
@@ -93,8 +98,10 @@ def convert_model(
             "delete other runs' ranks). Clear OUT with one full convert --force, or use -o."
         )
     if not subset:
-        check_no_output(out_dir, force=force)  # before any work: refuse early and cheaply
-    scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle"
+        check_unfinished(out_dir, force=force)  # before any work: refuse early and cheaply
+    # Per process: it is deleted below, before or without OUT's lock, so a run refused as
+    # busy must not delete the scratch of the run it found there.
+    scratch = out_dir.parent / f".{out_dir.name}.reshard-pickle-{os.getpid()}"
     try:
         source = open_model(model, allow_pickle=allow_pickle, scratch=scratch)
         check_not_source(source, out_dir)
@@ -133,7 +140,7 @@ def _convert_full(plan, source, recipe, out_dir: Path, force: bool, progress: bo
         flock_path(out_dir, SUBSETS_LOCK, busy=_busy_subsets(out_dir)),
     ):
         record = build_record(plan, source, output_names(plan, source))
-        prepare_out_dir(out_dir, record, force=force)
+        claim_folder(out_dir, record, force=force)
         return _write_output(plan, source, recipe, out_dir, progress, workers)
 
 
@@ -149,12 +156,15 @@ def convert_subset(
 ):
     """Claim (short lock), write the chosen ranks' files, mark them, finish (short lock)."""
     chosen = _chosen_ranks(plan, ranks, world)  # a bad --ranks is refused before OUT exists
-    with lock_out_dir(out_dir, wait=True):
-        check_manifest_absent(out_dir)
-        record = build_record(plan, source, output_names(plan, source))
-        todo = _unfinished(plan, out_dir, chosen) if resume else chosen
-        _join_out_dir(out_dir, record, plan, todo)
-    with hold_subset_locks(out_dir, todo):
+    # The rank locks come first: nothing of a rank (its files, partials, marker) is deleted
+    # unless this run holds that rank, so a refused run never breaks the one writing it.
+    with hold_subset_locks(out_dir, chosen):
+        with lock_out_dir(out_dir, wait=True):
+            check_manifest_absent(out_dir)
+            check_unfinished(out_dir, force=False)
+            record = build_record(plan, source, output_names(plan, source))
+            todo = _unfinished(plan, out_dir, chosen) if resume else chosen
+            _join_out_dir(out_dir, record, plan, todo)
         part = subset_plan(plan, todo)
         read_total = _bytes_to_read(part, source)
         with _progress_bar(read_total, progress) as bar:
@@ -167,7 +177,7 @@ def convert_subset(
         if world.rank != 0:
             return read_total, sizes, (todo, None)
     with lock_out_dir(out_dir, wait=True):
-        missing = finish_if_complete(plan, source, recipe, out_dir)
+        missing = finish_if_complete(plan, source, recipe, out_dir, written)
     return read_total, sizes, (todo, missing)
 
 
@@ -199,8 +209,11 @@ def _join_out_dir(out_dir: Path, record: dict, plan: Plan, todo) -> None:
     remove_names(out_dir, names + [marker_name(r) for r in todo])
 
 
-def finish_if_complete(plan: Plan, source: Source, recipe: Recipe, out_dir: Path) -> tuple:
-    """Under the lock: when every rank has its marker and no manifest is there yet, write the
+def finish_if_complete(
+    plan: Plan, source: Source, recipe: Recipe, out_dir: Path, own: Written
+) -> tuple:
+    """Under the lock: when every rank has its marker and no manifest is there yet, check what
+    the markers claim against the files (`own`: what this process wrote, known good), write the
     side files, exports and manifest (exactly once), then drop the markers. Returns the ranks
     still missing."""
     if (out_dir / MANIFEST).exists():
@@ -209,11 +222,11 @@ def finish_if_complete(plan: Plan, source: Source, recipe: Recipe, out_dir: Path
     missing = tuple(missing_ranks(plan, markers))
     if missing:
         return missing
+    check_marker_claims(out_dir, markers, own)
     written, sizes = written_from_markers(markers)
-    _write_side_files(plan, source, out_dir)
-    manifest = build_manifest(plan, source, written, sizes, experts=_experts_entry(plan, recipe))
-    write_manifest(out_dir, manifest)
-    remove_names(out_dir, marker_names(plan))
+    with hold_interrupts(out_dir):
+        _commit(plan, source, recipe, out_dir, written, sizes)
+        remove_names(out_dir, marker_names(plan))
     return ()
 
 
@@ -229,11 +242,20 @@ def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, pro
     read_total = _bytes_to_read(plan, source)
     with _progress_bar(read_total, progress) as bar:
         written = write_plan(plan, source, out_dir, progress=bar, workers=workers)
-    _write_side_files(plan, source, out_dir)
     sizes = {f.name: (out_dir / f.name).stat().st_size for f in plan.files}
-    manifest = build_manifest(plan, source, written, sizes, experts=_experts_entry(plan, recipe))
-    write_manifest(out_dir, manifest)
+    with hold_interrupts(out_dir):
+        _commit(plan, source, recipe, out_dir, written, sizes)
     return read_total, sizes
+
+
+def _commit(plan, source, recipe, out_dir: Path, written, sizes) -> None:
+    """Side files, expert maps, then the manifest (listing their hashes) last."""
+    sides = _write_side_files(plan, source, out_dir)
+    manifest = build_manifest(
+        plan, source, written, sizes, experts=_experts_entry(plan, recipe),
+        side_files=hash_side_files(out_dir, sides),
+    )  # fmt: skip
+    write_manifest(out_dir, manifest)
 
 
 def _progress_bar(total: int, show: bool):
@@ -246,14 +268,18 @@ def _progress_bar(total: int, show: bool):
     )
 
 
-def _write_side_files(plan: Plan, source: Source, out_dir: Path) -> None:
+def _write_side_files(plan: Plan, source: Source, out_dir: Path) -> list[str]:
+    names = []
     for side in source.side_files():
         write_atomic(out_dir / side.name, side.read_bytes())
+        names.append(side.name)
     for name, data in {
         **_exports(plan),
         **format_named(plan.layout.format).side_files(plan),
     }.items():
         write_atomic(out_dir / name, data)
+        names.append(name)
+    return names
 
 
 def _bytes_to_read(plan: Plan, source: Source) -> int:
@@ -281,24 +307,9 @@ def check_not_source(source: Source, out_dir: Path) -> None:
         )
 
 
-def check_no_output(out_dir: Path, *, force: bool) -> None:
-    if (out_dir / MANIFEST).exists() and not force:
-        raise InputError(
-            f"{out_dir}: already holds a reshard output ({MANIFEST}). Pass --force to "
-            "replace it, or choose another folder with -o."
-        )
-
-
 def output_names(plan: Plan, source: Source) -> list[str]:
     """Every file this run writes into OUT (each also as `.partial` while being written)."""
     names = [f.name for f in plan.files] + [p.name for p in source.side_files()]
     exports = list(EXPORT_FILES) if plan.placements else []
     exports += list(format_named(plan.layout.format).side_files(plan))
     return names + exports + [MANIFEST] + marker_names(plan)
-
-
-def prepare_out_dir(out_dir: Path, record: dict, *, force: bool) -> None:
-    """Under the lock: refuse to clobber a finished output unless forced (checked again: a
-    convert that finished while this one planned has written its manifest), then claim OUT."""
-    check_no_output(out_dir, force=force)
-    claim_out_dir(out_dir, record)

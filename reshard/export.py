@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .io.commit import hold_interrupts
 from .io.headers import TensorInfo, encode_header
-from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, claim_out_dir, lock_out_dir, owned_names
+from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, check_unfinished, claim_folder, lock_out_dir
 from .io.output_source import CHUNK_BYTES, open_output_source
 from .io.source import INDEX, Source
 from .io.tensor_bytes import reused_buffer, tensor_bytes
@@ -66,7 +67,7 @@ def export_output(
     shards = split_shards(infos, max_shard_size)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     with lock_out_dir(hf_dir):  # like convert: one writer, and only its own files go
-        prepare_hf_dir(hf_dir, _export_record(names, source))
+        claim_folder(hf_dir, _export_record(names, source), force=force)
         _write_checkpoint(source, hf_dir, names, shards)
     return ExportResult(
         hf_dir, tuple(names), len(infos), sum(i.nbytes for i in infos),
@@ -90,7 +91,8 @@ def _write_checkpoint(source: Source, hf_dir: Path, names: list[str], shards) ->
     fsync_dir(hf_dir)
     for side in source.side_files():
         write_atomic(hf_dir / side.name, side.read_bytes())
-    write_atomic(hf_dir / INDEX, _index_json(names, shards))
+    with hold_interrupts(hf_dir):  # the index is the commit: Ctrl-C now says it happened
+        write_atomic(hf_dir / INDEX, _index_json(names, shards))
 
 
 def _exported_tensors(source: Source) -> list[TensorInfo]:
@@ -113,22 +115,7 @@ def _check_hf_dir(hf_dir: Path, source: Source, *, force: bool) -> None:
             f"{hf_dir}: is the reshard output being exported; write the checkpoint elsewhere "
             "with -o."
         )
-    if (hf_dir / INDEX).exists() and not force:
-        raise InputError(
-            f"{hf_dir}: already holds a checkpoint ({INDEX}). Pass --force to replace it, or "
-            "choose another folder with -o."
-        )
-
-
-def prepare_hf_dir(hf_dir: Path, record: dict) -> None:
-    """Under the lock: the index goes first (from then on the folder is incomplete by
-    definition), then the files a previous export's record names; a file this export would
-    write that no record names is refused (exit 2), never deleted."""
-    index = hf_dir / INDEX
-    if index.exists() and INDEX in owned_names(hf_dir):
-        index.unlink()
-        fsync_dir(hf_dir)
-    claim_out_dir(hf_dir, record)
+    check_unfinished(hf_dir, force=force)  # a reshard output or a checkpoint: --force only
 
 
 def _write_shard(source: Source, path: Path, shard: list[TensorInfo], alloc) -> None:

@@ -32,6 +32,12 @@ FLOAT_TESTS=(
     tests/test_quant_ct.py::test_w8a8_zero_points_split_with_the_rows
     tests/test_quant_ct.py::test_hf_quant_config_json_is_read_when_config_json_has_none
     tests/test_quant_ct.py::test_streamed_reference_dequantizes_like_the_full_one
+    tests/test_qwen3_next.py::test_runtime_matches_transformers_at_every_position
+    tests/test_qwen3_next.py::test_world_size_1_generation_is_token_exact
+    tests/test_qwen3_next.py::test_streamed_reference_matches_the_full_one
+    tests/test_qwen3_5_moe.py::test_runtime_matches_transformers
+    tests/test_minimax_m2.py::test_runtime_matches_transformers_and_generates_token_exact
+    tests/test_minimax_m2.py::test_tp_statistic_is_averaged_over_the_group
 )
 bash scripts/setup.sh --test
 # The engine tier (tests/test_vllm_engine.py) runs vLLM's CPU build from its own cached venv.

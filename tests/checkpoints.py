@@ -43,7 +43,10 @@ DEEPSEEK_V3 = dict(
 
 
 # Architectures whose config class is not named after them.
-CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+CONFIG_CLASSES = {
+    "Gemma3ForCausalLM": "Gemma3TextConfig",
+    "Qwen3_5MoeForCausalLM": "Qwen3_5MoeTextConfig",
+}
 
 
 def config_for(arch: str, **overrides):

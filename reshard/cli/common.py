@@ -4,6 +4,7 @@ layout flags and the recipe they make. Only the cli package prints and exits."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -26,16 +27,33 @@ def run_command(fn):
         except ReshardError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except BrokenPipeError:
+            _stdout_closed()
         except OSError as e:
-            click.echo(f"error: {e.filename or ''}: {e.strerror or e}", err=True)
+            click.echo(f"error: {e.filename or '(no file)'}: {e.strerror or e}", err=True)
             sys.exit(3)
-        except KeyboardInterrupt:
-            # Output written so far stays as *.partial with no manifest: incomplete by
-            # definition, and the next convert into the folder clears it.
-            click.echo("interrupted: nothing was committed (no manifest written).", err=True)
+        except KeyboardInterrupt as e:
+            # Before the commit, output written so far stays as *.partial with no manifest:
+            # incomplete by definition, and the next convert into the folder clears it. A
+            # commit is never cut (io/commit.py): an interrupt during it says so.
+            said = str(e) or "nothing was committed (no manifest written)."
+            click.echo(f"interrupted: {said}", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _stdout_closed() -> None:
+    """Whatever read reshard's standard output closed it (`| head`): say so, and point stdout
+    at /dev/null so that the flush at exit does not fail a second time."""
+    click.echo(
+        "error: standard output: Broken pipe (the program reading reshard's output closed "
+        "it first; write to a file with > FILE instead).",
+        err=True,
+    )
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(3)
 
 
 def with_revision(model: str, revision: str | None) -> str:

@@ -54,13 +54,26 @@ SUGGEST_CONFLICTS = {
 }
 
 
+# Bounds on the numbers of a plan: past them a value is a typo, and the memory arithmetic
+# (floats) would overflow.
+MAX_TOKENS = 1 << 24  # --context, --max-num-batched-tokens
+MAX_SEQS = 1 << 20  # --batch, --max-num-seqs
+MAX_GPU_GB = 1e6
+
+
 @click.command(help=PLAN_HELP)
 @model_argument
 @layout_options
 @click.option("--gpu", "gpu_name", help="GPU model: B200 B100 H200 H100 L4 L40S L40 A100.")
-@click.option("--gpu-memory", type=float, help="Memory of another GPU, in decimal GB.")
-@click.option("--context", type=click.IntRange(min=1), help=CONTEXT_HELP)
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
+@click.option(
+    "--gpu-memory",
+    type=click.FloatRange(min=0, max=MAX_GPU_GB, min_open=True),
+    help="Memory of another GPU, in decimal GB.",
+)
+@click.option("--context", type=click.IntRange(1, MAX_TOKENS), help=CONTEXT_HELP)
+@click.option(
+    "--batch", type=click.IntRange(1, MAX_SEQS), default=1, show_default=True, help=BATCH_HELP
+)
 @click.option(
     "--gpu-memory-utilization",
     "utilization",
@@ -72,10 +85,10 @@ SUGGEST_CONFLICTS = {
 @click.option(
     "--max-num-batched-tokens",
     "batched_tokens",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TOKENS),
     help=TOKENS_HELP,
 )
-@click.option("--max-num-seqs", type=click.IntRange(min=1), help=SEQS_HELP)
+@click.option("--max-num-seqs", type=click.IntRange(1, MAX_SEQS), help=SEQS_HELP)
 @click.option("--suggest", is_flag=True, help="Pick tp x pp for the GPU (needs --gpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw expert load/placement (PNG).")

@@ -79,5 +79,10 @@ def verify(
     report = verify_report(manifest, results)
     click.echo(format_verify(report, results))
     if json_path:
-        json_path.write_text(json.dumps(report, indent=1) + "\n")
+        from ..io.writer import io_error
+
+        try:
+            json_path.write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            raise io_error(e, json_path) from None
     sys.exit(0 if report["passed"] else 1)

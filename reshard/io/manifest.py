@@ -10,11 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from .. import __version__
 from ..errors import OutputError
 from ..layout.formats import format_named
 from ..layout.plan import Plan
 from ..layout.tensors import OutTensor
+from ..models.hparams import parse_hparams
 from ..quant import manifest_entry
 from ..ranks import RANK_ORDER
 from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
@@ -33,7 +36,10 @@ def build_manifest(
     file_sizes: dict[str, int],
     *,
     experts: dict | None = None,
+    side_files: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
+    """`side_files`: hash_side_files of the config, tokenizer and expert-map files written
+    beside the rank files, so the hashes tier and --force's ownership cover them too."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -46,6 +52,7 @@ def build_manifest(
         "quantization": manifest_entry(
             plan.hparams, {t.name for f in plan.files for t in f.tensors}
         ),
+        "side_files": side_files or {},
         "files": {
             f.name: {
                 "size": file_sizes[f.name],
@@ -193,13 +200,94 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def hash_side_files(out_dir: Path, names) -> dict[str, dict]:
+    """{name: {size, xxh3_128}} of files written into OUT beside the rank files."""
+    entries = {}
+    for name in sorted(names):
+        path = Path(out_dir) / name
+        data = _read_bytes(path, out_dir)
+        entries[name] = {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+    return entries
+
+
+def side_file_failures(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The side files the manifest lists, each present with its recorded hash; else why not."""
+    failures = []
+    for name, entry in manifest.get("side_files", {}).items():
+        path = Path(out_dir) / name
+        try:
+            digest = xxhash.xxh3_128(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            failures.append(f"{path}: missing (a side file the manifest lists); re-copy it")
+            continue
+        except OSError as e:
+            raise io_error(e, path) from None
+        if digest != entry["xxh3_128"]:
+            failures.append(
+                f"{path}: hash {digest} != manifest side_files['{name}'] {entry['xxh3_128']}: "
+                "the file was edited after convert; restore it or re-run reshard convert"
+            )
+    return failures
+
+
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """The manifest of OUT, checked against the schema: any damage is an OutputError (exit 2)
     naming the field. The seal is checked by the hashes tier (`manifest_seal_failure`)."""
+    return _read_checked(out_dir)[0]
+
+
+def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> dict[str, Any]:
+    """The manifest of OUT as a map to read its rank files by (re-layout, export, --force's
+    ownership): the schema, then the seal on the same bytes, then its config against its
+    hparams, then (`side_files`) the side files it lists, which a re-layout or an export
+    copies on. Any failure is an OutputError (exit 2): nothing is read or written through it.
+    The rank files' own hashes are the reader's to check as it streams them."""
+    doc, raw = _read_checked(out_dir)
+    path = Path(out_dir) / MANIFEST
+    why = check_seal(path, raw, doc)
+    if why:
+        raise OutputError(
+            f"{why}. reshard reads an output only through an intact manifest (check it with "
+            "reshard verify --level hashes)."
+        )
+    _check_config(path, doc)
+    failures = side_file_failures(out_dir, doc) if side_files else []
+    if failures:
+        raise OutputError(
+            f"{failures[0]} (an output read as a source passes its side files on unchanged)."
+        )
+    return doc
+
+
+def _check_config(path: Path, doc: dict[str, Any]) -> None:
+    """The manifest's `config` is what its `hparams` were parsed from (a resealed edit of the
+    config would otherwise travel into a fresh re-layout)."""
+    try:
+        parsed = json.loads(json.dumps(parse_hparams(doc["config"], where=str(path)).to_dict()))
+    except OutputError:
+        raise
+    except Exception as e:  # the config's own errors name its key
+        raise OutputError(
+            f"{path}: field 'config' does not parse ({_first_line(e)}); the manifest was "
+            "edited. Restore it, or re-run reshard convert."
+        ) from None
+    changed = sorted(
+        k for k in parsed.keys() | doc["hparams"].keys() if parsed.get(k) != doc["hparams"].get(k)
+    )
+    if changed:
+        raise OutputError(
+            f"{path}: field 'config' gives {changed[0]} = {parsed.get(changed[0])!r}, but "
+            f"'hparams.{changed[0]}' is {doc['hparams'].get(changed[0])!r}: the manifest was "
+            "edited. Restore it, or re-run reshard convert."
+        )
+
+
+def _read_checked(out_dir: Path) -> tuple[dict[str, Any], bytes]:
     path = Path(out_dir) / MANIFEST
     if not Path(out_dir).is_dir():
         raise OutputError(f"{out_dir}: no such folder. Give the -o folder of reshard convert.")
-    doc = parse_manifest(path, _read_bytes(path, out_dir))
+    raw = _read_bytes(path, out_dir)
+    doc = parse_manifest(path, raw)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise OutputError(
@@ -212,7 +300,7 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
             f"({__version__}) reads version {FORMAT_VERSION} only. Convert again with it."
         )
     check_manifest(path, doc)
-    return doc
+    return doc, raw
 
 
 def _read_bytes(path: Path, out_dir: Path) -> bytes:

@@ -130,8 +130,25 @@ def check_manifest(path: Path, doc: Any) -> None:
     dropped = f.get(doc, "dropped", list, "dropped")
     if not all(isinstance(n, str) for n in dropped):
         f.fail("dropped", "holds a non-string")
+    if "side_files" in doc:  # absent in manifests written before side files were hashed
+        _check_side_files(f, f.get(doc, "side_files", dict, "side_files"))
     files = _check_files(f, f.get(doc, "files", dict, "files"), layout["world_size"])
     _check_ranks(f, f.get(doc, "ranks", list, "ranks"), layout, files)
+
+
+def _check_side_files(f: Fields, sides: dict) -> None:
+    for name, entry in sides.items():
+        field = f"side_files[{name!r}]"
+        if not _plain(name):
+            f.fail(field, "is not a plain file name in the folder")
+        if not isinstance(entry, dict):
+            f.fail(field, "is not an object")
+        f.int(entry, "size", f"{field}.size")
+        f.hex(entry, "xxh3_128", f"{field}.xxh3_128")
+
+
+def _plain(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def _check_source(f: Fields, source: dict) -> None:

@@ -1,6 +1,10 @@
-"""Who owns what in OUT: an exclusive lock held for the length of a convert, and a record of
-the files a reshard run writes there. convert replaces or deletes only files a record names;
-everything else in OUT is the user's and stays untouched. It never writes into its source.
+"""Who owns what in a folder reshard writes (convert's OUT, export's HF_DIR): an exclusive
+lock held for the length of a run, and a record of the files a reshard run writes there.
+
+One rule for every writer: a folder holding something finished (a manifest, a checkpoint
+index) is the user's until --force; with --force, reshard replaces or deletes only files a
+record names, or (an output without a record) files its sealed manifest proves by hash.
+Everything else is the user's and stays untouched. It never writes into its source.
 
 The record (`reshard-record.json`) is written before the first shard, so an interrupted run's
 leftovers are still named by it. Later `--ranks` / `--resume` build on it.
@@ -19,17 +23,19 @@ from typing import Any
 
 import xxhash
 
-from ..errors import OutputBusyError, OutputError
-from ..layout.experts.moe import SGLANG_FILE, TRTLLM_FILE
+from ..errors import CheckpointError, InputError, OutputBusyError, OutputError, ReshardError
 from ..layout.plan import Plan
-from .manifest import MANIFEST
-from .source import SIDE_FILES, Source
+from .manifest import MANIFEST, read_sealed_manifest
+from .source import INDEX, Source
+from .strict_json import load_json
 from .writer import fsync_dir, io_error, partial_path, write_atomic
 
 LOCK = ".reshard.lock"
 RECORD = "reshard-record.json"
 RECORD_FORMAT = "reshard-record"
 RECORD_VERSION = 1
+# A folder holding one of these holds something finished: the user's until --force.
+FINISHED = {MANIFEST: "a reshard output", INDEX: "a checkpoint"}
 
 
 @contextmanager
@@ -53,8 +59,15 @@ def flock_path(
     lock = out_dir / name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        # O_NOFOLLOW: a symlink planted as the lock (dangling or not) must not make reshard
+        # create or lock a file outside the folder.
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(
+                f"{lock}: is a symbolic link (to {os.readlink(lock)!r}); reshard's lock file "
+                "must be a plain file in the folder. Remove the link, or choose another -o."
+            ) from None
         raise io_error(e, out_dir if e.filename != str(lock) else lock) from None
     try:
         mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
@@ -113,15 +126,18 @@ def _tensor_key(t) -> list:
 
 
 def read_own_json(path: Path) -> Any:
-    """One of reshard's own small JSON files in OUT (record, rank marker): its parsed body,
-    or None when damaged. FileNotFoundError is the caller's; other OS errors are exit 3."""
+    """One of reshard's own small JSON files in OUT (record, rank marker), read as strictly as
+    any input: its parsed body, or None when damaged. FileNotFoundError is the caller's; other
+    OS errors are exit 3."""
     try:
-        return json.loads(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise
     except OSError as e:
         raise io_error(e, path) from None
-    except (ValueError, RecursionError):
+    try:
+        return load_json(raw, path, what="reshard's own file", fix="")
+    except CheckpointError:
         return None
 
 
@@ -158,29 +174,63 @@ def is_plain_name(name: str) -> bool:
 
 
 def owned_names(out_dir: Path) -> set[str]:
-    """Files a reshard record in OUT names (each also owns its `.partial`). An output from a
-    reshard without records: the manifest, the rank files it lists and the side files that
-    reshard copies beside them."""
+    """Files a reshard record in OUT names (each also owns its `.partial`). An output without
+    a record: what its sealed manifest proves by hash (itself, its rank files, its side files);
+    a manifest that is not reshard's, or whose seal fails, proves nothing."""
     record = read_record(out_dir)
     if record is not None:
         return {*record["files"], RECORD}
-    return _legacy_names(out_dir)
+    return _proved_names(out_dir)
 
 
-def _legacy_names(out_dir: Path) -> set[str]:
-    path = out_dir / MANIFEST
-    if not path.is_file():
+def _proved_names(out_dir: Path) -> set[str]:
+    if not os.path.isfile(out_dir / MANIFEST):
         return set()
     try:
-        files = json.loads(path.read_bytes()).get("files")
-    except (OSError, ValueError, RecursionError, AttributeError):
-        return {path.name}
-    names = (
-        [n for n in files if isinstance(n, str) and is_plain_name(n)]
-        if isinstance(files, dict)
-        else []
-    )
-    return {path.name, *names, *SIDE_FILES, SGLANG_FILE, TRTLLM_FILE}
+        manifest = read_sealed_manifest(out_dir, side_files=False)  # each proved below
+    except ReshardError:
+        return set()
+    files = [(n, e) for n, e in manifest["files"].items() if is_plain_name(n)]
+    rank_files = {n for n, e in files if file_matches(out_dir / n, e)}
+    sides = manifest.get("side_files") or {}
+    side = {n for n, e in sides.items() if is_plain_name(n) and _content_matches(out_dir / n, e)}
+    return {MANIFEST, *rank_files, *side}
+
+
+def file_matches(path: Path, entry: dict) -> bool:
+    """The file has the size and header hash an entry ({size, header_xxh3_128}) records."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != entry.get("size"):
+                return False
+            head = f.read(8)
+            head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise io_error(e, path) from None
+    return xxhash.xxh3_128(head).hexdigest() == entry.get("header_xxh3_128")
+
+
+def _content_matches(path: Path, entry) -> bool:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise io_error(e, path) from None
+    return isinstance(entry, dict) and xxhash.xxh3_128(data).hexdigest() == entry.get("xxh3_128")
+
+
+def check_unfinished(out_dir: Path, *, force: bool) -> None:
+    """A folder holding a finished output or checkpoint is the user's until --force (which then
+    replaces only what a record or a sealed manifest proves reshard wrote)."""
+    for name, what in FINISHED.items():
+        if os.path.lexists(out_dir / name) and not force:
+            raise InputError(
+                f"{out_dir}: already holds {what} ({name}). Pass --force to replace it, or "
+                "choose another folder with -o."
+            )
 
 
 def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
@@ -225,6 +275,14 @@ def _layout_key(plan: Plan) -> dict:
     return {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "dp": lay.dp, "dtype": lay.dtype}
 
 
+def claim_folder(out_dir: Path, record: dict, *, force: bool) -> None:
+    """Under the lock, for every writer (convert, export): refuse a finished folder unless forced
+    (checked again: a run that finished while this one planned has written its manifest or
+    index), then claim it."""
+    check_unfinished(out_dir, force=force)
+    claim_out_dir(out_dir, record)
+
+
 def claim_out_dir(out_dir: Path, record: dict) -> None:
     """Under the lock: refuse if a file this run writes exists and no record names it; delete
     what the previous record names; write `record` (from build_record) before any shard."""
@@ -241,12 +299,12 @@ def claim_out_dir(out_dir: Path, record: dict) -> None:
 
 
 def remove_names(out_dir: Path, names) -> None:
-    """The manifest goes first: from then on the folder is incomplete by definition."""
-    for name in sorted(names, key=lambda n: n != MANIFEST):
+    """The manifest or index goes first: from then on the folder is incomplete by definition."""
+    for name in sorted(names, key=lambda n: n not in FINISHED):
         for path in (out_dir / name, partial_path(out_dir / name)):
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:
                 raise io_error(e, path) from None
-        if name == MANIFEST:
+        if name in FINISHED:
             fsync_dir(out_dir)

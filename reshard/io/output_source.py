@@ -21,7 +21,7 @@ from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
 from ..models.hparams import parse_hparams
 from .headers import Header, TensorInfo, read_header
-from .manifest import MANIFEST, read_manifest
+from .manifest import MANIFEST, read_sealed_manifest
 from .source import Source, open_source
 from .writer import io_error
 
@@ -55,9 +55,10 @@ class Block:
 
 
 def open_output_source(out_dir: Path) -> Source:
-    """Validate OUT (manifest, every file present with its size and header) and describe the
-    original checkpoint's tensors, in the original's file order, as a virtual Source."""
-    manifest = read_manifest(out_dir)
+    """Validate OUT (manifest and its seal, every file present with its size and header) and
+    describe the original checkpoint's tensors, in the original's file order, as a virtual
+    Source."""
+    manifest = read_sealed_manifest(out_dir)  # before a byte is read through it
     where = str(Path(out_dir) / MANIFEST)
     record = manifest["source"]
     files = record.get("files") or []

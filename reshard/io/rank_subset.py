@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,14 +26,23 @@ import xxhash
 
 from ..errors import InputError, OutputError
 from ..layout.plan import Plan
+from .headers import read_header
 from .manifest import MANIFEST
-from .out_dir import RECORD, flock_path, plan_fingerprint, read_own_json, read_record
+from .manifest_check import HEX
+from .out_dir import (
+    RECORD,
+    file_matches,
+    flock_path,
+    plan_fingerprint,
+    read_own_json,
+    read_record,
+)
 from .writer import Written, io_error, write_atomic
 
 SUBSETS_LOCK = ".reshard.subsets.lock"
 MARKER_FORMAT = "reshard-rank-marker"
 _MARKER = re.compile(r"^reshard-rank-(\d{5})\.json$")
-_SPEC_PART = re.compile(r"^(\d+)(?:-(\d+))?$")
+_SPEC_PART = re.compile(r"^(\d{1,9})(?:-(\d{1,9}))?$")  # 9 digits: int() stays cheap
 
 
 def parse_ranks(spec: str, world_size: int) -> tuple[int, ...]:
@@ -44,18 +52,22 @@ def parse_ranks(spec: str, world_size: int) -> tuple[int, ...]:
         match = _SPEC_PART.match(part.strip())
         if not match:
             raise InputError(
-                f"--ranks {spec!r}: {part.strip()!r} is not a rank or a range like 0-3 "
+                f"--ranks {_short(spec)}: {_short(part.strip())} is not a rank or a range like 0-3 "
                 f"(world size {world_size}). Write e.g. --ranks 0-3 or --ranks 0,2,5."
             )
         lo = int(match[1])
         hi = int(match[2]) if match[2] is not None else lo
         if hi < lo or hi >= world_size:
             raise InputError(
-                f"--ranks {spec!r}: {part.strip()!r} is outside the world: ranks are in "
-                f"[0, {world_size}) (world size {world_size} = dp * pp * tp)."
+                f"--ranks {_short(spec)}: {_short(part.strip())} is outside the world: ranks "
+                f"are in [0, {world_size}) (world size {world_size} = dp * pp * tp)."
             )
         ranks.update(range(lo, hi + 1))
     return tuple(sorted(ranks))
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
 
 
 def file_ranks(plan: Plan, world_ranks) -> tuple[int, ...]:
@@ -134,40 +146,92 @@ def write_marker(out_dir: Path, plan: Plan, rank: int, written: Written, sizes: 
 
 
 def read_markers(out_dir: Path, plan: Plan) -> dict[int, dict]:
-    """Markers of this plan whose files are still there with their recorded size and header
-    hash (tensor data is not re-read: `verify --level hashes` does that)."""
+    """Markers of this plan, schema-checked against it (its files, their tensors), whose files
+    are still there with their recorded size and header hash. A damaged marker is no marker:
+    that rank is written again. Tensor hashes are checked by `check_marker_claims`."""
     fingerprint = plan_fingerprint(plan)
     found = {}
     for rank in all_file_ranks(plan):
         doc = _read_marker(out_dir / marker_name(rank))
-        if doc is None or doc.get("plan_xxh3_128") != fingerprint or doc.get("rank") != rank:
+        if not _valid_marker(doc, plan, rank, fingerprint):
             continue
-        if all(_file_matches(out_dir / n, e) for n, e in doc["files"].items()):
+        if all(file_matches(out_dir / n, e) for n, e in doc["files"].items()):
             found[rank] = doc
     return found
 
 
-def _read_marker(path: Path) -> dict | None:
+def _read_marker(path: Path):
     try:
-        doc = read_own_json(path)  # None when damaged: that rank is written again
+        return read_own_json(path)  # None when damaged: that rank is written again
     except FileNotFoundError:
         return None
-    ok = isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT
-    return doc if ok and isinstance(doc.get("files"), dict) else None
 
 
-def _file_matches(path: Path, entry: dict) -> bool:
+def _valid_marker(doc, plan: Plan, rank: int, fingerprint: str) -> bool:
+    """The marker's shape, and exactly this rank's files and their tensors by name."""
+    if not isinstance(doc, dict) or doc.get("format") != MARKER_FORMAT:
+        return False
+    if doc.get("plan_xxh3_128") != fingerprint or type(doc.get("rank")) is not int:
+        return False
+    files = doc.get("files")
+    want = {f.name: {t.name for t in f.tensors} for f in plan.files if f.rank == rank}
+    if doc["rank"] != rank or not isinstance(files, dict) or set(files) != set(want):
+        return False
+    return all(_valid_file_entry(files[n], names) for n, names in want.items())
+
+
+def _valid_file_entry(entry, names: set[str]) -> bool:
+    if not isinstance(entry, dict) or type(entry.get("size")) is not int:
+        return False
+    tensors = entry.get("tensors")
+    if not _is_hex(entry.get("header_xxh3_128")) or not isinstance(tensors, dict):
+        return False
+    return set(tensors) == names and all(_is_hex(v) for v in tensors.values())
+
+
+def _is_hex(value) -> bool:
+    return isinstance(value, str) and len(value) == 32 and set(value) <= HEX
+
+
+def check_marker_claims(out_dir: Path, markers: dict[int, dict], own: Written) -> None:
+    """Before the manifest is written: every tensor hash a marker claims is the hash of the
+    bytes in its file (files this process wrote, with the same hashes, are not re-read)."""
+    for rank, doc in sorted(markers.items()):
+        for name, entry in sorted(doc["files"].items()):
+            if own.tensors.get(name) == entry["tensors"]:
+                continue
+            _check_file_claims(out_dir, out_dir / marker_name(rank), name, entry)
+
+
+def _check_file_claims(out_dir: Path, marker: Path, name: str, entry: dict) -> None:
+    path = out_dir / name
+    header = read_header(path)
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != entry.get("size"):
-                return False
-            head = f.read(8)
-            head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
-    except FileNotFoundError:
-        return False
+            for tensor, want in sorted(entry["tensors"].items()):
+                info = header.tensors.get(tensor)
+                got = _hash_range(f, info.begin, info.nbytes) if info else "absent"
+                if got != want:
+                    raise OutputError(
+                        f"{marker}: claims tensor '{tensor}' of {path} hashes to {want}, the "
+                        f"file gives {got}; no manifest was written. Delete {marker.name} and "
+                        "run reshard convert --resume into this folder to write that rank again."
+                    )
     except OSError as e:
         raise io_error(e, path) from None
-    return xxhash.xxh3_128(head).hexdigest() == entry.get("header_xxh3_128")
+
+
+def _hash_range(f, begin: int, nbytes: int) -> str:
+    f.seek(begin)
+    h = xxhash.xxh3_128()
+    left = nbytes
+    while left:
+        block = f.read(min(left, 64 << 20))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
 
 
 def written_from_markers(markers: dict[int, dict]) -> tuple[Written, dict[str, int]]:

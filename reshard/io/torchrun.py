@@ -29,6 +29,8 @@ def torchrun_world() -> World | None:
     if size is None or rank is None:
         return None
     try:
+        if len(size) > 9 or len(rank) > 9:  # int() of 5000 digits raises; no world is that big
+            raise ValueError
         world = World(int(rank), int(size))
     except ValueError:
         raise InputError(
@@ -36,4 +38,14 @@ def torchrun_world() -> World | None:
         ) from None
     if not 0 <= world.rank < world.size:
         raise InputError(f"RANK={rank}: outside [0, WORLD_SIZE={size}). Run under torchrun.")
-    return world if world.size > 1 else None
+    if world.size == 1:
+        return None
+    # The barrier before the manifest needs a rendezvous: refuse now, before any rank is
+    # written, not after (the files of this process would wait for a world that never meets).
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise InputError(
+            f"WORLD_SIZE={size} RANK={rank} without {' and '.join(missing)}: the processes "
+            "cannot meet. Run under torchrun (it sets all four), or unset WORLD_SIZE and RANK."
+        )
+    return world

@@ -33,6 +33,12 @@ def _tp_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
         and hp.moe_layers != tuple(range(hp.num_layers))
     ):
         problems.append(f"intermediate_size={hp.intermediate_size} is not divisible by tp={tp}")
+    linear_keys = hp.linear_num_key_heads
+    if linear_keys and linear_keys % tp:
+        problems.append(
+            f"linear_num_key_heads={linear_keys} is not divisible by tp={tp} (linear-attention "
+            "layers split on whole key heads with their value heads)"
+        )
     etp = tp // ep
     if hp.moe_intermediate_size and hp.moe_intermediate_size % etp:
         problems.append(

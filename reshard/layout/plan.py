@@ -236,12 +236,21 @@ def _unit(hp: HParams, role: TensorRole) -> int:
 
 
 def _head_width(hp: HParams, heads: str | None) -> int:
+    per_key = hp.linear_values_per_key
     widths = {
         "q": hp.head_dim,
         "kv": hp.head_dim,
         "qk": hp.qk_head_dim,
         "kv_b": hp.qk_nope_head_dim + hp.v_head_dim,
         "v": hp.v_head_dim,
+        "q_gated": 2 * hp.head_dim,  # [q_h; gate_h] per head
+        # Gated DeltaNet, per key head: [q; k; v; z] and [b; a] rows of its group, the
+        # group's value heads (A_log, dt_bias), its v channels (conv1d, out_proj), its k.
+        "linear_qkvz": 2 * hp.linear_key_head_dim + 2 * per_key * hp.linear_value_head_dim,
+        "linear_ba": 2 * per_key,
+        "linear_group": per_key,
+        "linear_v": per_key * hp.linear_value_head_dim,
+        "linear_k": hp.linear_key_head_dim,
     }
     return widths[heads] if heads else 1
 
@@ -274,7 +283,13 @@ def _column_range(hp: HParams, tp: int, tp_rank: int, name: str, heads: str | No
 def _fused_part_rows(hp: HParams, parts: tuple[str, ...]) -> tuple[int, ...]:
     """Rows of each part of a fused_column tensor: "q" and "kv" heads x head_dim, "mlp"
     intermediate_size."""
-    rows = {"q": hp.q_size, "kv": hp.kv_size, "mlp": hp.intermediate_size}
+    rows = {
+        "q": hp.q_size,
+        "kv": hp.kv_size,
+        "mlp": hp.intermediate_size,
+        "linear_k": hp.linear_key_size,  # a linear layer's conv1d [q; k; v] channels
+        "linear_v": hp.linear_value_size,
+    }
     return tuple(rows[p] for p in parts)
 
 

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import recipe_spellings
-from ..errors import InputError
+from ..errors import InputError, ReshardIOError
 from ..units import SIZE_UNITS
 from .experts.place import PLACEMENTS
 from .formats import FORMAT_NAMES
 
 DTYPES = recipe_spellings()  # 'bf16' -> 'bfloat16', ...
+MAX_DEGREE = 1 << 16  # tp, pp, ep, dp, redundant, gpus_per_node: no cluster is larger
+MAX_LAYERS = 1 << 20  # a layer index past it is a typo
+MAX_SIZE = 1 << 60  # bytes (1 EiB): a size past it is a typo, and would overflow a double
 
 # TOML section -> keys it may hold (and the Recipe field each sets).
 SECTIONS = {
@@ -61,7 +64,10 @@ class Recipe:
         for name in ("tp", "pp", "ep", "dp"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise InputError(f"{self.where(name)} must be a positive integer, got {value!r}.")
+                raise InputError(
+                    f"{self.where(name)} must be a positive integer, got {_short(value)}."
+                )
+            _check_most(self.where(name), value)
         if self.tp % self.ep:
             raise InputError(
                 f"{self.where('ep', 'tp')}: ep={self.ep} must divide tp={self.tp} (experts are "
@@ -89,6 +95,7 @@ class Recipe:
             raise InputError(f"{self.origin}: output.keep_mtp must be true or false.")
         if type(self.redundant) is not int or self.redundant < 0:
             raise InputError(f"{self.where('redundant')} must be >= 0, got {self.redundant!r}.")
+        _check_most(self.where("redundant"), self.redundant)
         if self.gpus_per_node is not None and (
             type(self.gpus_per_node) is not int or self.gpus_per_node < 1
         ):
@@ -96,6 +103,7 @@ class Recipe:
                 f"{self.where('gpus_per_node')} must be a positive integer, got "
                 f"{self.gpus_per_node!r}."
             )
+        _check_most(self.where("gpus_per_node"), self.gpus_per_node or 1)
         if self.stages is not None and len(self.stages) != self.pp:
             raise InputError(
                 f"{self.origin}: stages lists {len(self.stages)} stages but pp={self.pp}. "
@@ -116,8 +124,25 @@ def where_from(origin: str, flags: frozenset[str], *names: str) -> str:
     given = [FLAGS[n] for n in names if n in flags]
     if given:
         return "/".join(given)
-    section = next(s for s, keys in SECTIONS.items() if names[0] in keys)
-    return f"{origin}: {section}.{names[0]}"
+    key = "file" if names[0] == "costs" else names[0]  # [costs] file sets Recipe.costs
+    section = next(s for s, keys in SECTIONS.items() if key in keys)
+    return f"{origin}: {section}.{key}"
+
+
+def _check_most(where: str, value: int) -> None:
+    if value > MAX_DEGREE:
+        raise InputError(
+            f"{where} is {_short(value)}; at most {MAX_DEGREE} (no cluster has more GPUs). "
+            "Fix the number."
+        )
+
+
+def _short(value: Any) -> str:
+    """A value for a message: a 400-digit number or a long string stays one short line."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**20 else None
+    if text is None:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _divisors(n: int) -> list[int]:
@@ -125,27 +150,52 @@ def _divisors(n: int) -> list[int]:
 
 
 def parse_size(value: Any, *, where: str) -> int:
-    """'20GB', '512MiB', 1000000 -> bytes. `where` names the flag or recipe key."""
-    if type(value) is int and value > 0:
+    """'20GB', '512MiB', 1000000 -> bytes in [1, 1 EiB]. `where` names the flag or recipe key."""
+    if type(value) is int and 0 < value <= MAX_SIZE:
         return value
-    text = "" if isinstance(value, bool) else str(value)  # `true` is no size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    text = "" if isinstance(value, (bool, int)) else str(value)  # `true` is no size
+    m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([A-Za-z]*)\s*", text)
     unit = SIZE_UNITS.get(m.group(2).upper()) if m else None
-    if unit is None or int(float(m.group(1)) * unit) < 1:  # "0.5B" would be 0 bytes
+    size = int(float(m.group(1)) * unit) if unit is not None else 0  # "0.5B" would be 0 bytes
+    if not 1 <= size <= MAX_SIZE:
         raise InputError(
-            f"{where} {value!r} is not a size; write e.g. 20GB, 512MiB or a byte count."
+            f"{where} {_short(value)} is not a size from 1 byte to 1 EiB; write e.g. 20GB, "
+            "512MiB or a byte count."
         )
-    return int(float(m.group(1)) * unit)
+    return size
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A recipe's TOML, strictly: not UTF-8, not TOML or nested past what a recipe needs is an
+    InputError naming the file (and the byte or line); OS errors other than a missing file are
+    exit 3."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: recipe not found. See recipes/ for examples.") from None
+    except OSError as e:
+        raise ReshardIOError(f"{path}: cannot read the recipe ({e.strerror or e}).") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{path}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); a recipe is "
+            "UTF-8 TOML. Save it as UTF-8."
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e}).") from None
+    except RecursionError:
+        raise InputError(
+            f"{path}: nests arrays or tables too deeply to read; a recipe needs two levels "
+            "(stages = [[0, 9], [10, 31]])."
+        ) from None
 
 
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: recipe not found. See recipes/ for examples.") from None
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{path}: not valid TOML ({e}).") from None
+    doc = read_toml(path)
     values: dict[str, Any] = {}
     for section, body in doc.items():
         if not isinstance(body, dict):  # `tp = 4` above every [section]
@@ -178,6 +228,11 @@ def _from_values(
         v["stages"] = _parse_stages(v["stages"], where=origin)
     for key in ("load", "costs"):
         if v.get(key) is not None:
+            if not isinstance(v[key], (str, Path)):
+                raise InputError(
+                    f"{where_from(origin, flags, key)} is {_short(v[key])}, not a file path; "
+                    'write it as a string, e.g. load = "expert_load.json".'
+                )
             p = Path(v[key])
             v[key] = p if p.is_absolute() or base is None else base / p
     return Recipe(**v, origin=origin, flags=flags)
@@ -185,13 +240,15 @@ def _from_values(
 
 def _parse_stages(stages: Any, *, where: str) -> tuple[tuple[int, int], ...]:
     ok = isinstance(stages, (list, tuple)) and all(
-        isinstance(s, (list, tuple)) and len(s) == 2 and all(type(x) is int for x in s)
+        isinstance(s, (list, tuple))
+        and len(s) == 2
+        and all(type(x) is int and 0 <= x < MAX_LAYERS for x in s)
         for s in stages
     )
     if not ok:
         raise InputError(
-            f"{where}: stages must be a list of [first, last] layer pairs, e.g. "
-            "stages = [[0, 9], [10, 31]]."
+            f"{where}: stages must be a list of [first, last] layer pairs (layers in [0, "
+            f"{MAX_LAYERS})), e.g. stages = [[0, 9], [10, 31]]."
         )
     return tuple((a, b) for a, b in stages)
 

@@ -6,7 +6,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import deepseek_v3, gemma2, gemma3, llama, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe
+from . import (
+    deepseek_v3,
+    gemma2,
+    gemma3,
+    llama,
+    minimax_m2,
+    mixtral,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_5_moe,
+    qwen3_moe,
+    qwen3_next,
+)
 from .family import Family
 
 if TYPE_CHECKING:
@@ -23,6 +37,9 @@ FAMILIES: tuple[Family, ...] = (
     phi3.FAMILY,
     gemma2.FAMILY,
     gemma3.FAMILY,
+    qwen3_next.FAMILY,
+    minimax_m2.FAMILY,
+    qwen3_5_moe.FAMILY,
 )
 
 BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}

@@ -12,6 +12,8 @@ from pathlib import Path
 from ..dtypes import FLOAT_CODES, PLAIN_FLOAT_CODES
 from ..errors import CheckpointError
 from ..quant import check_parts, logical_shape, scheme_of
+from . import family_of
+from .deltanet import linear_leaf, linear_shapes
 from .hparams import HParams
 from .mla import mla_shapes
 from .rules import TensorRole
@@ -64,10 +66,17 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
     leaf = ".".join(name.rsplit(".", 2)[-2:])  # "q_proj.weight", "experts.down_proj"
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return ((f"vocab_size={hp.vocab_size}", hp.vocab_size), hidden)
+    if (linear := linear_leaf(name)) is not None and linear in linear_shapes(hp):
+        return linear_shapes(hp)[linear]
+    if leaf == "q_proj.weight" and family_of(hp).features.attention_output_gate:
+        return ((f"2 x {q[0]} (q and its output gate)", 2 * hp.q_size), hidden)  # per head
     if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
         bias = leaf.endswith(".bias")
         shape = mla_shapes(hp)[leaf.removesuffix(".bias") + ".weight" if bias else leaf]
         return shape[:1] if bias else shape
+    if leaf.endswith(".e_score_correction_bias"):  # MiniMax-M2: on the MoE block
+        return (experts,)
+    span = family_of(hp).features.qk_norm_over_heads  # q/k norms over all heads
     if leaf.endswith(".bias"):
         return labelled_shape(hp, name.removesuffix(".bias") + ".weight")[:1]
     table = {
@@ -76,8 +85,8 @@ def labelled_shape(hp: HParams, name: str) -> tuple[tuple[str, int], ...]:
         "v_proj.weight": (kv, hidden),
         "o_proj.weight": (hidden, q),
         "qkv_proj.weight": ((f"{q[0]} + 2 x {kv[0]}", hp.q_size + 2 * hp.kv_size), hidden),
-        "q_norm.weight": ((head_dim, hp.head_dim),),
-        "k_norm.weight": ((head_dim, hp.head_dim),),
+        "q_norm.weight": (q,) if span else ((head_dim, hp.head_dim),),
+        "k_norm.weight": (kv,) if span else ((head_dim, hp.head_dim),),
         "gate.weight": (experts, hidden),
         "shared_expert_gate.weight": (("1", 1), hidden),
     }

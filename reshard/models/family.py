@@ -28,9 +28,10 @@ ROLES = (
     "drop",  # derivable from config (rotary inv_freq): recorded, not written
 )
 
-# Where a rule applies: every checkpoint, every layer, dense-MLP layers, MoE layers, or once
-# per expert of an MoE layer.
-SCOPES = ("global", "layer", "dense", "moe", "expert", "mtp")
+# Where a rule applies: every checkpoint, every layer, dense-MLP layers, MoE layers, once
+# per expert of an MoE layer; in a hybrid model (layer_types with "linear_attention") the
+# softmax-attention layers ("attention") or the linear-attention layers ("linear").
+SCOPES = ("global", "layer", "dense", "moe", "expert", "mtp", "attention", "linear")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,15 @@ class Features:
     sandwich_norms: bool = False
     # Gemma: the embedding output times sqrt(hidden_size), that factor cast to the hidden dtype.
     scale_embedding: bool = False
+    # Qwen3-Next: q_proj holds [q_h; gate_h] per head (2 x head_dim rows each); the attention
+    # output is multiplied by sigmoid(gate) before o_proj.
+    attention_output_gate: bool = False
+    # MiniMax-M2: q_norm / k_norm span all heads of the projection ([heads x head_dim]), so a
+    # TP rank normalises its heads by the mean of squares averaged over the TP group.
+    qk_norm_over_heads: bool = False
+    # Where a sigmoid router's selection bias sits, under the MoE block: DeepSeek-V3 keeps it
+    # in the gate, MiniMax-M2 on the block itself ("e_score_correction_bias").
+    correction_bias: str = "gate.e_score_correction_bias"
 
     @property
     def moe_block(self) -> str:

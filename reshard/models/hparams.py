@@ -12,6 +12,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import DTYPE_NAMES
 from ..errors import CheckpointError, ReshardIOError, UnsupportedModelError
 from ..io.strict_json import read_json
 from ..quant import parse_quantization
@@ -80,6 +81,14 @@ class HParams:
     attn_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
     final_logit_softcapping: float | None = field(default=None, metadata=OMIT_DEFAULT)
     sliding_rope_theta: float | None = field(default=None, metadata=OMIT_DEFAULT)
+    # Gated DeltaNet linear attention (layer_types "linear_attention"; Qwen3-Next): key and
+    # value heads and widths, and the causal conv's kernel. Each value head belongs to key
+    # head v // (value heads / key heads); a linear layer keeps a fixed state per sequence.
+    linear_num_key_heads: int = field(default=0, metadata=OMIT_DEFAULT)
+    linear_num_value_heads: int = field(default=0, metadata=OMIT_DEFAULT)
+    linear_key_head_dim: int = field(default=0, metadata=OMIT_DEFAULT)
+    linear_value_head_dim: int = field(default=0, metadata=OMIT_DEFAULT)
+    linear_conv_kernel_dim: int = field(default=0, metadata=OMIT_DEFAULT)
 
     @property
     def num_expert_groups(self) -> int:
@@ -106,6 +115,25 @@ class HParams:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def linear_key_size(self) -> int:
+        """Rows of a linear layer's q (and of its k): key heads x key head width."""
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_size(self) -> int:
+        """Rows of a linear layer's v (and of its output gate z): value heads x width."""
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_values_per_key(self) -> int:
+        """Value heads per key head (the group a key head's q and k serve)."""
+        return self.linear_num_value_heads // max(self.linear_num_key_heads, 1)
+
+    def is_linear(self, layer: int) -> bool:
+        """A gated DeltaNet layer: no KV cache, a fixed recurrent + conv state instead."""
+        return self.layer_types[layer] == "linear_attention"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -204,7 +232,14 @@ def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HPar
     fields.update(family.read_config(config, where, fields))
     default_sliding = fields.pop("default_sliding", None)
     window = fields["sliding_window"]  # the family may set its own default
-    fields["layer_types"] = _layer_types(layers, explicit, default_sliding, window)
+    # A hybrid family (linear attention) reads and checks its own layer types.
+    own_types = fields.pop("layer_types", None)
+    if own_types is None and "linear_attention" in explicit:
+        raise UnsupportedModelError(
+            f"{where}: 'layer_types' lists linear_attention layers, which {arch} does not "
+            "have in reshard (only hybrid families read them). Check config.json."
+        )
+    fields["layer_types"] = own_types or _layer_types(layers, explicit, default_sliding, window)
     return HParams(**fields)
 
 
@@ -243,7 +278,21 @@ def _head_dim(config: dict[str, Any], heads: int, where: str, arch: str) -> int:
 
 def _torch_dtype(config: dict[str, Any], where: str) -> str:
     key = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
-    return get_str(config, key, where, default="float32")
+    value = get_str(config, key, where, default="float32")
+    if value not in CONFIG_DTYPES:
+        raise CheckpointError(
+            f"{where}: '{key}' is {value[:40]!r}, not a torch dtype (known: "
+            f"{', '.join(sorted(CONFIG_DTYPES))}). {FIX}"
+        )
+    return value
+
+
+# What config.json's torch_dtype / dtype may say: torch's names (and transformers' "auto").
+CONFIG_DTYPES = frozenset({*DTYPE_NAMES.values(), "auto", "float", "half", "double"})
+# transformers' rope types (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and "default"): any other
+# is a typo. Those the runtime lacks still convert (reshard/runtime/rope.py says which run).
+# "su": Phi-3's older name for longrope (its family reads it as longrope, as transformers does).
+ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "longrope", "proportional", "su", "yarn")
 
 
 # Keys each rope type reads (reshard/runtime/rope.py); present and numeric, or refused here.
@@ -269,6 +318,12 @@ def _rope(config: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | N
     theta = get_float(holder, "rope_theta", where, default=10000.0, positive=True)
     scaling.pop("rope_theta", None)
     rope_type = get_str(scaling, "rope_type", where, default=scaling.get("type") or "default")
+    if rope_type not in ROPE_TYPES:
+        name = "rope_type" if "rope_type" in scaling else "type"
+        raise CheckpointError(
+            f"{where}: '{key}.{name}' is {str(rope_type)[:40]!r}, not a rope type transformers "
+            f"knows ({', '.join(ROPE_TYPES)}). {FIX}"
+        )
     for name in ROPE_NUMBERS.get(rope_type, ()):
         value = scaling.get(name)
         if type(value) not in (int, float) or value <= 0:
@@ -289,7 +344,7 @@ def _sliding_window(config: dict[str, Any], where: str) -> int | None:
     return window or None
 
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 def _explicit_layer_types(config: dict[str, Any], layers: int, where: str) -> tuple[str, ...]:

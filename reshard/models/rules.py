@@ -77,6 +77,8 @@ def is_mtp_name(hp: HParams, name: str) -> bool:
 
 
 def _mtp_layer(hp: HParams, name: str) -> int | None:
+    if hp.num_mtp_layers and name.startswith("mtp."):  # Qwen3-Next's own `mtp.` module
+        return hp.num_layers
     m = _LAYER_INDEX.match(name)
     layer = int(m.group(1)) if m else -1
     mtp = hp.num_layers <= layer < hp.num_layers + hp.num_mtp_layers
@@ -94,6 +96,13 @@ def _check_indices(hp, name, rule, layer, expert, where) -> None:
         raise UnsupportedModelError(
             f"{where}: tensor '{name}' is an MoE tensor but config.json makes layer {layer} "
             "dense (decoder_sparse_step / mlp_only_layers). The config and weights disagree."
+        )
+    if rule.scope in ("attention", "linear") and (rule.scope == "linear") != hp.is_linear(layer):
+        kind = "linear-attention" if rule.scope == "linear" else "softmax-attention"
+        raise UnsupportedModelError(
+            f"{where}: tensor '{name}' belongs to a {kind} layer but config.json makes layer "
+            f"{layer} a {hp.layer_types[layer]} layer (layer_types / full_attention_interval). "
+            "The config and the weights disagree."
         )
     if rule.scope == "dense" and moe_layer:
         raise UnsupportedModelError(
@@ -117,6 +126,9 @@ def _expected(hp: HParams, rule: Rule):
         yield from (rule.template.format(layer=i) for i in layers if i not in hp.moe_layers)
     elif rule.scope == "moe":
         yield from (rule.template.format(layer=i) for i in hp.moe_layers)
+    elif rule.scope in ("attention", "linear"):
+        linear = rule.scope == "linear"
+        yield from (rule.template.format(layer=i) for i in layers if hp.is_linear(i) == linear)
     else:
         for i in hp.moe_layers:
             yield from (rule.template.format(layer=i, expert=e) for e in range(hp.num_experts))

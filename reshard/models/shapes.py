@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ..quant import scheme_of, stored_tensors
 from ..quant.format import quantizes
+from . import family_of
+from .deltanet import linear_leaf, linear_shapes
 from .family import Rule
 from .hparams import HParams
 from .mla import mla_shapes
@@ -21,6 +23,10 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     leaf = ".".join(last[-2:])  # e.g. "q_proj.weight"
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (hp.vocab_size, h)
+    if name.endswith(".e_score_correction_bias"):  # in the gate (DeepSeek) or the block
+        return (hp.num_experts,)
+    if (linear := linear_leaf(name)) is not None:
+        return tuple(size for _, size in linear_shapes(hp)[linear])
     mla = mla_shapes(hp)
     if hp.is_mla and ".self_attn." in name or leaf == "gate.e_score_correction_bias":
         return tuple(size for _, size in mla[leaf])
@@ -33,7 +39,7 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     if ".experts." in name:
         return _mlp(leaf, hp.moe_intermediate_size, h)
     table = {
-        "q_proj.weight": (hp.q_size, h),
+        "q_proj.weight": (hp.q_size * _q_rows_per_head(hp), h),
         "k_proj.weight": (hp.kv_size, h),
         "v_proj.weight": (hp.kv_size, h),
         "o_proj.weight": (h, hp.q_size),
@@ -42,8 +48,8 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
         "k_proj.bias": (hp.kv_size,),
         "v_proj.bias": (hp.kv_size,),
         "o_proj.bias": (h,),
-        "q_norm.weight": (hd,),
-        "k_norm.weight": (hd,),
+        "q_norm.weight": (hp.q_size if _span_norm(hp) else hd,),
+        "k_norm.weight": (hp.kv_size if _span_norm(hp) else hd,),
         "gate.weight": (hp.num_experts, h),
     }
     if leaf in table:
@@ -51,6 +57,16 @@ def tensor_shape(hp: HParams, name: str) -> tuple[int, ...]:
     if leaf.endswith("norm.weight"):
         return (h,)
     return _mlp(leaf, hp.intermediate_size, h)
+
+
+def _span_norm(hp: HParams) -> bool:
+    """q_norm / k_norm over all heads of the projection (MiniMax-M2), not one head."""
+    return family_of(hp).features.qk_norm_over_heads
+
+
+def _q_rows_per_head(hp: HParams) -> int:
+    """2 when q_proj also holds each head's output gate (Qwen3-Next), else 1."""
+    return 2 if family_of(hp).features.attention_output_gate else 1
 
 
 # The linear layers a quantized checkpoint stores quantized (router gates, embeddings and
@@ -99,8 +115,9 @@ def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str,
     scheme = scheme_of(hp)
     out: dict[str, tuple[str, tuple]] = {}
     for n in sorted(names, key=key):
+        linear = n.endswith(".weight") and len(tensor_shape(hp, n)) == 2  # not a norm
         quantized = scheme and quantizes(scheme, n.rpartition(".")[0])  # ignore / targets
-        if quantized and rule_of[n].role in QUANTIZED_ROLES and n.endswith(".weight"):
+        if quantized and rule_of[n].role in QUANTIZED_ROLES and linear:
             out.update(stored_tensors(scheme, n, tensor_shape(hp, n), dtype))
         else:
             out[n] = (dtype, tensor_shape(hp, n))

@@ -53,6 +53,7 @@ def profile_experts(
 ) -> ExpertProfile:
     """Load MODEL at world size 1, run the prompts, count tokens per expert per MoE layer.
     `ep` is only the report's (checked before the model runs); the load file has none."""
+    from ..runtime.generate import check_new_tokens
     from ..runtime.launch import default_device  # lazy: the runtime imports torch
     from ..runtime.load import load_source_model
 
@@ -64,8 +65,7 @@ def profile_experts(
             "experts` needs a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE). For "
             "per-layer cost use `reshard profile layers`."
         )
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens {max_new_tokens}: decode at least 1 token.")
+    check_new_tokens(max_new_tokens, hp.max_position_embeddings, where=f"{path}/config.json")
     report_ep = default_report_ep(hp.num_experts) if ep is None else ep
     if report_ep is not None:
         check_placement(hp.num_experts, report_ep, 0, "balanced")

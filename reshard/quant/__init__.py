@@ -333,6 +333,13 @@ def check_parts(scheme: QuantScheme | None, tensors, roles, where: str) -> None:
             f"{where}: tensors {sorted(by_weight[first])} are quantized but config.json has no "
             "quantization_config. Re-download config.json with the weights."
         )
+    if scheme is not None and not by_weight:
+        raise UnsupportedModelError(
+            f"{where}: config.json's 'quantization_config' says {scheme.kind}, but no tensor "
+            f"is stored that way (no {' / '.join(_stored_leaves(scheme))} next to any "
+            "weight): the weights are plain. Remove quantization_config from config.json, "
+            "or re-download the quantized weights."
+        )
     for weight, names in by_weight.items():
         _check_weight_parts(scheme, weight, names, tensors, where)
     if scheme is not None and scheme.kind in FORMATS:
@@ -354,8 +361,22 @@ def _check_plain_linears(scheme: QuantScheme, tensors, roles, where: str) -> Non
             )
 
 
+def _stored_leaves(scheme: QuantScheme) -> list[str]:
+    leaves = {part: leaf for leaf, part in SUFFIXES.items()}
+    return [leaves[p] for p in scheme.parts if p != "weight"]
+
+
 def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, where) -> None:
     module = weight.rpartition(".")[0]
+    main = weight if scheme.kind.startswith("fp8") else f"{module}.qweight"
+    if scheme.kind in FORMATS:
+        main = f"{module}.{FORMATS[scheme.kind].main}"
+    if main in tensors and len(tensors[main][1]) != 2:
+        raise UnsupportedModelError(
+            f"{where}: tensor '{main}' is {tensors[main][0]} {list(tensors[main][1])} with "
+            f"quantization parts {sorted(names - {main})}, but only 2-D linear weights are "
+            "quantized (a norm or bias never is). The checkpoint is damaged; re-download it."
+        )
     leaf = "weight_scale" if scheme.kind in FORMATS else "scales"
     scales = tensors.get(f"{module}.{leaf}", ("F16",))[0]  # fp16 or bf16, as exported
     if scheme.kind in FORMATS and not quantizes(scheme, module):

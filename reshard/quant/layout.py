@@ -58,9 +58,9 @@ def _splits(hp: HParams, tp: int, ep: int):
         for leaf, dim in _MLP:
             yield f"model.layers.{dense[0]}.mlp.{leaf}.weight", dim, hp.intermediate_size, tp
     if hp.is_moe:
-        block = family_of(hp).features.moe_block
-        first = f"model.layers.{hp.moe_layers[0]}.{block}.experts.0."
-        for leaf, dim in _MLP:
+        features = family_of(hp).features
+        first = f"model.layers.{hp.moe_layers[0]}.{features.moe_block}.experts.0."
+        for leaf, (_, dim) in zip(features.expert_names, _MLP, strict=True):  # w1/w3/w2 too
             yield f"{first}{leaf}.weight", dim, hp.moe_intermediate_size, etp
     if hp.shared_expert_intermediate_size:
         first = _shared_expert_prefix(hp)

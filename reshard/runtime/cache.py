@@ -34,6 +34,9 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Linear-attention layers: a fixed state per sequence instead of keys and values,
+        # (conv inputs [B, C, K-1], recurrent state [B, heads, k, v]) (runtime/deltanet.py).
+        self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin_step(self, token_valid: torch.Tensor, window: int | None) -> Step:
         """Reserve S slots for the new tokens (token_valid: [B, S]) and build masks/positions."""

@@ -42,6 +42,21 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int
             )
 
 
+def check_new_tokens(max_new_tokens: int, max_positions: int, *, where: str) -> None:
+    """At least 1 new token, and room for it and a prompt token in the model's positions
+    (config.json max_position_embeddings): refused before any model is loaded."""
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token.")
+    if max_new_tokens >= max_positions:
+        digits = len(str(max_new_tokens))
+        shown = max_new_tokens if digits < 20 else f"(a number of {digits} digits)"
+        raise InputError(
+            f"--max-new-tokens {shown}: {where} holds {max_positions} positions "
+            f"(max_position_embeddings), and a prompt token comes first; give at most "
+            f"{max_positions - 1}."
+        )
+
+
 def check_rope_positions(hp: HParams, prompts: list[list[int]], max_new_tokens: int) -> None:
     """The last step feeds position len + new - 2, so transformers' rope sees len + new - 1."""
     limit = rope_position_limit(hp)

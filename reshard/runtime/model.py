@@ -17,11 +17,14 @@ from ..models import family_of
 from ..models.hparams import HParams
 from ..models.rules import is_mtp_name
 from .cache import KVCache, Step
+from .deltanet import GatedDeltaNet
 from .dist import Comm
 from .fused import FusedAttention, FusedMLP
+from .gated_attention import GatedAttention
 from .layers import MLP, Attention, LMHead, Tensors, VocabEmbedding, make_norm
 from .mla import MLAttention
 from .moe import ExpertMap, MoEBlock, build_expert_map
+from .qk_norm import SpanNormAttention
 from .rope import compute_inv_freq, compute_sliding_inv_freq, rope_cos_sin
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -40,9 +43,12 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(hp, hp.hidden_size)
             self.post_feedforward_layernorm = make_norm(hp, hp.hidden_size)
         self.sliding = hp.layer_types[layer] == "sliding_attention"
-        attention = MLAttention if hp.is_mla else Attention
-        attention = FusedAttention if features.fused_qkv else attention
-        self.self_attn = attention(hp, layer, tensors, f"{prefix}self_attn.", comm)
+        if hp.is_linear(layer):  # gated DeltaNet: a recurrent state, no KV cache
+            self.linear_attn = GatedDeltaNet(hp, layer, tensors, f"{prefix}linear_attn.", comm)
+        else:
+            self.self_attn = _attention(hp, features)(
+                hp, layer, tensors, f"{prefix}self_attn.", comm
+            )
         moe = layer in hp.moe_layers
         self.ffn_name = _ffn_name(tensors, prefix, features.moe_blocks) if moe else "mlp"
         ffn_prefix = f"{prefix}{self.ffn_name}."
@@ -52,12 +58,17 @@ class DecoderLayer(nn.Module):
             mlp = FusedMLP if features.fused_gate_up else MLP
             self.add_module(self.ffn_name, mlp(hp, tensors, ffn_prefix, comm))
 
+    @property
+    def mixer(self) -> nn.Module:
+        """The token mixer: self_attn, or linear_attn in a hybrid model's linear layers."""
+        return self.linear_attn if hasattr(self, "linear_attn") else self.self_attn
+
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache
     ) -> torch.Tensor:
         if self.sandwich:
             return self._forward_sandwich(x, rope, step, cache)
-        x = x + self.self_attn(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
+        x = x + self.mixer(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
         ffn = getattr(self, self.ffn_name)
         return x + ffn(self.post_attention_layernorm(x), step.token_valid)
 
@@ -65,11 +76,21 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache
     ) -> torch.Tensor:
         """Gemma: post_attention_layernorm acts on the attention output, before the add."""
-        attn = self.self_attn(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
+        attn = self.mixer(self.input_layernorm(x), rope, step, cache)  # [B, S, H]
         x = x + self.post_attention_layernorm(attn)
         ffn = getattr(self, self.ffn_name)
         out = ffn(self.pre_feedforward_layernorm(x), step.token_valid)  # [B, S, H]
         return x + self.post_feedforward_layernorm(out)
+
+
+def _attention(hp: HParams, features) -> type[nn.Module]:
+    if features.attention_output_gate:
+        return GatedAttention
+    if features.qk_norm_over_heads:
+        return SpanNormAttention
+    if features.fused_qkv:
+        return FusedAttention
+    return MLAttention if hp.is_mla else Attention
 
 
 def _ffn_name(tensors: Tensors, prefix: str, blocks: tuple[str, ...]) -> str:

@@ -113,9 +113,11 @@ class MoEBlock(nn.Module):
             self.shared_expert_gate = linear_like(tensors, f"{prefix}shared_expert_gate")
         if f"{prefix}shared_experts.gate_proj.weight" in tensors:  # DeepSeek: ungated
             self.shared_experts = MLP(hp, tensors, f"{prefix}shared_experts.", comm)
-        if hp.router_scoring == "sigmoid":
-            bias = tensors[f"{prefix}gate.e_score_correction_bias"]
-            self.gate.e_score_correction_bias = nn.Parameter(torch.empty_like(bias, device="meta"))
+        if hp.router_scoring == "sigmoid":  # the selection bias, where the family keeps it
+            self.bias_name = family_of(hp).features.correction_bias
+            owner, _, leaf = self.bias_name.rpartition(".")
+            bias = torch.empty_like(tensors[prefix + self.bias_name], device="meta")
+            setattr(self.get_submodule(owner), leaf, nn.Parameter(bias))
         self.top_k, self.comm, self.act = hp.num_experts_per_tok, comm, get_activation(hp)
         self.hp = hp
         self.renormalise = hp.norm_topk_prob  # Mixtral's config parse forces it on
@@ -154,7 +156,7 @@ class MoEBlock(nn.Module):
         times routed_scaling_factor. Returns fp32 weights [N, k], expert ids [N, k]."""
         hp = self.hp
         scores = F.linear(flat.float(), self.gate.weight.float()).sigmoid()  # [N, E]
-        biased = scores + self.gate.e_score_correction_bias.float()
+        biased = scores + self.get_parameter(self.bias_name).float()
         grouped = biased.view(-1, hp.n_group, hp.num_experts // hp.n_group)  # [N, G, E/G]
         group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
         keep = torch.topk(group_scores, k=hp.topk_group, dim=-1, sorted=False)[1]

@@ -22,7 +22,7 @@ import torch
 from ..dtypes import DTYPE_SIZES, dtype_name
 from ..errors import InputError
 from ..models.hparams import HParams
-from ..runtime.generate import check_prompts, check_rope_positions
+from ..runtime.generate import check_new_tokens, check_prompts, check_rope_positions
 from ..runtime.launch import default_device, generate_reference, generate_sharded
 from ..runtime.load import resolve_dtype
 from ..runtime.streamed import free_memory, reference_streamed, source_bytes
@@ -43,13 +43,17 @@ def check_generate_options(
     reference: str = "auto",
     vocab: int | None = None,
     prompt_ids: list[list[int]] | None = None,
+    max_positions: tuple[int, str] | None = None,
     **_,
 ) -> None:
-    """Refuse bad generate options before any tier runs or any rank is spawned."""
+    """Refuse bad generate options before any tier runs or any rank is spawned.
+    `max_positions`: the model's (max_position_embeddings, the file that says so)."""
     if reference not in REFERENCES:
         raise InputError(f"--reference {reference!r}: use one of {', '.join(REFERENCES)}.")
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token.")
+    if max_positions is not None:
+        check_new_tokens(max_new_tokens, max_positions[0], where=max_positions[1])
     if compute_dtype not in COMPUTE_DTYPES:
         raise InputError(f"--compute-dtype {compute_dtype!r}: use one of float32, checkpoint.")
     if device is not None:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
 from ..io.headers import read_header
-from ..io.manifest import manifest_seal_failure, read_manifest
+from ..io.manifest import MANIFEST, manifest_seal_failure, read_manifest, side_file_failures
 from ..io.output_source import is_output, open_model
 from ..io.rank_subset import check_partial_set
 from ..io.source import resolve_model
@@ -47,13 +47,15 @@ def verify_hashes(out_dir: Path, manifest: dict, *, progress: bool = False) -> L
     total = sum(meta["size"] for meta in manifest["files"].values())
     with progress_bar(total, desc="hashes", enabled=progress) as bar:
         failures, checked = _hash_files(out_dir, manifest, bar)
-    return LevelResult(
-        "hashes", not failures, f"{checked} tensors in {len(manifest['files'])} files", failures
-    )
+    sides = manifest.get("side_files")
+    covered = f"{len(sides)} side files" if sides is not None else "side files NOT covered"
+    detail = f"{checked} tensors in {len(manifest['files'])} files, {covered}"
+    return LevelResult("hashes", not failures, detail, failures)
 
 
 def _hash_files(out_dir: Path, manifest: dict, bar) -> tuple[list[str], int]:
     failures = [f for f in [manifest_seal_failure(out_dir, manifest)] if f]
+    failures += side_file_failures(out_dir, manifest)  # config, tokenizer, expert maps
     checked = 0
     for name, meta in manifest["files"].items():
         path = Path(out_dir) / name
@@ -368,7 +370,8 @@ def verify_output(
     manifest = read_manifest(out_dir)
     if "generate" in levels:
         vocab = int(manifest["hparams"]["vocab_size"])
-        check_generate_options(vocab=vocab, **(generate_options or {}))
+        positions = (manifest["hparams"]["max_position_embeddings"], f"{out_dir}/{MANIFEST}")
+        check_generate_options(vocab=vocab, max_positions=positions, **(generate_options or {}))
     check_complete(out_dir, manifest)
     results = []
     file_checks = _checks_files_here()

@@ -20,6 +20,7 @@ from reshard.units import format_gb
 
 LOAD_FORMAT = "reshard-expert-load"
 LOAD_VERSION = 1
+MAX_TOKENS = 1e15  # tokens per expert: past it sums lose precision (and it is a typo)
 REMAKE = "make it with `reshard profile experts MODEL --prompts FILE -o expert_load.json`"
 
 
@@ -112,8 +113,11 @@ def parse_layers(
         raise InputError(f"{where}: {key!r} must map layer numbers to lists; {REMAKE}")
     out = {}
     for name, counts in raw.items():
-        if not (name.isascii() and name.isdigit() and str(int(name)) == name):
-            raise InputError(f'{where}: {key} has key {name!r}; keys are layer numbers like "3"')
+        digits = name.isascii() and name.isdigit() and len(name) <= 9  # int() of 5000 raises
+        if not (digits and str(int(name)) == name):
+            raise InputError(
+                f'{where}: {key} has key {_short(name)}; keys are layer numbers like "3"'
+            )
         layer = int(name)
         if not isinstance(counts, list) or len(counts) != num_experts:
             n = len(counts) if isinstance(counts, list) else type(counts).__name__
@@ -124,8 +128,13 @@ def parse_layers(
         for e, x in enumerate(counts):
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
                 raise InputError(
-                    f"{where}: {key} layer {layer} expert {e} is {x!r}, not a number; "
+                    f"{where}: {key} layer {layer} expert {e} is {_short(x)}, not a number; "
                     "each entry is a token count"
+                )
+            if x > MAX_TOKENS:
+                raise InputError(
+                    f"{where}: {key} layer {layer} expert {e} is {_short(x)} tokens, past "
+                    f"{MAX_TOKENS:.0e}; each entry is a token count. {REMAKE}"
                 )
             if x < 0:
                 raise InputError(
@@ -134,6 +143,11 @@ def parse_layers(
                 )
         out[layer] = tuple(counts)
     return out
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def balancedness(rank_loads: Sequence[float]) -> float:

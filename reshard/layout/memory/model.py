@@ -108,15 +108,41 @@ def kv_token_elements(hp: HParams, tp: int) -> int:
     return local_kv_heads(hp, tp) * hp.head_dim * 2
 
 
+def layer_kv_token_elements(hp: HParams, layer: int, tp: int) -> int:
+    """kv_token_elements of an attention layer; a linear-attention layer caches no tokens."""
+    return 0 if hp.is_linear(layer) else kv_token_elements(hp, tp)
+
+
+def linear_state_elements(hp: HParams, tp: int) -> int:
+    """One rank's fixed state of one linear-attention layer for one sequence, whatever its
+    length, as vLLM 0.32 holds it (MambaStateShapeCalculator.gated_delta_net_state_shape):
+    the conv's last kernel-1 inputs over its (2 x key + value)/tp channels, and the recurrent
+    state of value heads/tp x value x key width; both in the cache dtype ("auto": the
+    model's)."""
+    channels = (2 * hp.linear_key_size + hp.linear_value_size) // tp
+    conv = channels * (hp.linear_conv_kernel_dim - 1)
+    heads = hp.linear_num_value_heads // tp
+    return conv + heads * hp.linear_value_head_dim * hp.linear_key_head_dim
+
+
 def layer_kv_bytes(hp: HParams, layer: int, tp: int, budget: KvBudget) -> int:
-    """One rank's KV cache for one layer: kv_token_elements x dtype x B x T."""
+    """One rank's KV cache for one layer: kv_token_elements x dtype x B x T; for a linear
+    layer its fixed state x dtype x B."""
+    if hp.is_linear(layer):
+        return linear_state_elements(hp, tp) * budget.dtype_bytes * budget.batch
     per_token = kv_token_elements(hp, tp) * budget.dtype_bytes
     return per_token * budget.batch * cached_tokens(hp, layer, budget.context)
 
 
 def kv_bytes_per_token(hp: HParams, layers, tp: int, dtype_bytes: int) -> int:
     """One rank's KV bytes per cached token over `layers` (no sliding-window cap)."""
-    return len(layers) * kv_token_elements(hp, tp) * dtype_bytes
+    return sum(layer_kv_token_elements(hp, i, tp) for i in layers) * dtype_bytes
+
+
+def state_bytes_per_sequence(hp: HParams, layers, tp: int, dtype_bytes: int) -> int:
+    """One rank's fixed linear-attention state per sequence over `layers` (0 without)."""
+    linear = sum(hp.is_linear(i) for i in layers)
+    return linear * linear_state_elements(hp, tp) * dtype_bytes if linear else 0
 
 
 def needed_kv_bytes(hp: HParams, layers, tp: int, budget: KvBudget, block_size: int) -> int:

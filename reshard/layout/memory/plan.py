@@ -27,7 +27,14 @@ from ..recipe import Recipe
 from ..resolve import plan_source, plan_tensors
 from ..stages.pipeline import StagePlan, plan_stages
 from .activation import EngineLimits
-from .model import Gpu, KvBudget, MemoryReport, memory_report
+from .model import (
+    Gpu,
+    KvBudget,
+    MemoryReport,
+    kv_bytes_per_token,
+    memory_report,
+    state_bytes_per_sequence,
+)
 
 EXPERT_ROLES = ("expert_column", "expert_row", "fused_expert_column", "fused_expert_row")
 
@@ -157,6 +164,21 @@ def _notes(hp: HParams, recipe: Recipe, budget: KvBudget) -> tuple[str, ...]:
         notes.append(
             f"{windowed} of {hp.num_layers} layers use a {hp.sliding_window}-token sliding "
             f"window: their KV cache holds at most {hp.sliding_window} tokens per sequence."
+        )
+    linear = sum(hp.is_linear(i) for i in range(hp.num_layers))
+    if linear:
+        state = recipe.tp * state_bytes_per_sequence(
+            hp, range(hp.num_layers), recipe.tp, budget.dtype_bytes
+        )
+        per_token = recipe.tp * kv_bytes_per_token(
+            hp, range(hp.num_layers), recipe.tp, budget.dtype_bytes
+        )
+        notes.append(
+            f"{linear} of {hp.num_layers} layers are linear attention: no KV cache per token, "
+            f"a fixed state of {state:,} B per sequence over all ranks (conv + recurrent, as "
+            f"vLLM holds it; as much as {-(-state // per_token):,} tokens of KV cache), counted "
+            "in KV needed for each of the --batch sequences; KV tokens and concurrency count "
+            "the attention layers' cache only."
         )
     return tuple(notes)
 

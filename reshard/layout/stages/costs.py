@@ -24,6 +24,7 @@ from ..gpus import GPUS, GpuSpec, find_gpu
 COSTS_FORMAT = "reshard-costs"
 COSTS_VERSION = 1
 MODES = ("prefill", "decode")
+MAX_MICROS = 1e12  # 11.6 days per layer: past it a measured time is a typo (ns must fit int64)
 # Fields that fix every item's shape: a costs.json measured on another shape is refused.
 SHAPE_KEYS = (
     "architecture",
@@ -146,8 +147,11 @@ def _attended(seq: int, window: int | None, mode: str) -> int:
 
 
 def _attention_work(hp: HParams, layer: int, batch: int, seq: int, mode: str, db: int) -> _Work:
+    if hp.is_linear(layer):
+        return _linear_work(hp, batch, _tokens(batch, seq, mode), db)
     h, q, kv = hp.hidden_size, hp.q_size, hp.kv_size
-    matmul = h * (q + 2 * kv) + q * h  # q/k/v and o
+    gate = q if family_of(hp).features.attention_output_gate else 0  # q_proj's gate rows
+    matmul = h * (q + gate + 2 * kv) + q * h  # q/k/v and o
     small = h + (q + 2 * kv) * hp.attention_bias + h * hp.o_bias + 2 * hp.head_dim * hp.qk_norm
     sliding = hp.layer_types[layer] == "sliding_attention"
     window = hp.sliding_window if sliding else None
@@ -162,6 +166,23 @@ def _attention_work(hp: HParams, layer: int, batch: int, seq: int, mode: str, db
     cached = hp.kv_lora_rank + hp.head_dim if hp.is_mla else 2 * kv  # per token: latent or K+V
     weights = (matmul + small) * db
     return _Work(flops, weights + kv_rows * cached * db, weights)
+
+
+def _linear_work(hp: HParams, batch: int, tokens: int, db: int) -> _Work:
+    """Gated DeltaNet: its projections, and per token a [v, k] state update and read per value
+    head; each sequence's fixed state read and written once a step."""
+    h, keys, values = hp.hidden_size, hp.linear_key_size, hp.linear_value_size
+    heads = hp.linear_num_value_heads
+    matmul = h * (2 * keys + 2 * values + 2 * heads) + values * h  # in_proj_qkvz, _ba, out
+    channels = 2 * keys + values
+    small = h + channels * hp.linear_conv_kernel_dim + 2 * heads + hp.linear_value_head_dim
+    state = heads * hp.linear_key_head_dim * hp.linear_value_head_dim
+    state += channels * (hp.linear_conv_kernel_dim - 1)
+    flops = 2 * tokens * matmul + 6 * tokens * heads * hp.linear_key_head_dim * (
+        hp.linear_value_head_dim
+    )
+    weights = (matmul + small) * db
+    return _Work(flops, weights + 2 * batch * state * db, weights)
 
 
 def _mla_params(hp: HParams) -> tuple[int, int]:
@@ -278,14 +299,29 @@ def _check_profile(profile: Any, where: str) -> None:
     if missing or not isinstance(profile["kinds"], dict) or not isinstance(profile["model"], dict):
         raise InputError(f"{where}: missing or malformed {missing or ['kinds']}. {_remedy(where)}")
     for kind, entry in profile["kinds"].items():
-        if not isinstance(entry, dict) or not all(
-            isinstance(entry.get(k), (int, float)) and entry[k] >= 0
-            for k in ("median_us", "iqr_us")
-        ):
+        if not isinstance(entry, dict):
             raise InputError(
-                f"{where}: kind {kind!r} needs numbers median_us >= 0 and iqr_us >= 0, got "
-                f"{entry!r}. {_remedy(where)}"
+                f"{where}: kind {_short(kind)} is {_short(entry)}, not an object with "
+                f"median_us and iqr_us. {_remedy(where)}"
             )
+        for key in ("median_us", "iqr_us"):
+            _check_micros(where, kind, key, entry.get(key))
+
+
+def _check_micros(where: str, kind: str, key: str, value: Any) -> None:
+    """A time in microseconds: a number (not a bool) in [0, MAX_MICROS]."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 <= value <= MAX_MICROS:
+        raise InputError(
+            f"{where}: kind {_short(kind)} needs numbers median_us >= 0 and iqr_us >= 0 (times "
+            f"in microseconds, at most {MAX_MICROS:.0e}); key 'kinds.{kind}.{key}' is "
+            f"{_short(value)}. {_remedy(where)}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def item_costs_from_profile(
