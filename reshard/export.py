@@ -5,8 +5,8 @@ replicas read once, a tied lm_head absent as in the original), in the original's
 `model-0000X-of-0000N.safetensors` files of at most --max-shard-size. On convert's byte path
 (io/writer.write_files): each original tensor is one target whose pieces are re-aimed at the
 rank-file tensors holding them; no torch. Shards are `.partial` until every rank-file hash has
-checked out, and the index is written last. Quantized outputs are not handled (no quantized
-layouts exist yet).
+checked out, and the index is written last. A quantized output gives back its stored parts
+(packed weights, scales) byte for byte: they are tensors like any other here.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ FLOAT_TESTS=(
     tests/test_glm4_moe.py::test_logits_and_greedy_ids_match_transformers
     tests/test_mxfp4.py::test_world_one_matches_the_dequantized_twin
     tests/test_mxfp4.py::test_dequantizer_equals_transformers_reader
+    tests/test_quant_ct.py::test_channel_and_tensor_strategies_split_and_match_the_twin
+    tests/test_quant_ct.py::test_w8a8_zero_points_split_with_the_rows
+    tests/test_quant_ct.py::test_hf_quant_config_json_is_read_when_config_json_has_none
+    tests/test_quant_ct.py::test_streamed_reference_dequantizes_like_the_full_one
     tests/test_qwen3_next.py::test_runtime_matches_transformers_at_every_position
     tests/test_qwen3_next.py::test_world_size_1_generation_is_token_exact
     tests/test_qwen3_next.py::test_streamed_reference_matches_the_full_one

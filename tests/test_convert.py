@@ -73,7 +73,8 @@ def assert_bitwise_rebuild(src_dir: Path, out: Path) -> None:
     assert set(built) == set(source)
     for name, tensor in source.items():
         assert built[name].dtype == tensor.dtype, name
-        assert torch.equal(built[name].view(torch.uint8), tensor.view(torch.uint8)), name
+        raw = built[name].reshape(-1).view(torch.uint8)  # reshape: 0-dim scalars too
+        assert torch.equal(raw, tensor.reshape(-1).view(torch.uint8)), name
 
 
 FIXTURES = {

@@ -75,7 +75,10 @@ def test_schemes_parse_from_quantization_config():
         ({"quant_method": "gptq", "bits": 4, "group_size": -1}, "gptq group_size=-1"),
         ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size=[128]"),
         ({"quant_method": "fp8", "weight_block_size": "128"}, "weight_block_size='128'"),
-        ({"quant_method": "compressed-tensors", "config_groups": [1]}, "is not one FP8"),
+        (
+            {"quant_method": "compressed-tensors", "config_groups": [1]},
+            "config_groups is [1], not an object",
+        ),
         ("fp8", "quantization_config is str 'fp8', not an object"),
     ],
 )
@@ -343,7 +346,7 @@ def test_slicing_refuses_a_cut_block_the_config_did_not_predict():
     from reshard.errors import LayoutError
     from reshard.models.family import Rule
     from reshard.models.rules import TensorRole
-    from reshard.quant import stored_slice
+    from reshard.quant.slicing import stored_slice
 
     rule = Rule("m.{layer}.o_proj.weight", "row", "layer")
     name = "m.0.o_proj.weight_scale_inv"

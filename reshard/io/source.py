@@ -28,6 +28,7 @@ SIDE_FILES = (
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "hf_quant_config.json",  # ModelOpt's quantization config (models/hparams.py)
 )
 # A hub download fetches these first, then only the weight files the index names (or
 # model.safetensors): Mistral repos also ship consolidated.safetensors, and `*.safetensors`

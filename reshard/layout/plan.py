@@ -14,7 +14,8 @@ from ..dtypes import CAST_DTYPES
 from ..errors import LayoutError
 from ..models.hparams import HParams
 from ..models.rules import TensorRole
-from ..quant import check_parts, logical_shape, scheme_of, stored_pieces
+from ..quant import check_parts, logical_shape, scheme_of
+from ..quant.slicing import stored_pieces
 from ..ranks import rank_coords, replica_base
 from .check import check_layout
 from .formats import format_named

@@ -51,7 +51,7 @@ def _check_quantized_shapes(hp: HParams, tensors, roles, files, config: str) -> 
     if scheme is None:
         return
     for name, role in roles.items():
-        if role.part in ("weight", "qweight", "mx_blocks") and name in tensors:
+        if role.part in ("weight", "qweight", "mx_blocks", "weight_packed") and name in tensors:
             logical = logical_shape(scheme, role.logical, tensors)
             _check_shape(hp, role.logical, logical, files[name], config)
 

@@ -173,7 +173,26 @@ def read_config(path: Path) -> dict[str, Any]:
             f"{path}: config.json is a JSON {type(config).__name__}, not an object. "
             "Re-download config.json."
         )
-    return config
+    return _with_modelopt(config, path.parent / MODELOPT_CONFIG)
+
+
+# ModelOpt exports older than its config.json `quantization_config` describe the scheme in a
+# file of their own ({"producer": ..., "quantization": {"quant_algo": "NVFP4", ...}}).
+MODELOPT_CONFIG = "hf_quant_config.json"
+
+
+def _with_modelopt(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """config.json, with hf_quant_config.json beside it as its quantization_config when
+    config.json has none (as vLLM reads these checkpoints)."""
+    if "quantization_config" in config or not path.is_file():
+        return config
+    doc = read_json(path, what=MODELOPT_CONFIG, fix=f"Re-download {MODELOPT_CONFIG}.")
+    if not isinstance(doc, dict):
+        raise CheckpointError(
+            f"{path}: {MODELOPT_CONFIG} is a JSON {type(doc).__name__}, not an object. "
+            f"Re-download {MODELOPT_CONFIG}."
+        )
+    return {**config, "quantization_config": {"quant_method": "modelopt", **doc}}
 
 
 def parse_hparams(config: dict[str, Any], *, where: str = "config.json") -> HParams:

@@ -8,6 +8,7 @@ order transformers saves them.
 from __future__ import annotations
 
 from ..quant import scheme_of, stored_tensors
+from ..quant.format import quantizes
 from . import family_of
 from .deltanet import linear_leaf, linear_shapes
 from .family import Rule
@@ -83,7 +84,8 @@ def _quantized(scheme, rule: Rule, name: str, ndim: int) -> bool:
     experts' only)."""
     if scheme.kind == "mxfp4":
         return rule.role == "stacked_expert" and name.endswith(("gate_up_proj", "down_proj"))
-    return rule.role in QUANTIZED_ROLES and name.endswith(".weight") and ndim == 2
+    linear = rule.role in QUANTIZED_ROLES and name.endswith(".weight") and ndim == 2
+    return linear and quantizes(scheme, name.rpartition(".")[0])  # ignore / targets
 
 
 def stacked_expert_shape(hp: HParams, leaf: str) -> tuple[int, ...]:

@@ -3,18 +3,20 @@ a quantized linear weight is stored as, and how a split of the logical weight [o
 onto each of them in whole blocks, packs or groups. Pure: no I/O, no torch.
 
 Convert never dequantizes; the runtime does, only to verify (runtime/dequant.py). Which
-layouts would cut a block, pack or group is in quant/layout.py.
+layouts would cut a block, pack or group is in quant/layout.py; each part's slice of a split
+in quant/slicing.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..dtypes import CAST_DTYPES
-from ..errors import LayoutError, UnsupportedModelError
-from . import mxfp4
+from ..errors import UnsupportedModelError
+from . import compressed, mxfp4, nvfp4
+from .format import names_list, quantizes
 
 PACK = 8  # int4 values per int32 (AWQ along out, GPTQ along in, qzeros along out)
 
@@ -27,7 +29,13 @@ SUFFIXES = {
     "qzeros": "qzeros",  # [in/g, out/8], int32
     "scales": "scales",  # [in/g, out], fp16
     "g_idx": "g_idx",  # GPTQ [in]: the group of each input row
+    # compressed-tensors int (quant/compressed.py) and NVFP4 (quant/nvfp4.py): part = leaf
+    **{leaf: leaf for leaf in ("weight_packed", "weight_shape", "weight_zero_point")},
+    "weight_g_idx": "weight_g_idx",
+    **{leaf: leaf for leaf in ("weight_scale_2", "weight_global_scale", "input_global_scale")},
 }
+# Storage forms with their own module (quant/format.py's seam), by scheme kind.
+FORMATS = {**compressed.FORMATS, **nvfp4.FORMATS}
 SCHEME_PARTS = {
     "fp8_block": ("weight", "scale_inv"),
     "fp8_tensor": ("weight", "weight_scale"),
@@ -45,27 +53,45 @@ class QuantScheme:
     group_size: int = 0  # awq / gptq
     desc_act: bool = False  # gptq act-order: g_idx is a permutation of groups
     input_scale: bool = False  # fp8: a static per-tensor input_scale is stored too
+    # The FORMATS kinds: bits, strategy (group/channel/tensor), asymmetric zero points, and
+    # which linear modules are quantized (compressed-tensors ignore/targets rules).
+    bits: int = 0
+    strategy: str = ""
+    zero_point: bool = False
+    ignore: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
 
     @property
     def parts(self) -> tuple[str, ...]:
+        if self.kind in FORMATS:
+            return FORMATS[self.kind].parts(self)
         extra = ("input_scale",) if self.input_scale else ()
         return SCHEME_PARTS[self.kind] + extra
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "kind": self.kind,
             "block": list(self.block) if self.block else None,
             "group_size": self.group_size,
             "desc_act": self.desc_act,
             "input_scale": self.input_scale,
         }
+        extra = {"bits": self.bits, "strategy": self.strategy, "zero_point": self.zero_point}
+        extra |= {"ignore": list(self.ignore), "targets": list(self.targets)}
+        return d | {k: v for k, v in extra.items() if v}  # older manifests: none of these
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
         """Raises KeyError / ValueError on a dict that is not a scheme (a damaged manifest)."""
         block = tuple(d["block"]) if d.get("block") else None
         scheme = cls(d["kind"], block, d["group_size"], d["desc_act"], d["input_scale"])
-        if scheme.kind not in SCHEME_PARTS or (scheme.kind == "fp8_block") != bool(block):
+        scheme = replace(
+            scheme, bits=int(d.get("bits", 0)), strategy=str(d.get("strategy", "")),
+            zero_point=bool(d.get("zero_point", False)), ignore=tuple(d.get("ignore", ())),
+            targets=tuple(d.get("targets", ())),
+        )  # fmt: skip
+        known = scheme.kind in SCHEME_PARTS or scheme.kind in FORMATS
+        if not known or (scheme.kind == "fp8_block") != bool(block):
             raise ValueError(f"not a quantization scheme: {d!r}")
         return scheme
 
@@ -83,13 +109,14 @@ def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] 
         )
     method = str(qc.get("quant_method", "")).lower()
     parsers = {"fp8": _parse_fp8, "compressed-tensors": _parse_compressed, "awq": _parse_awq}
-    parsers["gptq"] = _parse_gptq
+    parsers |= {"gptq": _parse_gptq, "modelopt": _parse_modelopt, "modelopt_fp4": _parse_modelopt}
     parsers["mxfp4"] = lambda qc, where: QuantScheme("mxfp4")
     if method not in parsers:
         raise UnsupportedModelError(
             f"{where}: quantization_config.quant_method={method!r} is not supported. "
-            "Supported: fp8 (per-tensor or weight_block_size), compressed-tensors FP8 "
-            "(tensor or channel), awq (gemm, 4 bit), gptq (4 bit), mxfp4."
+            "Supported: fp8 (per-tensor or weight_block_size), compressed-tensors (FP8 tensor "
+            "or channel, int4/int8 pack-quantized, int8 int-quantized, nvfp4-pack-quantized), "
+            "modelopt (NVFP4), awq (gemm, 4 bit), gptq (4 bit), mxfp4."
         )
     return parsers[method](qc, where).to_dict()
 
@@ -111,23 +138,43 @@ def _parse_fp8(qc: dict, where: str) -> QuantScheme:
     return QuantScheme("fp8_block", block=(block[0], block[1]), input_scale=static)
 
 
+def _parse_modelopt(qc: dict, where: str) -> QuantScheme:
+    return QuantScheme(**nvfp4.parse_modelopt(qc, where))
+
+
 def _parse_compressed(qc: dict, where: str) -> QuantScheme:
     groups = qc.get("config_groups")
-    groups = list(groups.values()) if isinstance(groups, dict) else []
-    weights = [g.get("weights") if isinstance(g, dict) else None for g in groups]
-    weights = [w if isinstance(w, dict) else {} for w in weights]
-    if len(groups) != 1 or weights[0].get("type") != "float" or weights[0].get("num_bits") != 8:
+    if not isinstance(groups, dict) or len(groups) != 1:
+        what = f"is {groups!r}, not an object of groups"
+        if isinstance(groups, dict):
+            what = f"holds {len(groups)} groups {sorted(groups)}"
         raise UnsupportedModelError(
-            f"{where}: compressed-tensors config_groups {[w.get('type') for w in weights]} "
-            "is not one FP8 (float, 8 bit) group; reshard splits only FP8 compressed-tensors."
+            f"{where}: compressed-tensors config_groups {what}; reshard splits a checkpoint "
+            "quantized with one group (one scheme for every quantized linear)."
         )
-    strategy = weights[0].get("strategy")
+    group = next(iter(groups.values()))
+    group = group if isinstance(group, dict) else {}
+    w = group.get("weights") if isinstance(group.get("weights"), dict) else {}
+    fmt = str(group.get("format") or qc.get("format", ""))
+    rules = {"ignore": names_list(qc, "ignore", where)}
+    rules["targets"] = names_list(group, "targets", where)
+    if w.get("type") == "int":
+        return QuantScheme(**compressed.parse_int(group, fmt, where), **rules)
+    if w.get("type") == "float" and w.get("num_bits") == 4:
+        return QuantScheme(**nvfp4.parse_compressed(group, fmt, where), **rules)
+    if w.get("type") != "float" or w.get("num_bits") != 8:
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors weights type={w.get('type')!r} "
+            f"num_bits={w.get('num_bits')!r}: reshard splits int (4 or 8 bit), "
+            "float 8 bit (FP8) and float 4 bit (NVFP4) weights."
+        )
+    strategy = w.get("strategy")
     if strategy not in ("tensor", "channel"):
         raise UnsupportedModelError(
             f"{where}: compressed-tensors weights.strategy={strategy!r}: reshard splits "
             "'tensor' and 'channel' FP8 (block FP8: use quant_method fp8)."
         )
-    acts = groups[0].get("input_activations")
+    acts = group.get("input_activations")
     static = isinstance(acts, dict) and not acts.get("dynamic", True)
     kind = "fp8_channel" if strategy == "channel" else "fp8_tensor"
     return QuantScheme(kind, input_scale=static)
@@ -211,6 +258,9 @@ def stored_tensors(
         return mxfp4.stored_tensors(name, shape)
     out, inn = shape
     module = name.rpartition(".")[0]
+    if scheme.kind in FORMATS:
+        stored = FORMATS[scheme.kind].stored(scheme, out, inn, dtype)
+        return {f"{module}.{leaf}": spec for leaf, spec in stored.items()}
     g = scheme.group_size
     scales = dtype if dtype in CAST_DTYPES.values() else "F16"  # int4 scales: AWQ/GPTQ fp16
     if scheme.kind == "fp8_block":
@@ -244,10 +294,14 @@ def _blocks(shape, bn: int, bk: int) -> tuple[int, int]:
     return -(-shape[0] // bn), -(-shape[1] // bk)
 
 
-def unpacked_numel(name: str, shape) -> int:
-    """Elements a stored tensor holds once dequantized (a packed int32 qweight holds 8)."""
+def unpacked_numel(name: str, shape, dtype: str = "", scheme: QuantScheme | None = None) -> int:
+    """Elements a stored tensor holds once dequantized: an int32 qweight holds 8, a
+    compressed-tensors weight_packed 32/bits, an NVFP4 uint8 byte 2 (`dtype`: safetensors')."""
     n = math.prod(shape)
-    return n * PACK if name.endswith(".qweight") else n
+    leaf = name.rpartition(".")[2]
+    if leaf == "qweight" or (leaf == "weight_packed" and dtype == "I32"):
+        return n * (32 // scheme.bits if scheme and scheme.bits else PACK)
+    return n * 2 if leaf in ("weight", "weight_packed") and dtype == "U8" else n
 
 
 def logical_shape(scheme: QuantScheme, name: str, tensors) -> tuple[int, int]:
@@ -256,6 +310,9 @@ def logical_shape(scheme: QuantScheme, name: str, tensors) -> tuple[int, int]:
     module = name.rpartition(".")[0]
     if scheme.kind == "mxfp4":
         return mxfp4.logical_shape(name, tensors)
+    if scheme.kind in FORMATS:
+        main = FORMATS[scheme.kind].main
+        return FORMATS[scheme.kind].logical(scheme, {main: tensors[f"{module}.{main}"]})
     if scheme.kind.startswith("fp8"):
         return tuple(tensors[name][1])
     qshape = tensors[f"{module}.qweight"][1]
@@ -293,6 +350,23 @@ def check_parts(scheme: QuantScheme | None, tensors, roles, where: str) -> None:
         )
     for weight, names in by_weight.items():
         _check_weight_parts(scheme, weight, names, tensors, where)
+    if scheme is not None and scheme.kind in FORMATS:
+        _check_plain_linears(scheme, tensors, roles, where)
+
+
+def _check_plain_linears(scheme: QuantScheme, tensors, roles, where: str) -> None:
+    """A FORMATS config says which linears it leaves alone (ignore / targets): any other
+    linear weight stored plain means the config and the tensors disagree."""
+    for name, (dtype, shape) in tensors.items():
+        role, module = roles[name], name.rpartition(".")[0]
+        linear = role.role in SPLITTABLE[1:] and name.endswith(".weight") and len(shape) == 2
+        if linear and not role.part and quantizes(scheme, module):
+            raise UnsupportedModelError(
+                f"{where}: tensor '{name}' is stored unquantized ({dtype} {list(shape)}), but "
+                f"quantization_config ({describe(scheme)}) quantizes '{module}': it is not in "
+                f"ignore {list(scheme.ignore)}. The checkpoint and its quantization_config "
+                "disagree; re-download config.json with the weights."
+            )
 
 
 def _stored_leaves(scheme: QuantScheme) -> list[str]:
@@ -303,13 +377,22 @@ def _stored_leaves(scheme: QuantScheme) -> list[str]:
 def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, where) -> None:
     module = weight.rpartition(".")[0]
     main = weight if scheme.kind.startswith("fp8") else f"{module}.qweight"
+    if scheme.kind in FORMATS:
+        main = f"{module}.{FORMATS[scheme.kind].main}"
     if main in tensors and len(tensors[main][1]) != 2:
         raise UnsupportedModelError(
             f"{where}: tensor '{main}' is {tensors[main][0]} {list(tensors[main][1])} with "
             f"quantization parts {sorted(names - {main})}, but only 2-D linear weights are "
             "quantized (a norm or bias never is). The checkpoint is damaged; re-download it."
         )
-    scales = tensors.get(f"{module}.scales", ("F16",))[0]  # fp16 or bf16, as exported
+    leaf = "weight_scale" if scheme.kind in FORMATS else "scales"
+    scales = tensors.get(f"{module}.{leaf}", ("F16",))[0]  # fp16 or bf16, as exported
+    if scheme.kind in FORMATS and not quantizes(scheme, module):
+        raise UnsupportedModelError(
+            f"{where}: tensors {sorted(names)} are quantized, but quantization_config leaves "
+            f"'{module}' unquantized (ignore {list(scheme.ignore)}, targets "
+            f"{list(scheme.targets)}). The checkpoint and its quantization_config disagree."
+        )
     try:
         expected = stored_tensors(scheme, weight, logical_shape(scheme, weight, tensors), scales)
     except KeyError as e:
@@ -335,67 +418,11 @@ def _check_weight_parts(scheme: QuantScheme, weight: str, names: set, tensors, w
             )
 
 
-# part -> (logical dim 0 = out, logical dim 1 = in) -> (stored dim, unit) or None (kept whole).
-def _part_map(scheme: QuantScheme, part: str) -> tuple:
-    g = scheme.group_size
-    bn, bk = scheme.block or (1, 1)
-    table = {
-        "weight": ((0, 1), (1, 1)),
-        "scale_inv": ((0, bn), (1, bk)),
-        "weight_scale": ((0, 1), None) if scheme.kind == "fp8_channel" else (None, None),
-        "input_scale": (None, None),
-        "qzeros": ((1, PACK), None if scheme.desc_act else (0, g)),
-        "scales": ((1, 1), None if scheme.desc_act else (0, g)),
-        "g_idx": (None, (0, 1)),
-    }
-    table["qweight"] = ((1, PACK), (0, 1)) if scheme.kind == "awq" else ((1, 1), (0, PACK))
-    return table[part]
-
-
-def stored_slice(
-    scheme: QuantScheme, role, lo: int, hi: int, dim: int, logical, stored
-) -> tuple[int, int, int] | None:
-    """The logical range [lo, hi) along `dim` of the weight -> (stored dim, start, stop) of
-    part `role.part`, or None when that part is kept whole. Refuses a range that would cut a
-    block, pack or group."""
-    rule = _part_map(scheme, role.part)[dim]
-    if rule is None:
-        return None
-    sdim, unit = rule
-    if lo % unit or (hi % unit and hi != logical[dim]):
-        what = "rows" if dim == 0 else "columns"
-        raise LayoutError(
-            f"tensor '{role.name}': this rank's {what} {lo}:{hi} of '{role.logical}' "
-            f"({hi - lo} per rank) cut a {scheme.kind} unit of {unit} {what}. Choose a "
-            f"tp (or an expert tp = tp/ep) that leaves a multiple of {unit} per rank."
-        )
-    return sdim, lo // unit, min(-(-hi // unit), stored[sdim])
-
-
-def stored_pieces(scheme: QuantScheme, role, pieces, logical, stored):
-    """Map the pieces of the logical weight (at most one cut dim) onto part `role.part`:
-    (pieces, local stored shape)."""
-    if scheme.kind == "mxfp4":
-        return mxfp4.stored_pieces(role, pieces, logical, stored)
-    out = []
-    local = list(stored)
-    for p in pieces:
-        start, stop = [0] * len(stored), list(stored)
-        for dim in (0, 1):
-            if p.stop[dim] - p.start[dim] == logical[dim]:
-                continue
-            cut = stored_slice(scheme, role, p.start[dim], p.stop[dim], dim, logical, stored)
-            if cut is not None:
-                sdim, a, b = cut
-                start[sdim], stop[sdim] = a, b
-                local[sdim] = b - a
-        out.append(type(p)(role.name, tuple(start), tuple(stop), tuple(0 for _ in stored)))
-    return tuple(out), tuple(local)
-
-
 def describe(scheme: QuantScheme) -> str:
     if scheme.kind == "mxfp4":
         return "MXFP4: fp4 e2m1 in blocks of 32 with an e8m0 scale each"
+    if scheme.kind in FORMATS:
+        return FORMATS[scheme.kind].describe(scheme)
     if scheme.kind == "fp8_block":
         return f"FP8 E4M3, block-scaled {list(scheme.block)}"
     if scheme.kind.startswith("fp8"):

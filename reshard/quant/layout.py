@@ -8,7 +8,8 @@ from __future__ import annotations
 from ..models import family_of
 from ..models.hparams import HParams
 from ..models.rules import rules_for
-from . import PACK, QuantScheme, mxfp4, scheme_of
+from . import FORMATS, PACK, QuantScheme, mxfp4, scheme_of
+from .format import quantizes
 
 # (tensor leaf, logical dim that a split cuts) per parallel MLP linear.
 _MLP = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))
@@ -16,6 +17,8 @@ _MLP = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))
 
 def units(scheme: QuantScheme) -> tuple[int, int]:
     """Whole units a split must keep along (out, in) of a quantized weight."""
+    if scheme.kind in FORMATS:
+        return FORMATS[scheme.kind].units(scheme)
     if scheme.kind == "fp8_block":
         return scheme.block
     if scheme.kind == "awq":
@@ -34,9 +37,10 @@ def split_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
         return mxfp4.split_problems(hp, tp, ep, expert_eps)
     unit = units(scheme)
     cut: dict[tuple, list[str]] = {}  # one line per module group (attention, mlp, experts)
-    for name, dim, size, parts in _splits(hp, tp, ep):
-        if parts <= 1 or size % parts:
-            continue  # nothing cut, or the plain divisibility check reports it
+    for example, dim, size, parts in _splits(hp, tp, ep):
+        name = _first_quantized(hp, scheme, example)
+        if parts <= 1 or size % parts or name is None:
+            continue  # nothing cut, the plain divisibility check reports it, or unquantized
         if (size // parts) % unit[dim]:
             key = (name.rsplit(".", 2)[0], dim, size // parts, size, parts)
             cut.setdefault(key, []).append(name)
@@ -64,6 +68,17 @@ def _splits(hp: HParams, tp: int, ep: int):
         first = _shared_expert_prefix(hp)
         for leaf, dim in _MLP:
             yield f"{first}{leaf}.weight", dim, hp.shared_expert_intermediate_size, tp
+
+
+def _first_quantized(hp: HParams, scheme: QuantScheme, example: str) -> str | None:
+    """`example` (layer L's tensor), or the same tensor of the first later layer that the
+    scheme quantizes (an ignore list may leave some layers unquantized), or None."""
+    model, layers, layer, rest = example.split(".", 3)  # model.layers.L.<rest>
+    for i in range(int(layer), hp.num_layers):
+        name = f"{model}.{layers}.{i}.{rest}"
+        if quantizes(scheme, name.rpartition(".")[0]):
+            return name
+    return None
 
 
 def _attention_splits(hp: HParams, tp: int):
@@ -95,7 +110,8 @@ def _shared_expert_prefix(hp: HParams) -> str:
 
 def _problem(hp, scheme, names, dim, per, size, parts, unit, tp) -> str:
     what = "rows" if dim == 0 else "columns"
-    kind = {"fp8_block": "block"}.get(scheme.kind, "pack/group")
+    kind = FORMATS[scheme.kind].unit_name if scheme.kind in FORMATS else "pack/group"
+    kind = {"fp8_block": "block"}.get(scheme.kind, kind)
     name = names[0]
     alike = [n.rsplit(".", 2)[1] for n in names[1:]]
     also = f" (and {', '.join(alike)} alike)" if alike else ""

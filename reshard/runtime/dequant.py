@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import QuantScheme, split_name
+from .dequant_formats import DEQUANTIZE
 
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble i of an int32 at bits 4i..4i+3
 # AWQ packs out columns 8j + [0, 2, 4, 6, 1, 3, 5, 7] into nibbles 0..7 of int32 j; this is
@@ -39,6 +40,8 @@ def dequantize_tensors(
 
 def dequantize_weight(scheme: QuantScheme, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """One weight's stored parts -> fp32 [out, in] (mxfp4 experts: [E, in, out])."""
+    if scheme.kind in DEQUANTIZE:  # compressed-tensors int, NVFP4: runtime/dequant_formats.py
+        return DEQUANTIZE[scheme.kind](scheme, parts)
     if scheme.kind == "fp8_block":
         return _fp8_block(parts["weight"], parts["scale_inv"], scheme.block)
     if scheme.kind in ("fp8_tensor", "fp8_channel"):

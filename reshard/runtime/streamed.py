@@ -114,10 +114,12 @@ def _result(sharded: PromptResult, logits: torch.Tensor) -> PromptResult:
 def source_bytes(source_dir: Path, dtype: torch.dtype) -> int:
     """Bytes the whole source model takes in memory at `dtype` (quantized: dequantized)."""
     total = 0
+    scheme = scheme_of(load_hparams(source_dir))
     for name, path in tensor_files(source_dir).items():
         with safe_open(str(path), framework="pt") as f:
-            total += unpacked_numel(name, f.get_slice(name).get_shape()) * dtype.itemsize
-    return total
+            piece = f.get_slice(name)
+            total += unpacked_numel(name, piece.get_shape(), piece.get_dtype(), scheme)
+    return total * dtype.itemsize
 
 
 def free_memory(device: str | torch.device) -> int:
