@@ -33,7 +33,10 @@ VLLM_PYTHON = Path(
         "RESHARD_VLLM_PYTHON", Path.home() / ".cache" / "reshard" / "vllm-0.32" / "bin" / "python"
     )
 )
-GENERATE = ["llama", "qwen2", "qwen3", "qwen2_moe", "deepseek_v3", "phi3"]
+GENERATE = ["llama", "qwen2", "qwen3", "qwen2_moe", "phi3"]
+# vLLM 0.32's CPU build is not deterministic for DeepSeek-V3's MLA: two runs from the original
+# checkpoint in one process gave different ids for 2 of 3 prompts (2026-12-07, this test's
+# fixture), so DeepSeek-V3 is checked at load (keys, shapes, dtypes, warnings) only.
 SHAPE_WARNING = "loading tensor of shape"
 DTYPE_WARNING = "Attempted to load weight"
 
@@ -131,8 +134,9 @@ def test_control_k_and_v_swapped_changes_the_tokens(engine_runs):
     assert [o["ids"] for o in swapped["outputs"]] != [o["ids"] for o in original["outputs"]]
 
 
-def test_pp2_and_ep2_outputs_load_with_no_missing_key_and_no_warning(tmp_path):
-    """Load only: qwen2 (tied head) at tp 2 x pp 2, and qwen2_moe with expert parallel."""
+def test_pp2_ep2_and_mla_outputs_load_with_no_missing_key_and_no_warning(tmp_path):
+    """Load only: qwen2 (tied head) at tp 2 x pp 2, qwen2_moe with expert parallel, and
+    DeepSeek-V3 (MLA, shared experts, fp32 correction bias) at tp 2."""
     pp = convert_model(
         str(write_model(tmp_path / "qwen2", "qwen2")), tmp_path / "pp2",
         build_recipe(tp=2, pp=2, format="vllm"),
@@ -141,7 +145,12 @@ def test_pp2_and_ep2_outputs_load_with_no_missing_key_and_no_warning(tmp_path):
         str(write_model(tmp_path / "qwen2_moe", "qwen2_moe")), tmp_path / "ep2",
         build_recipe(tp=2, ep=2, format="vllm"),
     ).out_dir  # fmt: skip
-    for out, args in ((pp, ("--tp", "2", "--pp", "2")), (ep, ("--tp", "2", "--ep"))):
+    mla = convert_model(
+        str(write_model(tmp_path / "deepseek_v3", "deepseek_v3")), tmp_path / "mla",
+        build_recipe(tp=2, format="vllm"),
+    ).out_dir  # fmt: skip
+    layouts = ((pp, ("--tp", "2", "--pp", "2")), (ep, ("--tp", "2", "--ep")), (mla, ("--tp", "2")))
+    for out, args in layouts:
         (result,), (log,) = run_vllm([f"{out}:sharded_state"], *args, "--load-only")
         assert result["model"].startswith(str(out))
         assert SHAPE_WARNING not in log and DTYPE_WARNING not in log, log[-3000:]
