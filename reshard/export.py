@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .headers import TensorInfo
 from .io.commit import hold_interrupts
-from .io.headers import TensorInfo
 from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, check_unfinished, claim_folder, lock_out_dir
 from .io.output_jobs import whole_piece
 from .io.output_source import open_output_source

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 
 from reshard.cli import main
 from reshard.layout.memory.model import kv_bytes_per_token, kv_token_elements
-from reshard.layout.memory.plan import load_shapes, plan_model
 from reshard.layout.recipe import build_recipe
 from reshard.models.hparams import load_hparams
+from reshard.plan import load_shapes, plan_model
 from reshard.quant import scheme_of
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"

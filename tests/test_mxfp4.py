@@ -29,8 +29,8 @@ from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.export import export_output  # noqa: E402
-from reshard.layout.memory.plan import load_shapes, plan_model  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
+from reshard.plan import load_shapes, plan_model  # noqa: E402
 from reshard.runtime.dequant import dequantize_weight  # noqa: E402
 from reshard.runtime.generate import forward_logits, generate_greedy  # noqa: E402
 from reshard.runtime.load import load_source_model  # noqa: E402

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from reshard.cli import main
 from reshard.convert import convert_model
-from reshard.io.headers import read_header
+from reshard.headers import read_header
 from reshard.io.manifest import write_manifest
 from reshard.io.manifest_check import SEAL_KEY
 from reshard.layout.recipe import build_recipe

@@ -19,8 +19,8 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
+from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import parse_hparams
-from .headers import Header, TensorInfo, read_header
 from .manifest import MANIFEST, read_sealed_manifest
 from .pull import pull_jobs
 from .source import Source, open_source

@@ -22,9 +22,9 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES
 from ..errors import OutputError
+from ..headers import TensorInfo
 from ..layout.tensors import Piece
 from .byte_runs import Window, piece_groups, tensor_windows
-from .headers import TensorInfo
 from .output_jobs import check_digest, rank_tensor_jobs
 from .scatter import preadv_exact
 from .writer import (

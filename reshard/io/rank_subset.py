@@ -25,8 +25,8 @@ from pathlib import Path
 import xxhash
 
 from ..errors import InputError, OutputError
+from ..headers import read_header
 from ..layout.plan import Plan
-from .headers import read_header
 from .manifest import MANIFEST
 from .manifest_check import HEX
 from .out_dir import (

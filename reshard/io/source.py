@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, InputError, RefusalError, ReshardIOError
+from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import HParams, parse_hparams, read_config
-from .headers import Header, TensorInfo, read_header
-from .strict_json import read_json
+from ..strict_json import read_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -27,10 +27,10 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import CheckpointError, ReshardIOError
+from ..headers import TensorInfo, encode_header, pread_exact
 from ..layout.plan import Plan
 from ..layout.tensors import OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, tensor_windows
-from .headers import TensorInfo, encode_header, pread_exact
 from .scatter import preadv_exact, scatter_views
 from .source import Source
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..errors import LayoutError
 from ..models.hparams import HParams
 from ..quant import scheme_of
-from ..quant.layout import split_problems
+from .quant_splits import split_problems
 from .recipe import Recipe
 
 

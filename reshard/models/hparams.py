@@ -14,8 +14,8 @@ from typing import Any
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import CheckpointError, ReshardIOError, UnsupportedModelError
-from ..io.strict_json import read_json
 from ..quant import parse_quantization
+from ..strict_json import read_json
 from . import BY_ARCHITECTURE
 from .config_values import FIX, get_bool, get_dict, get_float, get_int, get_str, get_str_list
 

@@ -3,7 +3,7 @@ a quantized linear weight is stored as, and how a split of the logical weight [o
 onto each of them in whole blocks, packs or groups. Pure: no I/O, no torch.
 
 Convert never dequantizes; the runtime does, only to verify (runtime/dequant.py). Which
-layouts would cut a block, pack or group is in quant/layout.py; each part's slice of a split
+layouts would cut a block, pack or group is in layout/quant_splits.py; each part's slice of a split
 in quant/slicing.py.
 """
 

@@ -14,10 +14,10 @@ from safetensors import safe_open
 
 from ..dtypes import CAST_DTYPES, torch_dtypes
 from ..errors import CheckpointError, OutputError
-from ..io.strict_json import read_json
 from ..models.hparams import HParams, load_hparams
 from ..models.rules import is_mtp_name, rules_for
 from ..quant import scheme_of
+from ..strict_json import read_json
 from .dequant import dequantize_tensors
 from .dist import Comm
 from .model import CausalLM, build_model

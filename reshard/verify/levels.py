@@ -19,7 +19,7 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES
 from ..errors import OutputError
-from ..io.headers import read_header
+from ..headers import read_header
 from ..io.manifest import MANIFEST, manifest_seal_failure, read_manifest, side_file_failures
 from ..io.output_source import is_output, open_model
 from ..io.rank_subset import check_partial_set

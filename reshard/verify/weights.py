@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dtypes import DTYPE_SIZES
+from ..headers import read_header
 from ..io.byte_runs import piece_groups, tensor_windows
-from ..io.headers import read_header
 from ..io.output_jobs import check_digest, rank_tensor_jobs
 from ..io.writer import MAX_BUFFER, cast_bytes, map_range
 from ..layout.tensors import Piece

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 from ...errors import LayoutError
 from ...models.hparams import HParams
-from ...quant.layout import split_problems
 from ...units import format_gb
 from ..check import valid_tp
 from ..plan import Stage, build_plan
+from ..quant_splits import split_problems
 from ..recipe import Recipe
 from ..resolve import resolve_stages
 from .activation import EngineLimits
 from .model import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
-from .plan import ModelShapes, weight_lower_bound
+from .shapes import ModelShapes, weight_lower_bound
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from typing import Any
 
 from ...dtypes import CAST_SIZES
 from ...errors import InputError, ReshardIOError
-from ...io.strict_json import read_json
 from ...models import family_of
 from ...models.hparams import HParams
 from ...models.mla import mla_shapes
+from ...strict_json import read_json
 from ..gpus import GPUS, GpuSpec, find_gpu
 
 COSTS_FORMAT = "reshard-costs"
