@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .io.commit import hold_interrupts
+from .io.files import write_atomic
 from .io.manifest import MANIFEST, build_manifest, hash_side_files, write_manifest
 from .io.out_dir import (
     build_record,
@@ -48,7 +49,7 @@ from .io.rank_subset import (
 )
 from .io.source import Source
 from .io.torchrun import torchrun_world
-from .io.writer import Written, write_atomic, write_plan
+from .io.writer import Written, write_plan
 from .layout.check import check_layout
 from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
 from .layout.formats import format_named

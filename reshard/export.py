@@ -19,11 +19,12 @@ from pathlib import Path
 from .errors import InputError
 from .headers import TensorInfo
 from .io.commit import hold_interrupts
+from .io.files import write_atomic
 from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, check_unfinished, claim_folder, lock_out_dir
 from .io.output_jobs import whole_piece
 from .io.output_source import open_output_source
 from .io.source import INDEX, Source
-from .io.writer import FileSpec, write_atomic, write_files
+from .io.writer import FileSpec, write_files
 from .layout.tensors import OutTensor
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default

@@ -26,7 +26,7 @@ from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError, OutputError  # noqa: E402
 from reshard.io.manifest import write_manifest  # noqa: E402
-from reshard.io.manifest_check import SEAL_KEY  # noqa: E402
+from reshard.io.seal import SEAL_KEY  # noqa: E402
 from reshard.layout.experts.place import Placement  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
 from reshard.models.hparams import load_hparams  # noqa: E402

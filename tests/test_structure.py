@@ -200,6 +200,14 @@ def test_floor_check_catches_a_planted_upward_import(tmp_path):
     assert floor_of("reshard.plan") == 1 and floor_of("reshard.layout.memory.shapes") == 4
 
 
+MAX_LINES = 400  # STYLE.md: a module past this splits along the data flow
+
+
+def test_no_module_over_400_lines():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
 FAMILY_WORDS = {f.name for f in FAMILIES} | {a for f in FAMILIES for a in f.architectures}
 
 

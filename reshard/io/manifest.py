@@ -20,9 +20,11 @@ from ..layout.tensors import OutTensor
 from ..models.hparams import parse_hparams
 from ..quant import manifest_entry
 from ..ranks import RANK_ORDER
-from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
+from .files import io_error, write_atomic
+from .manifest_check import check_manifest
+from .seal import SEAL_KEY, UNSEALED, check_seal, seal_bytes
 from .source import Source
-from .writer import Written, io_error, write_atomic
+from .writer import Written
 
 FORMAT = "reshard-manifest"
 FORMAT_VERSION = 2  # 2: sealed by manifest_xxh3_128, checked against a schema on read

@@ -26,9 +26,9 @@ import xxhash
 from ..errors import CheckpointError, InputError, OutputBusyError, OutputError, ReshardError
 from ..layout.plan import Plan
 from ..strict_json import load_json
+from .files import fsync_dir, io_error, partial_path, write_atomic
 from .manifest import MANIFEST, read_sealed_manifest
 from .source import INDEX, Source
-from .writer import fsync_dir, io_error, partial_path, write_atomic
 
 LOCK = ".reshard.lock"
 RECORD = "reshard-record.json"

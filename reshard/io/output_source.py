@@ -21,10 +21,10 @@ from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
 from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import parse_hparams
+from .files import io_error
 from .manifest import MANIFEST, read_sealed_manifest
 from .pull import pull_jobs
 from .source import Source, open_source
-from .writer import io_error
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import math
-import mmap
 import os
 import struct
 import threading
@@ -26,11 +25,12 @@ from pathlib import Path
 import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
-from ..errors import CheckpointError, ReshardIOError
+from ..errors import CheckpointError
 from ..headers import TensorInfo, encode_header, pread_exact
 from ..layout.plan import Plan
 from ..layout.tensors import OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, tensor_windows
+from .files import fsync_dir, io_call, io_error, map_range, partial_path, pwrite_all
 from .scatter import preadv_exact, scatter_views
 from .source import Source
 
@@ -79,10 +79,6 @@ class Job:
 
     def run(self, buffers: Buffers, stop: threading.Event) -> None:
         copy_tensor(self, buffers, stop)
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 @dataclass(frozen=True)
@@ -157,23 +153,23 @@ def write_files(
         for fd, _ in files:
             os.close(fd)
     for _, path in files:
-        _io(os.replace, partial_path(path), path, path=path)
+        io_call(os.replace, partial_path(path), path, path=path)
     fsync_dir(out_dir)
     return Written(hashes, headers)
 
 
 def _fsync_partial(file: tuple[int, Path]) -> None:
-    _io(os.fsync, file[0], path=partial_path(file[1]))
+    io_call(os.fsync, file[0], path=partial_path(file[1]))
 
 
 def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
     entries = [(t.name, t.dtype, t.shape) for t in spec.tensors]
     header, offsets = encode_header(entries, spec.metadata)
     tmp = partial_path(path)
-    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
-    _pwrite_all(fd, memoryview(header), 0, tmp)
+    fd = io_call(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
+    pwrite_all(fd, memoryview(header), 0, tmp)
     # Full size up front: padding rows are the zeros of the sparse tail, no write needed.
-    _io(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
+    io_call(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
     targets = [
         Target(tmp, fd, t, len(header) + begin)
         for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
@@ -181,7 +177,7 @@ def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
     for target in targets:
         if target.tensor.fill is not None:  # a format's constant (vLLM's attention scales)
             data = memoryview(fill_bytes(target.tensor))
-            _pwrite_all(fd, data, target.offset, tmp)
+            pwrite_all(fd, data, target.offset, tmp)
             _account(target, 0, data)
     return fd, targets, xxhash.xxh3_128(header).hexdigest()
 
@@ -235,7 +231,7 @@ def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
     item = DTYPE_SIZES[info.dtype]
     widest = max([item] + [DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers])
     gather = buffers.take()
-    fd = _io(os.open, job.path, os.O_RDONLY, path=job.path)
+    fd = io_call(os.open, job.path, os.O_RDONLY, path=job.path)
     try:
         for window in tensor_windows(info.shape, widest, buffers.nbytes):
             if stop.is_set():
@@ -288,30 +284,15 @@ def _scatter(split: list, at: tuple[int, int], gather: memoryview, path: Path) -
         return False
     first, iov, placed = plan
     want = sum(g.nbytes for _, g, _ in placed)
-    if _io(preadv_exact, at[0], iov, at[1] + first, path=path) < want:
+    if io_call(preadv_exact, at[0], iov, at[1] + first, path=path) < want:
         raise CheckpointError(
             f"{path}: ended before the bytes its header promised. The file shrank or is "
             "truncated; re-download it."
         )
     for target, group, view in placed:
-        _pwrite_all(target.fd, view, target.offset + group.dest, target.file)
+        pwrite_all(target.fd, view, target.offset + group.dest, target.file)
         _account(target, group.dest, view)
     return True
-
-
-def map_range(fd: int, offset: int, n: int, path: Path) -> memoryview:
-    """The file's bytes [offset, offset + n), mapped read-only: hashing and pwrite then read the
-    page cache directly, a copy fewer than preadv into a buffer. Unmapped when the last view
-    of it goes."""
-    size = _io(os.fstat, fd, path=path).st_size
-    if size < offset + n:  # reading a mapping past the end of the file kills the process
-        raise CheckpointError(
-            f"{path}: has {size} bytes, fewer than the {offset + n} its header promised. The "
-            "file shrank or is truncated; re-download it."
-        )
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapped = _io(mmap.mmap, fd, offset + n - base, access=mmap.ACCESS_READ, offset=base, path=path)
-    return memoryview(mapped)[offset - base :]
 
 
 def cast_bytes(data: memoryview, info: TensorInfo, dtype: str) -> memoryview:
@@ -329,7 +310,7 @@ def _write_group(target: Target, group: Group, src: memoryview, at, gather: memo
         begin, n = group.segments[0]
         data = src[begin : begin + n]
         if at is None:
-            _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
+            pwrite_all(target.fd, data, target.offset + group.dest, target.file)
         else:
             _copy_run(target, group.dest, (at[0], at[1] + begin), data)
     else:
@@ -337,7 +318,7 @@ def _write_group(target: Target, group: Group, src: memoryview, at, gather: memo
         for begin, n in group.segments:
             data[pos : pos + n] = src[begin : begin + n]
             pos += n
-        _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
+        pwrite_all(target.fd, data, target.offset + group.dest, target.file)
     _account(target, group.dest, data)
 
 
@@ -360,7 +341,7 @@ def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) 
         if e.errno not in NO_KERNEL_COPY:
             raise io_error(e, target.file) from None
     if done < n:
-        _pwrite_all(target.fd, data[done:], target.offset + rel + done, target.file)
+        pwrite_all(target.fd, data[done:], target.offset + rel + done, target.file)
 
 
 def _account(target: Target, rel: int, data) -> None:
@@ -385,49 +366,3 @@ def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
         name = t.file.name.removesuffix(".partial")
         hashes.setdefault(name, {})[t.tensor.name] = t.hasher.hexdigest()
     return hashes
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    data = data.cast("B")
-    while len(data):
-        n = _io(os.pwrite, fd, data, offset, path=path)
-        data = data[n:]
-        offset += n
-
-
-def _io(fn, *args, path: Path, **kwargs):
-    """Run an OS call; turn OSError into ReshardIOError naming the file and the fix."""
-    try:
-        return fn(*args, **kwargs)
-    except OSError as e:
-        raise io_error(e, path) from None
-
-
-def io_error(e: OSError, path: Path) -> ReshardIOError:
-    fix = {
-        errno.ENOSPC: "free space on that disk or write elsewhere with -o",
-        errno.EACCES: "check the folder's permissions",
-        errno.EROFS: "the file system is read-only; write elsewhere with -o",
-    }.get(e.errno, "check the disk and the path")
-    return ReshardIOError(f"{path}: {e.strerror} ({fix}).")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = _io(os.open, path, os.O_RDONLY, path=path)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file as `.partial`, fsync, rename, fsync the folder."""
-    tmp = partial_path(path)
-    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, path=tmp)
-    try:
-        _pwrite_all(fd, memoryview(data), 0, tmp)
-        _io(os.fsync, fd, path=tmp)
-    finally:
-        os.close(fd)
-    _io(os.replace, tmp, path, path=path)
-    fsync_dir(path.parent)

@@ -6,7 +6,8 @@ refusals of layout/quant_splits.py. Pure: no I/O, no torch.
 from __future__ import annotations
 
 from ..errors import LayoutError
-from . import FORMATS, PACK, QuantScheme, mxfp4
+from . import mxfp4
+from .scheme import FORMATS, PACK, QuantScheme
 
 
 # part -> (logical dim 0 = out, logical dim 1 = in) -> (stored dim, unit) or None (kept whole).

@@ -17,8 +17,9 @@ from pathlib import Path
 from ..dtypes import DTYPE_SIZES
 from ..headers import read_header
 from ..io.byte_runs import piece_groups, tensor_windows
+from ..io.files import map_range
 from ..io.output_jobs import check_digest, rank_tensor_jobs
-from ..io.writer import MAX_BUFFER, cast_bytes, map_range
+from ..io.writer import MAX_BUFFER, cast_bytes
 from ..layout.tensors import Piece
 
 WINDOW = MAX_BUFFER  # bytes of source mapped at once; two buffers of this size besides
