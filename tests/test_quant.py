@@ -58,12 +58,15 @@ def test_schemes_parse_from_quantization_config():
         name: parse_quantization({"quantization_config": qc}, where="c")
         for name, qc in SCHEMES.items()
     }
-    assert parsed["fp8_block"]["kind"] == "fp8_block" and parsed["fp8_block"]["block"] == [16, 16]
-    assert parsed["fp8_tensor"]["kind"] == "fp8_tensor" and parsed["fp8_tensor"]["input_scale"]
-    assert parsed["fp8_channel"]["kind"] == "fp8_channel"
-    assert not parsed["fp8_channel"]["input_scale"]
-    assert parsed["awq"]["group_size"] == 16 and not parsed["gptq"]["desc_act"]
-    assert parsed["gptq_act"]["desc_act"]
+    assert parsed["fp8_block"] == QuantScheme("fp8_block", block=(16, 16))
+    assert parsed["fp8_tensor"] == QuantScheme("fp8_tensor", input_scale=True)
+    assert parsed["fp8_channel"] == QuantScheme("fp8_channel")
+    assert parsed["awq"] == QuantScheme("awq", group_size=16)
+    assert parsed["gptq"] == QuantScheme("gptq", group_size=16)
+    assert parsed["gptq_act"] == QuantScheme("gptq", group_size=16, desc_act=True)
+    # on disk (the manifest's hparams) a dict, read back to the same value
+    assert parsed["fp8_block"].to_dict()["block"] == [16, 16]
+    assert all(QuantScheme.from_dict(s.to_dict()) == s for s in parsed.values())
     assert parse_quantization({}, where="c") is None
 
 
@@ -389,18 +392,18 @@ def test_parts_with_wrong_shapes_or_no_config_are_refused():
     from reshard.errors import UnsupportedModelError
     from reshard.models.rules import match_tensors
     from reshard.models.shapes import synthesize_tensors
-    from reshard.quant import check_parts, scheme_of
+    from reshard.quant import check_parts
 
     config = json.loads((EXAMPLES / "llama-3-8b" / "config.json").read_text())
     config["quantization_config"] = SCHEMES["gptq"] | {"group_size": 128}
     hp = parse_hparams(config)
     tensors = synthesize_tensors(hp, "F16")
     roles = match_tensors(hp, tensors)
-    check_parts(scheme_of(hp), tensors, roles, where="ckpt")  # as synthesized: consistent
+    check_parts(hp.quantization, tensors, roles, where="ckpt")  # as synthesized: consistent
     bad = dict(tensors)
     bad["model.layers.3.mlp.down_proj.scales"] = ("F16", (32, 14336))  # [out/g, in]: transposed
     with pytest.raises(UnsupportedModelError) as e:
-        check_parts(scheme_of(hp), bad, roles, where="ckpt")
+        check_parts(hp.quantization, bad, roles, where="ckpt")
     assert str(e.value) == (
         "ckpt: tensor 'model.layers.3.mlp.down_proj.scales' is F16 [32, 14336], but gptq with "
         "'model.layers.3.mlp.down_proj.weight' of shape [4096, 14336] stores it as F16 "

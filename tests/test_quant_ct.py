@@ -29,7 +29,7 @@ from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import LayoutError, UnsupportedModelError  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
 from reshard.models.hparams import parse_hparams  # noqa: E402
-from reshard.quant import QuantScheme, parse_quantization, scheme_of  # noqa: E402
+from reshard.quant import QuantScheme, parse_quantization  # noqa: E402
 from reshard.runtime.dequant import dequantize_tensors  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
@@ -64,7 +64,7 @@ def quantized(tmp_path_factory):
 
 def test_schemes_parse_from_quantization_config():
     parsed = {
-        name: QuantScheme.from_dict(parse_quantization({"quantization_config": qc}, where="c"))
+        name: parse_quantization({"quantization_config": qc}, where="c")
         for name, qc in SCHEMES.items()
     }
     assert {n: s.kind for n, s in parsed.items()} == KINDS
@@ -122,7 +122,7 @@ def test_unsupported_forms_are_refused(qc, text):
 def _dequantized_equals_twin(src: Path, twin) -> None:
     """The runtime's dequantization of the source == the twin's fp32 weights, bitwise."""
     hp = parse_hparams(json.loads((src / "config.json").read_text()))
-    ours = dequantize_tensors(load_source(src), scheme_of(hp), None)
+    ours = dequantize_tensors(load_source(src), hp.quantization, None)
     for name, expected in twin.state_dict().items():
         if name in ours:
             assert torch.equal(ours[name].float(), expected), name
@@ -366,7 +366,7 @@ def test_scale_with_the_wrong_shape_is_refused(quantized, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight_scale"
     tensors[name] = ("BF16", (64, 12))
     with pytest.raises(UnsupportedModelError) as e:
-        check_parts(scheme_of(hp), tensors, match_tensors(hp, tensors), where="ckpt")
+        check_parts(hp.quantization, tensors, match_tensors(hp, tensors), where="ckpt")
     assert str(e.value) == (
         f"ckpt: tensor '{name}' is BF16 [64, 12], but ct_packed with "
         "'model.layers.0.mlp.down_proj.weight' of shape [64, 96] stores it as BF16 [64, 6]. "

@@ -14,7 +14,7 @@ from ..dtypes import CAST_DTYPES
 from ..errors import LayoutError
 from ..models.hparams import HParams
 from ..models.rules import TensorRole
-from ..quant import check_parts, logical_shape, scheme_of
+from ..quant import check_parts, logical_shape
 from ..quant.slicing import stored_pieces
 from ..ranks import rank_coords, replica_base
 from .check import check_layout
@@ -104,7 +104,7 @@ def build_plan(
 ) -> Plan:
     """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors."""
     check_layout(hp, recipe)
-    check_parts(scheme_of(hp), tensors, roles, where="the checkpoint")
+    check_parts(hp.quantization, tensors, roles, where="the checkpoint")
     fmt = format_named(recipe.format)
     fmt.check(hp, recipe)
     padded = fmt.vocab_padded(hp.vocab_size, recipe.tp)
@@ -151,7 +151,7 @@ def _stages_of(stages: tuple[Stage, ...], role: TensorRole) -> list[int]:
 def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) -> list[OutTensor]:
     out: list[OutTensor] = []
     stage = layout.stages[coord.pp_stage]
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     for name, (dtype, shape) in tensors.items():
         role = roles[name]
         out_dtype = _out_dtype(dtype, layout.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..models import family_of
 from ..models.hparams import HParams
 from ..models.rules import rules_for
-from ..quant import FORMATS, PACK, QuantScheme, mxfp4, scheme_of
+from ..quant import FORMATS, PACK, QuantScheme, mxfp4
 from ..quant.format import quantizes
 
 # (tensor leaf, logical dim that a split cuts) per parallel MLP linear.
@@ -31,7 +31,7 @@ def units(scheme: QuantScheme) -> tuple[int, int]:
 
 def split_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
     """One line per kind of weight whose per-rank slice would cut a unit, with what fits."""
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     if scheme is None:
         return []
     if scheme.kind == "mxfp4":

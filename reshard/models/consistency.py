@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..dtypes import FLOAT_CODES, PLAIN_FLOAT_CODES
 from ..errors import CheckpointError
-from ..quant import check_parts, logical_shape, scheme_of
+from ..quant import check_parts, logical_shape
 from . import family_of
 from .deltanet import linear_leaf, linear_shapes
 from .hparams import HParams
@@ -46,7 +46,7 @@ def check_tensors_against_config(
 
 
 def _check_quantized_shapes(hp: HParams, tensors, roles, files, config: str) -> None:
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     check_parts(scheme, tensors, roles, where=str(Path(config).parent))
     if scheme is None:
         return

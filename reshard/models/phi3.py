@@ -33,7 +33,7 @@ LAYER = (
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:
     if fields["quantization"]:
         raise UnsupportedModelError(
-            f"{where}: quantization_config ({fields['quantization']['kind']}) on "
+            f"{where}: quantization_config ({fields['quantization'].kind}) on "
             f"{fields['architecture']}: reshard does not split quantized fused tensors "
             "(qkv_proj, gate_up_proj). Convert the unquantized checkpoint."
         )

@@ -7,7 +7,7 @@ order transformers saves them.
 
 from __future__ import annotations
 
-from ..quant import scheme_of, stored_tensors
+from ..quant import stored_tensors
 from ..quant.format import quantizes
 from . import family_of
 from .deltanet import linear_leaf, linear_shapes
@@ -140,7 +140,7 @@ def synthesize_tensors(hp: HParams, dtype: str = "BF16") -> dict[str, tuple[str,
             return order[name]
         return (int(name.split(".")[2]), name)
 
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     out: dict[str, tuple[str, tuple]] = {}
     for n in sorted(names, key=key):
         if scheme and _quantized(scheme, rule_of[n], n, len(tensor_shape(hp, n))):

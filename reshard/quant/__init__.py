@@ -20,7 +20,6 @@ from .scheme import (
     check_quantized_role,
     describe,
     manifest_entry,
-    scheme_of,
     split_name,
 )
 from .stored import check_parts, logical_shape, stored_tensors, unpacked_numel
@@ -37,7 +36,6 @@ __all__ = [
     "logical_shape",
     "manifest_entry",
     "parse_quantization",
-    "scheme_of",
     "split_name",
     "stored_tensors",
     "unpacked_numel",

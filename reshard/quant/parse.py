@@ -14,8 +14,8 @@ from .nvfp4 import parse_modelopt
 from .scheme import PACK, QuantScheme
 
 
-def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] | None:
-    """config.json's quantization_config -> a QuantScheme dict (None: not quantized).
+def parse_quantization(config: dict[str, Any], *, where: str) -> QuantScheme | None:
+    """config.json's quantization_config -> its QuantScheme (None: not quantized).
     Raises naming the key for a scheme reshard cannot split."""
     qc = config.get("quantization_config")
     if not qc:
@@ -36,7 +36,7 @@ def parse_quantization(config: dict[str, Any], *, where: str) -> dict[str, Any] 
             "or channel, int4/int8 pack-quantized, int8 int-quantized, nvfp4-pack-quantized), "
             "modelopt (NVFP4), awq (gemm, 4 bit), gptq (4 bit), mxfp4."
         )
-    return parsers[method](qc, where).to_dict()
+    return parsers[method](qc, where)
 
 
 def _parse_fp8(qc: dict, where: str) -> QuantScheme:

@@ -92,12 +92,6 @@ class QuantScheme:
         return scheme
 
 
-def scheme_of(hp) -> QuantScheme | None:
-    """The scheme of an HParams (None: not quantized)."""
-    q = getattr(hp, "quantization", None)
-    return QuantScheme.from_dict(q) if q else None
-
-
 def split_name(name: str, names) -> tuple[str, str | None]:
     """(logical weight name, part) of a stored tensor; part None for a plain tensor.
     `names`: every tensor name of the checkpoint (an FP8 weight is a part only when it has
@@ -142,7 +136,7 @@ def describe(scheme: QuantScheme) -> str:
 def manifest_entry(hp, names) -> dict[str, Any] | None:
     """The manifest's `quantization`: the scheme, and each weight linked to its stored parts
     ({logical weight: {part: stored name}}; every rank holding the weight holds them all)."""
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     if scheme is None:
         return None
     every = set(names)

@@ -16,7 +16,6 @@ from ..dtypes import CAST_DTYPES, torch_dtypes
 from ..errors import CheckpointError, OutputError
 from ..models.hparams import HParams, load_hparams
 from ..models.rules import is_mtp_name, rules_for
-from ..quant import scheme_of
 from ..strict_json import read_json
 from .dequant import dequantize_tensors
 from .dist import Comm
@@ -43,7 +42,7 @@ def load_source_model(
     """The whole model at world size 1 from an HF folder (config.json + safetensors)."""
     source_dir = Path(source_dir)
     hp = load_hparams(source_dir)
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     tensors: dict[str, torch.Tensor] = {}
     read_dtype = None if scheme else resolve_dtype(dtype)  # quantized: cast after dequantizing
     for file, names in _source_files(source_dir).items():
@@ -125,7 +124,8 @@ def load_rank(
     hp = HParams.from_dict(manifest["hparams"])
     stored = None if hp.quantization else resolve_dtype(dtype)  # packed ints stay as stored
     tensors = _read_rank_tensors(Path(out_dir), source, device, stored)
-    tensors = dequantize_tensors(tensors, scheme_of(hp), torch.float32 if hp.quantization else None)
+    scheme = hp.quantization
+    tensors = dequantize_tensors(tensors, scheme, torch.float32 if scheme else None)
     tie_lm_head(hp, tensors)
     return build_model(
         hp,
