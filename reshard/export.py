@@ -109,9 +109,7 @@ def _exported_tensors(source: Source) -> list[TensorInfo]:
 
 def _cast_tensors(source: Source, infos: list[TensorInfo]) -> tuple[str, ...]:
     original = {
-        name: dtype
-        for f in source.reader.manifest["source"]["files"]
-        for name, dtype, _ in f["tensors"]
+        name: dtype for f in source.reader.manifest.source_files for name, dtype, _ in f["tensors"]
     }
     return tuple(i.name for i in infos if original[i.name] != i.dtype)
 

@@ -26,6 +26,7 @@ from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError, OutputError  # noqa: E402
 from reshard.io.manifest import write_manifest  # noqa: E402
+from reshard.io.manifest_value import Manifest  # noqa: E402
 from reshard.io.seal import SEAL_KEY  # noqa: E402
 from reshard.layout.experts.place import Placement  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
@@ -236,7 +237,7 @@ def test_missing_rank_file_is_an_output_error(tmp_path):
     src = write_checkpoint(tmp_path / "src", "Qwen3ForCausalLM")
     convert_model(str(src), tmp_path / "out", build_recipe(tp=2))
     (tmp_path / "out" / "rank-00001.safetensors").unlink()
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = Manifest.from_doc(json.loads((tmp_path / "out" / "manifest.json").read_text()))
     with pytest.raises(OutputError, match=r"rank-00001.safetensors: missing \(rank 1\)"):
         load_rank(tmp_path / "out", manifest, 1, comm=Comm(tp=2, tp_rank=1))
 

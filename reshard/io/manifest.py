@@ -22,6 +22,7 @@ from ..quant import manifest_entry
 from ..ranks import RANK_ORDER
 from .files import io_error, write_atomic
 from .manifest_check import check_manifest
+from .manifest_value import Manifest
 from .seal import SEAL_KEY, UNSEALED, check_seal, seal_bytes
 from .source import Source
 from .writer import Written
@@ -212,10 +213,10 @@ def hash_side_files(out_dir: Path, names) -> dict[str, dict]:
     return entries
 
 
-def side_file_failures(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """The side files the manifest lists, each present with its recorded hash; else why not."""
+def side_file_failures(out_dir: Path, side_files: dict[str, Any] | None) -> list[str]:
+    """The side files a manifest lists, each present with its recorded hash; else why not."""
     failures = []
-    for name, entry in manifest.get("side_files", {}).items():
+    for name, entry in (side_files or {}).items():
         path = Path(out_dir) / name
         try:
             digest = xxhash.xxh3_128(path.read_bytes()).hexdigest()
@@ -232,13 +233,13 @@ def side_file_failures(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
     return failures
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any]:
+def read_manifest(out_dir: Path) -> Manifest:
     """The manifest of OUT, checked against the schema: any damage is an OutputError (exit 2)
     naming the field. The seal is checked by the hashes tier (`manifest_seal_failure`)."""
-    return _read_checked(out_dir)[0]
+    return Manifest.from_doc(_read_checked(out_dir)[0])
 
 
-def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> dict[str, Any]:
+def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> Manifest:
     """The manifest of OUT as a map to read its rank files by (re-layout, export, --force's
     ownership): the schema, then the seal on the same bytes, then its config against its
     hparams, then (`side_files`) the side files it lists, which a re-layout or an export
@@ -253,12 +254,12 @@ def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> dict[str,
             "reshard verify --level hashes)."
         )
     _check_config(path, doc)
-    failures = side_file_failures(out_dir, doc) if side_files else []
+    failures = side_file_failures(out_dir, doc.get("side_files")) if side_files else []
     if failures:
         raise OutputError(
             f"{failures[0]} (an output read as a source passes its side files on unchanged)."
         )
-    return doc
+    return Manifest.from_doc(doc)
 
 
 def _check_config(path: Path, doc: dict[str, Any]) -> None:
@@ -337,15 +338,7 @@ def _first_line(e: Exception) -> str:
     return (str(e) or type(e).__name__).splitlines()[0][:120]
 
 
-def manifest_seal_failure(out_dir: Path, manifest: dict[str, Any]) -> str | None:
+def manifest_seal_failure(out_dir: Path, manifest: Manifest) -> str | None:
     """None when manifest.json is byte for byte what convert sealed, else why not."""
     path = Path(out_dir) / MANIFEST
-    return check_seal(path, _read_bytes(path, out_dir), manifest)
-
-
-def rank_tensors(manifest: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:
-    """The tensor entries a rank loads (DP replicas read those of their replica 0)."""
-    entry = manifest["ranks"][rank]
-    if entry.get("replica_of") is not None:
-        entry = manifest["ranks"][entry["replica_of"]]
-    return entry["tensors"]
+    return check_seal(path, _read_bytes(path, out_dir), manifest.doc)

@@ -190,9 +190,9 @@ def _proved_names(out_dir: Path) -> set[str]:
         manifest = read_sealed_manifest(out_dir, side_files=False)  # each proved below
     except ReshardError:
         return set()
-    files = [(n, e) for n, e in manifest["files"].items() if is_plain_name(n)]
+    files = [(n, e) for n, e in manifest.files.items() if is_plain_name(n)]
     rank_files = {n for n, e in files if file_matches(out_dir / n, e)}
-    sides = manifest.get("side_files") or {}
+    sides = manifest.side_files or {}
     side = {n for n, e in sides.items() if is_plain_name(n) and _content_matches(out_dir / n, e)}
     return {MANIFEST, *rank_files, *side}
 

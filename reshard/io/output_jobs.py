@@ -30,7 +30,7 @@ def rank_tensor_jobs(reader: Any, consumers: dict[str, list[tuple[Any, Piece]]])
                 part = overlap_piece(block, piece)
                 if part is not None:
                     found.setdefault((block.file, block.tensor), []).append((target, part))
-    hashes = manifest_hashes(reader.manifest)
+    hashes = manifest_hashes(reader.manifest.doc)
     jobs = []
     for file, tensor in found:
         info = reader.headers[file].tensors[tensor]

@@ -23,6 +23,7 @@ from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import parse_hparams
 from .files import io_error
 from .manifest import MANIFEST, read_sealed_manifest
+from .manifest_value import Manifest
 from .pull import pull_jobs
 from .source import Source, open_source
 
@@ -59,9 +60,10 @@ def open_output_source(out_dir: Path) -> Source:
     """Validate OUT (manifest and its seal, every file present with its size and header) and
     describe the original checkpoint's tensors, in the original's file order, as a virtual
     Source."""
-    manifest = read_sealed_manifest(out_dir)  # before a byte is read through it
+    sealed = read_sealed_manifest(out_dir)  # before a byte is read through it
+    manifest = sealed.doc  # walked by this module's helpers
     where = str(Path(out_dir) / MANIFEST)
-    record = manifest["source"]
+    record = sealed.source
     files = record.get("files") or []
     if not files or any("tensors" not in f for f in files):
         raise OutputError(
@@ -72,7 +74,7 @@ def open_output_source(out_dir: Path) -> Source:
     blocks = _collect_blocks(manifest)
     config = manifest["config"]
     hp = parse_hparams(config, where=where)
-    reader = OutputReader(Path(out_dir).resolve(), manifest, blocks, headers)
+    reader = OutputReader(Path(out_dir).resolve(), sealed, blocks, headers)
     virtual = _virtual_headers(Path(out_dir), manifest, blocks, headers)
     tensors = {n: (h, i) for h in virtual for n, i in h.tensors.items()}
     _check_tiling(where, manifest, blocks, tensors)
@@ -204,7 +206,7 @@ def _overlap(found: list[Block]) -> bool:
 class OutputReader:
     """Reads row blocks of source tensors out of the rank files (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, manifest: dict, blocks, headers: dict[str, Header]):
+    def __init__(self, out_dir: Path, manifest: Manifest, blocks, headers: dict[str, Header]):
         self.out_dir = out_dir
         self.manifest = manifest
         self.blocks = blocks
@@ -222,13 +224,13 @@ class OutputReader:
 
     def source_record(self) -> dict[str, Any]:
         """The original's record, carried over, plus the output the bytes were read from."""
-        record = dict(self.manifest["source"])
+        record = dict(self.manifest.source)
         made_from = {
             "path": str(self.out_dir),
             "manifest_file_xxh3_128": xxhash.xxh3_128(
                 (self.out_dir / MANIFEST).read_bytes()
             ).hexdigest(),
-            "layout": {k: self.manifest["layout"][k] for k in ("tp", "pp", "ep", "dp")},
+            "layout": self.manifest.layout.degrees,
         }
         if record.get("made_from"):
             made_from["made_from"] = record["made_from"]
@@ -325,7 +327,7 @@ class OutputReader:
     def check_hashes(self) -> None:
         """Every rank-file tensor read so far matches its manifest hash (the unread rest, e.g.
         padding rows or rows read out of order, is read now). Raises OutputError (exit 2)."""
-        entries = _tensor_entries(self.manifest)
+        entries = _tensor_entries(self.manifest.doc)
         for key, (hasher, hashed) in sorted(self.hashers.items()):
             out = self.headers[key[0]].tensors[key[1]]
             path = self.out_dir / key[0]

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from ..dtypes import CAST_DTYPES, torch_dtypes
 from ..errors import CheckpointError, OutputError
+from ..io.manifest_value import Manifest
 from ..models.hparams import HParams, load_hparams
 from ..models.rules import is_mtp_name, rules_for
 from ..strict_json import read_json
@@ -110,7 +111,7 @@ def tie_lm_head(hp: HParams, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_rank(
     out_dir: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     rank: int,
     *,
     comm: Comm | None = None,
@@ -121,7 +122,7 @@ def load_rank(
     dtype: cast each tensor as it is read (None: as stored)."""
     entry = rank_entry(manifest, rank)
     source = entry if entry.get("replica_of") is None else rank_entry(manifest, entry["replica_of"])
-    hp = HParams.from_dict(manifest["hparams"])
+    hp = manifest.hparams
     stored = None if hp.quantization else resolve_dtype(dtype)  # packed ints stay as stored
     tensors = _read_rank_tensors(Path(out_dir), source, device, stored)
     scheme = hp.quantization
@@ -131,14 +132,14 @@ def load_rank(
         hp,
         tensors,
         comm=comm,
-        expert_layout=manifest["layout"].get("experts"),
+        expert_layout=manifest.layout.experts,
         ep_rank=int(entry.get("ep_rank", 0)),
         where=f"{out_dir} rank {rank}",
     )
 
 
-def rank_entry(manifest: dict[str, Any], rank: int) -> dict[str, Any]:
-    for entry in manifest["ranks"]:
+def rank_entry(manifest: Manifest, rank: int) -> dict[str, Any]:
+    for entry in manifest.ranks:
         if int(entry["rank"]) == rank:
             return entry
     raise OutputError(f"manifest.json has no entry for rank {rank}; re-run `reshard convert`.")

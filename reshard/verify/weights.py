@@ -18,6 +18,7 @@ from ..dtypes import DTYPE_SIZES
 from ..headers import read_header
 from ..io.byte_runs import piece_groups, tensor_windows
 from ..io.files import map_range
+from ..io.manifest_value import Manifest
 from ..io.output_jobs import check_digest, rank_tensor_jobs
 from ..io.writer import MAX_BUFFER, cast_bytes
 from ..layout.tensors import Piece
@@ -55,7 +56,7 @@ class Scratch:
     failed: set = field(default_factory=set)
 
 
-def compare_weights(out_dir: Path, manifest: dict, src, bar) -> list[str]:
+def compare_weights(out_dir: Path, manifest: Manifest, src, bar) -> list[str]:
     """Open every output file the manifest names (replica 0), compare every piece with `src`,
     check vocab padding rows are zero. Returns the failures."""
     failures: list[str] = []
@@ -74,11 +75,11 @@ def compare_weights(out_dir: Path, manifest: dict, src, bar) -> list[str]:
     return failures
 
 
-def _collect_checks(out_dir: Path, manifest: dict, fds: dict, failures: list):
+def _collect_checks(out_dir: Path, manifest: Manifest, fds: dict, failures: list):
     """(checks in manifest order, padding spans, constants) for every rank of replica 0."""
     headers: dict[str, object] = {}
     checks, padding, constants = [], [], []
-    for entry in manifest["ranks"]:
+    for entry in manifest.ranks:
         if entry.get("replica_of") is not None:
             continue
         for name, meta in (entry.get("tensors") or {}).items():
