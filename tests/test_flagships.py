@@ -116,14 +116,20 @@ KIMI = dict(
 )  # fmt: skip
 
 
+@pytest.mark.world
 def test_tiny_kimi_k2_converts_and_verifies_with_redundant_experts(tmp_path):
     """tp 4 x ep 4 with 4 redundant slots placed from a load file: bitwise, every verify
     tier, and the reference tokens are transformers' on the dequantized twin."""
     pytest.importorskip("transformers")
+    from helpers import (
+        GENERATE,
+        assert_all_tiers_pass,
+        check_moe_output,
+        convert,
+        skewed_load,
+        twin_generate,
+    )
     from quant_fixtures import write_quantized
-    from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load
-    from test_quant import twin_generate
-    from test_runtime_dist import assert_all_tiers_pass
 
     src, twin = write_quantized(
         tmp_path / "kimi", "fp8_block", "DeepseekV3ForCausalLM", block=(4, 4), **KIMI

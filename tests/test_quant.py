@@ -16,9 +16,15 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
+from helpers import (  # noqa: E402
+    TWIN_NEW_TOKENS,
+    assert_all_tiers_pass,
+    assert_bitwise_rebuild,
+    load_rank,
+    load_source,
+    twin_generate,
+)
 from quant_fixtures import SCHEMES, write_quantized  # noqa: E402
-from test_convert import assert_bitwise_rebuild, load_rank, load_source  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
@@ -31,7 +37,7 @@ from reshard.runtime.load import load_source_model  # noqa: E402
 from reshard.runtime.streamed import reference_streamed  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
-NEW_TOKENS = 8
+NEW_TOKENS = TWIN_NEW_TOKENS
 
 
 def cli(*args):
@@ -176,15 +182,7 @@ def test_deepseek_v3_like_refuses_tp32_on_dense_and_expert_blocks():
 # --- convert + verify -------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def twin_generate(twin, prompt: list[int]) -> list[int]:
-    """Greedy with transformers' own forward, no EOS stop (the runtime does not stop)."""
-    ids = list(prompt)
-    for _ in range(NEW_TOKENS):
-        ids.append(int(twin(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
+@pytest.mark.world
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_tp2_pp2_bitwise_and_token_exact(quantized, tmp_path, scheme):
     src, twin = quantized(scheme)
@@ -204,6 +202,7 @@ def test_tp2_pp2_bitwise_and_token_exact(quantized, tmp_path, scheme):
         assert row["reference_ids"] == twin_generate(twin, row["prompt_ids"]), row
 
 
+@pytest.mark.world
 def test_moe_fp8_block_experts_split_in_blocks_token_exact(tmp_path):
     """Qwen3-MoE, expert width 32 in 16-row blocks: tp 2 x pp 2 splits every expert in two
     whole blocks (expert tp 2); tp 4 would cut them and is refused, proposing ep."""
