@@ -301,7 +301,7 @@ def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
 
 
 def check_not_source(source: Source, out_dir: Path) -> None:
-    if source.reader is not None and source.path == out_dir.resolve():
+    if source.reader.reads_from(out_dir.resolve()):
         raise InputError(
             f"{out_dir}: is the reshard output being read; converting it into itself would "
             "delete its rank files. Choose another folder with -o."

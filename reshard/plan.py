@@ -40,10 +40,7 @@ def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
         source = open_model(model)  # a reshard output describes its original's tensors
         tensors = {n: (i.dtype, i.shape) for h in source.headers for n, i in h.tensors.items()}
         roles = match_tensors(source.hparams, tensors, where=str(source.path))
-        files = len(source.headers)
-        origin = f"safetensors headers ({files} file{'s' if files > 1 else ''}; no weights read)"
-        if source.reader is not None:
-            origin = f"the manifest of a reshard output ({files} original files; no weights read)"
+        origin = source.reader.describe(len(source.headers))
         return ModelShapes(model, source.hparams, tensors, roles, origin, source)
     config, _, where = open_config(model)
     return config_shapes(model, config, where=where, dtype=dtype)

@@ -72,23 +72,7 @@ def source_record(source: Source) -> dict[str, Any]:
     """Where the bytes came from. Each file lists its tensors in file order, so an output can
     stand in for its source (re-layout, export). A reshard output as the source carries the
     original's record over and adds `made_from`."""
-    if source.reader is not None:
-        return source.reader.source_record()
-    return {
-        "model": source.model,
-        "path": str(source.path),
-        "repo_id": source.repo_id,
-        "revision": source.revision,
-        "pickle": source.pickle,
-        "files": [
-            {
-                "name": h.path.name,
-                "size": h.size,
-                "tensors": [[t.name, t.dtype, list(t.shape)] for t in h.tensors.values()],
-            }
-            for h in source.headers
-        ],
-    }
+    return source.reader.source_record(source)
 
 
 def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:

@@ -81,12 +81,10 @@ class Manifest:
         """The original's files in order, each with its tensors [name, dtype, shape]."""
         return self.source["files"]
 
-    def rank_entry(self, rank: int) -> dict[str, Any]:
-        return self.ranks[rank]
-
-    def rank_tensors(self, rank: int) -> dict[str, dict[str, Any]]:
-        """The tensor entries a rank loads (DP replicas read those of their replica 0)."""
-        entry = self.ranks[rank]
-        if entry.get("replica_of") is not None:
-            entry = self.ranks[entry["replica_of"]]
-        return entry["tensors"]
+    def tensor_entries(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """(rank file, tensor name) -> its entry (dtype, shape, pieces, xxh3_128), all ranks."""
+        return {
+            (meta["file"], name): meta
+            for entry in self.ranks
+            for name, meta in (entry.get("tensors") or {}).items()
+        }

@@ -252,22 +252,8 @@ def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
 
 
 def _source_files(source: Source) -> list[list]:
-    """[name, size, digest]: the header hash of each file, or for a reshard output read as the
-    source, the hash of its manifest file (whose hashes cover every byte of its rank files)."""
-    if source.reader is not None:
-        digest = source.reader.source_record()["made_from"]["manifest_file_xxh3_128"]
-        return [[h.path.name, h.size, digest] for h in source.headers]
-    return [[h.path.name, h.size, header_digest(h)] for h in source.headers]
-
-
-def header_digest(header) -> str:
-    """xxh3-128 of a source file's first 8 + N bytes (its safetensors header): with the size,
-    what --resume checks of the source bytes (tensor data is not re-read)."""
-    try:
-        with open(header.path, "rb") as f:
-            return xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
-    except OSError as e:
-        raise io_error(e, header.path) from None
+    """[name, size, digest] of each source file, as its kind proves it (TensorSource)."""
+    return source.reader.file_digests(source)
 
 
 def _layout_key(plan: Plan) -> dict:

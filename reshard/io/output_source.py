@@ -24,6 +24,7 @@ from ..models.hparams import parse_hparams
 from .files import io_error
 from .manifest import MANIFEST, read_sealed_manifest
 from .manifest_value import Manifest
+from .output_jobs import rank_tensor_jobs
 from .pull import pull_jobs
 from .source import Source, open_source
 
@@ -217,12 +218,28 @@ class OutputReader:
         # and never import torch.
         self.scratch = None
 
-    def byte_jobs(self, consumers: dict) -> list:
+    def byte_jobs(self, source: Source, consumers: dict[str, list]) -> list:
         """The writer's jobs for these consumers (source tensor -> (target, piece) pairs):
         each target pulled from the rank-file tensors, each of those hashed (io/pull.py)."""
         return pull_jobs(self, consumers)
 
-    def source_record(self) -> dict[str, Any]:
+    def check_reads(self, source: Source, consumers: dict[str, list]) -> list[tuple]:
+        """The rank-file tensors holding the consumers' pieces, each with its manifest hash."""
+        return rank_tensor_jobs(self, consumers)
+
+    def file_digests(self, source: Source) -> list[list]:
+        """[name, size, digest] per original file: the hash of this output's manifest file,
+        whose hashes cover every byte of its rank files."""
+        digest = self.source_record(source)["made_from"]["manifest_file_xxh3_128"]
+        return [[h.path.name, h.size, digest] for h in source.headers]
+
+    def describe(self, files: int) -> str:
+        return f"the manifest of a reshard output ({files} original files; no weights read)"
+
+    def reads_from(self, folder: Path) -> bool:
+        return self.out_dir == folder
+
+    def source_record(self, source: Source) -> dict[str, Any]:
         """The original's record, carried over, plus the output the bytes were read from."""
         record = dict(self.manifest.source)
         made_from = {
@@ -327,7 +344,7 @@ class OutputReader:
     def check_hashes(self) -> None:
         """Every rank-file tensor read so far matches its manifest hash (the unread rest, e.g.
         padding rows or rows read out of order, is read now). Raises OutputError (exit 2)."""
-        entries = _tensor_entries(self.manifest.doc)
+        entries = self.manifest.tensor_entries()
         for key, (hasher, hashed) in sorted(self.hashers.items()):
             out = self.headers[key[0]].tensors[key[1]]
             path = self.out_dir / key[0]
@@ -376,11 +393,3 @@ def _read_exact(path: Path, view: memoryview, offset: int) -> None:
             os.close(fd)
     except OSError as e:
         raise io_error(e, path) from None
-
-
-def _tensor_entries(manifest: dict) -> dict[tuple[str, str], dict]:
-    entries = {}
-    for entry in manifest["ranks"]:
-        for name, meta in (entry.get("tensors") or {}).items():
-            entries[(meta["file"], name)] = meta
-    return entries

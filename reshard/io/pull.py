@@ -17,6 +17,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -35,6 +36,9 @@ from .writer import (
     _copy_run,
     cast_bytes,
 )
+
+if TYPE_CHECKING:  # a type only: the reader builds its pulls here
+    from .output_source import OutputReader
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class HashJob:
         hash_tensor(self, buffers.nbytes, stop)
 
 
-def pull_jobs(reader, consumers: dict[str, list[tuple[Target, Piece]]]) -> list:
+def pull_jobs(reader: OutputReader, consumers: dict[str, list[tuple[Target, Piece]]]) -> list:
     """A pull per target (in output order), then a hash per rank tensor used (file order)."""
     parts: dict[int, list[Part]] = {}
     hashes = []

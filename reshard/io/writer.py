@@ -7,7 +7,7 @@ several at once (page faults, pwrite and xxh3 release the GIL), each with one ma
 and one gather buffer, so peak memory is bounded by BUFFER_BUDGET whatever the model size.
 The bytes written do not depend on the number of workers. Files are `*.partial` until
 fsynced and renamed. torch is imported only to cast (--dtype). The writer makes no decisions.
-A reshard output as the source brings its own jobs (`source.reader.byte_jobs`, io/pull.py:
+Each kind of source brings its own jobs (`source.reader.byte_jobs`; a reshard output's, io/pull.py:
 each output tensor pulled from the rank-file tensors holding it), run by the same pool.
 """
 
@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -32,7 +33,9 @@ from ..layout.tensors import OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .files import fsync_dir, io_call, io_error, map_range, partial_path, pwrite_all
 from .scatter import preadv_exact, scatter_views
-from .source import Source
+
+if TYPE_CHECKING:  # a type only: each kind of source (io/source.py) builds its jobs here
+    from .source import Source
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
 MAX_BUFFER = 16 << 20  # larger windows make no fewer syscalls that matter, only more memory
@@ -190,20 +193,13 @@ def fill_bytes(tensor: OutTensor) -> bytes:
 
 
 def collect_jobs(source: Source, targets: list[Target]) -> list:
-    """One job per needed source tensor, in file order, then offset order within a file; a
-    reshard output's reader makes its own (objects with `run(buffers, stop)` and `nbytes`)."""
+    """The source's jobs for every needed source tensor, as its kind reads them (an HF
+    folder: one per tensor in file order; a reshard output: pulls from its rank files)."""
     consumers: dict[str, list[tuple[Target, Piece]]] = {}
     for target in targets:
         for piece in target.tensor.pieces:
             consumers.setdefault(piece.source, []).append((target, piece))
-    if source.reader is not None:
-        return source.reader.byte_jobs(consumers)
-    return [
-        Job(header.path, info, tuple(consumers[info.name]))
-        for header in source.headers
-        for info in header.tensors.values()
-        if info.name in consumers
-    ]
+    return source.reader.byte_jobs(source, consumers)
 
 
 class Buffers:

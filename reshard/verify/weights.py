@@ -19,7 +19,7 @@ from ..headers import read_header
 from ..io.byte_runs import piece_groups, tensor_windows
 from ..io.files import map_range
 from ..io.manifest_value import Manifest
-from ..io.output_jobs import check_digest, rank_tensor_jobs
+from ..io.output_jobs import check_digest
 from ..io.writer import MAX_BUFFER, cast_bytes
 from ..layout.tensors import Piece
 
@@ -138,14 +138,7 @@ def _jobs(src, checks: list[Check]) -> list[tuple]:
     consumers: dict[str, list] = {}
     for check in checks:
         consumers.setdefault(check.piece.source, []).append((check, check.piece))
-    if src.reader is not None:
-        return rank_tensor_jobs(src.reader, consumers)
-    return [
-        (header.path, info, tuple(consumers[info.name]), None)
-        for header in src.headers
-        for info in header.tensors.values()
-        if info.name in consumers
-    ]
+    return src.reader.check_reads(src, consumers)
 
 
 def _compare_job(path: Path, info, consumers, expect: str | None, scratch: Scratch, bar) -> None:
