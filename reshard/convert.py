@@ -50,14 +50,12 @@ from .io.rank_subset import (
 from .io.source import Source
 from .io.torchrun import torchrun_world
 from .io.writer import Written, write_plan
-from .layout.check import check_layout
 from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
 from .layout.formats import format_named
 from .layout.plan import Plan
 from .layout.recipe import Recipe
-from .layout.resolve import plan_source
-from .layout.stages.pipeline import plan_stages
-from .models.hparams import HParams
+from .layout.resolve import resolve_source
+from .layout.stages.pipeline import StagePlan
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 
@@ -70,7 +68,7 @@ class ConvertResult:
     seconds: float
     bytes_read: int
     bytes_written: int
-    stage_plan: object | None = None  # pipeline.StagePlan when pp > 1
+    stage_plan: StagePlan | None = None  # when pp > 1: the split written, with its report
     ranks_written: tuple[int, ...] | None = None  # some ranks only (--ranks, --resume, torchrun)
     missing: tuple[int, ...] | None = None  # ranks still unwritten (None: not known here)
 
@@ -107,8 +105,8 @@ def convert_model(
         source = open_model(model, allow_pickle=allow_pickle, scratch=scratch)
         check_not_source(source, out_dir)
         check_out_apart(out_dir, source)
-        stage_plan = _stage_plan(source.hparams, recipe)
-        plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
+        resolved = resolve_source(source, recipe)
+        plan, stage_plan = resolved.plan, resolved.stages
         done = None
         if subset:
             read_total, sizes, done = convert_subset(
@@ -229,14 +227,6 @@ def finish_if_complete(
         _commit(plan, source, recipe, out_dir, written, sizes)
         remove_names(out_dir, marker_names(plan))
     return ()
-
-
-def _stage_plan(hp: HParams, recipe: Recipe):
-    """The solved split with its report (pp > 1), so convert can print what it wrote."""
-    check_layout(hp, recipe)  # the layout's own errors come before the solver's
-    if recipe.pp == 1:
-        return None
-    return plan_stages(hp, recipe)
 
 
 def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, progress, workers):

@@ -11,13 +11,11 @@ from pathlib import Path
 from .io.manifest import MANIFEST
 from .io.output_source import open_model
 from .io.source import INDEX, SINGLE, open_config
-from .layout.check import check_layout
 from .layout.memory.activation import EngineLimits
 from .layout.memory.model import Gpu, memory_report
 from .layout.memory.shapes import (
     ModelShapes,
     PlanMemory,
-    build_layout,
     config_shapes,
     expert_report,
     kv_budget,
@@ -27,8 +25,7 @@ from .layout.memory.shapes import (
 )
 from .layout.plan import Plan
 from .layout.recipe import Recipe
-from .layout.resolve import plan_source
-from .layout.stages.pipeline import plan_stages
+from .layout.resolve import Resolved, resolve, resolve_source
 from .models.rules import match_tensors
 
 
@@ -46,11 +43,17 @@ def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
     return config_shapes(model, config, where=where, dtype=dtype)
 
 
-def plan_model(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
-    """Exactly the plan `reshard convert` would execute for this recipe (and these stages)."""
+def plan_model(shapes: ModelShapes, recipe: Recipe) -> Plan:
+    """Exactly the plan `reshard convert` would execute for this recipe."""
+    return resolve_shapes(shapes, recipe).plan
+
+
+def resolve_shapes(shapes: ModelShapes, recipe: Recipe, **options) -> Resolved:
+    """resolve() over a source's headers (checked against config.json as convert checks
+    them) or over shapes from config.json alone."""
     if shapes.source is not None:
-        return plan_source(shapes.source, recipe, stages)
-    return build_layout(shapes, recipe, stages)
+        return resolve_source(shapes.source, recipe, **options)
+    return resolve(shapes.hparams, shapes.tensors, shapes.roles, recipe, **options)
 
 
 def plan_memory(
@@ -63,11 +66,10 @@ def plan_memory(
     limits: EngineLimits | None = None,
 ) -> PlanMemory:
     hp = shapes.hparams
-    check_layout(hp, recipe)  # the layout's own errors come before the stage solver's
     # One split for the report and the memory: solved on --gpu's roofline (at decode batch 1
     # every item is bandwidth-bound, so convert's H100 roofline picks the same split).
-    stages = plan_stages(hp, recipe, device=roofline_device(gpu))
-    plan = plan_model(shapes, recipe, stages.stages if recipe.pp > 1 else None)
+    resolved = resolve_shapes(shapes, recipe, device=roofline_device(gpu), stage_report=True)
+    plan, stages = resolved.plan, resolved.stages
     tokens, origin = resolve_context(hp, context)
     budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
     report = memory_report(plan, gpu, budget, limits)

@@ -17,7 +17,6 @@ from ..models.rules import TensorRole
 from ..quant import check_parts, logical_shape
 from ..quant.slicing import stored_pieces
 from ..ranks import rank_coords, replica_base
-from .check import check_layout
 from .formats import format_named
 from .recipe import Recipe
 from .tensors import OutFile, OutTensor, Piece
@@ -102,8 +101,8 @@ def build_plan(
     stages: tuple[Stage, ...],
     placements: Mapping[int, object] | None = None,
 ) -> Plan:
-    """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors."""
-    check_layout(hp, recipe)
+    """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors.
+    The layout was checked by the caller (resolve.py, or the suggest loop)."""
     check_parts(hp.quantization, tensors, roles, where="the checkpoint")
     fmt = format_named(recipe.format)
     fmt.check(hp, recipe)

@@ -20,7 +20,7 @@ from ..experts.report import PlacementReport, read_expert_load, report_placement
 from ..gpus import GPUS
 from ..plan import Plan
 from ..recipe import Recipe
-from ..resolve import plan_tensors
+from ..resolve import resolve
 from ..stages.pipeline import StagePlan
 from .model import Gpu, KvBudget, MemoryReport, kv_bytes_per_token, state_bytes_per_sequence
 
@@ -60,10 +60,9 @@ def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") 
     return ModelShapes(model, hp, tensors, roles, origin, None)
 
 
-def build_layout(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
-    """The steps of resolve.plan_source over shapes already matched (the suggest loop's path).
-    `stages`: already solved, else solved here."""
-    return plan_tensors(shapes.hparams, shapes.tensors, shapes.roles, recipe, stages)
+def build_layout(shapes: ModelShapes, recipe: Recipe) -> Plan:
+    """The plan over shapes already matched (config.json alone, or a source's headers)."""
+    return resolve(shapes.hparams, shapes.tensors, shapes.roles, recipe).plan
 
 
 def out_dtype(shapes: ModelShapes, recipe: Recipe) -> str:

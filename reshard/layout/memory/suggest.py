@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ...errors import LayoutError
 from ...models.hparams import HParams
 from ...units import format_gb
-from ..check import valid_tp
+from ..check import check_layout, valid_tp
 from ..plan import Stage, build_plan
 from ..quant_splits import split_problems
 from ..recipe import Recipe
@@ -137,7 +137,9 @@ def tp_bytes(shapes: ModelShapes, base: Recipe, tp: int) -> TpBytes:
     reps = {layers[0] for layers in by_shape.values()}
     subset = {n: e for n, e in shapes.tensors.items() if shapes.roles[n].layer in (None, *reps)}
     whole = (Stage(0, 0, hp.num_layers - 1, True, True),)
-    plan = build_plan(hp, subset, shapes.roles, dataclasses.replace(base, tp=tp), whole, {})
+    recipe = dataclasses.replace(base, tp=tp)
+    check_layout(hp, recipe)
+    plan = build_plan(hp, subset, shapes.roles, recipe, whole, {})
     rep_bytes = {layer: [0] * tp for layer in reps}
     embed, head = [0] * tp, [0] * tp
     for f in plan.files:
