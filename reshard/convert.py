@@ -50,7 +50,7 @@ from .io.rank_subset import (
 from .io.source import Source
 from .io.torchrun import torchrun_world
 from .io.writer import Written, write_plan
-from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
+from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files
 from .layout.formats import format_named
 from .layout.plan import Plan
 from .layout.recipe import Recipe
@@ -243,7 +243,7 @@ def _commit(plan, source, recipe, out_dir: Path, written, sizes) -> None:
     """Side files, expert maps, then the manifest (listing their hashes) last."""
     sides = _write_side_files(plan, source, out_dir)
     manifest = build_manifest(
-        plan, source, written, sizes, experts=_experts_entry(plan, recipe),
+        plan, source, written, sizes,
         side_files=hash_side_files(out_dir, sides),
     )  # fmt: skip
     write_manifest(out_dir, manifest)
@@ -282,12 +282,6 @@ def _exports(plan: Plan) -> dict[str, bytes]:
     if not plan.placements:
         return {}
     return export_files(plan)
-
-
-def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
-    if not plan.placements:
-        return None
-    return placements_entry(plan, recipe)
 
 
 def check_not_source(source: Source, out_dir: Path) -> None:

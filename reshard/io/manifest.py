@@ -14,6 +14,7 @@ import xxhash
 
 from .. import __version__
 from ..errors import OutputError
+from ..layout.experts.moe import placements_entry
 from ..layout.formats import format_named
 from ..layout.plan import Plan
 from ..layout.tensors import OutTensor
@@ -38,7 +39,6 @@ def build_manifest(
     written: Written,
     file_sizes: dict[str, int],
     *,
-    experts: dict | None = None,
     side_files: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """`side_files`: hash_side_files of the config, tokenizer and expert-map files written
@@ -50,7 +50,7 @@ def build_manifest(
         "source": source_record(source),
         "config": source.config,
         "hparams": plan.hparams.to_dict(),
-        "layout": _layout_entry(plan, experts),
+        "layout": _layout_entry(plan),
         "dropped": list(plan.dropped),
         "quantization": manifest_entry(
             plan.hparams, {t.name for f in plan.files for t in f.tensors}
@@ -75,7 +75,7 @@ def source_record(source: Source) -> dict[str, Any]:
     return source.reader.source_record(source)
 
 
-def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
+def _layout_entry(plan: Plan) -> dict[str, Any]:
     layout = plan.layout
     return {
         "tp": layout.tp,
@@ -97,7 +97,7 @@ def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
             }
             for s in layout.stages
         ],  # fmt: skip
-        "experts": experts,
+        "experts": placements_entry(plan),
         "keep_mtp": layout.keep_mtp,  # MTP layer on the last stage's tp_rank 0; runtime skips it
         **_format_entry(layout),
     }

@@ -17,6 +17,7 @@ from ..models.rules import TensorRole
 from ..quant import check_parts, logical_shape
 from ..quant.slicing import stored_pieces
 from ..ranks import rank_coords, replica_base
+from .experts.place import Placement
 from .formats import format_named
 from .recipe import Recipe
 from .tensors import OutFile, OutTensor, Piece
@@ -80,13 +81,23 @@ class RankPlan:
 
 
 @dataclass(frozen=True)
+class ExpertSetup:
+    """The recipe's expert placement settings, recorded beside the maps (manifest)."""
+
+    redundant: int  # extra expert slots per layer
+    placement: str  # "contiguous", "balanced", ...
+    load: str | None  # the measured load the placement used
+
+
+@dataclass(frozen=True)
 class Plan:
-    hparams: HParams
+    hparams: HParams  # quantization included (its scheme travels into the manifest)
     layout: Layout
     ranks: tuple[RankPlan, ...]
     files: tuple[OutFile, ...]  # replica 0's files only
     dropped: tuple[str, ...]  # source tensors deliberately not written (derivable)
-    placements: Mapping[int, object]  # layer -> reshard.layout.experts.place.Placement
+    placements: Mapping[int, Placement]  # MoE layer -> where its experts went
+    experts: ExpertSetup | None = None  # how they were placed (set with placements)
 
     @property
     def total_bytes(self) -> int:
@@ -135,7 +146,12 @@ def build_plan(
         files.extend(rank_files)
         ranks.append(RankPlan(coord, tuple(f.name for f in rank_files), None))
     dropped = tuple(n for n, r in roles.items() if r.role == "drop" and not _kept_mtp(layout, r))
-    return Plan(hp, layout, tuple(ranks), tuple(files), dropped, placements)
+    setup = ExpertSetup(
+        recipe.redundant, recipe.placement, str(recipe.load) if recipe.load else None
+    )
+    return Plan(
+        hp, layout, tuple(ranks), tuple(files), dropped, placements, setup if placements else None
+    )
 
 
 def _stages_of(stages: tuple[Stage, ...], role: TensorRole) -> list[int]:
