@@ -110,7 +110,7 @@ def build_plan(
     roles: Mapping[str, TensorRole],
     recipe: Recipe,
     stages: tuple[Stage, ...],
-    placements: Mapping[int, object] | None = None,
+    placements: Mapping[int, Placement] | None = None,
 ) -> Plan:
     """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors.
     The layout was checked by the caller (resolve.py, or the suggest loop)."""

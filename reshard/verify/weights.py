@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dtypes import DTYPE_SIZES
-from ..headers import read_header
+from ..headers import Header, read_header
 from ..io.byte_runs import piece_groups, tensor_windows
 from ..io.files import map_range
 from ..io.manifest_value import Manifest
@@ -77,7 +77,7 @@ def compare_weights(out_dir: Path, manifest: Manifest, src, bar) -> list[str]:
 
 def _collect_checks(out_dir: Path, manifest: Manifest, fds: dict, failures: list):
     """(checks in manifest order, padding spans, constants) for every rank of replica 0."""
-    headers: dict[str, object] = {}
+    headers: dict[str, Header | None] = {}
     checks, padding, constants = [], [], []
     for entry in manifest.ranks:
         if entry.get("replica_of") is not None:
