@@ -33,6 +33,7 @@ from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .headers import TensorInfo, encode_header, pread_exact
 from .scatter import preadv_exact, scatter_views
 from .source import Source
+from .writeback import Writeback
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
 MAX_BUFFER = 16 << 20  # larger windows make no fewer syscalls that matter, only more memory
@@ -63,6 +64,7 @@ class Target:
     # A format's stacked tensor (vLLM's qkv_proj) takes bytes from several source tensors,
     # so several jobs may account for it at once.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    writeback: Writeback | None = None  # starts the file's writeback as it fills
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,11 @@ def write_files(
     headers: dict[str, str] = {}
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reshard-write")
     stop = threading.Event()
+    writeback = Writeback()
     try:
         for spec in specs:
             path = out_dir / spec.name
-            fd, file_targets, headers[spec.name] = _create_file(path, spec)
+            fd, file_targets, headers[spec.name] = _create_file(path, spec, writeback)
             files.append((fd, path))
             targets.extend(file_targets)
         jobs = collect_jobs(source, targets)
@@ -166,7 +169,7 @@ def _fsync_partial(file: tuple[int, Path]) -> None:
     _io(os.fsync, file[0], path=partial_path(file[1]))
 
 
-def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
+def _create_file(path: Path, spec: FileSpec, writeback=None) -> tuple[int, list[Target], str]:
     entries = [(t.name, t.dtype, t.shape) for t in spec.tensors]
     header, offsets = encode_header(entries, spec.metadata)
     tmp = partial_path(path)
@@ -175,7 +178,7 @@ def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
     # Full size up front: padding rows are the zeros of the sparse tail, no write needed.
     _io(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
     targets = [
-        Target(tmp, fd, t, len(header) + begin)
+        Target(tmp, fd, t, len(header) + begin, writeback=writeback)
         for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
     ]
     for target in targets:
@@ -369,6 +372,8 @@ def _account(target: Target, rel: int, data) -> None:
         if rel == target.hashed:  # in order: hash while streaming; else read back at the end
             target.hasher.update(data)
             target.hashed += len(data)
+    if target.writeback is not None:
+        target.writeback.wrote(target.fd, len(data))
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
