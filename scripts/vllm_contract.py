@@ -56,9 +56,7 @@ def keys(args) -> int:
     """The loader's expected state dict per rank, from vLLM itself."""
     dump = Path(tempfile.mkdtemp(prefix="reshard-vllm-keys-"))
     os.environ["RESHARD_VLLM_DUMP"] = str(dump)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(HERE / "vllm"), os.environ.get("PYTHONPATH", "")]
-    )
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE / "vllm"), os.environ["PYTHONPATH"]])
     folder = Path(tempfile.mkdtemp(prefix="reshard-vllm-model-"))
     (folder / "config.json").write_bytes((Path(args.model) / "config.json").read_bytes())
     # the workers are spawned: they import sitecustomize from PYTHONPATH; this process re-execs
@@ -119,7 +117,18 @@ def _output(out) -> dict:
     }
 
 
+def _with_stubs() -> None:
+    """vllm_stubs/ (an empty torchvision for Qwen3.5's import) in this process and every one
+    vLLM starts: its registry's inspection subprocess and the spawned workers."""
+    stubs = str(HERE / "vllm_stubs")
+    sys.path.insert(0, stubs)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [stubs] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+
+
 def main() -> int:
+    _with_stubs()
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["keys", "run", "_keys"])
     p.add_argument("model")

@@ -33,7 +33,9 @@ VLLM_PYTHON = Path(
         "RESHARD_VLLM_PYTHON", Path.home() / ".cache" / "reshard" / "vllm-0.32" / "bin" / "python"
     )
 )
-GENERATE = ["llama", "qwen2", "qwen3", "qwen2_moe", "phi3"]
+GENERATE = ["llama", "qwen2", "qwen3", "qwen2_moe", "phi3", "glm4_moe", "qwen3_next", "qwen3_5_moe"]
+# MiniMax-M2 loads only: vLLM 0.32's CPU router takes softmax scoring only (an assertion in
+# cpu_router.py stops the original checkpoint's run as well), and MiniMax-M2's is sigmoid.
 # vLLM 0.32's CPU build is not deterministic for DeepSeek-V3's MLA: two runs from the original
 # checkpoint in one process gave different ids for 2 of 3 prompts (2026-12-07, this test's
 # fixture), so DeepSeek-V3 is checked at load (keys, shapes, dtypes, warnings) only.
@@ -135,8 +137,9 @@ def test_control_k_and_v_swapped_changes_the_tokens(engine_runs):
 
 
 def test_pp2_ep2_and_mla_outputs_load_with_no_missing_key_and_no_warning(tmp_path):
-    """Load only: qwen2 (tied head) at tp 2 x pp 2, qwen2_moe with expert parallel, and
-    DeepSeek-V3 (MLA, shared experts, fp32 correction bias) at tp 2."""
+    """Load only: qwen2 (tied head) at tp 2 x pp 2, qwen2_moe with expert parallel,
+    DeepSeek-V3 (MLA, shared experts, fp32 correction bias) and MiniMax-M2 (q/k norms split
+    with the heads, fp32 sigmoid router) at tp 2."""
     pp = convert_model(
         str(write_model(tmp_path / "qwen2", "qwen2")), tmp_path / "pp2",
         build_recipe(tp=2, pp=2, format="vllm"),
@@ -149,7 +152,16 @@ def test_pp2_ep2_and_mla_outputs_load_with_no_missing_key_and_no_warning(tmp_pat
         str(write_model(tmp_path / "deepseek_v3", "deepseek_v3")), tmp_path / "mla",
         build_recipe(tp=2, format="vllm"),
     ).out_dir  # fmt: skip
-    layouts = ((pp, ("--tp", "2", "--pp", "2")), (ep, ("--tp", "2", "--ep")), (mla, ("--tp", "2")))
+    minimax = convert_model(
+        str(write_model(tmp_path / "minimax_m2", "minimax_m2")), tmp_path / "minimax",
+        build_recipe(tp=2, format="vllm"),
+    ).out_dir  # fmt: skip
+    layouts = (
+        (pp, ("--tp", "2", "--pp", "2")),
+        (ep, ("--tp", "2", "--ep")),
+        (mla, ("--tp", "2")),
+        (minimax, ("--tp", "2")),
+    )
     for out, args in layouts:
         (result,), (log,) = run_vllm([f"{out}:sharded_state"], *args, "--load-only")
         assert result["model"].startswith(str(out))

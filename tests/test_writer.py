@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import reshard.io.writeback
 import reshard.io.writer
 from reshard.cli import main
 from reshard.io.byte_runs import piece_groups, tensor_windows
@@ -152,6 +153,52 @@ def test_workers_and_windows_do_not_change_a_byte(moe, tmp_path, monkeypatch, fl
     for name in rank["files"]:
         tensors.update(load_file(three / name))
     assert set(tensors) == set(rank["tensors"])
+
+
+def test_writeback_starts_every_step_on_every_file_and_changes_no_byte(moe, tmp_path, monkeypatch):
+    """The disk starts writing each output file while it fills (io/writeback.py): a kick
+    per STEP bytes written to a file, on that file, asking only to start (flag 2)."""
+    plain = tmp_path / "plain"
+    monkeypatch.setattr(reshard.io.writeback, "_CALL", None)  # no hint at all
+    assert run("convert", moe, "--tp", "2", "-o", plain, "--quiet").exit_code == 0
+    calls: list[tuple] = []
+    lock = threading.Lock()
+
+    def record(fd, offset, nbytes, flags):
+        with lock:
+            calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, nbytes, flags))
+        return 0
+
+    monkeypatch.setattr(reshard.io.writeback, "_CALL", record)
+    monkeypatch.setattr(reshard.io.writeback, "STEP", 4096)
+    kicked = tmp_path / "kicked"
+    assert run("convert", moe, "--tp", "2", "-o", kicked, "--quiet", "--workers", 2).exit_code == 0
+    assert files_of(plain) == files_of(kicked)
+    per_file: dict[str, int] = {}
+    for path, offset, nbytes, flags in calls:
+        assert (offset, nbytes, flags) == (0, 0, 2)
+        per_file[Path(path).name] = per_file.get(Path(path).name, 0) + 1
+    for rank_file in kicked.glob("*.safetensors"):
+        data_bytes = (
+            rank_file.stat().st_size - 8 - int.from_bytes(rank_file.read_bytes()[:8], "little")
+        )
+        # every STEP bytes: at least one kick per full step, at most one per step + one write
+        assert (
+            data_bytes // 4096 // 2 <= per_file[rank_file.name + ".partial"] <= data_bytes // 4096
+        ), rank_file.name
+
+
+def test_writeback_counts_per_file():
+    kicks = []
+    wb = reshard.io.writeback.Writeback(step=100)
+    old = reshard.io.writeback._CALL
+    reshard.io.writeback._CALL = lambda fd, *a: kicks.append(fd)
+    try:
+        for fd, n in [(3, 60), (4, 99), (3, 60), (3, 60), (4, 1), (3, 39)]:
+            wb.wrote(fd, n)
+    finally:
+        reshard.io.writeback._CALL = old
+    assert kicks == [3, 4]  # fd 3: 120 -> kick, then 60, 99; fd 4: 99, then 100 -> kick
 
 
 def test_convert_imports_torch_only_to_cast(tmp_path):

@@ -22,6 +22,18 @@ DENSE = dict(
     initializer_range=0.2,
 )
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64)
+# Qwen3-Next / Qwen3.5: layers 1 and 3 full attention, 0 and 2 gated DeltaNet (2 key heads, 2
+# value heads per key head: tp 2 gives each rank one group), all four MoE with a shared expert.
+LINEAR = dict(
+    num_experts=4,
+    shared_expert_intermediate_size=96,
+    full_attention_interval=2,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=128,  # the released models; vLLM's CPU DeltaNet kernel takes no 32
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+)
 
 # name -> (architecture, config overrides, what it stands for)
 MODELS = {
@@ -60,6 +72,46 @@ MODELS = {
     # tied, as Gemma-2 is (vLLM's Gemma-2 always ties its head)
     "gemma2": ("Gemma2ForCausalLM", dict(tie_word_embeddings=True), "soft caps, sandwich norms"),
     "gemma3": ("Gemma3ForCausalLM", {}, "q/k norm, two ropes, untied head"),
+    "glm4_moe": (
+        "Glm4MoeForCausalLM",
+        dict(
+            MOE,
+            attention_bias=True,
+            use_qk_norm=True,
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.0,
+        ),
+        "partial rotary, q/k/v bias, q/k norm, sigmoid grouped routing, dense first layer",
+    ),
+    "minimax_m2": (
+        "MiniMaxM2ForCausalLM",
+        dict(
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rotary_dim=16,
+            # fields of the released config.json that vLLM reads and transformers drops
+            scoring_func="sigmoid",
+            use_routing_bias=True,
+            use_qk_norm=True,
+            qk_norm_type="per_layer",
+        ),
+        "q/k norm over all heads (split with them), partial rotary, w1/w2/w3 experts",
+    ),
+    "qwen3_next": (
+        "Qwen3NextForCausalLM",
+        dict(MOE, **LINEAR),
+        "gated DeltaNet beside gated attention",
+    ),
+    "qwen3_5_moe": (
+        "Qwen3_5MoeForCausalLM",
+        dict(MOE, **LINEAR),
+        "gated DeltaNet with separate qkv / z / b / a projections",
+    ),
 }
 
 

@@ -33,6 +33,7 @@ from ..layout.tensors import OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .files import fsync_dir, io_call, io_error, map_range, partial_path, pwrite_all
 from .scatter import preadv_exact, scatter_views
+from .writeback import Writeback
 
 if TYPE_CHECKING:  # a type only: each kind of source (io/source.py) builds its jobs here
     from .source import Source
@@ -66,6 +67,7 @@ class Target:
     # A format's stacked tensor (vLLM's qkv_proj) takes bytes from several source tensors,
     # so several jobs may account for it at once.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    writeback: Writeback | None = None  # starts the file's writeback as it fills
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,11 @@ def write_files(
     headers: dict[str, str] = {}
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reshard-write")
     stop = threading.Event()
+    writeback = Writeback()
     try:
         for spec in specs:
             path = out_dir / spec.name
-            fd, file_targets, headers[spec.name] = _create_file(path, spec)
+            fd, file_targets, headers[spec.name] = _create_file(path, spec, writeback)
             files.append((fd, path))
             targets.extend(file_targets)
         jobs = collect_jobs(source, targets)
@@ -165,7 +168,7 @@ def _fsync_partial(file: tuple[int, Path]) -> None:
     io_call(os.fsync, file[0], path=partial_path(file[1]))
 
 
-def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
+def _create_file(path: Path, spec: FileSpec, writeback=None) -> tuple[int, list[Target], str]:
     entries = [(t.name, t.dtype, t.shape) for t in spec.tensors]
     header, offsets = encode_header(entries, spec.metadata)
     tmp = partial_path(path)
@@ -174,7 +177,7 @@ def _create_file(path: Path, spec: FileSpec) -> tuple[int, list[Target], str]:
     # Full size up front: padding rows are the zeros of the sparse tail, no write needed.
     io_call(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
     targets = [
-        Target(tmp, fd, t, len(header) + begin)
+        Target(tmp, fd, t, len(header) + begin, writeback=writeback)
         for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
     ]
     for target in targets:
@@ -346,6 +349,8 @@ def _account(target: Target, rel: int, data) -> None:
         if rel == target.hashed:  # in order: hash while streaming; else read back at the end
             target.hasher.update(data)
             target.hashed += len(data)
+    if target.writeback is not None:
+        target.writeback.wrote(target.fd, len(data))
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:

@@ -148,6 +148,8 @@ class Family:
     # the vLLM format writes them as F32 (an exact cast from BF16/F16), so the loader casts
     # nothing.
     vllm_float32: tuple[str, ...] = ()
+    # Why the vLLM format refuses a family vLLM has (said in the refusal), when it is known.
+    vllm_refusal: str = ""
 
 
 WITH_VLLM = ("native", "vllm")  # Family.formats of a family vLLM 0.32 loads as reshard writes it

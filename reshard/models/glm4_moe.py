@@ -13,7 +13,7 @@ from typing import Any
 from .blocks import ATTENTION, DENSE_MLP, GLOBAL, QWEN_MOE_EXPERTS
 from .config_values import get_bool, get_dict, get_float, get_int
 from .deepseek_v3 import ROUTER_AND_SHARED, read_grouped_experts
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 
 QK_NORM = (  # use_qk_norm: true only (GLM-4.5 ships without)
     Rule("model.layers.{layer}.self_attn.q_norm.weight",
@@ -40,7 +40,18 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
     }
 
 
+# vLLM 0.32's Glm4MoE keeps the shared experts inside its FusedMoE and the correction bias on
+# the routed experts, in float32 as the router weight (its sigmoid router runs in fp32).
+VLLM_RENAMES = (
+    (r"(?P<p>.+\.mlp)\.shared_experts\.(?P<rest>.+)", "{p}.experts._shared_experts._layer.{rest}"),
+    (r"(?P<p>.+\.mlp)\.gate\.e_score_correction_bias",
+     "{p}.experts.routed_experts.e_score_correction_bias"),
+)  # fmt: skip
+
 FAMILY = Family(
+    formats=WITH_VLLM,
+    vllm_renames=VLLM_RENAMES,
+    vllm_float32=(r".+\.mlp\.gate\.(weight|e_score_correction_bias)",),  # native names
     name="glm4_moe",
     architectures=("Glm4MoeForCausalLM",),
     rules=GLOBAL + ATTENTION + QK_NORM + DENSE_MLP + QWEN_MOE_EXPERTS + ROUTER_AND_SHARED,

@@ -76,6 +76,13 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
+    # vLLM's own loader, recorded (scripts/vllm_golden.py), wants what the vLLM format's
+    # stacking cannot express: a transpose, and a bias zeroed on all but one rank.
+    vllm_refusal=(
+        "vLLM 0.32 keeps gpt-oss's experts transposed (w13_weight [experts, 2*intermediate, "
+        "hidden], w2_weight [experts, hidden, intermediate]) and the down projection's bias "
+        "on TP rank 0 only (zeros elsewhere); reshard's vLLM format writes neither yet"
+    ),
     name="gpt_oss",
     architectures=("GptOssForCausalLM",),
     rules=GLOBAL + ATTENTION + LAYER,

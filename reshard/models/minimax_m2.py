@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import UnsupportedModelError
 from .blocks import ATTENTION, GLOBAL
 from .config_values import get_dict, get_float, get_int, get_str
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 from .mixtral import MIXTRAL_EXPERTS
 from .moe_config import read_experts
 
@@ -69,6 +69,9 @@ def _partial_rotary(config: dict, where: str, scaling: dict | None, head_dim: in
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,
+    # vLLM 0.32 runs MiniMax-M2's sigmoid router in float32: its weight and correction bias
+    vllm_float32=(r".+\.block_sparse_moe\.(gate\.weight|e_score_correction_bias)",),
     name="minimax_m2",
     architectures=("MiniMaxM2ForCausalLM",),
     rules=GLOBAL + ATTENTION + NORMS_AND_BIAS + MIXTRAL_EXPERTS,

@@ -13,9 +13,9 @@ from typing import Any
 
 from .blocks import GLOBAL, QWEN_MOE_EXPERTS
 from .deltanet import LINEAR_ATTENTION_SPLIT
-from .family import Family, Features
+from .family import WITH_VLLM, Family, Features
 from .qwen2_moe import SHARED_EXPERT
-from .qwen3_next import GATED_ATTENTION, NORMS
+from .qwen3_next import GATED_ATTENTION, NORMS, VLLM_FLOAT32, VLLM_RENAMES
 from .qwen3_next import read_config as read_qwen3_next
 
 
@@ -24,6 +24,9 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
 
 
 FAMILY = Family(
+    formats=WITH_VLLM,  # vLLM stacks [qkv; z] and [b; a] (layout/formats/vllm.py)
+    vllm_renames=VLLM_RENAMES,
+    vllm_float32=VLLM_FLOAT32,
     name="qwen3_5_moe",
     architectures=("Qwen3_5MoeForCausalLM",),
     rules=GLOBAL

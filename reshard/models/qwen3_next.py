@@ -14,9 +14,11 @@ from ..errors import CheckpointError
 from .blocks import DENSE_MLP, GLOBAL, QWEN_MOE_EXPERTS
 from .config_values import FIX, get_bool, get_dict, get_float, get_int
 from .deltanet import LINEAR_ATTENTION
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 from .moe_config import read_experts
 from .qwen2_moe import SHARED_EXPERT
+from .qwen2_moe import VLLM_RENAMES as SHARED_EXPERT_RENAMES
+from .qwen3_moe import VLLM_RENAMES as ROUTER_RENAMES
 
 NORMS = (
     Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer", dims=("hidden",)),
@@ -112,7 +114,15 @@ def read_partial_rotary(
     return {"rope_type": "default", **scaling, "partial_rotary_factor": factor}
 
 
+# vLLM 0.32 keeps the shared expert and the router inside its FusedMoE (as Qwen2-MoE's and
+# Qwen3-MoE's), and the DeltaNet decay A_log in float32.
+VLLM_RENAMES = SHARED_EXPERT_RENAMES + ROUTER_RENAMES
+VLLM_FLOAT32 = (r".+\.linear_attn\.A_log",)
+
 FAMILY = Family(
+    formats=WITH_VLLM,
+    vllm_renames=VLLM_RENAMES,
+    vllm_float32=VLLM_FLOAT32,
     name="qwen3_next",
     architectures=("Qwen3NextForCausalLM",),
     rules=GLOBAL

@@ -73,6 +73,16 @@ STACKS = (
         ("q", "k", "v"),
     ),
     Stack(r"(?P<p>.+)\.(?P<m>gate|up)_proj\.weight", "{p}.gate_up_proj.weight", ("gate", "up")),
+    Stack(  # Qwen3.5's DeltaNet inputs stored apart: [q; k; v] then z, and b then a
+        r"(?P<p>.+\.linear_attn)\.(?P<m>in_proj_qkv|in_proj_z)\.weight",
+        "{p}.in_proj_qkvz.weight",
+        ("in_proj_qkv", "in_proj_z"),
+    ),
+    Stack(
+        r"(?P<p>.+\.linear_attn)\.(?P<m>in_proj_b|in_proj_a)\.weight",
+        "{p}.in_proj_ba.weight",
+        ("in_proj_b", "in_proj_a"),
+    ),
     Stack(  # DeepSeek MLA with q_lora_rank: [q_a; kv_a_with_mqa]
         r"(?P<p>.+\.self_attn)\.(?P<m>q_a_proj|kv_a_proj_with_mqa)\.weight",
         "{p}.fused_qkv_a_proj.weight",

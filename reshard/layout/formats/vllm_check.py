@@ -17,10 +17,12 @@ def check_vllm_layout(hp, recipe, versions: tuple[str, ...]) -> None:
             f"{', '.join(versions)} only (names and shapes differ between versions). Use "
             f"--vllm-version {versions[-1]}, {FIX_NATIVE}."
         )
-    if "vllm" not in family_of(hp).formats:
+    family = family_of(hp)
+    if "vllm" not in family.formats:
+        why = family.vllm_refusal or "no golden key list for it"
         raise LayoutError(
             f"--format vllm: reshard does not yet write {hp.architecture} in vLLM {version}'s "
-            f"parameter names (no golden key list for it). Convert with --format native."
+            f"parameter names ({why}). Convert with --format native."
         )
     if scheme := hp.quantization:
         raise LayoutError(
