@@ -1,6 +1,7 @@
-"""Shared helpers of the test modules, so no test module imports another for its asserts: load
-and rebuild rank files bitwise, run every verify tier on a gloo world, convert and check a MoE output's
-stages, expert maps and exports, write a skewed expert load, greedy ids from a transformers twin.
+"""Shared helpers of the test modules, so no test module imports another for its asserts:
+load and rebuild rank files bitwise, run every verify tier on a gloo world, convert and check
+a MoE output's stages, expert maps and exports, write a skewed expert load, greedy ids from a
+transformers twin.
 """
 
 from __future__ import annotations
