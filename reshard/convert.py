@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .io.commit import hold_interrupts
+from .io.files import write_atomic
 from .io.manifest import MANIFEST, build_manifest, hash_side_files, write_manifest
 from .io.out_dir import (
     build_record,
@@ -48,15 +49,13 @@ from .io.rank_subset import (
 )
 from .io.source import Source
 from .io.torchrun import torchrun_world
-from .io.writer import Written, write_atomic, write_plan
-from .layout.check import check_layout
-from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files, placements_entry
+from .io.writer import Written, write_plan
+from .layout.experts.moe import SGLANG_FILE, TRTLLM_FILE, export_files
 from .layout.formats import format_named
 from .layout.plan import Plan
 from .layout.recipe import Recipe
-from .layout.resolve import plan_source
-from .layout.stages.pipeline import plan_stages
-from .models.hparams import HParams
+from .layout.resolve import resolve_source
+from .layout.stages.pipeline import StagePlan
 
 EXPORT_FILES = (SGLANG_FILE, TRTLLM_FILE)
 
@@ -69,7 +68,7 @@ class ConvertResult:
     seconds: float
     bytes_read: int
     bytes_written: int
-    stage_plan: object | None = None  # pipeline.StagePlan when pp > 1
+    stage_plan: StagePlan | None = None  # when pp > 1: the split written, with its report
     ranks_written: tuple[int, ...] | None = None  # some ranks only (--ranks, --resume, torchrun)
     missing: tuple[int, ...] | None = None  # ranks still unwritten (None: not known here)
 
@@ -106,8 +105,8 @@ def convert_model(
         source = open_model(model, allow_pickle=allow_pickle, scratch=scratch)
         check_not_source(source, out_dir)
         check_out_apart(out_dir, source)
-        stage_plan = _stage_plan(source.hparams, recipe)
-        plan = plan_source(source, recipe, stage_plan.stages if stage_plan else None)
+        resolved = resolve_source(source, recipe)
+        plan, stage_plan = resolved.plan, resolved.stages
         done = None
         if subset:
             read_total, sizes, done = convert_subset(
@@ -230,14 +229,6 @@ def finish_if_complete(
     return ()
 
 
-def _stage_plan(hp: HParams, recipe: Recipe):
-    """The solved split with its report (pp > 1), so convert can print what it wrote."""
-    check_layout(hp, recipe)  # the layout's own errors come before the solver's
-    if recipe.pp == 1:
-        return None
-    return plan_stages(hp, recipe)
-
-
 def _write_output(plan: Plan, source: Source, recipe: Recipe, out_dir: Path, progress, workers):
     read_total = _bytes_to_read(plan, source)
     with _progress_bar(read_total, progress) as bar:
@@ -252,7 +243,7 @@ def _commit(plan, source, recipe, out_dir: Path, written, sizes) -> None:
     """Side files, expert maps, then the manifest (listing their hashes) last."""
     sides = _write_side_files(plan, source, out_dir)
     manifest = build_manifest(
-        plan, source, written, sizes, experts=_experts_entry(plan, recipe),
+        plan, source, written, sizes,
         side_files=hash_side_files(out_dir, sides),
     )  # fmt: skip
     write_manifest(out_dir, manifest)
@@ -293,14 +284,8 @@ def _exports(plan: Plan) -> dict[str, bytes]:
     return export_files(plan)
 
 
-def _experts_entry(plan: Plan, recipe: Recipe) -> dict | None:
-    if not plan.placements:
-        return None
-    return placements_entry(plan, recipe)
-
-
 def check_not_source(source: Source, out_dir: Path) -> None:
-    if source.reader is not None and source.path == out_dir.resolve():
+    if source.reader.reads_from(out_dir.resolve()):
         raise InputError(
             f"{out_dir}: is the reshard output being read; converting it into itself would "
             "delete its rank files. Choose another folder with -o."

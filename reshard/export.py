@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .headers import TensorInfo
 from .io.commit import hold_interrupts
-from .io.headers import TensorInfo
+from .io.files import write_atomic
 from .io.out_dir import RECORD_FORMAT, RECORD_VERSION, check_unfinished, claim_folder, lock_out_dir
 from .io.output_jobs import whole_piece
-from .io.output_source import open_output_source
+from .io.output_source import OutputReader, open_output_source
 from .io.source import INDEX, Source
-from .io.writer import FileSpec, write_atomic, write_files
+from .io.writer import FileSpec, write_files
 from .layout.tensors import OutTensor
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default
@@ -103,16 +104,19 @@ def _write_checkpoint(source: Source, hf_dir: Path, names: list[str], shards, wo
 
 def _exported_tensors(source: Source) -> list[TensorInfo]:
     """The original's tensors in its order, less those convert dropped as derivable."""
-    return [info for name, (_, info) in source.tensors.items() if name in source.reader.blocks]
+    blocks = _reader(source).blocks
+    return [info for name, (_, info) in source.tensors.items() if name in blocks]
 
 
 def _cast_tensors(source: Source, infos: list[TensorInfo]) -> tuple[str, ...]:
-    original = {
-        name: dtype
-        for f in source.reader.manifest["source"]["files"]
-        for name, dtype, _ in f["tensors"]
-    }
+    files = _reader(source).manifest.source_files
+    original = {name: dtype for f in files for name, dtype, _ in f["tensors"]}
     return tuple(i.name for i in infos if original[i.name] != i.dtype)
+
+
+def _reader(source: Source) -> OutputReader:
+    assert isinstance(source.reader, OutputReader)  # open_output_source made it
+    return source.reader
 
 
 def _check_hf_dir(hf_dir: Path, source: Source, *, force: bool) -> None:

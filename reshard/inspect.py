@@ -6,7 +6,7 @@ from typing import Any
 
 from .dtypes import dtype_name
 from .io.source import Source
-from .quant import describe, scheme_of
+from .quant import describe
 from .units import format_bytes
 
 
@@ -40,7 +40,7 @@ def inspect_source(source: Source) -> dict[str, Any]:
         "experts": hp.num_experts,
         "experts_per_token": hp.num_experts_per_tok,
         "moe_layers": len(hp.moe_layers),
-        "quantization": describe(scheme) if (scheme := scheme_of(hp)) else None,
+        "quantization": describe(scheme) if (scheme := hp.quantization) else None,
     }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .io.manifest import MANIFEST
+from .io.manifest_value import Manifest
 
 NATIVE = "native"  # the default output format: no part in the name
 
@@ -33,9 +34,9 @@ def convert_out_name(
     return "-".join([model_name(model), *parts])
 
 
-def export_out_name(manifest: dict, out_dir: Path) -> str:
+def export_out_name(manifest: Manifest, out_dir: Path) -> str:
     """`<original model name>-hf`, from the source the output records (else OUT's name)."""
-    source = manifest.get("source") or {}
+    source = manifest.source
     model = source.get("repo_id") or source.get("path") or str(Path(out_dir).resolve())
     return f"{model_name(str(model))}-hf"
 

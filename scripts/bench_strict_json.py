@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import time
 
-from reshard.io.strict_json import load_json
+from reshard.strict_json import load_json
 
 
 def machine() -> str:

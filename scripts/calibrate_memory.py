@@ -24,8 +24,9 @@ from reshard.layout.memory.activation import (  # noqa: E402
     EngineLimits,
     activation_peak_bytes,
 )
-from reshard.layout.memory.plan import build_layout, load_shapes  # noqa: E402
+from reshard.layout.memory.shapes import build_layout  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
+from reshard.plan import load_shapes  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from reshard.io.headers import encode_header  # noqa: E402
+from reshard.headers import encode_header  # noqa: E402
 
 POOL = 256 << 20
 WINDOW = 16 << 20

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from reshard.cli import main
 from reshard.errors import CheckpointError, LayoutError
-from reshard.io.headers import MAX_HEADER, read_header
+from reshard.headers import MAX_HEADER, read_header
 from reshard.layout.check import check_layout
 from reshard.layout.recipe import Recipe
 from reshard.models.hparams import parse_hparams

@@ -8,74 +8,14 @@ embeddings) to numbers, independent of the manifest's own description of itself.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from checkpoints import move_tensor, write_checkpoint
-from safetensors.torch import load_file
+from helpers import assert_bitwise_rebuild, load_rank, load_source
 
 from reshard.convert import convert_model
 from reshard.layout.recipe import build_recipe
-
-
-def load_source(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def load_rank(out: Path, rank: int) -> dict[str, torch.Tensor]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    tensors = {}
-    for name in manifest["ranks"][rank]["files"]:
-        tensors.update(load_file(out / name))
-    return tensors
-
-
-def rebuild(out: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Un-shard in memory from the rank files; every element must be written exactly once
-    per distinct block, and replicated blocks must agree."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    built: dict[str, torch.Tensor] = {}
-    seen: dict[str, torch.Tensor] = {}
-    for entry in manifest["ranks"]:
-        if entry["replica_of"] is not None:
-            continue
-        shard = load_rank(out, entry["rank"])
-        assert set(shard) == set(entry["tensors"])
-        for name, meta in entry["tensors"].items():
-            for p in meta["pieces"]:
-                src = p["source"]
-                if src not in built:
-                    built[src] = torch.zeros(shapes[src], dtype=shard[name].dtype)
-                    seen[src] = torch.zeros(shapes[src], dtype=torch.bool)
-                dst = tuple(
-                    slice(d, d + e - s) for d, s, e in zip(p["dest"], p["start"], p["stop"])
-                )
-                tgt = tuple(slice(s, e) for s, e in zip(p["start"], p["stop"]))
-                block = shard[name][dst]
-                if seen[src][tgt].any():  # a replica: must equal what is already there
-                    assert torch.equal(built[src][tgt], block), (name, entry["rank"])
-                built[src][tgt] = block
-                seen[src][tgt] = True
-            if meta["padding"]:
-                assert not shard[name][-meta["padding"] :].any()
-    for name, mask in seen.items():
-        assert mask.all(), f"{name}: {int((~mask).sum())} elements not in any shard"
-    return built
-
-
-def assert_bitwise_rebuild(src_dir: Path, out: Path) -> None:
-    source = load_source(src_dir)
-    built = rebuild(out, {k: tuple(v.shape) for k, v in source.items()})
-    assert set(built) == set(source)
-    for name, tensor in source.items():
-        assert built[name].dtype == tensor.dtype, name
-        raw = built[name].reshape(-1).view(torch.uint8)  # reshape: 0-dim scalars too
-        assert torch.equal(raw, tensor.reshape(-1).view(torch.uint8)), name
-
 
 FIXTURES = {
     # several shard files, q/k/v of layer 1 in different files, vocab 101 (prime)

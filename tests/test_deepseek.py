@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("transformers")
 
 from checkpoints import DEEPSEEK_V3, write_checkpoint  # noqa: E402
-from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
+from helpers import GENERATE, assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
 
 from reshard.cli.report import format_convert_summary  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
@@ -95,6 +94,7 @@ def test_bad_groups_are_refused():
         parse_hparams(config)
 
 
+@pytest.mark.world
 def test_tp2_ep2_pp2_generates(deepseek, tmp_path):
     """World of 8: MLA heads and shared experts split over tp, experts over ep, two stages
     (the dense layer and one MoE layer on stage 0)."""
@@ -103,6 +103,7 @@ def test_tp2_ep2_pp2_generates(deepseek, tmp_path):
     assert_all_tiers_pass(tmp_path / "out", **GENERATE)
 
 
+@pytest.mark.world
 def test_tp4_ep4_redundant_experts_from_load_generate(deepseek, tmp_path):
     """World of 4, etp = 1: 4 redundant slots placed from a skewed load file, per layer."""
     load = skewed_load(tmp_path / "expert_load.json", 16, [1, 2])
@@ -158,6 +159,7 @@ def test_plan_command_reports_latent_kv_at_tp8_pp2_ep8():
     assert "tp 8 x pp 2 x dp 1 = 16 GPUs (ep 8)" in result.output
 
 
+@pytest.mark.world
 def test_keep_mtp_writes_it_on_the_last_stage_and_verifies(tmp_path):
     """--keep-mtp: the MTP tensors whole (bitwise) on the last stage's tp_rank 0 only,
     recorded in the manifest; every tier still passes (the runtime skips the layer)."""

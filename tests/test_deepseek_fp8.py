@@ -19,11 +19,16 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
+from helpers import (  # noqa: E402
+    GENERATE,
+    assert_all_tiers_pass,
+    check_moe_output,
+    convert,
+    load_rank,
+    load_source,
+    twin_generate,
+)
 from quant_fixtures import write_quantized  # noqa: E402
-from test_convert import load_rank, load_source  # noqa: E402
-from test_parallel_e2e import GENERATE, check_moe_output, convert  # noqa: E402
-from test_quant import twin_generate  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 
@@ -58,6 +63,7 @@ def test_quantized_as_the_real_checkpoint(deepseek_fp8):
     assert source[ATTN + "q_a_proj.weight_scale_inv"].shape == (3, 8)  # 20 rows: ragged block
 
 
+@pytest.mark.world
 def test_tp2_ep2_pp2_bitwise_and_token_exact(deepseek_fp8, tmp_path):
     """World of 8. Pinned slices on rank 1 (stage 0, tp_rank 1): kv_b rows 40:80 are scale
     rows 5:10, q_b rows 32:64 scale rows 4:8, o_proj columns 24:48 scale columns 3:6; the

@@ -18,10 +18,9 @@ from click.testing import CliRunner
 
 from reshard.cli import main
 from reshard.layout.memory.model import kv_bytes_per_token, kv_token_elements
-from reshard.layout.memory.plan import load_shapes, plan_model
 from reshard.layout.recipe import build_recipe
 from reshard.models.hparams import load_hparams
-from reshard.quant import scheme_of
+from reshard.plan import load_shapes, plan_model
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
 GIB = 2**30
@@ -42,7 +41,7 @@ def test_gpt_oss_120b_plans_its_mxfp4_bytes():
     shapes, plan = plan_total("gpt-oss-120b", tp=1)
     hp = shapes.hparams
     assert (hp.num_experts, hp.num_experts_per_tok, hp.moe_intermediate_size) == (128, 4, 2880)
-    assert scheme_of(hp).kind == "mxfp4" and hp.torch_dtype == "bfloat16"
+    assert hp.quantization.kind == "mxfp4" and hp.torch_dtype == "bfloat16"
     assert hp.layer_types.count("sliding_attention") == 18 and hp.sliding_window == 128
     assert plan.total_bytes == pytest.approx(60.8 * GIB, rel=0.01)
     dtypes = {t.dtype for f in plan.files for t in f.tensors}
@@ -65,7 +64,7 @@ def test_kimi_k2_reads_as_deepseek_v3_with_one_group():
     hp = shapes.hparams
     assert (hp.family, hp.num_experts, hp.n_group, hp.topk_group) == ("deepseek_v3", 384, 1, 1)
     assert (hp.routed_scaling_factor, hp.num_mtp_layers, hp.moe_layers[0]) == (2.827, 0, 1)
-    assert scheme_of(hp).block == (128, 128)
+    assert hp.quantization.block == (128, 128)
     assert elements(shapes.tensors.values()) == pytest.approx(1026.5e9, rel=0.01)
     dtypes = {t.dtype for f in plan.files for t in f.tensors}
     assert dtypes == {"F8_E4M3", "F32", "BF16"}
@@ -117,14 +116,20 @@ KIMI = dict(
 )  # fmt: skip
 
 
+@pytest.mark.world
 def test_tiny_kimi_k2_converts_and_verifies_with_redundant_experts(tmp_path):
     """tp 4 x ep 4 with 4 redundant slots placed from a load file: bitwise, every verify
     tier, and the reference tokens are transformers' on the dequantized twin."""
     pytest.importorskip("transformers")
+    from helpers import (
+        GENERATE,
+        assert_all_tiers_pass,
+        check_moe_output,
+        convert,
+        skewed_load,
+        twin_generate,
+    )
     from quant_fixtures import write_quantized
-    from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load
-    from test_quant import twin_generate
-    from test_runtime_dist import assert_all_tiers_pass
 
     src, twin = write_quantized(
         tmp_path / "kimi", "fp8_block", "DeepseekV3ForCausalLM", block=(4, 4), **KIMI

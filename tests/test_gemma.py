@@ -23,8 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import config_for  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from test_convert import assert_bitwise_rebuild  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
+from helpers import assert_all_tiers_pass, assert_bitwise_rebuild  # noqa: E402
 from tolerances import assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -128,6 +127,7 @@ def hf_generate(model, prompt: list[int]) -> list[int]:
 # --- world size 1 against transformers ---------------------------------------------------------
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_logits_and_greedy_ids_match_transformers(gemma, name):
     path, hf = gemma(name)
@@ -141,6 +141,7 @@ def test_logits_and_greedy_ids_match_transformers(gemma, name):
     assert len({tuple(ids) for ids in expected}) == len(PROMPTS)
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_streamed_reference_matches_the_full_one(gemma, name):
     """One piece at a time (embedding with its scale, each layer with its own rope, the
@@ -170,6 +171,7 @@ SWITCHED_OFF = {
 }
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("quirk", sorted(SWITCHED_OFF))
 def test_each_quirk_decides_the_output(gemma, quirk):
     """Without the quirk the logits move by far more than the tolerance and some greedy id
@@ -192,6 +194,7 @@ def test_each_quirk_decides_the_output(gemma, quirk):
         assert ids != expected_ids, quirk
 
 
+@pytest.mark.float_sensitive
 def test_final_soft_cap_bites_on_the_fixture(gemma):
     """The raw final logits reach well past the cap, so tanh is far from linear there."""
     path, hf = gemma("gemma2")
@@ -370,6 +373,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.world
 @pytest.mark.parametrize("case", sorted(LAYOUTS))
 def test_sharded_generation_is_token_exact_with_transformers(gemma, tmp_path, case):
     """Shards written by convert rebuild the source bitwise, pass every verify tier, and

@@ -20,9 +20,8 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
+from helpers import assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
 from test_deepseek import add_mtp_layer  # noqa: E402
-from test_parallel_e2e import check_moe_output, convert, skewed_load  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 from tolerances import assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.models.hparams import HParams, load_hparams  # noqa: E402
@@ -77,6 +76,7 @@ def hf_generate(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_logits_and_greedy_ids_match_transformers(glm, name):
     path, hf = glm(name)
@@ -160,6 +160,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.world
 @pytest.mark.parametrize("case", sorted(LAYOUTS))
 def test_sharded_generation_is_token_exact_with_transformers(glm, tmp_path, case):
     name, recipe = LAYOUTS[case]

@@ -24,9 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import config_for  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from test_convert import assert_bitwise_rebuild, load_rank  # noqa: E402
-from test_parallel_e2e import convert, skewed_load  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
+from helpers import assert_all_tiers_pass, assert_bitwise_rebuild, convert, load_rank, skewed_load  # noqa: E402
 from tolerances import assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -94,6 +92,7 @@ def hf_generate(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.mark.float_sensitive
 def test_logits_and_greedy_ids_match_transformers(gpt_oss):
     path, hf = gpt_oss
     model = load_source_model(path)
@@ -139,6 +138,7 @@ SWITCHED_OFF = {
 }
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("quirk", sorted(SWITCHED_OFF))
 def test_each_quirk_decides_the_output(gpt_oss, quirk, monkeypatch):
     changes, edit, split = SWITCHED_OFF[quirk]
@@ -239,6 +239,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.world
 @pytest.mark.parametrize("case", sorted(LAYOUTS))
 def test_sharded_generation_is_token_exact_with_transformers(gpt_oss, tmp_path, case):
     path, hf = gpt_oss

@@ -1,7 +1,7 @@
 """Differential fuzzing of the safetensors header validator against safetensors' own reader.
 
 Seeded mutations of valid files (raw byte edits, hostile JSON tokens spliced in, and
-structural edits of the parsed header) are read by `reshard.io.headers.read_header` and by
+structural edits of the parsed header) are read by `reshard.headers.read_header` and by
 `safetensors.safe_open` on the same bytes. reshard must never crash (any exception other than
 its CheckpointError) and never accept what the reference refuses. Refusing more is allowed
 where reshard has its own rules (duplicate or odd names, dtypes it does not know); when both
@@ -21,7 +21,7 @@ import pytest
 from safetensors import safe_open
 
 from reshard.errors import CheckpointError, ReshardError
-from reshard.io.headers import DTYPE_SIZES, read_header
+from reshard.headers import DTYPE_SIZES, read_header
 from reshard.models.hparams import parse_hparams
 
 SEED = 20261202
@@ -220,7 +220,7 @@ def test_differential_fuzz_header_validator(tmp_path, capsys):
 def test_fuzzer_counts_a_permissive_validator(tmp_path, monkeypatch):
     """The harness itself can fail: with the strict JSON checks switched off, NaN, 1e999 and
     lone surrogates get through and are counted as permissive."""
-    import reshard.io.headers as sio
+    import reshard.headers as sio
 
     def lenient(raw, path, *, what, fix):
         return json.loads(raw.decode("utf-8", "surrogatepass"))

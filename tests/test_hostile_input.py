@@ -336,7 +336,7 @@ def test_zero_size_tensors_the_reference_accepts_are_accepted(sources, tmp_path)
     """The boundary the permissive cases sit on: a dim of 2^64-1 beside a 0 is legal."""
     from safetensors import safe_open
 
-    from reshard.io.headers import read_header
+    from reshard.headers import read_header
 
     model = shutil.copytree(sources["single"], tmp_path / "model")
     path = edit_header(model, add_zero_size([0, 2**64 - 1]))

@@ -24,7 +24,7 @@ from reshard.cli import main
 from reshard.convert import convert_model
 from reshard.errors import ReshardError
 from reshard.io.manifest import write_manifest
-from reshard.io.manifest_check import SEAL_KEY
+from reshard.io.seal import SEAL_KEY
 from reshard.layout.recipe import build_recipe
 from reshard.verify.levels import verify_output
 

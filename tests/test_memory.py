@@ -26,7 +26,7 @@ from reshard.layout.memory.model import (
     memory_report,
     resolve_gpu,
 )
-from reshard.layout.memory.plan import build_layout, config_shapes, kv_budget, weight_lower_bound
+from reshard.layout.memory.shapes import build_layout, config_shapes, kv_budget, weight_lower_bound
 from reshard.layout.memory.suggest import Fit, layout_ranks, suggest_layout, tp_bytes
 from reshard.layout.recipe import build_recipe
 

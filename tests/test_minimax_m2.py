@@ -19,8 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
+from helpers import GENERATE, assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
 from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -127,6 +126,7 @@ def test_config_alone_synthesizes_what_transformers_writes(minimax):
     assert {n: shape for n, (_, shape) in synthesized.items()} == written
 
 
+@pytest.mark.float_sensitive
 def test_runtime_matches_transformers_and_generates_token_exact(minimax):
     src, hf = minimax
     model = load_source_model(src)
@@ -186,6 +186,7 @@ class SumComm(Comm):
         return x if self.others is None else x + self.others
 
 
+@pytest.mark.float_sensitive
 def test_tp_statistic_is_averaged_over_the_group():
     """Two ranks of one q_norm: their outputs side by side equal the whole norm's, and only
     because the mean of squares is shared (a rank's own mean gives other numbers)."""
@@ -246,6 +247,7 @@ def test_bitwise_rebuild_exports_and_maps(minimax, outputs, layout):
         assert all(sum(p.logcnt) == 12 and max(p.logcnt) > 1 for p in maps.values())
 
 
+@pytest.mark.world
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_verify_tier_passes_and_matches_transformers(minimax, outputs, layout):
     """One gloo world each: sharded greedy ids equal the unsharded runtime's (logits within

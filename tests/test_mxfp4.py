@@ -21,16 +21,14 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import config_for  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from test_convert import assert_bitwise_rebuild, load_rank  # noqa: E402
+from helpers import assert_all_tiers_pass, assert_bitwise_rebuild, convert, load_rank, skewed_load  # noqa: E402
 from test_gpt_oss import ARCH, FIXTURE, PROMPTS  # noqa: E402
-from test_parallel_e2e import convert, skewed_load  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.export import export_output  # noqa: E402
-from reshard.layout.memory.plan import load_shapes, plan_model  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
+from reshard.plan import load_shapes, plan_model  # noqa: E402
 from reshard.runtime.dequant import dequantize_weight  # noqa: E402
 from reshard.runtime.generate import forward_logits, generate_greedy  # noqa: E402
 from reshard.runtime.load import load_source_model  # noqa: E402
@@ -103,6 +101,7 @@ def hf_generate(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.mark.float_sensitive
 def test_dequantizer_equals_transformers_reader(mxfp4):
     """reshard's runtime dequantization of every expert weight, bitwise against
     transformers' convert_moe_packed_tensors; the fixture uses the whole e2m1 range."""
@@ -125,6 +124,7 @@ def _scheme():
     return QuantScheme("mxfp4")
 
 
+@pytest.mark.float_sensitive
 def test_world_one_matches_the_dequantized_twin(mxfp4):
     path, twin = mxfp4
     model = load_source_model(path)
@@ -195,6 +195,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.world
 @pytest.mark.parametrize("case", sorted(LAYOUTS))
 def test_sharded_mxfp4_is_bitwise_and_token_exact(mxfp4, tmp_path, case):
     path, twin = mxfp4

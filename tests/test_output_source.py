@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from reshard.cli import main
 from reshard.convert import convert_model
 from reshard.export import export_output, split_shards
-from reshard.io.headers import TensorInfo
+from reshard.headers import TensorInfo
 from reshard.io.manifest import write_manifest
 from reshard.io.output_source import open_output_source
 from reshard.layout.recipe import build_recipe

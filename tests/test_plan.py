@@ -6,10 +6,8 @@ import pytest
 
 from reshard.errors import LayoutError
 from reshard.layout.check import valid_tp
-from reshard.layout.plan import build_plan
 from reshard.layout.recipe import build_recipe
-from reshard.layout.resolve import resolve_stages
-from reshard.layout.stages.pipeline import solve_stages
+from reshard.layout.resolve import resolve
 from reshard.models.hparams import parse_hparams
 from reshard.models.rules import match_tensors
 from reshard.models.shapes import synthesize_tensors
@@ -25,12 +23,7 @@ def plan_for(config: dict, **flags):
     hp = parse_hparams(config)
     tensors = synthesize_tensors(hp)
     recipe = build_recipe(**flags)
-    stages = solve_stages(hp, recipe) if recipe.pp > 1 else _one(hp)
-    return hp, tensors, build_plan(hp, tensors, match_tensors(hp, tensors), recipe, stages)
-
-
-def _one(hp):
-    return resolve_stages(hp, build_recipe())
+    return hp, tensors, resolve(hp, tensors, match_tensors(hp, tensors), recipe).plan
 
 
 def test_tp8_pp2_bytes_add_up_and_stages_hold_their_layers():

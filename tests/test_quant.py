@@ -16,9 +16,15 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
+from helpers import (  # noqa: E402
+    TWIN_NEW_TOKENS,
+    assert_all_tiers_pass,
+    assert_bitwise_rebuild,
+    load_rank,
+    load_source,
+    twin_generate,
+)
 from quant_fixtures import SCHEMES, write_quantized  # noqa: E402
-from test_convert import assert_bitwise_rebuild, load_rank, load_source  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
@@ -31,7 +37,7 @@ from reshard.runtime.load import load_source_model  # noqa: E402
 from reshard.runtime.streamed import reference_streamed  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
-NEW_TOKENS = 8
+NEW_TOKENS = TWIN_NEW_TOKENS
 
 
 def cli(*args):
@@ -58,12 +64,15 @@ def test_schemes_parse_from_quantization_config():
         name: parse_quantization({"quantization_config": qc}, where="c")
         for name, qc in SCHEMES.items()
     }
-    assert parsed["fp8_block"]["kind"] == "fp8_block" and parsed["fp8_block"]["block"] == [16, 16]
-    assert parsed["fp8_tensor"]["kind"] == "fp8_tensor" and parsed["fp8_tensor"]["input_scale"]
-    assert parsed["fp8_channel"]["kind"] == "fp8_channel"
-    assert not parsed["fp8_channel"]["input_scale"]
-    assert parsed["awq"]["group_size"] == 16 and not parsed["gptq"]["desc_act"]
-    assert parsed["gptq_act"]["desc_act"]
+    assert parsed["fp8_block"] == QuantScheme("fp8_block", block=(16, 16))
+    assert parsed["fp8_tensor"] == QuantScheme("fp8_tensor", input_scale=True)
+    assert parsed["fp8_channel"] == QuantScheme("fp8_channel")
+    assert parsed["awq"] == QuantScheme("awq", group_size=16)
+    assert parsed["gptq"] == QuantScheme("gptq", group_size=16)
+    assert parsed["gptq_act"] == QuantScheme("gptq", group_size=16, desc_act=True)
+    # on disk (the manifest's hparams) a dict, read back to the same value
+    assert parsed["fp8_block"].to_dict()["block"] == [16, 16]
+    assert all(QuantScheme.from_dict(s.to_dict()) == s for s in parsed.values())
     assert parse_quantization({}, where="c") is None
 
 
@@ -173,15 +182,7 @@ def test_deepseek_v3_like_refuses_tp32_on_dense_and_expert_blocks():
 # --- convert + verify -------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def twin_generate(twin, prompt: list[int]) -> list[int]:
-    """Greedy with transformers' own forward, no EOS stop (the runtime does not stop)."""
-    ids = list(prompt)
-    for _ in range(NEW_TOKENS):
-        ids.append(int(twin(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
+@pytest.mark.world
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_tp2_pp2_bitwise_and_token_exact(quantized, tmp_path, scheme):
     src, twin = quantized(scheme)
@@ -201,6 +202,7 @@ def test_tp2_pp2_bitwise_and_token_exact(quantized, tmp_path, scheme):
         assert row["reference_ids"] == twin_generate(twin, row["prompt_ids"]), row
 
 
+@pytest.mark.world
 def test_moe_fp8_block_experts_split_in_blocks_token_exact(tmp_path):
     """Qwen3-MoE, expert width 32 in 16-row blocks: tp 2 x pp 2 splits every expert in two
     whole blocks (expert tp 2); tp 4 would cut them and is refused, proposing ep."""
@@ -389,18 +391,18 @@ def test_parts_with_wrong_shapes_or_no_config_are_refused():
     from reshard.errors import UnsupportedModelError
     from reshard.models.rules import match_tensors
     from reshard.models.shapes import synthesize_tensors
-    from reshard.quant import check_parts, scheme_of
+    from reshard.quant import check_parts
 
     config = json.loads((EXAMPLES / "llama-3-8b" / "config.json").read_text())
     config["quantization_config"] = SCHEMES["gptq"] | {"group_size": 128}
     hp = parse_hparams(config)
     tensors = synthesize_tensors(hp, "F16")
     roles = match_tensors(hp, tensors)
-    check_parts(scheme_of(hp), tensors, roles, where="ckpt")  # as synthesized: consistent
+    check_parts(hp.quantization, tensors, roles, where="ckpt")  # as synthesized: consistent
     bad = dict(tensors)
     bad["model.layers.3.mlp.down_proj.scales"] = ("F16", (32, 14336))  # [out/g, in]: transposed
     with pytest.raises(UnsupportedModelError) as e:
-        check_parts(scheme_of(hp), bad, roles, where="ckpt")
+        check_parts(hp.quantization, bad, roles, where="ckpt")
     assert str(e.value) == (
         "ckpt: tensor 'model.layers.3.mlp.down_proj.scales' is F16 [32, 14336], but gptq with "
         "'model.layers.3.mlp.down_proj.weight' of shape [4096, 14336] stores it as F16 "

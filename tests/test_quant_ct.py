@@ -18,10 +18,15 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
+from helpers import TWIN_NEW_TOKENS as NEW_TOKENS  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_all_tiers_pass,
+    assert_bitwise_rebuild,
+    load_rank,
+    load_source,
+    twin_generate,
+)
 from quant_fixtures_ct import SCHEMES, write_quantized_ct  # noqa: E402
-from test_convert import assert_bitwise_rebuild, load_rank, load_source  # noqa: E402
-from test_quant import NEW_TOKENS, twin_generate  # noqa: E402
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -29,7 +34,7 @@ from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import LayoutError, UnsupportedModelError  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
 from reshard.models.hparams import parse_hparams  # noqa: E402
-from reshard.quant import QuantScheme, parse_quantization, scheme_of  # noqa: E402
+from reshard.quant import QuantScheme, parse_quantization  # noqa: E402
 from reshard.runtime.dequant import dequantize_tensors  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
@@ -64,7 +69,7 @@ def quantized(tmp_path_factory):
 
 def test_schemes_parse_from_quantization_config():
     parsed = {
-        name: QuantScheme.from_dict(parse_quantization({"quantization_config": qc}, where="c"))
+        name: parse_quantization({"quantization_config": qc}, where="c")
         for name, qc in SCHEMES.items()
     }
     assert {n: s.kind for n, s in parsed.items()} == KINDS
@@ -122,7 +127,7 @@ def test_unsupported_forms_are_refused(qc, text):
 def _dequantized_equals_twin(src: Path, twin) -> None:
     """The runtime's dequantization of the source == the twin's fp32 weights, bitwise."""
     hp = parse_hparams(json.loads((src / "config.json").read_text()))
-    ours = dequantize_tensors(load_source(src), scheme_of(hp), None)
+    ours = dequantize_tensors(load_source(src), hp.quantization, None)
     for name, expected in twin.state_dict().items():
         if name in ours:
             assert torch.equal(ours[name].float(), expected), name
@@ -133,6 +138,7 @@ def _dequantized_equals_twin(src: Path, twin) -> None:
 WORLDS = ["w4a16", "w4a16_zp", "w4a16_actorder", "w8a8", "nvfp4_ct", "nvfp4_modelopt"]
 
 
+@pytest.mark.world
 @pytest.mark.parametrize("scheme", WORLDS)
 def test_tp2_pp2_bitwise_and_token_exact(quantized, tmp_path, scheme):
     src, twin = quantized(scheme)
@@ -154,6 +160,7 @@ def test_tp2_pp2_bitwise_and_token_exact(quantized, tmp_path, scheme):
         assert row["reference_ids"] == twin_generate(twin, row["prompt_ids"]), row
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("scheme", ["w8a16_channel", "w4a16_tensor"])
 def test_channel_and_tensor_strategies_split_and_match_the_twin(quantized, tmp_path, scheme):
     """int8 packed 4 a word with one scale per row; int4 with one scale for the tensor:
@@ -170,6 +177,7 @@ def test_channel_and_tensor_strategies_split_and_match_the_twin(quantized, tmp_p
     assert ours[0].tokens == twin_generate(twin, prompt)
 
 
+@pytest.mark.float_sensitive
 def test_w8a8_zero_points_split_with_the_rows(quantized, tmp_path):
     """Asymmetric int8: weight_zero_point int8 [out, 1] beside the scale, cut with the rows;
     bitwise at tp 2 x pp 2 and the twin's tokens at world size 1."""
@@ -366,7 +374,7 @@ def test_scale_with_the_wrong_shape_is_refused(quantized, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight_scale"
     tensors[name] = ("BF16", (64, 12))
     with pytest.raises(UnsupportedModelError) as e:
-        check_parts(scheme_of(hp), tensors, match_tensors(hp, tensors), where="ckpt")
+        check_parts(hp.quantization, tensors, match_tensors(hp, tensors), where="ckpt")
     assert str(e.value) == (
         f"ckpt: tensor '{name}' is BF16 [64, 12], but ct_packed with "
         "'model.layers.0.mlp.down_proj.weight' of shape [64, 96] stores it as BF16 [64, 6]. "
@@ -482,6 +490,7 @@ def test_plan_suggest_and_convert_refuse_a_cut_group_from_a_real_config(tmp_path
     assert "192 of its 768 columns per rank" in line and "pack/group size 128" in line
 
 
+@pytest.mark.world
 def test_moe_w4a16_experts_split_in_groups_token_exact(tmp_path):
     """Qwen3-MoE, expert width 32 in groups of 16: tp 4 would cut down_proj's groups and is
     refused proposing ep; tp 2 x pp 2 splits every expert in two whole groups (expert tp 2),
@@ -522,6 +531,7 @@ def _legacy_modelopt(config_dir: Path, folder: Path, exclude: list[str]) -> Path
     return folder
 
 
+@pytest.mark.float_sensitive
 def test_hf_quant_config_json_is_read_when_config_json_has_none(quantized, tmp_path):
     """plan counts the same bytes from hf_quant_config.json as from quantization_config;
     convert carries the file to the output, which verifies and generates the twin's ids."""
@@ -572,6 +582,7 @@ def test_reference_memory_counts_packed_values_unpacked(quantized, scheme):
     assert source_bytes(src, torch.float32) == 4 * (weights + side)
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("scheme", ["w4a16_zp", "nvfp4_modelopt"])
 def test_streamed_reference_dequantizes_like_the_full_one(quantized, scheme):
     """The streamed reference (one layer at a time) dequantizes each piece as the full model

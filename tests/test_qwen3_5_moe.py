@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
-from test_parallel_e2e import GENERATE, check_moe_output, convert, skewed_load  # noqa: E402
+from helpers import GENERATE, assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
 from test_qwen3_next import (  # noqa: E402
     CONFIG,
     HIDDEN,
@@ -28,7 +28,6 @@ from test_qwen3_next import (  # noqa: E402
     rank_tensors,
     read_all,
 )
-from test_runtime_dist import assert_all_tiers_pass  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.models.hparams import load_hparams  # noqa: E402
@@ -67,6 +66,7 @@ def test_config_and_shapes_follow_transformers(qwen35):
     }
 
 
+@pytest.mark.float_sensitive
 def test_runtime_matches_transformers(qwen35):
     src, hf = qwen35
     model = load_source_model(src)
@@ -99,6 +99,7 @@ def expected_apart(source: dict, layer: int, tp: int, r: int) -> dict[str, torch
     }
 
 
+@pytest.mark.world
 def test_tp2_pp2_ep2_redundant_bitwise_every_tier_and_transformers(qwen35, tmp_path):
     src, hf = qwen35
     load = skewed_load(tmp_path / "load.json", 8, [0, 1, 2, 3])

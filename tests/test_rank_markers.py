@@ -15,7 +15,7 @@ import xxhash
 from checkpoints import write_checkpoint
 from hostile import cli, digest_tree, expect_error
 
-from reshard.io.headers import read_header
+from reshard.headers import read_header
 from reshard.verify.levels import verify_output
 
 MANIFEST = "manifest.json"

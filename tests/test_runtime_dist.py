@@ -19,14 +19,15 @@ pytest.importorskip("transformers")
 
 from checkpoints import config_for, write_checkpoint  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from test_convert import assert_bitwise_rebuild  # noqa: E402
+from helpers import assert_all_tiers_pass, assert_bitwise_rebuild  # noqa: E402
 from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
 from reshard.convert import convert_model  # noqa: E402
 from reshard.errors import CheckpointError, OutputError  # noqa: E402
 from reshard.io.manifest import write_manifest  # noqa: E402
-from reshard.io.manifest_check import SEAL_KEY  # noqa: E402
+from reshard.io.manifest_value import Manifest  # noqa: E402
+from reshard.io.seal import SEAL_KEY  # noqa: E402
 from reshard.layout.experts.place import Placement  # noqa: E402
 from reshard.layout.recipe import build_recipe  # noqa: E402
 from reshard.models.hparams import load_hparams  # noqa: E402
@@ -52,24 +53,6 @@ REDUNDANT = {
 }
 
 
-def assert_all_tiers_pass(out: Path, **generate_options) -> list[dict]:
-    """hashes, weights and generate through `verify_output` on a CPU gloo world; greedy ids
-    identical to the reference on every prompt (no near-tie excuse). Returns the prompt rows."""
-    options = {"device": "cpu", **generate_options}
-    _, results = verify_output(out, levels=LEVELS, generate_options=options)
-    assert [r.level for r in results] == list(LEVELS)
-    for result in results:
-        assert result.passed, (result.level, result.failures)
-    rows = results[-1].data["generation"]["prompts"]
-    assert len({tuple(r["prompt_ids"]) for r in rows}) == len(rows) > 1  # distinct prompts
-    for row in rows:
-        assert row["reference_ids"] == row["sharded_ids"], row
-        bound = scaled_bound(torch.tensor(row["max_abs_logit"]), MODEL_ULPS, torch.float32)
-        assert row["max_abs_logit_diff"] <= bound, row
-    assert len({t for r in rows for t in r["reference_ids"]}) > 3  # generation is not degenerate
-    return rows
-
-
 def write_fused_checkpoint(path: Path, arch: str, *, seed: int = 0, **overrides) -> Path:
     """transformers 5's in-memory state dict saved as is: every MoE layer stores
     `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I] (save_pretrained
@@ -92,6 +75,8 @@ def write_fused_checkpoint(path: Path, arch: str, *, seed: int = 0, **overrides)
 # --- worlds ----------------------------------------------------------------------------------
 
 
+@pytest.mark.float_sensitive
+@pytest.mark.world
 def test_tp4_llama_from_convert(tmp_path):
     """kv_heads 2 < tp 4 (replicated kv), vocab 101 padded to 104, tied embeddings, o/mlp biases."""
     src = write_checkpoint(
@@ -104,6 +89,7 @@ def test_tp4_llama_from_convert(tmp_path):
     assert [r["prompt_ids"] for r in rows] == PROMPTS
 
 
+@pytest.mark.world
 def test_dp2_pp2_mistral_tied_sliding_window(tmp_path):
     """Two replicas (replica_of) of a 2-stage pipeline; each replica generates half the
     prompts; the window (4) is shorter than the prompts; the tied head sits on stage 1."""
@@ -119,6 +105,7 @@ def test_dp2_pp2_mistral_tied_sliding_window(tmp_path):
     assert_all_tiers_pass(out, prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
 
 
+@pytest.mark.world
 def test_tp4_ep2_qwen3_moe_fused_experts(tmp_path):
     """Fused 3-D experts in the source, ep=2 x etp=2 with two redundant replicas: each rank
     holds [3 slots, 2*I/2, H] in slot order, rebuilt bitwise, and generates."""
@@ -137,6 +124,7 @@ def test_tp4_ep2_qwen3_moe_fused_experts(tmp_path):
     assert_all_tiers_pass(out, prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
 
 
+@pytest.mark.world
 def test_bf16_qwen2_tp4_verifies_in_float32_with_identical_tokens(tmp_path):
     """The common real case: bf16 weights. With float32 compute (the default) the sharded
     tokens equal the reference's on every prompt, nothing is exempted, and the logits agree to
@@ -166,6 +154,7 @@ def test_bf16_qwen2_tp4_verifies_in_float32_with_identical_tokens(tmp_path):
     assert len({t for r in rows for t in r["reference_ids"]}) > 8  # tokens vary
 
 
+@pytest.mark.world
 def test_generate_catches_an_expert_map_the_files_disagree_with(tmp_path):
     """Swap two slots of one rank in the manifest's map, files untouched, manifest re-sealed:
     hashes and weights still pass (each piece is still its source block); only generation can
@@ -186,6 +175,7 @@ def test_generate_catches_an_expert_map_the_files_disagree_with(tmp_path):
     assert any("differs" in f for f in results[-1].failures), results[-1].failures
 
 
+@pytest.mark.world
 def test_rank_errors_reach_the_caller_as_reshard_errors(tmp_path):
     """A spawned rank that fails to load raises the same error class in the caller."""
     src = write_checkpoint(tmp_path / "src", "Qwen3ForCausalLM")
@@ -198,6 +188,7 @@ def test_rank_errors_reach_the_caller_as_reshard_errors(tmp_path):
 # --- in-process pieces (no world) ----------------------------------------------------------
 
 
+@pytest.mark.float_sensitive
 def test_expert_replicas_are_computed_exactly_once(tmp_path):
     """Summing every ep rank's routed partial output gives the unsharded MoE output. In
     float64, so that only the order of the additions differs (outputs are of size ~10-100)."""
@@ -219,6 +210,7 @@ def test_expert_replicas_are_computed_exactly_once(tmp_path):
     assert emap.local_slot[0].tolist() == [-1, 1]  # replica 1 of expert 0 is slot 4 = local 1
 
 
+@pytest.mark.float_sensitive
 def test_fused_source_runs_like_per_expert_source(tmp_path):
     """The runtime reads gate_up_proj as [gate rows; up rows], as transformers means it: the
     same weights saved fused and per expert generate the same ids and logits."""
@@ -236,7 +228,7 @@ def test_missing_rank_file_is_an_output_error(tmp_path):
     src = write_checkpoint(tmp_path / "src", "Qwen3ForCausalLM")
     convert_model(str(src), tmp_path / "out", build_recipe(tp=2))
     (tmp_path / "out" / "rank-00001.safetensors").unlink()
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = Manifest.from_doc(json.loads((tmp_path / "out" / "manifest.json").read_text()))
     with pytest.raises(OutputError, match=r"rank-00001.safetensors: missing \(rank 1\)"):
         load_rank(tmp_path / "out", manifest, 1, comm=Comm(tp=2, tp_rank=1))
 

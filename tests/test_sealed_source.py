@@ -16,7 +16,7 @@ from hostile import cli, digest_tree, expect_error
 
 from reshard.convert import convert_model
 from reshard.io.manifest import write_manifest
-from reshard.io.manifest_check import SEAL_KEY
+from reshard.io.seal import SEAL_KEY
 from reshard.layout.recipe import build_recipe
 
 MANIFEST = "manifest.json"

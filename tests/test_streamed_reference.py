@@ -19,6 +19,8 @@ from reshard.runtime.streamed import reference_streamed
 from reshard.verify.compare import compare_results, tolerance_for
 from reshard.verify.generate import default_prompts
 
+pytestmark = pytest.mark.float_sensitive  # every test compares a streamed reference's floats
+
 CASES = {
     "llama-tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
     "mistral-window": ("MistralForCausalLM", {"sliding_window": 4}),
@@ -60,6 +62,7 @@ def test_streamed_catches_a_wrong_token(source):
     assert comparisons[2].first_mismatch == 3
 
 
+@pytest.mark.world
 def test_verify_with_streamed_reference_through_the_cli(tmp_path):
     src = write_checkpoint(tmp_path / "src", num_key_value_heads=1)
     out = tmp_path / "out"

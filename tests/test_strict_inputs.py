@@ -433,7 +433,7 @@ def test_ctrl_c_just_after_exports_index_says_it_is_complete(out, tmp_path, monk
 def test_a_manifest_without_side_files_says_they_are_not_covered(out):
     """A manifest written before side files were hashed: verify says what it did not check."""
     from reshard.io.manifest import write_manifest
-    from reshard.io.manifest_check import SEAL_KEY
+    from reshard.io.seal import SEAL_KEY
 
     doc = json.loads((out / "manifest.json").read_text())
     del doc["side_files"], doc[SEAL_KEY]

@@ -1,5 +1,6 @@
-"""The package's shape, kept so: imports flow one way (no circle, module-level or inside a
-function), nothing outside reshard/models/ names a model family or branches on one, every
+"""The package's shape, kept so: imports run down the floors (cli, use cases, runtime, io, layout,
+models, quant, ground) with no circle, module-level or inside a function; nothing outside
+reshard/models/ names a model family or branches on one, every
 module imports on its own, and the fact tables (dtypes, rank order, units) agree with what
 torch, safetensors and the manifest say."""
 
@@ -24,12 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "reshard"
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+def package_modules(root: Path = ROOT) -> dict[str, Path]:
+    package = root / "reshard"
+    return {module_name(p, root): p for p in sorted(package.rglob("*.py"))}
+
+
+MODULES = package_modules()
 
 
 def type_checking_nodes(tree: ast.AST) -> set[int]:
@@ -54,12 +60,14 @@ def imported_names(module: str, path: Path, node: ast.Import | ast.ImportFrom) -
     return [target] + [f"{target}.{alias.name}" for alias in node.names]
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """reshard module -> the reshard modules it imports, wherever in the file the import sits.
     Importing a.b.c also runs a and a.b, except the packages the importer itself lives in
-    (they are already being imported when it runs), unless it names them outright."""
+    (they are already being imported when it runs), unless it names them outright.
+    `root`: the folder holding the `reshard` package (a test's planted copy)."""
+    modules = package_modules(root)
     graph = {}
-    for module, path in MODULES.items():
+    for module, path in modules.items():
         tree = ast.parse(path.read_text(), str(path))
         skip = type_checking_nodes(tree)
         deps = set()
@@ -71,7 +79,7 @@ def import_graph() -> dict[str, set[str]]:
                 for i in range(1, len(parts) + 1):
                     name = ".".join(parts[:i])
                     own_package = module.startswith(name + ".") and name != target
-                    if name in MODULES and name != module and not own_package:
+                    if name in modules and name != module and not own_package:
                         deps.add(name)
         graph[module] = deps
     return graph
@@ -113,18 +121,91 @@ def test_cycle_finder_names_a_planted_circle():
 
 def test_graph_sees_function_local_and_relative_imports():
     graph = import_graph()
-    # reshard/cli/plan.py imports the memory planner inside its command function
-    assert "reshard.layout.memory.plan" in graph["reshard.cli.plan"]
+    # reshard/cli/plan.py imports the plan use case inside its command function
+    assert "reshard.plan" in graph["reshard.cli.plan"]
     # `from .. import __version__` in io/manifest.py loads the package itself
     assert "reshard" in graph["reshard.io.manifest"]
     assert "reshard.layout.resolve" in graph["reshard.convert"]
 
 
-def test_layout_does_not_import_the_top_level_verbs():
-    graph = import_graph()
-    verbs = {"reshard.convert", "reshard.export", "reshard.inspect"}
-    offenders = {m: sorted(graph[m] & verbs) for m in graph if m.startswith("reshard.layout")}
-    assert not {m: v for m, v in offenders.items() if v}
+# Floors, top to bottom: a module imports only from its own floor or below. A name stands for
+# the module and everything under it; the longest name that matches decides.
+FLOORS = (
+    ("cli", ("reshard.cli", "reshard.__main__")),
+    ("use cases", ("reshard.convert", "reshard.plan", "reshard.export", "reshard.inspect",
+                   "reshard.verify", "reshard.profile", "reshard.out_name")),
+    ("runtime", ("reshard.runtime",)),
+    ("io", ("reshard.io",)),
+    ("layout", ("reshard.layout",)),
+    ("models", ("reshard.models",)),
+    ("quant", ("reshard.quant",)),
+    ("ground", ("reshard", "reshard.dtypes", "reshard.units", "reshard.ranks", "reshard.errors",
+                "reshard.strict_json", "reshard.headers", "reshard.progress")),
+)  # fmt: skip
+
+
+def floor_of(module: str) -> int:
+    """The floor's index (0 is the top); -1 for a module no floor names."""
+    hits = [
+        (len(name), i)
+        for i, (_, names) in enumerate(FLOORS)
+        for name in names
+        if module == name or module.startswith(name + ".")
+    ]
+    return max(hits)[1] if hits else -1
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower floor to a higher one, as `a (floor) -> b (floor)`."""
+    return [
+        f"{m} ({FLOORS[floor_of(m)][0]}) -> {d} ({FLOORS[floor_of(d)][0]})"
+        for m in sorted(graph)
+        for d in sorted(graph[m])
+        if floor_of(d) < floor_of(m)
+    ]
+
+
+def test_every_module_stands_on_a_floor():
+    top = {m for m in MODULES if m.count(".") == 1}  # a new top-level entry needs a floor
+    assert [m for m in sorted(MODULES) if floor_of(m) < 0] == []
+    assert sorted(m for m in top if floor_of(m) == len(FLOORS) - 1) == [
+        "reshard.dtypes", "reshard.errors", "reshard.headers", "reshard.progress",
+        "reshard.ranks", "reshard.strict_json", "reshard.units",
+    ]  # fmt: skip
+
+
+def test_imports_run_down_the_floors():
+    upward = upward_imports(import_graph())
+    assert not upward, "import from a lower floor to a higher one:\n" + "\n".join(upward)
+
+
+def test_floor_check_catches_a_planted_upward_import(tmp_path):
+    """The checker on the real import graph of a copy of the package with one planted import
+    (models/ reaching up into io/), and on a synthetic graph."""
+    copy = tmp_path / "reshard"
+    copy.mkdir()
+    for path in MODULES.values():
+        (copy / path.relative_to(PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
+        (copy / path.relative_to(PACKAGE)).write_text(path.read_text())
+    planted = copy / "models" / "hparams.py"
+    planted.write_text(planted.read_text() + "\n\ndef f():\n    from ..io import manifest\n")
+    graph = import_graph(tmp_path)
+    assert upward_imports(graph) == [
+        "reshard.models.hparams (models) -> reshard.io (io)",
+        "reshard.models.hparams (models) -> reshard.io.manifest (io)",
+    ]
+    assert upward_imports({"reshard.quant.x": {"reshard.models"}, "reshard.cli": {"reshard"}}) == [
+        "reshard.quant.x (quant) -> reshard.models (models)"
+    ]
+    assert floor_of("reshard.plan") == 1 and floor_of("reshard.layout.memory.shapes") == 4
+
+
+MAX_LINES = 400  # STYLE.md: a module past this splits along the data flow
+
+
+def test_no_module_over_400_lines():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
 
 
 FAMILY_WORDS = {f.name for f in FAMILIES} | {a for f in FAMILIES for a in f.architectures}
@@ -239,7 +320,7 @@ def test_dtype_spellings_derive_from_the_table():
 
 
 def test_importing_dtypes_loads_no_torch():
-    code = "import sys, reshard.dtypes, reshard.io.headers; print('torch' in sys.modules)"
+    code = "import sys, reshard.dtypes, reshard.headers; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "False", done.stderr
 

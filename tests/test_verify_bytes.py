@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reshard.convert import convert_model
-from reshard.io.headers import read_header
+from reshard.headers import read_header
 from reshard.io.manifest import read_manifest
 from reshard.layout.recipe import build_recipe
 from reshard.verify import weights

@@ -16,9 +16,10 @@ from safetensors import safe_open
 
 from reshard.cli import main
 from reshard.convert import convert_model
-from reshard.io.headers import read_header
+from reshard.headers import read_header
 from reshard.io.manifest import write_manifest
-from reshard.io.manifest_check import SEAL_KEY
+from reshard.io.manifest_value import Manifest
+from reshard.io.seal import SEAL_KEY
 from reshard.layout.recipe import build_recipe
 from reshard.verify.levels import verify_hashes, verify_weights
 
@@ -146,7 +147,7 @@ class FakeTerminal(io.StringIO):
 def test_file_tiers_show_byte_progress_on_a_terminal(converted, monkeypatch, quiet):
     """hashes and weights count bytes (decimal units); --quiet shows nothing."""
     src, out = converted
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = Manifest.from_doc(json.loads((out / "manifest.json").read_text()))
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     results = [
@@ -158,7 +159,7 @@ def test_file_tiers_show_byte_progress_on_a_terminal(converted, monkeypatch, qui
     if quiet:
         assert text == ""
         return
-    file_bytes = sum(m["size"] for m in manifest["files"].values())
+    file_bytes = sum(m["size"] for m in manifest.files.values())
     final = {line.split(":")[0]: line for line in text.replace("\r", "\n").splitlines() if line}
     assert f"{file_bytes / 1e3:.0f}k/{file_bytes / 1e3:.0f}k" in final["hashes"], final
     assert "100%" in final["hashes"] and "100%" in final["weights"] and "B/s" in final["weights"]

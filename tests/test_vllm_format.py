@@ -297,7 +297,7 @@ def test_a_vllm_output_relayouts_to_native_and_back_to_vllm(models, tmp_path):
 
 def test_the_manifest_records_the_format_and_each_stacked_part(models, tmp_path):
     out = convert_vllm(models("llama"), tmp_path / "out", tp=2)
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).doc
     assert manifest["layout"]["format"] == {"name": "vllm", "vllm_version": "0.32"}
     assert manifest["layout"]["vocab_padded"] == 128
     qkv = manifest["ranks"][1]["tensors"]["model.layers.0.self_attn.qkv_proj.weight"]

@@ -106,7 +106,7 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, as_json, plot, **
     )
     layout = flags
     if plot is not None:
-        from ..layout.experts.plot import require_matplotlib
+        from ..profile.plot import require_matplotlib
 
         require_matplotlib()  # before any work: exit 2 with the install command
     if suggest:
@@ -116,14 +116,14 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, as_json, plot, **
         _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout, limits)
         return
     from ..layout.memory.format import format_plan, plan_json
-    from ..layout.memory.plan import load_shapes, plan_memory
+    from ..plan import load_shapes, plan_memory
 
     recipe = recipe_from(**layout)
     shapes = load_shapes(model, dtype=recipe.dtype)
     pm = plan_memory(shapes, recipe, gpu=gpu, context=context, batch=batch, limits=limits)
     click.echo(json.dumps(plan_json(pm), indent=1) if as_json else format_plan(pm))
     if plot is not None:
-        from ..layout.experts.plot import plot_plan
+        from ..profile.plot import plot_plan
 
         plot_plan(plot, shapes.hparams, recipe)
         click.echo(f"wrote {plot}", err=as_json)
@@ -131,8 +131,9 @@ def plan(model, gpu_name, gpu_memory, context, batch, suggest, as_json, plot, **
 
 def _suggest(model, gpu, context, batch, gpus_per_node, as_json, layout, limits) -> None:
     from ..layout.memory.format import format_suggestion, suggestion_json
-    from ..layout.memory.plan import kv_budget, load_shapes, resolve_context
+    from ..layout.memory.shapes import kv_budget, resolve_context
     from ..layout.memory.suggest import suggest_layout
+    from ..plan import load_shapes
 
     if gpu is None:
         raise InputError(

@@ -86,9 +86,9 @@ Example:
 def experts(
     model, prompts_file, prompt_ids, heldout, max_new_tokens, ep, device, dtype, out, quiet, plot
 ):
-    from ..layout.experts.plot import plot_profile, require_matplotlib
     from ..layout.experts.report import write_expert_load
     from ..profile.experts import format_profile, profile_experts
+    from ..profile.plot import plot_profile, require_matplotlib
 
     if plot is not None:
         require_matplotlib()  # before profiling: exit 2 with the install command

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..io.manifest_value import Manifest
 from ..layout.experts.moe import SGLANG_FILE, TRTLLM_FILE
 from ..models.rules import is_mtp_name
 from ..units import format_bytes
@@ -86,13 +87,13 @@ def format_export_summary(result) -> str:
     return "\n".join(lines)
 
 
-def verify_report(manifest: dict, results) -> dict[str, Any]:
+def verify_report(manifest: Manifest, results) -> dict[str, Any]:
     ran = [r for r in results if r.passed is not None]
     # Nothing ran and nothing was delegated to another rank: nothing was proven.
     proven = bool(ran) or any(r.elsewhere for r in results)
     report: dict[str, Any] = {
         "passed": proven and all(r.passed for r in ran),
-        "world_size": manifest["layout"]["world_size"],
+        "world_size": manifest.layout.world_size,
         "backend": None,
         "levels": {r.level: r.to_dict() for r in results},
     }

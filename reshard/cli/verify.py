@@ -78,7 +78,7 @@ def verify(
     report = verify_report(manifest, results)
     click.echo(format_verify(report, results))
     if json_path:
-        from ..io.writer import io_error
+        from ..io.files import io_error
 
         try:
             json_path.write_text(json.dumps(report, indent=1) + "\n")

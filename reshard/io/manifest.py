@@ -14,15 +14,19 @@ import xxhash
 
 from .. import __version__
 from ..errors import OutputError
+from ..layout.experts.moe import placements_entry
 from ..layout.formats import format_named
 from ..layout.plan import Plan
 from ..layout.tensors import OutTensor
 from ..models.hparams import parse_hparams
 from ..quant import manifest_entry
 from ..ranks import RANK_ORDER
-from .manifest_check import SEAL_KEY, UNSEALED, check_manifest, check_seal, seal_bytes
+from .files import io_error, write_atomic
+from .manifest_check import check_manifest
+from .manifest_value import Manifest
+from .seal import SEAL_KEY, UNSEALED, check_seal, seal_bytes
 from .source import Source
-from .writer import Written, io_error, write_atomic
+from .writer import Written
 
 FORMAT = "reshard-manifest"
 FORMAT_VERSION = 2  # 2: sealed by manifest_xxh3_128, checked against a schema on read
@@ -35,7 +39,6 @@ def build_manifest(
     written: Written,
     file_sizes: dict[str, int],
     *,
-    experts: dict | None = None,
     side_files: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """`side_files`: hash_side_files of the config, tokenizer and expert-map files written
@@ -47,7 +50,7 @@ def build_manifest(
         "source": source_record(source),
         "config": source.config,
         "hparams": plan.hparams.to_dict(),
-        "layout": _layout_entry(plan, experts),
+        "layout": _layout_entry(plan),
         "dropped": list(plan.dropped),
         "quantization": manifest_entry(
             plan.hparams, {t.name for f in plan.files for t in f.tensors}
@@ -69,26 +72,10 @@ def source_record(source: Source) -> dict[str, Any]:
     """Where the bytes came from. Each file lists its tensors in file order, so an output can
     stand in for its source (re-layout, export). A reshard output as the source carries the
     original's record over and adds `made_from`."""
-    if source.reader is not None:
-        return source.reader.source_record()
-    return {
-        "model": source.model,
-        "path": str(source.path),
-        "repo_id": source.repo_id,
-        "revision": source.revision,
-        "pickle": source.pickle,
-        "files": [
-            {
-                "name": h.path.name,
-                "size": h.size,
-                "tensors": [[t.name, t.dtype, list(t.shape)] for t in h.tensors.values()],
-            }
-            for h in source.headers
-        ],
-    }
+    return source.reader.source_record(source)
 
 
-def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
+def _layout_entry(plan: Plan) -> dict[str, Any]:
     layout = plan.layout
     return {
         "tp": layout.tp,
@@ -110,7 +97,7 @@ def _layout_entry(plan: Plan, experts: dict | None) -> dict[str, Any]:
             }
             for s in layout.stages
         ],  # fmt: skip
-        "experts": experts,
+        "experts": placements_entry(plan),
         "keep_mtp": layout.keep_mtp,  # MTP layer on the last stage's tp_rank 0; runtime skips it
         **_format_entry(layout),
     }
@@ -210,10 +197,10 @@ def hash_side_files(out_dir: Path, names) -> dict[str, dict]:
     return entries
 
 
-def side_file_failures(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """The side files the manifest lists, each present with its recorded hash; else why not."""
+def side_file_failures(out_dir: Path, side_files: dict[str, Any] | None) -> list[str]:
+    """The side files a manifest lists, each present with its recorded hash; else why not."""
     failures = []
-    for name, entry in manifest.get("side_files", {}).items():
+    for name, entry in (side_files or {}).items():
         path = Path(out_dir) / name
         try:
             digest = xxhash.xxh3_128(path.read_bytes()).hexdigest()
@@ -230,13 +217,13 @@ def side_file_failures(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
     return failures
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any]:
+def read_manifest(out_dir: Path) -> Manifest:
     """The manifest of OUT, checked against the schema: any damage is an OutputError (exit 2)
     naming the field. The seal is checked by the hashes tier (`manifest_seal_failure`)."""
-    return _read_checked(out_dir)[0]
+    return Manifest.from_doc(_read_checked(out_dir)[0])
 
 
-def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> dict[str, Any]:
+def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> Manifest:
     """The manifest of OUT as a map to read its rank files by (re-layout, export, --force's
     ownership): the schema, then the seal on the same bytes, then its config against its
     hparams, then (`side_files`) the side files it lists, which a re-layout or an export
@@ -251,12 +238,12 @@ def read_sealed_manifest(out_dir: Path, *, side_files: bool = True) -> dict[str,
             "reshard verify --level hashes)."
         )
     _check_config(path, doc)
-    failures = side_file_failures(out_dir, doc) if side_files else []
+    failures = side_file_failures(out_dir, doc.get("side_files")) if side_files else []
     if failures:
         raise OutputError(
             f"{failures[0]} (an output read as a source passes its side files on unchanged)."
         )
-    return doc
+    return Manifest.from_doc(doc)
 
 
 def _check_config(path: Path, doc: dict[str, Any]) -> None:
@@ -335,15 +322,7 @@ def _first_line(e: Exception) -> str:
     return (str(e) or type(e).__name__).splitlines()[0][:120]
 
 
-def manifest_seal_failure(out_dir: Path, manifest: dict[str, Any]) -> str | None:
+def manifest_seal_failure(out_dir: Path, manifest: Manifest) -> str | None:
     """None when manifest.json is byte for byte what convert sealed, else why not."""
     path = Path(out_dir) / MANIFEST
-    return check_seal(path, _read_bytes(path, out_dir), manifest)
-
-
-def rank_tensors(manifest: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:
-    """The tensor entries a rank loads (DP replicas read those of their replica 0)."""
-    entry = manifest["ranks"][rank]
-    if entry.get("replica_of") is not None:
-        entry = manifest["ranks"][entry["replica_of"]]
-    return entry["tensors"]
+    return check_seal(path, _read_bytes(path, out_dir), manifest.doc)

@@ -25,10 +25,10 @@ import xxhash
 
 from ..errors import CheckpointError, InputError, OutputBusyError, OutputError, ReshardError
 from ..layout.plan import Plan
+from ..strict_json import load_json
+from .files import fsync_dir, io_error, partial_path, write_atomic
 from .manifest import MANIFEST, read_sealed_manifest
 from .source import INDEX, Source
-from .strict_json import load_json
-from .writer import fsync_dir, io_error, partial_path, write_atomic
 
 LOCK = ".reshard.lock"
 RECORD = "reshard-record.json"
@@ -190,9 +190,9 @@ def _proved_names(out_dir: Path) -> set[str]:
         manifest = read_sealed_manifest(out_dir, side_files=False)  # each proved below
     except ReshardError:
         return set()
-    files = [(n, e) for n, e in manifest["files"].items() if is_plain_name(n)]
+    files = [(n, e) for n, e in manifest.files.items() if is_plain_name(n)]
     rank_files = {n for n, e in files if file_matches(out_dir / n, e)}
-    sides = manifest.get("side_files") or {}
+    sides = manifest.side_files or {}
     side = {n for n, e in sides.items() if is_plain_name(n) and _content_matches(out_dir / n, e)}
     return {MANIFEST, *rank_files, *side}
 
@@ -252,22 +252,8 @@ def build_record(plan: Plan, source: Source, names: list[str]) -> dict:
 
 
 def _source_files(source: Source) -> list[list]:
-    """[name, size, digest]: the header hash of each file, or for a reshard output read as the
-    source, the hash of its manifest file (whose hashes cover every byte of its rank files)."""
-    if source.reader is not None:
-        digest = source.reader.source_record()["made_from"]["manifest_file_xxh3_128"]
-        return [[h.path.name, h.size, digest] for h in source.headers]
-    return [[h.path.name, h.size, header_digest(h)] for h in source.headers]
-
-
-def header_digest(header) -> str:
-    """xxh3-128 of a source file's first 8 + N bytes (its safetensors header): with the size,
-    what --resume checks of the source bytes (tensor data is not re-read)."""
-    try:
-        with open(header.path, "rb") as f:
-            return xxhash.xxh3_128(f.read(header.data_start)).hexdigest()
-    except OSError as e:
-        raise io_error(e, header.path) from None
+    """[name, size, digest] of each source file, as its kind proves it (TensorSource)."""
+    return source.reader.file_digests(source)
 
 
 def _layout_key(plan: Plan) -> dict:

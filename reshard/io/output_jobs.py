@@ -12,16 +12,19 @@ read carries its manifest hash, checked as its bytes stream (every byte, padding
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError
 from ..layout.tensors import Piece
 
+if TYPE_CHECKING:  # a type only: the reader builds its jobs through this module
+    from .output_source import OutputReader
 
-def rank_tensor_jobs(reader: Any, consumers: dict[str, list[tuple[Any, Piece]]]) -> list:
+
+def rank_tensor_jobs(reader: OutputReader, consumers: dict[str, list[tuple[Any, Piece]]]) -> list:
     """[(rank file path, its TensorInfo, ((target, piece of the rank tensor), ...), xxh3 the
     manifest records)] for every rank tensor some consumer needs, in file then offset order.
-    `reader`: output_source.OutputReader (blocks, headers, manifest, out_dir); `consumers`:
+    `reader`: its blocks, headers, manifest and out_dir; `consumers`:
     original tensor name -> (target, piece of the original) pairs, targets passed through."""
     found: dict[tuple[str, str], list] = {}
     for name, pairs in consumers.items():
@@ -30,7 +33,7 @@ def rank_tensor_jobs(reader: Any, consumers: dict[str, list[tuple[Any, Piece]]])
                 part = overlap_piece(block, piece)
                 if part is not None:
                     found.setdefault((block.file, block.tensor), []).append((target, part))
-    hashes = manifest_hashes(reader.manifest)
+    hashes = {key: e["xxh3_128"] for key, e in reader.manifest.tensor_entries().items()}
     jobs = []
     for file, tensor in found:
         info = reader.headers[file].tensors[tensor]
@@ -51,15 +54,6 @@ def overlap_piece(block: Any, piece: Piece) -> Piece | None:
     lift = len(piece.dest) - len(piece.start)  # a format stacking experts: fixed leading dims
     moved = (d + a - s for d, a, s in zip(piece.dest[lift:], lo, piece.start, strict=True))
     return Piece(block.tensor, start, stop, (*piece.dest[:lift], *moved))
-
-
-def manifest_hashes(manifest: dict) -> dict[tuple[str, str], str]:
-    """(rank file, tensor) -> the xxh3-128 the manifest records for it."""
-    return {
-        (meta["file"], name): meta["xxh3_128"]
-        for entry in manifest["ranks"]
-        for name, meta in (entry.get("tensors") or {}).items()
-    }
 
 
 def whole_piece(name: str, shape: tuple[int, ...]) -> Piece:

@@ -19,12 +19,14 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
+from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import parse_hparams
-from .headers import Header, TensorInfo, read_header
+from .files import io_error
 from .manifest import MANIFEST, read_sealed_manifest
+from .manifest_value import Manifest
+from .output_jobs import rank_tensor_jobs
 from .pull import pull_jobs
 from .source import Source, open_source
-from .writer import io_error
 
 if TYPE_CHECKING:
     import torch
@@ -59,9 +61,10 @@ def open_output_source(out_dir: Path) -> Source:
     """Validate OUT (manifest and its seal, every file present with its size and header) and
     describe the original checkpoint's tensors, in the original's file order, as a virtual
     Source."""
-    manifest = read_sealed_manifest(out_dir)  # before a byte is read through it
+    sealed = read_sealed_manifest(out_dir)  # before a byte is read through it
+    manifest = sealed.doc  # walked by this module's helpers
     where = str(Path(out_dir) / MANIFEST)
-    record = manifest["source"]
+    record = sealed.source
     files = record.get("files") or []
     if not files or any("tensors" not in f for f in files):
         raise OutputError(
@@ -72,7 +75,7 @@ def open_output_source(out_dir: Path) -> Source:
     blocks = _collect_blocks(manifest)
     config = manifest["config"]
     hp = parse_hparams(config, where=where)
-    reader = OutputReader(Path(out_dir).resolve(), manifest, blocks, headers)
+    reader = OutputReader(Path(out_dir).resolve(), sealed, blocks, headers)
     virtual = _virtual_headers(Path(out_dir), manifest, blocks, headers)
     tensors = {n: (h, i) for h in virtual for n, i in h.tensors.items()}
     _check_tiling(where, manifest, blocks, tensors)
@@ -204,7 +207,7 @@ def _overlap(found: list[Block]) -> bool:
 class OutputReader:
     """Reads row blocks of source tensors out of the rank files (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, manifest: dict, blocks, headers: dict[str, Header]):
+    def __init__(self, out_dir: Path, manifest: Manifest, blocks, headers: dict[str, Header]):
         self.out_dir = out_dir
         self.manifest = manifest
         self.blocks = blocks
@@ -215,20 +218,36 @@ class OutputReader:
         # and never import torch.
         self.scratch = None
 
-    def byte_jobs(self, consumers: dict) -> list:
+    def byte_jobs(self, source: Source, consumers: dict[str, list]) -> list:
         """The writer's jobs for these consumers (source tensor -> (target, piece) pairs):
         each target pulled from the rank-file tensors, each of those hashed (io/pull.py)."""
         return pull_jobs(self, consumers)
 
-    def source_record(self) -> dict[str, Any]:
+    def check_reads(self, source: Source, consumers: dict[str, list]) -> list[tuple]:
+        """The rank-file tensors holding the consumers' pieces, each with its manifest hash."""
+        return rank_tensor_jobs(self, consumers)
+
+    def file_digests(self, source: Source) -> list[list]:
+        """[name, size, digest] per original file: the hash of this output's manifest file,
+        whose hashes cover every byte of its rank files."""
+        digest = self.source_record(source)["made_from"]["manifest_file_xxh3_128"]
+        return [[h.path.name, h.size, digest] for h in source.headers]
+
+    def describe(self, files: int) -> str:
+        return f"the manifest of a reshard output ({files} original files; no weights read)"
+
+    def reads_from(self, folder: Path) -> bool:
+        return self.out_dir == folder
+
+    def source_record(self, source: Source) -> dict[str, Any]:
         """The original's record, carried over, plus the output the bytes were read from."""
-        record = dict(self.manifest["source"])
+        record = dict(self.manifest.source)
         made_from = {
             "path": str(self.out_dir),
             "manifest_file_xxh3_128": xxhash.xxh3_128(
                 (self.out_dir / MANIFEST).read_bytes()
             ).hexdigest(),
-            "layout": {k: self.manifest["layout"][k] for k in ("tp", "pp", "ep", "dp")},
+            "layout": self.manifest.layout.degrees,
         }
         if record.get("made_from"):
             made_from["made_from"] = record["made_from"]
@@ -325,7 +344,7 @@ class OutputReader:
     def check_hashes(self) -> None:
         """Every rank-file tensor read so far matches its manifest hash (the unread rest, e.g.
         padding rows or rows read out of order, is read now). Raises OutputError (exit 2)."""
-        entries = _tensor_entries(self.manifest)
+        entries = self.manifest.tensor_entries()
         for key, (hasher, hashed) in sorted(self.hashers.items()):
             out = self.headers[key[0]].tensors[key[1]]
             path = self.out_dir / key[0]
@@ -374,11 +393,3 @@ def _read_exact(path: Path, view: memoryview, offset: int) -> None:
             os.close(fd)
     except OSError as e:
         raise io_error(e, path) from None
-
-
-def _tensor_entries(manifest: dict) -> dict[tuple[str, str], dict]:
-    entries = {}
-    for entry in manifest["ranks"]:
-        for name, meta in (entry.get("tensors") or {}).items():
-            entries[(meta["file"], name)] = meta
-    return entries

@@ -17,14 +17,16 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xxhash
 
 from ..dtypes import DTYPE_SIZES
 from ..errors import OutputError
+from ..headers import TensorInfo
 from ..layout.tensors import Piece
 from .byte_runs import Window, piece_groups, tensor_windows
-from .headers import TensorInfo
+from .files import io_call, map_range, pwrite_all
 from .output_jobs import check_digest, rank_tensor_jobs
 from .scatter import preadv_exact
 from .writer import (
@@ -32,11 +34,11 @@ from .writer import (
     Target,
     _account,
     _copy_run,
-    _io,
-    _pwrite_all,
     cast_bytes,
-    map_range,
 )
+
+if TYPE_CHECKING:  # a type only: the reader builds its pulls here
+    from .output_source import OutputReader
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class HashJob:
         hash_tensor(self, buffers.nbytes, stop)
 
 
-def pull_jobs(reader, consumers: dict[str, list[tuple[Target, Piece]]]) -> list:
+def pull_jobs(reader: OutputReader, consumers: dict[str, list[tuple[Target, Piece]]]) -> list:
     """A pull per target (in output order), then a hash per rank tensor used (file order)."""
     parts: dict[int, list[Part]] = {}
     hashes = []
@@ -104,7 +106,7 @@ def pull_tensor(job: PullJob, buffers: Buffers, stop: threading.Event) -> None:
     try:
         for part in job.parts:
             if part.path not in fds:
-                fds[part.path] = _io(os.open, part.path, os.O_RDONLY, path=part.path)
+                fds[part.path] = io_call(os.open, part.path, os.O_RDONLY, path=part.path)
         for window in tensor_windows(shape, widest, buffers.nbytes):
             if stop.is_set():
                 return
@@ -160,13 +162,13 @@ def _pull_window(job: PullJob, shape, window: Window, size: int, item: int, buf,
     data = buf[:n]
     if target.tensor.dtype != job.parts[0].info.dtype:  # the recipe asked for a cast
         data = cast_bytes(data, job.parts[0].info, target.tensor.dtype)
-    _pwrite_all(target.fd, data, target.offset + rel, target.file)
+    pwrite_all(target.fd, data, target.offset + rel, target.file)
     _account(target, rel, data)
 
 
 def _read_parts(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
     """The rank tensor's bytes from `offset` on, scattered into `views` (io/scatter.py)."""
-    if _io(preadv_exact, fd, views, offset, path=path) < sum(len(v) for v in views):
+    if io_call(preadv_exact, fd, views, offset, path=path) < sum(len(v) for v in views):
         raise OutputError(
             f"{path}: ended before the bytes its header promised while reading it. The file "
             "shrank while being read; re-copy it."
@@ -176,7 +178,7 @@ def _read_parts(fd: int, views: list[memoryview], offset: int, path: Path) -> No
 def hash_tensor(job: HashJob, window_bytes: int, stop: threading.Event) -> None:
     """xxh3-128 of the rank tensor's bytes, mapped window by window, against the manifest."""
     hasher = xxhash.xxh3_128()
-    fd = _io(os.open, job.path, os.O_RDONLY, path=job.path)
+    fd = io_call(os.open, job.path, os.O_RDONLY, path=job.path)
     try:
         for offset in range(job.info.begin, job.info.end, window_bytes):
             if stop.is_set():

@@ -25,8 +25,9 @@ from pathlib import Path
 import xxhash
 
 from ..errors import InputError, OutputError
+from ..headers import read_header
 from ..layout.plan import Plan
-from .headers import read_header
+from .files import io_error, write_atomic
 from .manifest import MANIFEST
 from .manifest_check import HEX
 from .out_dir import (
@@ -37,7 +38,7 @@ from .out_dir import (
     read_own_json,
     read_record,
 )
-from .writer import Written, io_error, write_atomic
+from .writer import Written
 
 SUBSETS_LOCK = ".reshard.subsets.lock"
 MARKER_FORMAT = "reshard-rank-marker"

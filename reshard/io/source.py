@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from ..errors import CheckpointError, InputError, RefusalError, ReshardIOError
+from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import HParams, parse_hparams, read_config
-from .headers import Header, TensorInfo, read_header
-from .strict_json import read_json
+from ..strict_json import read_json
+from .hf_folder import HfFolder
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -38,6 +40,30 @@ HUB_PATTERNS = [*SIDE_FILES, INDEX]
 REPO_ID = re.compile(r"^\w[\w.\-]*/\w[\w.\-]*(@[\w.\-/]+)?$")
 
 
+class TensorSource(Protocol):
+    """How one kind of source reads its tensors and records itself: an HF checkpoint folder
+    (io/hf_folder.py) or a reshard output (io/output_source.py), as vLLM has one loader class
+    per load format. `consumers`: source tensor name -> (target, piece) pairs."""
+
+    def byte_jobs(self, source: Source, consumers: dict[str, list]) -> list:
+        """The writer's jobs (objects with `run(buffers, stop)` and `nbytes`)."""
+
+    def check_reads(self, source: Source, consumers: dict[str, list]) -> list[tuple]:
+        """(file, TensorInfo, consumers, xxh3 to check or None) for the weights tier."""
+
+    def source_record(self, source: Source) -> dict[str, Any]:
+        """The manifest's `source` entry."""
+
+    def file_digests(self, source: Source) -> list[list]:
+        """[name, size, digest] per source file, for --resume's record."""
+
+    def describe(self, files: int) -> str:
+        """Where plan's shapes came from."""
+
+    def reads_from(self, folder: Path) -> bool:
+        """True when writing into `folder` would delete what this source reads."""
+
+
 @dataclass(frozen=True)
 class Source:
     model: str  # what the user passed
@@ -48,10 +74,10 @@ class Source:
     hparams: HParams
     headers: tuple[Header, ...]  # in file-name order
     tensors: dict[str, tuple[Header, TensorInfo]]
-    pickle: bool = False  # weights came from pytorch_model*.bin (opt-in, converted)
-    # A reshard output as the source: headers are virtual, and this object (an
-    # output_source.OutputReader) reassembles row blocks of each tensor from the rank files.
-    reader: object | None = None
+    pickle: bool  # weights came from pytorch_model*.bin (opt-in, converted)
+    # Its kind: HfFolder, or a reshard output's OutputReader (its headers are then virtual,
+    # and the reader reassembles each tensor's row blocks from the rank files).
+    reader: TensorSource
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name][1]
@@ -69,7 +95,8 @@ def open_source(model: str, *, allow_pickle: bool = False, scratch: Path | None 
     headers = tuple(read_header(f) for f in files)
     tensors = _check_index(path, headers)
     pickle = any(h.path.parent != path for h in headers)
-    return Source(model, path, repo_id, revision, config, hparams, headers, tensors, pickle)
+    reader = HfFolder()
+    return Source(model, path, repo_id, revision, config, hparams, headers, tensors, pickle, reader)
 
 
 def resolve_model(model: str) -> tuple[Path, str | None, str | None]:

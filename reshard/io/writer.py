@@ -7,7 +7,7 @@ several at once (page faults, pwrite and xxh3 release the GIL), each with one ma
 and one gather buffer, so peak memory is bounded by BUFFER_BUDGET whatever the model size.
 The bytes written do not depend on the number of workers. Files are `*.partial` until
 fsynced and renamed. torch is imported only to cast (--dtype). The writer makes no decisions.
-A reshard output as the source brings its own jobs (`source.reader.byte_jobs`, io/pull.py:
+Each kind of source brings its own jobs (`source.reader.byte_jobs`; a reshard output's, io/pull.py:
 each output tensor pulled from the rank-file tensors holding it), run by the same pool.
 """
 
@@ -15,25 +15,28 @@ from __future__ import annotations
 
 import errno
 import math
-import mmap
 import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xxhash
 
 from ..dtypes import DTYPE_SIZES, torch_dtypes
-from ..errors import CheckpointError, ReshardIOError
+from ..errors import CheckpointError
+from ..headers import TensorInfo, encode_header, pread_exact
 from ..layout.plan import Plan
 from ..layout.tensors import OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, tensor_windows
-from .headers import TensorInfo, encode_header, pread_exact
+from .files import fsync_dir, io_call, io_error, map_range, partial_path, pwrite_all
 from .scatter import preadv_exact, scatter_views
-from .source import Source
 from .writeback import Writeback
+
+if TYPE_CHECKING:  # a type only: each kind of source (io/source.py) builds its jobs here
+    from .source import Source
 
 BUFFER_BUDGET = 256 << 20  # every worker's mapped window + gather buffer together
 MAX_BUFFER = 16 << 20  # larger windows make no fewer syscalls that matter, only more memory
@@ -81,10 +84,6 @@ class Job:
 
     def run(self, buffers: Buffers, stop: threading.Event) -> None:
         copy_tensor(self, buffers, stop)
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 @dataclass(frozen=True)
@@ -160,23 +159,23 @@ def write_files(
         for fd, _ in files:
             os.close(fd)
     for _, path in files:
-        _io(os.replace, partial_path(path), path, path=path)
+        io_call(os.replace, partial_path(path), path, path=path)
     fsync_dir(out_dir)
     return Written(hashes, headers)
 
 
 def _fsync_partial(file: tuple[int, Path]) -> None:
-    _io(os.fsync, file[0], path=partial_path(file[1]))
+    io_call(os.fsync, file[0], path=partial_path(file[1]))
 
 
 def _create_file(path: Path, spec: FileSpec, writeback=None) -> tuple[int, list[Target], str]:
     entries = [(t.name, t.dtype, t.shape) for t in spec.tensors]
     header, offsets = encode_header(entries, spec.metadata)
     tmp = partial_path(path)
-    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
-    _pwrite_all(fd, memoryview(header), 0, tmp)
+    fd = io_call(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644, path=tmp)
+    pwrite_all(fd, memoryview(header), 0, tmp)
     # Full size up front: padding rows are the zeros of the sparse tail, no write needed.
-    _io(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
+    io_call(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
     targets = [
         Target(tmp, fd, t, len(header) + begin, writeback=writeback)
         for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
@@ -184,7 +183,7 @@ def _create_file(path: Path, spec: FileSpec, writeback=None) -> tuple[int, list[
     for target in targets:
         if target.tensor.fill is not None:  # a format's constant (vLLM's attention scales)
             data = memoryview(fill_bytes(target.tensor))
-            _pwrite_all(fd, data, target.offset, tmp)
+            pwrite_all(fd, data, target.offset, tmp)
             _account(target, 0, data)
     return fd, targets, xxhash.xxh3_128(header).hexdigest()
 
@@ -197,20 +196,13 @@ def fill_bytes(tensor: OutTensor) -> bytes:
 
 
 def collect_jobs(source: Source, targets: list[Target]) -> list:
-    """One job per needed source tensor, in file order, then offset order within a file; a
-    reshard output's reader makes its own (objects with `run(buffers, stop)` and `nbytes`)."""
+    """The source's jobs for every needed source tensor, as its kind reads them (an HF
+    folder: one per tensor in file order; a reshard output: pulls from its rank files)."""
     consumers: dict[str, list[tuple[Target, Piece]]] = {}
     for target in targets:
         for piece in target.tensor.pieces:
             consumers.setdefault(piece.source, []).append((target, piece))
-    if source.reader is not None:
-        return source.reader.byte_jobs(consumers)
-    return [
-        Job(header.path, info, tuple(consumers[info.name]))
-        for header in source.headers
-        for info in header.tensors.values()
-        if info.name in consumers
-    ]
+    return source.reader.byte_jobs(source, consumers)
 
 
 class Buffers:
@@ -238,7 +230,7 @@ def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
     item = DTYPE_SIZES[info.dtype]
     widest = max([item] + [DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers])
     gather = buffers.take()
-    fd = _io(os.open, job.path, os.O_RDONLY, path=job.path)
+    fd = io_call(os.open, job.path, os.O_RDONLY, path=job.path)
     try:
         for window in tensor_windows(info.shape, widest, buffers.nbytes):
             if stop.is_set():
@@ -291,30 +283,15 @@ def _scatter(split: list, at: tuple[int, int], gather: memoryview, path: Path) -
         return False
     first, iov, placed = plan
     want = sum(g.nbytes for _, g, _ in placed)
-    if _io(preadv_exact, at[0], iov, at[1] + first, path=path) < want:
+    if io_call(preadv_exact, at[0], iov, at[1] + first, path=path) < want:
         raise CheckpointError(
             f"{path}: ended before the bytes its header promised. The file shrank or is "
             "truncated; re-download it."
         )
     for target, group, view in placed:
-        _pwrite_all(target.fd, view, target.offset + group.dest, target.file)
+        pwrite_all(target.fd, view, target.offset + group.dest, target.file)
         _account(target, group.dest, view)
     return True
-
-
-def map_range(fd: int, offset: int, n: int, path: Path) -> memoryview:
-    """The file's bytes [offset, offset + n), mapped read-only: hashing and pwrite then read the
-    page cache directly, a copy fewer than preadv into a buffer. Unmapped when the last view
-    of it goes."""
-    size = _io(os.fstat, fd, path=path).st_size
-    if size < offset + n:  # reading a mapping past the end of the file kills the process
-        raise CheckpointError(
-            f"{path}: has {size} bytes, fewer than the {offset + n} its header promised. The "
-            "file shrank or is truncated; re-download it."
-        )
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapped = _io(mmap.mmap, fd, offset + n - base, access=mmap.ACCESS_READ, offset=base, path=path)
-    return memoryview(mapped)[offset - base :]
 
 
 def cast_bytes(data: memoryview, info: TensorInfo, dtype: str) -> memoryview:
@@ -332,7 +309,7 @@ def _write_group(target: Target, group: Group, src: memoryview, at, gather: memo
         begin, n = group.segments[0]
         data = src[begin : begin + n]
         if at is None:
-            _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
+            pwrite_all(target.fd, data, target.offset + group.dest, target.file)
         else:
             _copy_run(target, group.dest, (at[0], at[1] + begin), data)
     else:
@@ -340,7 +317,7 @@ def _write_group(target: Target, group: Group, src: memoryview, at, gather: memo
         for begin, n in group.segments:
             data[pos : pos + n] = src[begin : begin + n]
             pos += n
-        _pwrite_all(target.fd, data, target.offset + group.dest, target.file)
+        pwrite_all(target.fd, data, target.offset + group.dest, target.file)
     _account(target, group.dest, data)
 
 
@@ -363,7 +340,7 @@ def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) 
         if e.errno not in NO_KERNEL_COPY:
             raise io_error(e, target.file) from None
     if done < n:
-        _pwrite_all(target.fd, data[done:], target.offset + rel + done, target.file)
+        pwrite_all(target.fd, data[done:], target.offset + rel + done, target.file)
 
 
 def _account(target: Target, rel: int, data) -> None:
@@ -390,49 +367,3 @@ def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
         name = t.file.name.removesuffix(".partial")
         hashes.setdefault(name, {})[t.tensor.name] = t.hasher.hexdigest()
     return hashes
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    data = data.cast("B")
-    while len(data):
-        n = _io(os.pwrite, fd, data, offset, path=path)
-        data = data[n:]
-        offset += n
-
-
-def _io(fn, *args, path: Path, **kwargs):
-    """Run an OS call; turn OSError into ReshardIOError naming the file and the fix."""
-    try:
-        return fn(*args, **kwargs)
-    except OSError as e:
-        raise io_error(e, path) from None
-
-
-def io_error(e: OSError, path: Path) -> ReshardIOError:
-    fix = {
-        errno.ENOSPC: "free space on that disk or write elsewhere with -o",
-        errno.EACCES: "check the folder's permissions",
-        errno.EROFS: "the file system is read-only; write elsewhere with -o",
-    }.get(e.errno, "check the disk and the path")
-    return ReshardIOError(f"{path}: {e.strerror} ({fix}).")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = _io(os.open, path, os.O_RDONLY, path=path)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file as `.partial`, fsync, rename, fsync the folder."""
-    tmp = partial_path(path)
-    fd = _io(os.open, tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, path=tmp)
-    try:
-        _pwrite_all(fd, memoryview(data), 0, tmp)
-        _io(os.fsync, fd, path=tmp)
-    finally:
-        os.close(fd)
-    _io(os.replace, tmp, path, path=path)
-    fsync_dir(path.parent)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from ..errors import LayoutError
 from ..models.hparams import HParams
-from ..quant import scheme_of
-from ..quant.layout import split_problems
+from .quant_splits import split_problems
 from .recipe import Recipe
 
 
@@ -63,10 +62,10 @@ def check_layout(hp: HParams, recipe: Recipe) -> None:
             f"pp={recipe.pp} exceeds the {hp.num_layers} decoder layers; each stage needs at "
             f"least one layer. Use pp <= {hp.num_layers}."
         )
-    if recipe.dtype != "keep" and scheme_of(hp):
+    if recipe.dtype != "keep" and hp.quantization:
         raise LayoutError(
             f"--dtype {recipe.dtype}: {hp.architecture} is quantized "
-            f"({scheme_of(hp).kind}); convert keeps quantized weights and their scales as "
+            f"({hp.quantization.kind}); convert keeps quantized weights and their scales as "
             'they are and never casts them. Drop --dtype (or set dtype = "keep").'
         )
     if recipe.ep > 1 and not hp.is_moe:

@@ -14,10 +14,10 @@ from ..dtypes import CAST_DTYPES
 from ..errors import LayoutError
 from ..models.hparams import HParams
 from ..models.rules import TensorRole
-from ..quant import check_parts, logical_shape, scheme_of
+from ..quant import check_parts, logical_shape
 from ..quant.slicing import stored_pieces
 from ..ranks import rank_coords, replica_base
-from .check import check_layout
+from .experts.place import Placement
 from .formats import format_named
 from .recipe import Recipe
 from .tensors import OutFile, OutTensor, Piece
@@ -81,13 +81,23 @@ class RankPlan:
 
 
 @dataclass(frozen=True)
+class ExpertSetup:
+    """The recipe's expert placement settings, recorded beside the maps (manifest)."""
+
+    redundant: int  # extra expert slots per layer
+    placement: str  # "contiguous", "balanced", ...
+    load: str | None  # the measured load the placement used
+
+
+@dataclass(frozen=True)
 class Plan:
-    hparams: HParams
+    hparams: HParams  # quantization included (its scheme travels into the manifest)
     layout: Layout
     ranks: tuple[RankPlan, ...]
     files: tuple[OutFile, ...]  # replica 0's files only
     dropped: tuple[str, ...]  # source tensors deliberately not written (derivable)
-    placements: Mapping[int, object]  # layer -> reshard.layout.experts.place.Placement
+    placements: Mapping[int, Placement]  # MoE layer -> where its experts went
+    experts: ExpertSetup | None = None  # how they were placed (set with placements)
 
     @property
     def total_bytes(self) -> int:
@@ -100,11 +110,11 @@ def build_plan(
     roles: Mapping[str, TensorRole],
     recipe: Recipe,
     stages: tuple[Stage, ...],
-    placements: Mapping[int, object] | None = None,
+    placements: Mapping[int, Placement] | None = None,
 ) -> Plan:
-    """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors."""
-    check_layout(hp, recipe)
-    check_parts(scheme_of(hp), tensors, roles, where="the checkpoint")
+    """`tensors`: name -> (dtype, shape) in source file order; `roles` from match_tensors.
+    The layout was checked by the caller (resolve.py, or the suggest loop)."""
+    check_parts(hp.quantization, tensors, roles, where="the checkpoint")
     fmt = format_named(recipe.format)
     fmt.check(hp, recipe)
     padded = fmt.vocab_padded(hp.vocab_size, recipe.tp)
@@ -136,7 +146,12 @@ def build_plan(
         files.extend(rank_files)
         ranks.append(RankPlan(coord, tuple(f.name for f in rank_files), None))
     dropped = tuple(n for n, r in roles.items() if r.role == "drop" and not _kept_mtp(layout, r))
-    return Plan(hp, layout, tuple(ranks), tuple(files), dropped, placements)
+    setup = ExpertSetup(
+        recipe.redundant, recipe.placement, str(recipe.load) if recipe.load else None
+    )
+    return Plan(
+        hp, layout, tuple(ranks), tuple(files), dropped, placements, setup if placements else None
+    )
 
 
 def _stages_of(stages: tuple[Stage, ...], role: TensorRole) -> list[int]:
@@ -151,7 +166,7 @@ def _stages_of(stages: tuple[Stage, ...], role: TensorRole) -> list[int]:
 def _rank_tensors(hp, tensors, roles, layout: Layout, coord: Coord, placements) -> list[OutTensor]:
     out: list[OutTensor] = []
     stage = layout.stages[coord.pp_stage]
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     for name, (dtype, shape) in tensors.items():
         role = roles[name]
         out_dtype = _out_dtype(dtype, layout.dtype)

@@ -15,11 +15,15 @@ from .mla import MLA_RULES
 
 ROUTER_AND_SHARED = (
     # fp32 in the checkpoint (transformers keeps gate.weight and the bias in fp32).
-    Rule("model.layers.{layer}.mlp.gate.e_score_correction_bias", "replicate", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_experts.gate_proj.weight", "column", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_experts.up_proj.weight", "column", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_experts.down_proj.weight", "row", "moe"),
-)
+    Rule("model.layers.{layer}.mlp.gate.e_score_correction_bias",
+         "replicate", "moe", dims=("routed_experts",)),
+    Rule("model.layers.{layer}.mlp.shared_experts.gate_proj.weight",
+         "column", "moe", dims=("shared_inter", "hidden")),
+    Rule("model.layers.{layer}.mlp.shared_experts.up_proj.weight",
+         "column", "moe", dims=("shared_inter", "hidden")),
+    Rule("model.layers.{layer}.mlp.shared_experts.down_proj.weight",
+         "row", "moe", dims=("hidden", "shared_inter")),
+)  # fmt: skip
 
 
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:

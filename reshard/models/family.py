@@ -54,6 +54,11 @@ class Rule:
     # stacked_expert: (dim, unit) cut tp/ep ways in whole units (gpt-oss's interleaved
     # gate/up columns: unit 2, so each rank keeps its gate/up pairs), None: whole per expert.
     expert_split: tuple[int, int] | None = None
+    # The tensor's dims as symbols of models/dims.py (`("q", "hidden")`,
+    # `("experts", "2*moe_inter", "hidden")`): its shape from config.json, the labels of the
+    # consistency errors and the synthesized checkpoint all derive from them. Every family
+    # rule of a tensor that is written has them (tests/test_dims.py).
+    dims: tuple[str, ...] = ()
 
     def __post_init__(self):
         assert self.role in ROLES and self.scope in SCOPES, self
@@ -130,6 +135,9 @@ class Family:
     rules: tuple[Rule, ...]
     read_config: Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any]] = no_overrides
     features: Features = field(default_factory=Features)
+    # The config key the routed experts' width is read from, named in error messages
+    # (models/dims.py's "moe_inter"): Mixtral and gpt-oss say intermediate_size.
+    expert_width_key: str = "moe_intermediate_size"
     # Output formats that can write it: "vllm" once its vLLM names are checked against vLLM's
     # own loader (tests/golden/vllm/).
     formats: tuple[str, ...] = ("native",)

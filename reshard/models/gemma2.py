@@ -14,9 +14,11 @@ from .config_values import get_bool, get_float, get_int, get_str
 from .family import WITH_VLLM, Family, Features, Rule
 
 SANDWICH_NORMS = (
-    Rule("model.layers.{layer}.pre_feedforward_layernorm.weight", "replicate", "layer"),
-    Rule("model.layers.{layer}.post_feedforward_layernorm.weight", "replicate", "layer"),
-)
+    Rule("model.layers.{layer}.pre_feedforward_layernorm.weight",
+         "replicate", "layer", dims=("hidden",)),
+    Rule("model.layers.{layer}.post_feedforward_layernorm.weight",
+         "replicate", "layer", dims=("hidden",)),
+)  # fmt: skip
 
 GEMMA_FEATURES = Features(norm_adds_one=True, sandwich_norms=True, scale_embedding=True)
 

@@ -16,9 +16,11 @@ from .deepseek_v3 import ROUTER_AND_SHARED, read_grouped_experts
 from .family import WITH_VLLM, Family, Features, Rule
 
 QK_NORM = (  # use_qk_norm: true only (GLM-4.5 ships without)
-    Rule("model.layers.{layer}.self_attn.q_norm.weight", "replicate", "layer", optional=True),
-    Rule("model.layers.{layer}.self_attn.k_norm.weight", "replicate", "layer", optional=True),
-)
+    Rule("model.layers.{layer}.self_attn.q_norm.weight",
+         "replicate", "layer", optional=True, dims=("head_dim",)),
+    Rule("model.layers.{layer}.self_attn.k_norm.weight",
+         "replicate", "layer", optional=True, dims=("head_dim",)),
+)  # fmt: skip
 
 
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:

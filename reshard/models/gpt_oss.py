@@ -19,19 +19,23 @@ _MLP = "model.layers.{layer}.mlp."
 
 LAYER = (
     # One logit per q head: split exactly like q_proj's heads.
-    Rule("model.layers.{layer}.self_attn.sinks", "column", "layer", heads="head"),
-    Rule(_MLP + "router.weight", "replicate", "moe"),
-    Rule(_MLP + "router.bias", "replicate", "moe"),
+    Rule("model.layers.{layer}.self_attn.sinks", "column", "layer", heads="head", dims=("heads",)),
+    Rule(_MLP + "router.weight", "replicate", "moe", dims=("experts", "hidden")),
+    Rule(_MLP + "router.bias", "replicate", "moe", dims=("experts",)),
     # [E, H, 2I]: columns 2i, 2i+1 are gate_i, up_i, so a contiguous cut in units of 2 keeps
     # each rank's pairs together; [E, 2I] bias alike.
-    Rule(_MLP + "experts.gate_up_proj", "stacked_expert", "moe", group="stacked",
-         expert_split=(2, 2)),
-    Rule(_MLP + "experts.gate_up_proj_bias", "stacked_expert", "moe", group="stacked",
-         expert_split=(1, 2)),
-    Rule(_MLP + "experts.down_proj", "stacked_expert", "moe", group="stacked",
-         expert_split=(1, 1)),  # [E, I, H]: rows of I
+    Rule(_MLP + "experts.gate_up_proj",
+         "stacked_expert", "moe", group="stacked", expert_split=(2, 2),
+         dims=("experts", "hidden", "2*moe_inter")),
+    Rule(_MLP + "experts.gate_up_proj_bias",
+         "stacked_expert", "moe", group="stacked", expert_split=(1, 2),
+         dims=("experts", "2*moe_inter")),
+    Rule(_MLP + "experts.down_proj",
+         "stacked_expert", "moe", group="stacked", expert_split=(1, 1),
+         dims=("experts", "moe_inter", "hidden")),  # [E, I, H]: rows of I
     # [E, H], whole on each rank holding the expert; added by its expert-tp rank 0 only.
-    Rule(_MLP + "experts.down_proj_bias", "stacked_expert", "moe", group="stacked"),
+    Rule(_MLP + "experts.down_proj_bias",
+         "stacked_expert", "moe", group="stacked", dims=("experts", "hidden")),
 )  # fmt: skip
 
 # transformers' GptOssConfig rope when config.json has none.
@@ -83,6 +87,7 @@ FAMILY = Family(
     architectures=("GptOssForCausalLM",),
     rules=GLOBAL + ATTENTION + LAYER,
     read_config=read_config,
+    expert_width_key="intermediate_size",
     features=Features(
         attention_sinks=True, router="router", stacked_experts=True, norm_scale_fp32=True
     ),

@@ -14,8 +14,8 @@ from typing import Any
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import CheckpointError, ReshardIOError, UnsupportedModelError
-from ..io.strict_json import read_json
-from ..quant import parse_quantization
+from ..quant import QuantScheme, parse_quantization
+from ..strict_json import read_json
 from . import BY_ARCHITECTURE
 from .config_values import FIX, get_bool, get_dict, get_float, get_int, get_str, get_str_list
 
@@ -58,8 +58,8 @@ class HParams:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: tuple[int, ...] = field(default_factory=tuple)  # layer indices that are MoE
-    # reshard.quant.QuantScheme as a dict, from quantization_config (None: not quantized).
-    quantization: dict[str, Any] | None = None
+    # From quantization_config, parsed once (None: not quantized); a dict only on disk.
+    quantization: QuantScheme | None = None
     # Router: "softmax" (Mixtral, Qwen) or "sigmoid" with a selection bias, groups of
     # experts (n_group, best topk_group kept) and a scale on the weights (DeepSeek-V3).
     router_scoring: str = "softmax"
@@ -143,6 +143,7 @@ class HParams:
         d = asdict(self)
         d["layer_types"] = list(self.layer_types)
         d["moe_layers"] = list(self.moe_layers)
+        d["quantization"] = self.quantization.to_dict() if self.quantization else None
         for spec in dataclass_fields(self):
             if spec.metadata.get("omit_default") and d[spec.name] == spec.default:
                 del d[spec.name]
@@ -153,6 +154,8 @@ class HParams:
         d = dict(d)
         d["layer_types"] = tuple(d["layer_types"])
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
+        q = d.get("quantization")  # KeyError / ValueError: not a scheme (a damaged manifest)
+        d["quantization"] = QuantScheme.from_dict(q) if q else None
         return cls(**d)
 
 

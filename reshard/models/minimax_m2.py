@@ -20,10 +20,12 @@ from .moe_config import read_experts
 
 NORMS_AND_BIAS = (
     # One weight per channel of the projection: split with the heads it scales.
-    Rule("model.layers.{layer}.self_attn.q_norm.weight", "column", "layer", heads="q"),
-    Rule("model.layers.{layer}.self_attn.k_norm.weight", "column", "layer", heads="kv"),
-    Rule("model.layers.{layer}.block_sparse_moe.e_score_correction_bias", "replicate", "moe"),
-)
+    Rule("model.layers.{layer}.self_attn.q_norm.weight", "column", "layer", heads="q", dims=("q",)),
+    Rule("model.layers.{layer}.self_attn.k_norm.weight",
+         "column", "layer", heads="kv", dims=("kv",)),
+    Rule("model.layers.{layer}.block_sparse_moe.e_score_correction_bias",
+         "replicate", "moe", dims=("experts",)),
+)  # fmt: skip
 
 
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -10,19 +10,14 @@ from .family import WITH_VLLM, Family, Features, Rule
 from .moe_config import read_experts
 
 MIXTRAL_EXPERTS = (
-    Rule("model.layers.{layer}.block_sparse_moe.gate.weight", "replicate", "moe"),
-    Rule(
-        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
-        "expert_column", "expert", group="split",
-    ),
-    Rule(
-        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
-        "expert_column", "expert", group="split",
-    ),
-    Rule(
-        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
-        "expert_row", "expert", group="split",
-    ),
+    Rule("model.layers.{layer}.block_sparse_moe.gate.weight",
+         "replicate", "moe", dims=("experts", "hidden")),
+    Rule("model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
+         "expert_column", "expert", group="split", dims=("moe_inter", "hidden")),
+    Rule("model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
+         "expert_column", "expert", group="split", dims=("moe_inter", "hidden")),
+    Rule("model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
+         "expert_row", "expert", group="split", dims=("hidden", "moe_inter")),
     *fused_experts("model.layers.{layer}.block_sparse_moe"),
 )  # fmt: skip
 
@@ -40,6 +35,7 @@ FAMILY = Family(
     architectures=("MixtralForCausalLM",),
     rules=GLOBAL + ATTENTION + MIXTRAL_EXPERTS,
     read_config=read_config,
+    expert_width_key="intermediate_size",
     features=Features(
         moe_blocks=("block_sparse_moe", "mlp"),
         expert_names=("w1", "w3", "w2"),

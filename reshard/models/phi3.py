@@ -16,16 +16,16 @@ from .config_values import FIX, get_dict, get_float, get_int
 from .family import WITH_VLLM, Family, Features, Rule
 
 LAYER = (
-    Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer"),
-    Rule("model.layers.{layer}.post_attention_layernorm.weight", "replicate", "layer"),
-    Rule(
-        "model.layers.{layer}.self_attn.qkv_proj.weight", "fused_column", "layer",
-        fused=("q", "kv", "kv"),
-    ),
-    Rule("model.layers.{layer}.self_attn.o_proj.weight", "row", "layer", heads="q"),
-    Rule("model.layers.{layer}.mlp.gate_up_proj.weight", "fused_column", "dense",
-         fused=("mlp", "mlp")),
-    Rule("model.layers.{layer}.mlp.down_proj.weight", "row", "dense"),
+    Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer", dims=("hidden",)),
+    Rule("model.layers.{layer}.post_attention_layernorm.weight",
+         "replicate", "layer", dims=("hidden",)),
+    Rule("model.layers.{layer}.self_attn.qkv_proj.weight",
+         "fused_column", "layer", fused=("q", "kv", "kv"), dims=("q+2*kv", "hidden")),
+    Rule("model.layers.{layer}.self_attn.o_proj.weight",
+         "row", "layer", heads="q", dims=("hidden", "q")),
+    Rule("model.layers.{layer}.mlp.gate_up_proj.weight",
+         "fused_column", "dense", fused=("mlp", "mlp"), dims=("2*inter", "hidden")),
+    Rule("model.layers.{layer}.mlp.down_proj.weight", "row", "dense", dims=("hidden", "inter")),
     Rule("model.layers.{layer}.self_attn.rotary_emb.inv_freq", "drop", "layer", optional=True),
 )  # fmt: skip
 
@@ -33,7 +33,7 @@ LAYER = (
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:
     if fields["quantization"]:
         raise UnsupportedModelError(
-            f"{where}: quantization_config ({fields['quantization']['kind']}) on "
+            f"{where}: quantization_config ({fields['quantization'].kind}) on "
             f"{fields['architecture']}: reshard does not split quantized fused tensors "
             "(qkv_proj, gate_up_proj). Convert the unquantized checkpoint."
         )

@@ -12,11 +12,15 @@ from .family import WITH_VLLM, Family, Rule
 from .moe_config import read_experts
 
 SHARED_EXPERT = (
-    Rule("model.layers.{layer}.mlp.shared_expert.gate_proj.weight", "column", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_expert.up_proj.weight", "column", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_expert.down_proj.weight", "row", "moe"),
-    Rule("model.layers.{layer}.mlp.shared_expert_gate.weight", "replicate", "moe"),
-)
+    Rule("model.layers.{layer}.mlp.shared_expert.gate_proj.weight",
+         "column", "moe", dims=("shared_inter", "hidden")),
+    Rule("model.layers.{layer}.mlp.shared_expert.up_proj.weight",
+         "column", "moe", dims=("shared_inter", "hidden")),
+    Rule("model.layers.{layer}.mlp.shared_expert.down_proj.weight",
+         "row", "moe", dims=("hidden", "shared_inter")),
+    Rule("model.layers.{layer}.mlp.shared_expert_gate.weight",
+         "replicate", "moe", dims=("one", "hidden")),
+)  # fmt: skip
 
 
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -21,18 +21,25 @@ from .qwen2_moe import VLLM_RENAMES as SHARED_EXPERT_RENAMES
 from .qwen3_moe import VLLM_RENAMES as ROUTER_RENAMES
 
 NORMS = (
-    Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer"),
-    Rule("model.layers.{layer}.post_attention_layernorm.weight", "replicate", "layer"),
-)
+    Rule("model.layers.{layer}.input_layernorm.weight", "replicate", "layer", dims=("hidden",)),
+    Rule("model.layers.{layer}.post_attention_layernorm.weight",
+         "replicate", "layer", dims=("hidden",)),
+)  # fmt: skip
 
 GATED_ATTENTION = (
-    Rule("model.layers.{layer}.self_attn.q_proj.weight", "column", "attention", heads="q_gated"),
-    Rule("model.layers.{layer}.self_attn.k_proj.weight", "column", "attention", heads="kv"),
-    Rule("model.layers.{layer}.self_attn.v_proj.weight", "column", "attention", heads="kv"),
-    Rule("model.layers.{layer}.self_attn.o_proj.weight", "row", "attention", heads="q"),
-    Rule("model.layers.{layer}.self_attn.q_norm.weight", "replicate", "attention"),
-    Rule("model.layers.{layer}.self_attn.k_norm.weight", "replicate", "attention"),
-)
+    Rule("model.layers.{layer}.self_attn.q_proj.weight",
+         "column", "attention", heads="q_gated", dims=("q_gated", "hidden")),
+    Rule("model.layers.{layer}.self_attn.k_proj.weight",
+         "column", "attention", heads="kv", dims=("kv", "hidden")),
+    Rule("model.layers.{layer}.self_attn.v_proj.weight",
+         "column", "attention", heads="kv", dims=("kv", "hidden")),
+    Rule("model.layers.{layer}.self_attn.o_proj.weight",
+         "row", "attention", heads="q", dims=("hidden", "q")),
+    Rule("model.layers.{layer}.self_attn.q_norm.weight",
+         "replicate", "attention", dims=("head_dim",)),
+    Rule("model.layers.{layer}.self_attn.k_norm.weight",
+         "replicate", "attention", dims=("head_dim",)),
+)  # fmt: skip
 
 
 def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """How a split of a quantized weight's logical [out, in] maps onto each stored part, in whole
 blocks, packs or groups: the per-tensor check at slicing time (plan), behind the config-level
-refusals of quant/layout.py. Pure: no I/O, no torch.
+refusals of layout/quant_splits.py. Pure: no I/O, no torch.
 """
 
 from __future__ import annotations
 
 from ..errors import LayoutError
-from . import FORMATS, PACK, QuantScheme, mxfp4
+from . import mxfp4
+from .scheme import FORMATS, PACK, QuantScheme
 
 
 # part -> (logical dim 0 = out, logical dim 1 = in) -> (stored dim, unit) or None (kept whole).

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import VerificationError
+from ..io.manifest_value import ManifestLayout
 from ..ranks import global_rank, rank_coords
 
 _HEADER_LEN = 4  # ndim + up to 3 dims: hidden states are [B, S, H]
@@ -87,9 +88,9 @@ class Comm:
         return ids
 
 
-def build_comm(layout: dict[str, Any], rank: int) -> Comm:
+def build_comm(layout: ManifestLayout, rank: int) -> Comm:
     """Create every group of the layout (all ranks must call this, in the same order)."""
-    tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
     dp_index, pp_stage, tp_rank = rank_coords(rank, tp=tp, pp=pp)
     tp_group = _new_groups(_tp_group_ranks(tp, pp, dp), rank)
     replica_group = _new_groups(_replica_group_ranks(tp, pp, dp), rank)

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from .. import errors
 from ..errors import InputError
 from ..io.manifest import read_manifest
+from ..io.manifest_value import Manifest
 from ..io.tensor_bytes import all_gather_objects
 from ..progress import progress_bar
 from .dist import build_comm
@@ -88,9 +89,9 @@ class Job(NamedTuple):
     progress: bool  # a token bar on global rank 0
 
 
-def _spawn_world(out_dir: Path, manifest: dict, job: Job) -> list[PromptResult]:
+def _spawn_world(out_dir: Path, manifest: Manifest, job: Job) -> list[PromptResult]:
     kind = job.kind
-    world_size = int(manifest["layout"]["world_size"])
+    world_size = manifest.layout.world_size
     if kind == "cuda" and world_size > torch.cuda.device_count():
         raise InputError(
             f"{out_dir} needs {world_size} ranks but this machine has "
@@ -150,13 +151,13 @@ def _spawned_rank(
         raise
 
 
-def _run_in_torchrun(out_dir: Path, manifest: dict, job: Job) -> list[PromptResult]:
+def _run_in_torchrun(out_dir: Path, manifest: Manifest, job: Job) -> list[PromptResult]:
     kind = job.kind
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world_size != int(manifest["layout"]["world_size"]):
+    if world_size != manifest.layout.world_size:
         raise InputError(
             f"torchrun started {world_size} processes but {out_dir} was converted for "
-            f"world_size {manifest['layout']['world_size']}; use --nproc-per-node/--nnodes "
+            f"world_size {manifest.layout.world_size}; use --nproc-per-node/--nnodes "
             "that multiply to it."
         )
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -196,11 +197,11 @@ def _generate_rank(out_dir: Path, rank: int, job: Job, device) -> list[PromptRes
     """Load this rank's stage, generate its replica's prompts, gather every result."""
     prompts, max_new_tokens = job.prompts, job.max_new_tokens
     manifest = read_manifest(out_dir)
-    layout = manifest["layout"]
+    layout = manifest.layout
     comm = build_comm(layout, rank)
     gather_group = dist.new_group(backend="gloo")  # results travel as CPU objects
     stage = load_rank(out_dir, manifest, rank, comm=comm, device=device, dtype=job.dtype)
-    dp, dp_index = int(layout["dp"]), rank // (int(layout["tp"]) * int(layout["pp"]))
+    dp, dp_index = layout.dp, rank // (layout.tp * layout.pp)
     indices = [i for i in range(len(prompts)) if i % dp == dp_index]
     mine = [prompts[i] for i in indices]
     show = job.progress and rank == 0

@@ -14,10 +14,10 @@ from safetensors import safe_open
 
 from ..dtypes import CAST_DTYPES, torch_dtypes
 from ..errors import CheckpointError, OutputError
-from ..io.strict_json import read_json
+from ..io.manifest_value import Manifest
 from ..models.hparams import HParams, load_hparams
 from ..models.rules import is_mtp_name, rules_for
-from ..quant import scheme_of
+from ..strict_json import read_json
 from .dequant import dequantize_tensors
 from .dist import Comm
 from .model import CausalLM, build_model
@@ -43,7 +43,7 @@ def load_source_model(
     """The whole model at world size 1 from an HF folder (config.json + safetensors)."""
     source_dir = Path(source_dir)
     hp = load_hparams(source_dir)
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     tensors: dict[str, torch.Tensor] = {}
     read_dtype = None if scheme else resolve_dtype(dtype)  # quantized: cast after dequantizing
     for file, names in _source_files(source_dir).items():
@@ -111,7 +111,7 @@ def tie_lm_head(hp: HParams, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_rank(
     out_dir: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     rank: int,
     *,
     comm: Comm | None = None,
@@ -122,23 +122,24 @@ def load_rank(
     dtype: cast each tensor as it is read (None: as stored)."""
     entry = rank_entry(manifest, rank)
     source = entry if entry.get("replica_of") is None else rank_entry(manifest, entry["replica_of"])
-    hp = HParams.from_dict(manifest["hparams"])
+    hp = manifest.hparams
     stored = None if hp.quantization else resolve_dtype(dtype)  # packed ints stay as stored
     tensors = _read_rank_tensors(Path(out_dir), source, device, stored)
-    tensors = dequantize_tensors(tensors, scheme_of(hp), torch.float32 if hp.quantization else None)
+    scheme = hp.quantization
+    tensors = dequantize_tensors(tensors, scheme, torch.float32 if scheme else None)
     tie_lm_head(hp, tensors)
     return build_model(
         hp,
         tensors,
         comm=comm,
-        expert_layout=manifest["layout"].get("experts"),
+        expert_layout=manifest.layout.experts,
         ep_rank=int(entry.get("ep_rank", 0)),
         where=f"{out_dir} rank {rank}",
     )
 
 
-def rank_entry(manifest: dict[str, Any], rank: int) -> dict[str, Any]:
-    for entry in manifest["ranks"]:
+def rank_entry(manifest: Manifest, rank: int) -> dict[str, Any]:
+    for entry in manifest.ranks:
         if int(entry["rank"]) == rank:
             return entry
     raise OutputError(f"manifest.json has no entry for rank {rank}; re-run `reshard convert`.")

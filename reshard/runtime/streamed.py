@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from ..models.hparams import HParams, load_hparams
 from ..progress import progress_bar
-from ..quant import scheme_of, unpacked_numel
+from ..quant import unpacked_numel
 from .cache import KVCache, pad_left
 from .dequant import dequantize_tensors
 from .dist import Comm
@@ -80,7 +80,7 @@ def reference_streamed(
     x = ids
     groups = piece_groups(hp, list(files))
     bar = progress_bar(len(groups), desc="reference (streamed)", unit="piece", enabled=progress)
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     for comm, names in groups:
         tensors = _read(files, names, None if scheme else dtype, device)
         tensors = dequantize_tensors(tensors, scheme, dtype)
@@ -114,7 +114,7 @@ def _result(sharded: PromptResult, logits: torch.Tensor) -> PromptResult:
 def source_bytes(source_dir: Path, dtype: torch.dtype) -> int:
     """Bytes the whole source model takes in memory at `dtype` (quantized: dequantized)."""
     total = 0
-    scheme = scheme_of(load_hparams(source_dir))
+    scheme = load_hparams(source_dir).quantization
     for name, path in tensor_files(source_dir).items():
         with safe_open(str(path), framework="pt") as f:
             piece = f.get_slice(name)

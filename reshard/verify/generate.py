@@ -21,7 +21,7 @@ import torch
 
 from ..dtypes import DTYPE_SIZES, dtype_name
 from ..errors import InputError
-from ..models.hparams import HParams
+from ..io.manifest_value import Manifest
 from ..runtime.generate import check_new_tokens, check_prompts, check_rope_positions
 from ..runtime.launch import default_device, generate_reference, generate_sharded
 from ..runtime.load import resolve_dtype
@@ -79,7 +79,7 @@ def check_device(device: str) -> None:
 
 def verify_generation(
     out_dir: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     source_dir: Path,
     *,
     prompt_ids: list[list[int]] | None = None,
@@ -95,10 +95,10 @@ def verify_generation(
         reference=reference,
     )  # fmt: skip
     device = device or default_device()
-    vocab = int(manifest["hparams"]["vocab_size"])
+    vocab = manifest.hparams.vocab_size
     prompts = prompt_ids or read_prompts(prompts_file, [out_dir, source_dir], vocab)
     check_prompts(prompts, vocab, max_new_tokens)
-    check_rope_positions(HParams.from_dict(manifest["hparams"]), prompts, max_new_tokens)
+    check_rope_positions(manifest.hparams, prompts, max_new_tokens)
     stored = shard_dtype(manifest)
     compute = torch.float32 if compute_dtype == "float32" else stored
     cast = None if compute == stored else dtype_name(compute)
@@ -137,9 +137,9 @@ class GenerateRun:
     memory: str  # what the compute dtype costs, in words
 
 
-def compute_memory(manifest: dict[str, Any], source_dir: Path, compute: torch.dtype) -> str:
+def compute_memory(manifest: Manifest, source_dir: Path, compute: torch.dtype) -> str:
     """The weight memory of the largest rank and of the reference at `compute` vs as stored."""
-    ranks = [e for e in manifest["ranks"] if e.get("replica_of") is None]
+    ranks = [e for e in manifest.ranks if e.get("replica_of") is None]
     stored = max(_rank_bytes(e, None) for e in ranks)
     held = max(_rank_bytes(e, compute) for e in ranks)
     reference = source_bytes(source_dir, compute)
@@ -172,13 +172,12 @@ def choose_reference(reference: str, source_dir: Path, dtype: torch.dtype, devic
     return "full" if fits else "streamed"
 
 
-def shard_dtype(manifest: dict[str, Any]) -> torch.dtype:
+def shard_dtype(manifest: Manifest) -> torch.dtype:
     """The dtype the shards hold: the recipe's cast, or the source's own ('keep').
     Quantized shards are dequantized to fp32 as they load and computed in fp32."""
-    if manifest["hparams"].get("quantization"):
+    if manifest.hparams.quantization:
         return torch.float32
-    cast = resolve_dtype(manifest["layout"].get("dtype", "keep"))
-    return cast or resolve_dtype(manifest["hparams"].get("torch_dtype", "float32"))
+    return resolve_dtype(manifest.layout.dtype) or resolve_dtype(manifest.hparams.torch_dtype)
 
 
 def read_prompts(prompts_file: Path | None, folders: list[Path], vocab: int) -> list[list[int]]:
@@ -212,13 +211,13 @@ def _load_tokenizer(folders: list[Path]) -> Any:
 
 
 def _level_result(
-    comparisons: list[PromptComparison], run: GenerateRun, manifest: dict
+    comparisons: list[PromptComparison], run: GenerateRun, manifest: Manifest
 ) -> LevelResult:
     failures = [_failure(c) for c in comparisons if not c.passed]
     tol = tolerance_for(run.compute)
     detail = (
         f"{len(comparisons)} prompts x {len(comparisons[0].reference_ids)} tokens on "
-        f"{manifest['layout']['world_size']} {run.backend} ranks, {dtype_name(run.stored)} "
+        f"{manifest.layout.world_size} {run.backend} ranks, {dtype_name(run.stored)} "
         f"weights computed in {dtype_name(run.compute)} (max |dlogit| <= {tol.atol:g} + "
         f"{tol.rtol:g}*max|logit|, KL <= {tol.kl:g}); {run.reference} reference\n"
         f"          {run.memory}"

@@ -19,8 +19,9 @@ import xxhash
 
 from ..dtypes import DTYPE_SIZES
 from ..errors import OutputError
-from ..io.headers import read_header
+from ..headers import read_header
 from ..io.manifest import MANIFEST, manifest_seal_failure, read_manifest, side_file_failures
+from ..io.manifest_value import Manifest
 from ..io.output_source import is_output, open_model
 from ..io.rank_subset import check_partial_set
 from ..io.source import resolve_model
@@ -31,9 +32,9 @@ from .weights import compare_weights
 HASH_BLOCK = 16 << 20  # read into one reused buffer: fresh memory costs a fault per 4 KiB
 
 
-def check_complete(out_dir: Path, manifest: dict) -> None:
+def check_complete(out_dir: Path, manifest: Manifest) -> None:
     """Exit-2 territory: files the manifest names are missing or have the wrong size."""
-    for name, meta in manifest["files"].items():
+    for name, meta in manifest.files.items():
         path = Path(out_dir) / name
         if not path.is_file():
             raise OutputError(
@@ -42,22 +43,22 @@ def check_complete(out_dir: Path, manifest: dict) -> None:
             )
 
 
-def verify_hashes(out_dir: Path, manifest: dict, *, progress: bool = False) -> LevelResult:
+def verify_hashes(out_dir: Path, manifest: Manifest, *, progress: bool = False) -> LevelResult:
     """The manifest's seal, then every rank file's size, header and tensor hashes."""
-    total = sum(meta["size"] for meta in manifest["files"].values())
+    total = sum(meta["size"] for meta in manifest.files.values())
     with progress_bar(total, desc="hashes", enabled=progress) as bar:
         failures, checked = _hash_files(out_dir, manifest, bar)
-    sides = manifest.get("side_files")
+    sides = manifest.side_files
     covered = f"{len(sides)} side files" if sides is not None else "side files NOT covered"
-    detail = f"{checked} tensors in {len(manifest['files'])} files, {covered}"
+    detail = f"{checked} tensors in {len(manifest.files)} files, {covered}"
     return LevelResult("hashes", not failures, detail, failures)
 
 
-def _hash_files(out_dir: Path, manifest: dict, bar) -> tuple[list[str], int]:
+def _hash_files(out_dir: Path, manifest: Manifest, bar) -> tuple[list[str], int]:
     failures = [f for f in [manifest_seal_failure(out_dir, manifest)] if f]
-    failures += side_file_failures(out_dir, manifest)  # config, tokenizer, expert maps
+    failures += side_file_failures(out_dir, manifest.side_files)  # config, tokenizer, expert maps
     checked = 0
-    for name, meta in manifest["files"].items():
+    for name, meta in manifest.files.items():
         path = Path(out_dir) / name
         size = path.stat().st_size
         if size != meta["size"]:
@@ -81,10 +82,8 @@ def _hash_files(out_dir: Path, manifest: dict, bar) -> tuple[list[str], int]:
     return failures, checked
 
 
-def _check_file_hashes(path: Path, header, manifest: dict, rank: int, bar) -> list[str]:
-    expected = {
-        t: e for t, e in manifest["ranks"][rank]["tensors"].items() if e["file"] == path.name
-    }
+def _check_file_hashes(path: Path, header, manifest: Manifest, rank: int, bar) -> list[str]:
+    expected = {t: e for t, e in manifest.ranks[rank]["tensors"].items() if e["file"] == path.name}
     failures = [f"{path}: tensor '{t}' is missing" for t in expected if t not in header.tensors]
     buf = memoryview(bytearray(HASH_BLOCK))
     with open(path, "rb", buffering=0) as f:
@@ -129,35 +128,35 @@ def header_mismatch(info, entry: dict) -> str | None:
     return None
 
 
-def resolve_source_dir(manifest: dict, source: str | None) -> Path | None:
+def resolve_source_dir(manifest: Manifest, source: str | None) -> Path | None:
     """--source, else the output a re-layout was made from, else the original's path."""
     if source is not None:
         return resolve_model(source)[0]
-    made_from = manifest["source"].get("made_from")
+    made_from = manifest.made_from
     if made_from and Path(made_from["path"]).is_dir():
         return Path(made_from["path"])
-    path = Path(manifest["source"]["path"])
+    path = manifest.source_path
     return path if path.is_dir() else None
 
 
-def reference_dir(manifest: dict, source_dir: Path) -> Path | None:
+def reference_dir(manifest: Manifest, source_dir: Path) -> Path | None:
     """The generate tier's reference runs an HF checkpoint: for a reshard output as the
     source, the original it records (if still there)."""
     if not is_output(source_dir):
         return source_dir
-    path = Path(manifest["source"]["path"])
+    path = manifest.source_path
     return path if path.is_dir() and not is_output(path) else None
 
 
 def verify_weights(
-    out_dir: Path, manifest: dict, source_dir: Path, *, progress: bool = False
+    out_dir: Path, manifest: Manifest, source_dir: Path, *, progress: bool = False
 ) -> LevelResult:
     """Compare every piece with the source, bitwise; check coverage and zero padding."""
     with tempfile.TemporaryDirectory(prefix="reshard-verify-") as scratch:
         # A source the user converted from pickle with --allow-pickle is re-read the same way.
-        allow = bool(manifest["source"].get("pickle"))
+        allow = manifest.from_pickle
         src = open_model(str(source_dir), allow_pickle=allow, scratch=Path(scratch))
-        total = sum(_output_bytes(e) for e in manifest["ranks"] if e.get("replica_of") is None)
+        total = sum(_output_bytes(e) for e in manifest.ranks if e.get("replica_of") is None)
         with progress_bar(total, desc="weights", enabled=progress) as bar:
             return _verify_weights(out_dir, manifest, src, bar)
 
@@ -167,19 +166,19 @@ def _output_bytes(entry: dict) -> int:
     return sum(math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]] for t in tensors)
 
 
-def _verify_weights(out_dir: Path, manifest: dict, src, bar) -> LevelResult:
+def _verify_weights(out_dir: Path, manifest: Manifest, src, bar) -> LevelResult:
     failures = unknown_sources(manifest, src)
     if not failures:
         failures += compare_weights(out_dir, manifest, src, bar)
     failures += check_coverage(manifest, {n: src.info(n).shape for n in src.tensors})
-    n = sum(len(e.get("tensors") or {}) for e in manifest["ranks"])
+    n = sum(len(e.get("tensors") or {}) for e in manifest.ranks)
     return LevelResult("weights", not failures, f"{n} tensors vs {src.path}", failures)
 
 
-def unknown_sources(manifest: dict, src) -> list[str]:
+def unknown_sources(manifest: Manifest, src) -> list[str]:
     """Pieces whose source tensor the source does not hold: the wrong source, or an edit."""
     failures = []
-    for entry in manifest["ranks"]:
+    for entry in manifest.ranks:
         for name, meta in (entry.get("tensors") or {}).items():
             for j, p in enumerate(meta["pieces"]):
                 if p["source"] not in src.tensors:
@@ -191,17 +190,17 @@ def unknown_sources(manifest: dict, src) -> list[str]:
     return failures
 
 
-def check_coverage(manifest: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+def check_coverage(manifest: Manifest, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Every element of every source tensor is in some shard. Replicated pieces repeat the
     same block, so identical blocks count once; distinct blocks must not overlap."""
     blocks: dict[str, set] = {name: set() for name in shapes}
-    for entry in manifest["ranks"]:
+    for entry in manifest.ranks:
         for meta in (entry.get("tensors") or {}).values():
             for p in meta["pieces"]:
                 blocks.setdefault(p["source"], set()).add((tuple(p["start"]), tuple(p["stop"])))
     failures = []
     for name, shape in shapes.items():
-        if name in manifest.get("dropped", []):
+        if name in manifest.dropped:
             continue
         found = blocks.get(name, set())
         volume = sum(_volume(a, b) for a, b in found)
@@ -244,7 +243,7 @@ def verify_output(
     source: str | None = None,
     generate_options: dict | None = None,
     progress: bool = False,
-) -> tuple[dict, list[LevelResult]]:
+) -> tuple[Manifest, list[LevelResult]]:
     """Run the requested tiers in order. Raises OutputError when OUT is incomplete, and
     InputError for bad generate options before any tier runs."""
     check_partial_set(Path(out_dir))  # --ranks runs still under way: name the missing ranks
@@ -252,8 +251,8 @@ def verify_output(
     if "generate" in levels:
         from .generate import check_generate_options  # torch: only for the generate tier
 
-        vocab = int(manifest["hparams"]["vocab_size"])
-        positions = (manifest["hparams"]["max_position_embeddings"], f"{out_dir}/{MANIFEST}")
+        vocab = manifest.hparams.vocab_size
+        positions = (manifest.hparams.max_position_embeddings, f"{out_dir}/{MANIFEST}")
         check_generate_options(vocab=vocab, max_positions=positions, **(generate_options or {}))
     check_complete(out_dir, manifest)
     results = []
@@ -271,7 +270,7 @@ def verify_output(
             results.append(
                 LevelResult(
                     level, None,
-                    f"skipped: source {manifest['source']['path']} is gone; pass --source",
+                    f"skipped: source {manifest.source_path} is gone; pass --source",
                 )
             )  # fmt: skip
         elif level == "weights":

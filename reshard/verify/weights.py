@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dtypes import DTYPE_SIZES
+from ..headers import Header, read_header
 from ..io.byte_runs import piece_groups, tensor_windows
-from ..io.headers import read_header
-from ..io.output_jobs import check_digest, rank_tensor_jobs
-from ..io.writer import MAX_BUFFER, cast_bytes, map_range
+from ..io.files import map_range
+from ..io.manifest_value import Manifest
+from ..io.output_jobs import check_digest
+from ..io.writer import MAX_BUFFER, cast_bytes
 from ..layout.tensors import Piece
 
 WINDOW = MAX_BUFFER  # bytes of source mapped at once; two buffers of this size besides
@@ -54,7 +56,7 @@ class Scratch:
     failed: set = field(default_factory=set)
 
 
-def compare_weights(out_dir: Path, manifest: dict, src, bar) -> list[str]:
+def compare_weights(out_dir: Path, manifest: Manifest, src, bar) -> list[str]:
     """Open every output file the manifest names (replica 0), compare every piece with `src`,
     check vocab padding rows are zero. Returns the failures."""
     failures: list[str] = []
@@ -73,11 +75,11 @@ def compare_weights(out_dir: Path, manifest: dict, src, bar) -> list[str]:
     return failures
 
 
-def _collect_checks(out_dir: Path, manifest: dict, fds: dict, failures: list):
+def _collect_checks(out_dir: Path, manifest: Manifest, fds: dict, failures: list):
     """(checks in manifest order, padding spans, constants) for every rank of replica 0."""
-    headers: dict[str, object] = {}
+    headers: dict[str, Header | None] = {}
     checks, padding, constants = [], [], []
-    for entry in manifest["ranks"]:
+    for entry in manifest.ranks:
         if entry.get("replica_of") is not None:
             continue
         for name, meta in (entry.get("tensors") or {}).items():
@@ -136,14 +138,7 @@ def _jobs(src, checks: list[Check]) -> list[tuple]:
     consumers: dict[str, list] = {}
     for check in checks:
         consumers.setdefault(check.piece.source, []).append((check, check.piece))
-    if src.reader is not None:
-        return rank_tensor_jobs(src.reader, consumers)
-    return [
-        (header.path, info, tuple(consumers[info.name]), None)
-        for header in src.headers
-        for info in header.tensors.values()
-        if info.name in consumers
-    ]
+    return src.reader.check_reads(src, consumers)
 
 
 def _compare_job(path: Path, info, consumers, expect: str | None, scratch: Scratch, bar) -> None:

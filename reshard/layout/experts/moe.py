@@ -46,14 +46,16 @@ def solve_placements(hp: HParams, recipe: Recipe) -> dict[int, Placement]:
     )
 
 
-def placements_entry(plan, recipe: Recipe) -> dict:
-    """The manifest's `layout.experts`."""
+def placements_entry(plan) -> dict | None:
+    """The manifest's `layout.experts` (None for a dense model)."""
+    if plan.experts is None:
+        return None
     return {
         "ep": plan.layout.ep,
         "etp": plan.layout.etp,
-        "redundant": recipe.redundant,
-        "placement": recipe.placement,
-        "load": str(recipe.load) if recipe.load else None,
+        "redundant": plan.experts.redundant,
+        "placement": plan.experts.placement,
+        "load": plan.experts.load,
         "layers": {
             str(layer): {
                 "phy2log": list(p.phy2log),

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reshard.errors import InputError, LayoutError, ReshardIOError
-from reshard.io.strict_json import read_json
 from reshard.layout.experts.nodes import NodeLayout, NodeReport, format_node_report, report_nodes
 from reshard.layout.experts.place import Placement, place_model, replica_counts
+from reshard.strict_json import read_json
 from reshard.units import format_gb
 
 LOAD_FORMAT = "reshard-expert-load"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from ...errors import LayoutError
 from ...models import family_of
-from ...quant import scheme_of
 
 FIX_NATIVE = "or convert with --format native"
 
@@ -25,7 +24,7 @@ def check_vllm_layout(hp, recipe, versions: tuple[str, ...]) -> None:
             f"--format vllm: reshard does not yet write {hp.architecture} in vLLM {version}'s "
             f"parameter names ({why}). Convert with --format native."
         )
-    if scheme := scheme_of(hp):
+    if scheme := hp.quantization:
         raise LayoutError(
             f"--format vllm: {hp.architecture} is quantized ({scheme.kind}); vLLM's loader "
             f"expects each quantization kernel's own parameters, a contract reshard has not "

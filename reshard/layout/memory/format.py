@@ -13,7 +13,7 @@ from ..experts.report import format_placement_report
 from ..gpus import GPUS
 from .activation import EngineLimits, engine_defaults
 from .model import DEFAULT_UTILIZATION, Gpu, KvBudget, MemoryReport, RankMemory, kv_bytes_per_token
-from .plan import PlanMemory
+from .shapes import PlanMemory
 from .suggest import Candidate, Rejection, Suggestion, why_not
 
 BAR = 20  # characters per bar

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 from ...errors import LayoutError
 from ...models.hparams import HParams
-from ...quant.layout import split_problems
 from ...units import format_gb
-from ..check import valid_tp
+from ..check import check_layout, valid_tp
 from ..plan import Stage, build_plan
+from ..quant_splits import split_problems
 from ..recipe import Recipe
 from ..resolve import resolve_stages
 from .activation import EngineLimits
 from .model import Gpu, KvBudget, RankMemory, layer_kv_bytes, rank_memory
-from .plan import ModelShapes, weight_lower_bound
+from .shapes import ModelShapes, weight_lower_bound
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,9 @@ def tp_bytes(shapes: ModelShapes, base: Recipe, tp: int) -> TpBytes:
     reps = {layers[0] for layers in by_shape.values()}
     subset = {n: e for n, e in shapes.tensors.items() if shapes.roles[n].layer in (None, *reps)}
     whole = (Stage(0, 0, hp.num_layers - 1, True, True),)
-    plan = build_plan(hp, subset, shapes.roles, dataclasses.replace(base, tp=tp), whole, {})
+    recipe = dataclasses.replace(base, tp=tp)
+    check_layout(hp, recipe)
+    plan = build_plan(hp, subset, shapes.roles, recipe, whole, {})
     rep_bytes = {layer: [0] * tp for layer in reps}
     embed, head = [0] * tp, [0] * tp
     for f in plan.files:

@@ -15,10 +15,11 @@ from typing import Any
 
 from ...dtypes import CAST_SIZES
 from ...errors import InputError, ReshardIOError
-from ...io.strict_json import read_json
 from ...models import family_of
+from ...models.dims import tensor_shape
 from ...models.hparams import HParams
-from ...models.mla import mla_shapes
+from ...models.mla import MLA_RULES
+from ...strict_json import read_json
 from ..gpus import GPUS, GpuSpec, find_gpu
 
 COSTS_FORMAT = "reshard-costs"
@@ -186,15 +187,17 @@ def _linear_work(hp: HParams, batch: int, tokens: int, db: int) -> _Work:
 
 
 def _mla_params(hp: HParams) -> tuple[int, int]:
-    """(matrix, norm + bias) parameters of one MLA block."""
-    shapes = {k: v for k, v in mla_shapes(hp).items() if k != "gate.e_score_correction_bias"}
-    if hp.q_lora_rank:
-        shapes.pop("q_proj.weight")
-    else:
-        for leaf in ("q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"):
-            shapes.pop(leaf)
-    sizes = [math.prod(size for _, size in shape) for shape in shapes.values()]
-    small = sum(n for n, shape in zip(sizes, shapes.values(), strict=True) if len(shape) == 1)
+    """(matrix, norm + bias) parameters of one MLA block, from its rules' dims."""
+    skip = ("q_proj.weight",) if hp.q_lora_rank else ("q_a_proj.weight", "q_a_layernorm.weight",
+                                                       "q_b_proj.weight")  # fmt: skip
+    shapes = [
+        tensor_shape(hp, r)
+        for r in MLA_RULES
+        if ".self_attn." in r.template and r.template.endswith(".weight")
+        and not r.template.endswith(skip)
+    ]  # fmt: skip
+    sizes = [math.prod(shape) for shape in shapes]
+    small = sum(n for n, shape in zip(sizes, shapes, strict=True) if len(shape) == 1)
     return sum(sizes) - small, hp.hidden_size + small
 
 

@@ -15,8 +15,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dtypes import DTYPE_SIZES
-from ..errors import CheckpointError, ReshardIOError
+from .dtypes import DTYPE_SIZES
+from .errors import CheckpointError, ReshardIOError
 from .strict_json import load_json
 
 MAX_HEADER = 100_000_000

@@ -1,6 +1,7 @@
 """Which tp / ep layouts would cut a block, pack or group of a quantized model, from
 config.json alone: `split_problems` is what `plan`, `convert` and `plan --suggest` refuse
-with, before any byte is written. The per-tensor check at slicing time is in quant/__init__.
+with, before any byte is written. The per-tensor check at slicing time is in quant/slicing.py;
+this module sits in layout/ because it reads the family's rules (quant/ knows no model).
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 from ..models import family_of
 from ..models.hparams import HParams
 from ..models.rules import rules_for
-from . import FORMATS, PACK, QuantScheme, mxfp4, scheme_of
-from .format import quantizes
+from ..quant import FORMATS, PACK, QuantScheme, mxfp4
+from ..quant.format import quantizes
 
 # (tensor leaf, logical dim that a split cuts) per parallel MLP linear.
 _MLP = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))
@@ -30,7 +31,7 @@ def units(scheme: QuantScheme) -> tuple[int, int]:
 
 def split_problems(hp: HParams, tp: int, ep: int = 1) -> list[str]:
     """One line per kind of weight whose per-rank slice would cut a unit, with what fits."""
-    scheme = scheme_of(hp)
+    scheme = hp.quantization
     if scheme is None:
         return []
     if scheme.kind == "mxfp4":

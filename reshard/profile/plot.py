@@ -16,7 +16,7 @@ from reshard.layout.experts.report import balancedness, read_expert_load
 from reshard.layout.recipe import Recipe
 from reshard.models.hparams import HParams
 
-if TYPE_CHECKING:  # a type only: profile/ builds on layout/, not the other way
+if TYPE_CHECKING:  # a type only: profile.experts loads torch, a plot of a plan does not need it
     from reshard.profile.experts import ExpertProfile
 
 INSTALL = "pip install 'reshard[plot]'"

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 # serde_json's recursion limit: 127 nested containers parse, the 128th is refused.
 MAX_DEPTH = 127

@@ -1,40 +1,31 @@
-"""`reshard plan` end to end: read MODEL's tensor shapes (its safetensors headers when the folder
-has them, else config.json alone: a folder, a bare config.json, or a hub id), build the Plan
-convert would execute, and attach per-rank memory, the stage report and the expert placement
-report. Reads no weights. Formatting is format.py's; the layout search suggest.py's.
+"""A model's tensor shapes as plan sees them (from safetensors headers or config.json alone)
+and what is derived from them without reading a byte: the written dtype, the KV budget, the
+bytes of an expert, a lower bound on a replica's bytes, the notes and the expert placement
+report of `reshard plan`. Opening a model is the plan use case's (reshard/plan.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...dtypes import CAST_DTYPES, DTYPE_SIZES
 from ...errors import InputError
-from ...io.manifest import MANIFEST
-from ...io.output_source import open_model
-from ...io.source import INDEX, SINGLE, Source, open_config
 from ...models.hparams import HParams, parse_hparams
 from ...models.rules import TensorRole, match_tensors
 from ...models.shapes import synthesize_tensors
-from ..check import check_layout
 from ..experts.nodes import NodeLayout
 from ..experts.report import PlacementReport, read_expert_load, report_placement
 from ..gpus import GPUS
 from ..plan import Plan
 from ..recipe import Recipe
-from ..resolve import plan_source, plan_tensors
-from ..stages.pipeline import StagePlan, plan_stages
-from .activation import EngineLimits
-from .model import (
-    Gpu,
-    KvBudget,
-    MemoryReport,
-    kv_bytes_per_token,
-    memory_report,
-    state_bytes_per_sequence,
-)
+from ..resolve import resolve
+from ..stages.pipeline import StagePlan
+from .model import Gpu, KvBudget, MemoryReport, kv_bytes_per_token, state_bytes_per_sequence
+
+if TYPE_CHECKING:  # a Source is only carried here; io/ sits above layout/
+    from ...io.source import Source
 
 EXPERT_ROLES = (
     "expert_column",
@@ -55,23 +46,6 @@ class ModelShapes:
     source: Source | None  # set when safetensors headers were read
 
 
-def load_shapes(model: str, *, dtype: str = "keep") -> ModelShapes:
-    """Shapes from the headers of a local safetensors checkpoint, else from config.json alone
-    (in its torch_dtype, or in `dtype` when the config's is not a float dtype reshard sizes)."""
-    path = Path(model).expanduser()
-    if path.is_dir() and any((path / n).is_file() for n in (INDEX, SINGLE, MANIFEST)):
-        source = open_model(model)  # a reshard output describes its original's tensors
-        tensors = {n: (i.dtype, i.shape) for h in source.headers for n, i in h.tensors.items()}
-        roles = match_tensors(source.hparams, tensors, where=str(source.path))
-        files = len(source.headers)
-        origin = f"safetensors headers ({files} file{'s' if files > 1 else ''}; no weights read)"
-        if source.reader is not None:
-            origin = f"the manifest of a reshard output ({files} original files; no weights read)"
-        return ModelShapes(model, source.hparams, tensors, roles, origin, source)
-    config, _, where = open_config(model)
-    return config_shapes(model, config, where=where, dtype=dtype)
-
-
 def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") -> ModelShapes:
     hp = parse_hparams(config, where=where)
     st_dtype = CAST_DTYPES.get(hp.torch_dtype) or CAST_DTYPES.get(dtype)
@@ -86,17 +60,9 @@ def config_shapes(model: str, config: dict, *, where: str, dtype: str = "keep") 
     return ModelShapes(model, hp, tensors, roles, origin, None)
 
 
-def build_layout(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
-    """The steps of resolve.plan_source over shapes already matched (the suggest loop's path).
-    `stages`: already solved, else solved here."""
-    return plan_tensors(shapes.hparams, shapes.tensors, shapes.roles, recipe, stages)
-
-
-def plan_model(shapes: ModelShapes, recipe: Recipe, stages=None) -> Plan:
-    """Exactly the plan `reshard convert` would execute for this recipe (and these stages)."""
-    if shapes.source is not None:
-        return plan_source(shapes.source, recipe, stages)
-    return build_layout(shapes, recipe, stages)
+def build_layout(shapes: ModelShapes, recipe: Recipe) -> Plan:
+    """The plan over shapes already matched (config.json alone, or a source's headers)."""
+    return resolve(shapes.hparams, shapes.tensors, shapes.roles, recipe).plan
 
 
 def out_dtype(shapes: ModelShapes, recipe: Recipe) -> str:
@@ -133,35 +99,13 @@ class PlanMemory:
     notes: tuple[str, ...]
 
 
-def plan_memory(
-    shapes: ModelShapes,
-    recipe: Recipe,
-    *,
-    gpu: Gpu | None,
-    context: int | None = None,
-    batch: int = 1,
-    limits: EngineLimits | None = None,
-) -> PlanMemory:
-    hp = shapes.hparams
-    check_layout(hp, recipe)  # the layout's own errors come before the stage solver's
-    # One split for the report and the memory: solved on --gpu's roofline (at decode batch 1
-    # every item is bandwidth-bound, so convert's H100 roofline picks the same split).
-    stages = plan_stages(hp, recipe, device=roofline_device(gpu))
-    plan = plan_model(shapes, recipe, stages.stages if recipe.pp > 1 else None)
-    tokens, origin = resolve_context(hp, context)
-    budget = kv_budget(shapes, recipe, context=tokens, batch=batch)
-    report = memory_report(plan, gpu, budget, limits)
-    placement = expert_report(shapes, recipe)
-    return PlanMemory(shapes, recipe, report, stages, placement, origin, _notes(hp, recipe, budget))
-
-
 def roofline_device(gpu: Gpu | None) -> str:
     """The GPU whose FLOP/s and bandwidth the stage roofline uses: --gpu's, else the H100's
     (--gpu-memory gives a size, not a speed)."""
     return gpu.name if gpu is not None and gpu.name in GPUS else "H100"
 
 
-def _notes(hp: HParams, recipe: Recipe, budget: KvBudget) -> tuple[str, ...]:
+def plan_notes(hp: HParams, recipe: Recipe, budget: KvBudget) -> tuple[str, ...]:
     notes = []
     if recipe.load is not None and not (hp.is_moe and recipe.ep > 1):
         notes.append("--expert-load is used only for a mixture-of-experts model with --ep > 1.")
