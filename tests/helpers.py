@@ -273,3 +273,15 @@ def twin_generate(twin, prompt: list[int]) -> list[int]:
     for _ in range(TWIN_NEW_TOKENS):
         ids.append(int(twin(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+def hf_logits(model, prompt: list[int]) -> torch.Tensor:
+    """transformers' logits at every position of one prompt, fp32: [L, V]."""
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].float()
+
+
+def hf_generate(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' own greedy `generate`: the new ids only."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import config_for  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from helpers import assert_all_tiers_pass, assert_bitwise_rebuild  # noqa: E402
+from helpers import assert_all_tiers_pass, assert_bitwise_rebuild, hf_generate, hf_logits  # noqa: E402
 from tolerances import assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -114,16 +114,6 @@ def gemma(tmp_path_factory):
     return get
 
 
-def hf_logits(model, prompt: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].float()  # [L, V]
-
-
-def hf_generate(model, prompt: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
 # --- world size 1 against transformers ---------------------------------------------------------
 
 
@@ -135,7 +125,7 @@ def test_logits_and_greedy_ids_match_transformers(gemma, name):
     for prompt, got in zip(PROMPTS, forward_logits(model, PROMPTS), strict=True):
         assert_close_scaled(got, hf_logits(hf, prompt), what=f"{name} prompt len {len(prompt)}")
     results = generate_greedy(model, PROMPTS, NEW_TOKENS)
-    expected = [hf_generate(hf, prompt) for prompt in PROMPTS]
+    expected = [hf_generate(hf, prompt, NEW_TOKENS) for prompt in PROMPTS]
     assert [r.tokens for r in results] == expected
     assert len({t for ids in expected for t in ids}) > 6  # not one repeated token
     assert len({tuple(ids) for ids in expected}) == len(PROMPTS)
@@ -187,7 +177,7 @@ def test_each_quirk_decides_the_output(gemma, quirk):
     bound = max(scaled_bound(e, 256) for e in expected)
     assert worst > 1000 * bound, (quirk, worst, bound)
     ids = [r.tokens for r in generate_greedy(off, PROMPTS, NEW_TOKENS)]
-    expected_ids = [hf_generate(hf, prompt) for prompt in PROMPTS]
+    expected_ids = [hf_generate(hf, prompt, NEW_TOKENS) for prompt in PROMPTS]
     if quirk == "final soft-cap":  # monotonic: argmax cannot tell, the logits check does
         assert ids == expected_ids
     else:
@@ -385,7 +375,7 @@ def test_sharded_generation_is_token_exact_with_transformers(gemma, tmp_path, ca
     assert_bitwise_rebuild(path, out)
     rows = assert_all_tiers_pass(out, prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
     assert [r["prompt_ids"] for r in rows] == PROMPTS
-    assert [r["sharded_ids"] for r in rows] == [hf_generate(hf, p) for p in PROMPTS]
+    assert [r["sharded_ids"] for r in rows] == [hf_generate(hf, p, NEW_TOKENS) for p in PROMPTS]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["hparams"]["family"] == name
     assert HParams.from_dict(manifest["hparams"]) == load_hparams(path)

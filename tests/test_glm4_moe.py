@@ -20,7 +20,14 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
-from helpers import assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_all_tiers_pass,
+    check_moe_output,
+    convert,
+    hf_generate,
+    hf_logits,
+    skewed_load,
+)
 from test_deepseek import add_mtp_layer  # noqa: E402
 from tolerances import assert_close_scaled, scaled_bound  # noqa: E402
 
@@ -66,16 +73,6 @@ def glm(tmp_path_factory):
     return get
 
 
-def hf_logits(model, prompt: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].float()  # [L, V]
-
-
-def hf_generate(model, prompt: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.mark.float_sensitive
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_logits_and_greedy_ids_match_transformers(glm, name):
@@ -83,7 +80,7 @@ def test_logits_and_greedy_ids_match_transformers(glm, name):
     model = load_source_model(path)
     for prompt, got in zip(PROMPTS, forward_logits(model, PROMPTS), strict=True):
         assert_close_scaled(got, hf_logits(hf, prompt), what=f"{name} prompt len {len(prompt)}")
-    expected = [hf_generate(hf, prompt) for prompt in PROMPTS]
+    expected = [hf_generate(hf, prompt, NEW_TOKENS) for prompt in PROMPTS]
     assert [r.tokens for r in generate_greedy(model, PROMPTS, NEW_TOKENS)] == expected
     assert len({t for ids in expected for t in ids}) > 6
     assert len({tuple(ids) for ids in expected}) == len(PROMPTS)
@@ -119,7 +116,7 @@ def test_each_quirk_decides_the_output(glm, quirk):
     bound = max(scaled_bound(e, 256) for e in expected)
     assert worst > 1000 * bound, (quirk, worst, bound)
     ids = [r.tokens for r in generate_greedy(off, PROMPTS, NEW_TOKENS)]
-    assert ids != [hf_generate(hf, prompt) for prompt in PROMPTS], quirk
+    assert ids != [hf_generate(hf, prompt, NEW_TOKENS) for prompt in PROMPTS], quirk
 
 
 def test_hparams_follow_transformers_config(glm):
@@ -173,4 +170,4 @@ def test_sharded_generation_is_token_exact_with_transformers(glm, tmp_path, case
     if recipe.get("redundant"):
         assert all(sum(p.logcnt) == 20 and max(p.logcnt) > 1 for p in maps.values())
     rows = assert_all_tiers_pass(tmp_path / "out", prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
-    assert [r["sharded_ids"] for r in rows] == [hf_generate(hf, p) for p in PROMPTS]
+    assert [r["sharded_ids"] for r in rows] == [hf_generate(hf, p, NEW_TOKENS) for p in PROMPTS]

@@ -24,7 +24,15 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import config_for  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from helpers import assert_all_tiers_pass, assert_bitwise_rebuild, convert, load_rank, skewed_load  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_all_tiers_pass,
+    assert_bitwise_rebuild,
+    convert,
+    hf_generate,
+    hf_logits,
+    load_rank,
+    skewed_load,
+)
 from tolerances import assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -82,23 +90,13 @@ def gpt_oss(tmp_path_factory) -> tuple[Path, object]:
     return path, write_gpt_oss(path)
 
 
-def hf_logits(model, prompt: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].float()  # [L, V]
-
-
-def hf_generate(model, prompt: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.mark.float_sensitive
 def test_logits_and_greedy_ids_match_transformers(gpt_oss):
     path, hf = gpt_oss
     model = load_source_model(path)
     for prompt, got in zip(PROMPTS, forward_logits(model, PROMPTS), strict=True):
         assert_close_scaled(got, hf_logits(hf, prompt), what=f"prompt len {len(prompt)}")
-    expected = [hf_generate(hf, prompt) for prompt in PROMPTS]
+    expected = [hf_generate(hf, prompt, NEW_TOKENS) for prompt in PROMPTS]
     assert [r.tokens for r in generate_greedy(model, PROMPTS, NEW_TOKENS)] == expected
     assert len({t for ids in expected for t in ids}) > 6  # not one repeated token
     assert len({tuple(ids) for ids in expected}) == len(PROMPTS)
@@ -155,7 +153,7 @@ def test_each_quirk_decides_the_output(gpt_oss, quirk, monkeypatch):
     bound = max(scaled_bound(e, 256) for e in expected)
     assert worst > 1000 * bound, (quirk, worst, bound)
     ids = [r.tokens for r in generate_greedy(off, PROMPTS, NEW_TOKENS)]
-    assert ids != [hf_generate(hf, prompt) for prompt in PROMPTS], quirk
+    assert ids != [hf_generate(hf, prompt, NEW_TOKENS) for prompt in PROMPTS], quirk
 
 
 def test_bf16_norm_scales_in_fp32_as_transformers(gpt_oss):
@@ -253,7 +251,7 @@ def test_sharded_generation_is_token_exact_with_transformers(gpt_oss, tmp_path, 
         counts = [manifest["layout"]["experts"]["layers"][str(i)]["logcnt"] for i in range(4)]
         assert all(sum(c) == EXPERTS + 2 and max(c) > 1 for c in counts)
     rows = assert_all_tiers_pass(tmp_path / "out", prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
-    assert [r["sharded_ids"] for r in rows] == [hf_generate(hf, p) for p in PROMPTS]
+    assert [r["sharded_ids"] for r in rows] == [hf_generate(hf, p, NEW_TOKENS) for p in PROMPTS]
     export_output(tmp_path / "out", tmp_path / "hf")
     exported = tmp_path / "hf"
     original = load_file(path / "model.safetensors")

@@ -19,7 +19,15 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from helpers import GENERATE, assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
+from helpers import (  # noqa: E402
+    GENERATE,
+    assert_all_tiers_pass,
+    check_moe_output,
+    convert,
+    hf_generate,
+    hf_logits,
+    skewed_load,
+)
 from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -85,16 +93,6 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_generate(hf, prompt: list[int]) -> list[int]:
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
-def hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].float()
-
-
 def test_hparams_follow_the_config_class(minimax):
     src, hf = minimax
     hp = load_hparams(src)
@@ -134,7 +132,7 @@ def test_runtime_matches_transformers_and_generates_token_exact(minimax):
         assert_close_scaled(got, hf_logits(hf, prompt), what=f"prompt len {len(prompt)}")
     results = generate_greedy(model, PROMPTS, NEW_TOKENS)
     for result in results:
-        assert result.tokens == hf_generate(hf, result.prompt), result.prompt
+        assert result.tokens == hf_generate(hf, result.prompt, NEW_TOKENS), result.prompt
     assert len({t for r in results for t in r.tokens}) > 6
 
 
@@ -255,7 +253,8 @@ def test_every_verify_tier_passes_and_matches_transformers(minimax, outputs, lay
     _, hf = minimax
     rows = assert_all_tiers_pass(outputs[layout][0], **GENERATE)
     for row in rows:
-        assert row["sharded_ids"] == hf_generate(hf, row["prompt_ids"]), row["prompt_ids"]
+        want = hf_generate(hf, row["prompt_ids"], NEW_TOKENS)
+        assert row["sharded_ids"] == want, row["prompt_ids"]
 
 
 # --- plan on the released config (examples/configs) -----------------------------------------

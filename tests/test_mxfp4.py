@@ -21,7 +21,14 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import config_for  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from helpers import assert_all_tiers_pass, assert_bitwise_rebuild, convert, load_rank, skewed_load  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_all_tiers_pass,
+    assert_bitwise_rebuild,
+    convert,
+    hf_generate,
+    load_rank,
+    skewed_load,
+)
 from test_gpt_oss import ARCH, FIXTURE, PROMPTS  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 
@@ -96,11 +103,6 @@ def mxfp4(tmp_path_factory) -> tuple[Path, object]:
     return path, write_mxfp4(path)
 
 
-def hf_generate(model, prompt: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.mark.float_sensitive
 def test_dequantizer_equals_transformers_reader(mxfp4):
     """reshard's runtime dequantization of every expert weight, bitwise against
@@ -132,7 +134,7 @@ def test_world_one_matches_the_dequantized_twin(mxfp4):
         with torch.no_grad():
             expected = twin(torch.tensor([prompt])).logits[0]
         assert_close_scaled(got, expected, what=f"prompt len {len(prompt)}")
-    expected_ids = [hf_generate(twin, p) for p in PROMPTS]
+    expected_ids = [hf_generate(twin, p, NEW_TOKENS) for p in PROMPTS]
     assert [r.tokens for r in generate_greedy(model, PROMPTS, NEW_TOKENS)] == expected_ids
     assert len({tuple(ids) for ids in expected_ids}) == len(PROMPTS)
 
@@ -207,7 +209,7 @@ def test_sharded_mxfp4_is_bitwise_and_token_exact(mxfp4, tmp_path, case):
     assert_bitwise_rebuild(path, tmp_path / "out")
     check_block_slices(path, tmp_path / "out", manifest)
     rows = assert_all_tiers_pass(tmp_path / "out", prompt_ids=PROMPTS, max_new_tokens=NEW_TOKENS)
-    assert [r["sharded_ids"] for r in rows] == [hf_generate(twin, p) for p in PROMPTS]
+    assert [r["sharded_ids"] for r in rows] == [hf_generate(twin, p, NEW_TOKENS) for p in PROMPTS]
     export_output(tmp_path / "out", tmp_path / "hf")
     original = load_file(path / "model.safetensors")
     back = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}

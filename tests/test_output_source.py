@@ -303,3 +303,20 @@ def test_export_force_deletes_only_its_own_files_and_takes_the_lock(tmp_path):
     finally:
         os.close(fd)
     assert result.exit_code == 2 and "another reshard convert is writing" in result.output
+
+
+def test_a_rank_file_that_shrinks_while_read_names_the_file_and_the_fix(tmp_path):
+    """The reader's last guard (sizes were checked when the output was opened): a file that
+    ends early during the read is an OutputError naming it, never a short tensor."""
+    from reshard.errors import OutputError
+    from reshard.io.output_source import _read_exact
+
+    path = tmp_path / "model-rank-0.safetensors"
+    path.write_bytes(bytes(range(10)))
+    buf = bytearray(8)
+    _read_exact(path, memoryview(buf), 2)
+    assert bytes(buf) == bytes(range(2, 10))
+    with pytest.raises(OutputError) as e:
+        _read_exact(path, memoryview(bytearray(20)), 4)
+    assert str(path) in str(e.value) and "ended at 10 bytes while reading 20 at 4" in str(e.value)
+    assert "re-copy it" in str(e.value)

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
+from helpers import hf_generate, hf_logits  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
@@ -82,16 +83,6 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as f:
             out.update({name: f.get_tensor(name) for name in f.keys()})
     return out
-
-
-def hf_generate(hf, prompt: list[int]) -> list[int]:
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
-def hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].float()  # [L, V]
 
 
 def expected_qkv(source: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
@@ -319,7 +310,7 @@ def test_sharded_generation_is_token_exact_against_transformers(phi3, outputs, l
     results = generate_sharded(outputs[layout], PROMPTS, NEW_TOKENS, device="cpu")
     assert [r.prompt for r in results] == PROMPTS
     for result in results:
-        expected = hf_generate(hf, result.prompt)
+        expected = hf_generate(hf, result.prompt, NEW_TOKENS)
         assert result.tokens == expected, (layout, result.prompt)
         full = hf_logits(hf, result.prompt + result.tokens)[len(result.prompt) - 1 : -1]
         assert_close_scaled(result.logits, full, what=f"{layout} prompt {result.prompt}")
@@ -330,4 +321,4 @@ def test_sharded_generation_is_token_exact_against_transformers(phi3, outputs, l
 def test_world_size_1_generation_is_token_exact(phi3):
     src, hf = phi3
     for result in generate_greedy(load_source_model(src), PROMPTS, NEW_TOKENS):
-        assert result.tokens == hf_generate(hf, result.prompt), result.prompt
+        assert result.tokens == hf_generate(hf, result.prompt, NEW_TOKENS), result.prompt

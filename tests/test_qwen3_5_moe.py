@@ -12,7 +12,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
-from helpers import GENERATE, assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
+from helpers import (  # noqa: E402
+    GENERATE,
+    assert_all_tiers_pass,
+    check_moe_output,
+    convert,
+    hf_generate,
+    hf_logits,
+    skewed_load,
+)
 from test_qwen3_next import (  # noqa: E402
     CONFIG,
     HIDDEN,
@@ -23,8 +31,6 @@ from test_qwen3_next import (  # noqa: E402
     NV,
     PROMPTS,
     calm_decay,
-    hf_generate,
-    hf_logits,
     rank_tensors,
     read_all,
 )
@@ -74,7 +80,7 @@ def test_runtime_matches_transformers(qwen35):
         assert_close_scaled(got, hf_logits(hf, prompt), what=f"prompt len {len(prompt)}")
     results = generate_greedy(model, PROMPTS, NEW_TOKENS)
     for result in results:
-        assert result.tokens == hf_generate(hf, result.prompt), result.prompt
+        assert result.tokens == hf_generate(hf, result.prompt, NEW_TOKENS), result.prompt
     assert len({t for r in results for t in r.tokens}) > 6
 
 
@@ -117,4 +123,5 @@ def test_tp2_pp2_ep2_redundant_bitwise_every_tier_and_transformers(qwen35, tmp_p
                     assert ranked[name].view(torch.uint8).equal(want.view(torch.uint8)), name
     assert seen == {(layer, r) for layer in (0, 2) for r in range(2)}
     for row in assert_all_tiers_pass(out, **GENERATE):
-        assert row["sharded_ids"] == hf_generate(hf, row["prompt_ids"]), row["prompt_ids"]
+        want = hf_generate(hf, row["prompt_ids"], NEW_TOKENS)
+        assert row["sharded_ids"] == want, row["prompt_ids"]

@@ -21,7 +21,15 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import write_checkpoint  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from helpers import GENERATE, assert_all_tiers_pass, check_moe_output, convert, skewed_load  # noqa: E402
+from helpers import (  # noqa: E402
+    GENERATE,
+    assert_all_tiers_pass,
+    check_moe_output,
+    convert,
+    hf_generate,
+    hf_logits,
+    skewed_load,
+)
 from tolerances import MODEL_ULPS, assert_close_scaled, scaled_bound  # noqa: E402
 
 from reshard.cli import main  # noqa: E402
@@ -107,16 +115,6 @@ def rank_tensors(out: Path, entry: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def hf_generate(hf, prompt: list[int]) -> list[int]:
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
-def hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].float()  # [L, V]
-
-
 def expected_linear(source: dict, layer: int, tp: int, r: int) -> dict[str, torch.Tensor]:
     """Rank r's share of a linear layer, computed from the heads: key heads r*NK/tp.. with
     their value heads. in_proj_qkvz / in_proj_ba rows are grouped per key head in the
@@ -191,7 +189,7 @@ def hf_reference(qwen3_next) -> dict[tuple, tuple[list[int], torch.Tensor]]:
     _, hf = qwen3_next
     made = {}
     for prompt in PROMPTS:
-        tokens = hf_generate(hf, prompt)
+        tokens = hf_generate(hf, prompt, NEW_TOKENS)
         made[tuple(prompt)] = tokens, hf_logits(hf, prompt + tokens)[len(prompt) - 1 : -1]
     return made
 
@@ -362,7 +360,8 @@ def test_every_verify_tier_passes_and_matches_transformers(qwen3_next, outputs, 
         assert [s["layers"] for s in manifest["layout"]["stages"]] == [[0, 1], [2, 3]]
     rows = assert_all_tiers_pass(out, **GENERATE)
     for row in rows:
-        assert row["sharded_ids"] == hf_generate(hf, row["prompt_ids"]), row["prompt_ids"]
+        want = hf_generate(hf, row["prompt_ids"], NEW_TOKENS)
+        assert row["sharded_ids"] == want, row["prompt_ids"]
 
 
 def test_mtp_module_is_skipped_with_a_notice(qwen3_next, tmp_path):

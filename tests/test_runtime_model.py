@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import checkpoints  # noqa: E402
+from helpers import hf_generate, hf_logits  # noqa: E402
 from tolerances import assert_close_scaled  # noqa: E402
 
 from reshard.errors import CheckpointError, InputError, UnsupportedModelError  # noqa: E402
@@ -146,17 +147,6 @@ def checkpoint(request, tmp_path_factory):
     return request.param, path, make_checkpoint(request.param, path)
 
 
-def hf_logits(model, prompt: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].float()  # [L, V]
-
-
-def hf_generate(model, prompt: list[int]) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
 def test_all_position_logits_match_transformers(checkpoint):
     arch, path, hf = checkpoint
     ours = forward_logits(load_source_model(path), PROMPTS)
@@ -168,7 +158,7 @@ def test_greedy_generation_matches_transformers(checkpoint):
     arch, path, hf = checkpoint
     results = generate_greedy(load_source_model(path), PROMPTS, NEW_TOKENS)
     for prompt, result in zip(PROMPTS, results, strict=True):
-        expected = hf_generate(hf, prompt)
+        expected = hf_generate(hf, prompt, NEW_TOKENS)
         assert result.tokens == expected, f"{arch}: prompt of length {len(prompt)}"
         assert len(set(expected)) > 1, f"{arch}: fixture too degenerate (one repeated token)"
         # Row k chose token k: HF's logits at the same positions of prompt + generated ids.

@@ -26,6 +26,7 @@ from .manifest import MANIFEST, read_sealed_manifest
 from .manifest_value import Manifest
 from .output_jobs import rank_tensor_jobs
 from .pull import pull_jobs
+from .scatter import preadv_exact
 from .source import Source, open_source
 
 if TYPE_CHECKING:
@@ -380,15 +381,12 @@ def _read_exact(path: Path, view: memoryview, offset: int) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            got = 0
-            while got < len(view):
-                step = os.preadv(fd, [view[got:]], offset + got)
-                if step == 0:
-                    raise OutputError(
-                        f"{path}: ended at {offset + got} bytes while reading {len(view)} at "
-                        f"{offset}. The file shrank while being read; re-copy it."
-                    )
-                got += step
+            got = preadv_exact(fd, [view], offset)
+            if got < len(view):
+                raise OutputError(
+                    f"{path}: ended at {offset + got} bytes while reading {len(view)} at "
+                    f"{offset}. The file shrank while being read; re-copy it."
+                )
         finally:
             os.close(fd)
     except OSError as e:

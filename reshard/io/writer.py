@@ -61,13 +61,13 @@ class Target:
     fd: int
     tensor: OutTensor
     offset: int  # absolute byte offset of the tensor's data in its file
+    writeback: Writeback  # starts the file's writeback as it fills (shared by the files)
     hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
     hashed: int = 0  # bytes [0, hashed) are in the hash
     written: int = 0  # bytes written, checked against the plan at the end
     # A format's stacked tensor (vLLM's qkv_proj) takes bytes from several source tensors,
     # so several jobs may account for it at once.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    writeback: Writeback | None = None  # starts the file's writeback as it fills
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def _fsync_partial(file: tuple[int, Path]) -> None:
     io_call(os.fsync, file[0], path=partial_path(file[1]))
 
 
-def _create_file(path: Path, spec: FileSpec, writeback=None) -> tuple[int, list[Target], str]:
+def _create_file(path: Path, spec: FileSpec, writeback: Writeback) -> tuple[int, list[Target], str]:
     entries = [(t.name, t.dtype, t.shape) for t in spec.tensors]
     header, offsets = encode_header(entries, spec.metadata)
     tmp = partial_path(path)
@@ -177,7 +177,7 @@ def _create_file(path: Path, spec: FileSpec, writeback=None) -> tuple[int, list[
     # Full size up front: padding rows are the zeros of the sparse tail, no write needed.
     io_call(os.ftruncate, fd, len(header) + (offsets[-1][1] if offsets else 0), path=tmp)
     targets = [
-        Target(tmp, fd, t, len(header) + begin, writeback=writeback)
+        Target(tmp, fd, t, len(header) + begin, writeback)
         for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
     ]
     for target in targets:
@@ -349,8 +349,7 @@ def _account(target: Target, rel: int, data) -> None:
         if rel == target.hashed:  # in order: hash while streaming; else read back at the end
             target.hasher.update(data)
             target.hashed += len(data)
-    if target.writeback is not None:
-        target.writeback.wrote(target.fd, len(data))
+    target.writeback.wrote(target.fd, len(data))
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:
