@@ -23,9 +23,6 @@ class _Unavailable:
     def __getattr__(self, attr: str):
         return _Unavailable(f"{self._name}.{attr}")
 
-    def __mro_entries__(self, bases):  # `class X(torchvision.something):` still defines
-        return (object,)
-
 
 class _StubModule(types.ModuleType):
     def __getattr__(self, attr: str):
