@@ -68,12 +68,6 @@ def tensor_windows(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> tup
     return tuple(windows)
 
 
-def row_window(shape: tuple[int, ...], a: int, b: int) -> Window:
-    """Rows [a, b) of a tensor (a scalar: its one element) as a window."""
-    inner = math.prod(shape[1:])
-    return Window((), a, b, a * inner, (b - a) * inner)
-
-
 @lru_cache(maxsize=4096)
 def piece_groups(
     start: tuple[int, ...],

@@ -214,8 +214,8 @@ class OutputReader:
         self.blocks = blocks
         self.headers = headers
         self.hashers: dict[tuple[str, str], list] = {}  # (file, tensor) -> [xxh3, bytes hashed]
-        # Rows on their way to a gather, for the torch block readers below (iter_rows,
-        # read_block); re-layout, export and verify use the byte path (io/output_jobs.py)
+        # Rows on their way to a gather, for the torch block reader below (read_block);
+        # re-layout, export and verify use the byte path (io/output_jobs.py)
         # and never import torch.
         self.scratch = None
 
@@ -255,20 +255,6 @@ class OutputReader:
         record["made_from"] = made_from
         return record
 
-    def iter_rows(self, name: str, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES, *, alloc=None):
-        """Yield (a, b, rows a:b of the tensor) in row order, each about chunk_bytes or less;
-        a scalar is yielded once as (0, 1, tensor). alloc(n) gives the uint8 buffer each block
-        is assembled in (a recycled one: fresh memory costs a page fault per 4 KiB)."""
-        if not info.shape:
-            yield 0, 1, self._assemble(name, info, 0, 1).reshape(())
-            return
-        rows = info.shape[0]
-        row_bytes = info.nbytes // rows if rows else 0
-        step = max(1, chunk_bytes // max(row_bytes, 1))
-        for a in range(0, rows, step):
-            b = min(rows, a + step)
-            yield a, b, self._assemble(name, info, a, b, alloc)
-
     def read_block(self, name: str, info: TensorInfo, index: tuple) -> torch.Tensor:
         """tensor[index] for an index of slices whose first one picks rows (verify's reads)."""
         if not index:
@@ -277,16 +263,12 @@ class OutputReader:
         a, b = rows.start or 0, info.shape[0] if rows.stop is None else rows.stop
         return self._assemble(name, info, a, b)[(slice(None), *index[1:])]
 
-    def _assemble(self, name: str, info: TensorInfo, a: int, b: int, alloc=None) -> torch.Tensor:
+    def _assemble(self, name: str, info: TensorInfo, a: int, b: int) -> torch.Tensor:
         import torch
 
         shape = info.shape or (1,)
         dtype = torch_dtypes()[info.dtype]
-        if alloc is not None:
-            n = (b - a) * math.prod(shape[1:]) * dtype.itemsize
-            buf = alloc(n).view(dtype).view(b - a, *shape[1:])
-        else:
-            buf = torch.empty((b - a, *shape[1:]), dtype=dtype)
+        buf = torch.empty((b - a, *shape[1:]), dtype=dtype)
         groups: dict[tuple[str, str], list[Block]] = {}
         for block in self.blocks.get(name, []):
             if not info.shape or (block.start[0] < b and block.stop[0] > a):

@@ -23,19 +23,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def reused_buffer():
-    """An alloc for iter_rows whose blocks all share one buffer, grown as needed: for a
-    caller that is done with a block before it asks for the next."""
-    held = [torch.empty(0, dtype=torch.uint8)]
-
-    def alloc(n: int) -> torch.Tensor:
-        if held[0].numel() < n:
-            held[0] = torch.empty(n, dtype=torch.uint8)
-        return held[0][:n]
-
-    return alloc
-
-
 def all_gather_objects(obj: Any, group=None) -> list[Any]:
     """dist.all_gather_object without numpy: pickle, gather the lengths, gather the padded
     byte tensors (CPU tensors: use a gloo group), unpickle."""

@@ -78,7 +78,3 @@ def export_files(plan) -> dict[str, bytes]:
         SGLANG_FILE: (json.dumps(sglang) + "\n").encode(),
         TRTLLM_FILE: to_trtllm_yaml(plan.placements).encode(),
     }
-
-
-def placement_from_entry(entry: dict, ep: int, num_experts: int) -> Placement:
-    return Placement.from_phy2log(entry["phy2log"], ep, num_experts)
