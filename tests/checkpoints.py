@@ -75,9 +75,18 @@ def config_for(arch: str, **overrides):
 
 
 def write_checkpoint(
-    path: Path, arch: str = "LlamaForCausalLM", *, shard_size=None, seed=0, dtype=None, **overrides
+    path: Path,
+    arch: str = "LlamaForCausalLM",
+    *,
+    shard_size=None,
+    seed=0,
+    dtype=None,
+    random_biases=False,
+    **overrides,
 ) -> Path:
-    """save_pretrained a random tiny model; `shard_size` (e.g. "20KB") makes several files."""
+    """save_pretrained a random tiny model; `shard_size` (e.g. "20KB") makes several files.
+    `random_biases`: every bias and sink drawn at random, where transformers starts them at
+    zero (a bias put in the wrong place then changes bytes and tokens)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -87,6 +96,9 @@ def write_checkpoint(
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.5)
+        for name, param in model.named_parameters():
+            if random_biases and name.endswith(("_bias", ".bias", "sinks")):
+                param.copy_(torch.randn_like(param) * 0.5)
     if dtype is not None:
         model = model.to(dtype)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}

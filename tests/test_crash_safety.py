@@ -17,7 +17,7 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("stage", ["_finish_hashes", "_account"])
+@pytest.mark.parametrize("stage", ["_finish_hashes", "account"])
 def test_interrupted_convert_then_rerun(tmp_path, monkeypatch, stage):
     src = write_checkpoint(tmp_path / "src", shard_size="30KB")
     out = tmp_path / "out"
@@ -67,7 +67,7 @@ def test_force_on_a_finished_output_removes_the_manifest_first(tmp_path, monkeyp
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reshard.io.writer, "_account", interrupt)
+    monkeypatch.setattr(reshard.io.writer, "account", interrupt)
     assert run("convert", src, "--tp", "2", "-o", out, "--force").exit_code == 130
     assert not (out / "manifest.json").exists()
     assert run("verify", out).exit_code == 2

@@ -140,6 +140,10 @@ MANIFEST_CASES = {
         ".pieces[0]' block",
     ),
     "unknown dtype": (lambda d: _tensor(d).__setitem__("dtype", "F99"), ".dtype' is 'F99'"),
+    "transposed not true": (
+        lambda d: _tensor(d).__setitem__("transposed", "yes"),
+        ".transposed' is 'yes' for shape [",
+    ),
     "tensor in another rank's file": (
         lambda d: _tensor(d).__setitem__("file", "rank-00001.safetensors"),
         ".file' 'rank-00001.safetensors' is not in ranks[0].files",

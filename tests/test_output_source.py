@@ -5,6 +5,7 @@ loading and generation, and the bytes of a direct conversion)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from reshard.cli import main
 from reshard.convert import convert_model
 from reshard.export import export_output, split_shards
-from reshard.headers import TensorInfo
+from reshard.headers import TensorInfo, read_header
 from reshard.io.manifest import write_manifest
 from reshard.io.output_source import open_output_source
 from reshard.layout.recipe import build_recipe
@@ -112,14 +113,42 @@ def test_row_blocks_of_any_size_rebuild_the_source(tmp_path):
     for chunk in (7, 300, 5000):  # bytes a block
         for name, (_, info) in source.tensors.items():
             if not info.shape:
-                rebuilt = source.reader.read_block(name, info, ()).reshape(())
+                rebuilt = source.reader.read_box(source, name, (), ())
             else:
                 step = max(1, chunk * info.shape[0] // max(info.nbytes, 1))
-                rows = range(0, info.shape[0], step)
-                blocks = [(slice(a, min(a + step, info.shape[0])),) for a in rows]
-                rebuilt = torch.cat([source.reader.read_block(name, info, i) for i in blocks])
+                rest = info.shape[1:]
+                boxes = [
+                    ((a, *(0 for _ in rest)), (min(a + step, info.shape[0]), *rest))
+                    for a in range(0, info.shape[0], step)
+                ]
+                rebuilt = torch.cat([source.reader.read_box(source, name, *b) for b in boxes])
             assert torch.equal(rebuilt, original[name]), (name, chunk)
-    source.reader.check_hashes()
+
+
+def test_a_box_read_from_an_altered_rank_tensor_is_refused(tmp_path):
+    """read_box hashes a rank tensor whole before using its bytes: one flipped byte in it,
+    even outside the box asked for, names the file, the tensor and the fix."""
+    from safetensors import safe_open
+
+    from reshard.errors import OutputError
+
+    src = write_checkpoint(tmp_path / "src", "Qwen2MoeForCausalLM")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2))
+    path = out / "rank-00001.safetensors"
+    name = "model.layers.0.self_attn.o_proj.weight"
+    with safe_open(path, "pt") as f:
+        assert name in f.keys()  # noqa: SIM118
+    info = read_header(path).tensors[name]
+    data = bytearray(path.read_bytes())
+    data[info.end - 1] ^= 0xFF  # the last byte of the rank tensor
+    path.write_bytes(bytes(data))
+    source = open_output_source(out)
+    hidden = source.info(name).shape[1]
+    with pytest.raises(OutputError) as e:
+        source.reader.read_box(source, name, (0, hidden // 2), (1, hidden // 2 + 1))
+    assert f"{path}: tensor '{name}' hash" in str(e.value)
+    assert "the output is corrupt. Re-copy it, or convert from the original model." in str(e.value)
 
 
 def test_transformers_loads_the_export_and_generates_the_same(tmp_path):
@@ -310,18 +339,22 @@ def test_export_force_deletes_only_its_own_files_and_takes_the_lock(tmp_path):
     assert result.exit_code == 2 and "another reshard convert is writing" in result.output
 
 
-def test_a_rank_file_that_shrinks_while_read_names_the_file_and_the_fix(tmp_path):
-    """The reader's last guard (sizes were checked when the output was opened): a file that
-    ends early during the read is an OutputError naming it, never a short tensor."""
+def test_a_rank_file_that_shrinks_after_open_names_the_file_and_the_fix(tmp_path):
+    """Sizes are checked when the output is opened; a rank file cut short later is caught
+    when a box is read from it (its tensor no longer hashes as recorded), never a short
+    tensor."""
     from reshard.errors import OutputError
-    from reshard.io.output_source import _read_exact
 
-    path = tmp_path / "model-rank-0.safetensors"
-    path.write_bytes(bytes(range(10)))
-    buf = bytearray(8)
-    _read_exact(path, memoryview(buf), 2)
-    assert bytes(buf) == bytes(range(2, 10))
+    src = write_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    convert_model(str(src), out, build_recipe(tp=2))
+    source = open_output_source(out)
+    path = out / "rank-00001.safetensors"
+    name = "lm_head.weight"
+    info = read_header(path).tensors[name]
+    os.truncate(path, info.begin + 8)
+    shape = source.info(name).shape
     with pytest.raises(OutputError) as e:
-        _read_exact(path, memoryview(bytearray(20)), 4)
-    assert str(path) in str(e.value) and "ended at 10 bytes while reading 20 at 4" in str(e.value)
-    assert "re-copy it" in str(e.value)
+        source.reader.read_box(source, name, (shape[0] - 1, 0), shape)
+    assert f"{path}: tensor '{name}' hash" in str(e.value)
+    assert "Re-copy it, or convert from the original model." in str(e.value)

@@ -114,13 +114,13 @@ from reshard.cli import main
 limit, point = int(sys.argv[1]), sys.argv[2]
 seen = [0]
 if point == "bytes":
-    account = w._account
+    account = w.account
     def counting(target, rel, data):
         account(target, rel, data)
         seen[0] += len(memoryview(data).cast("B"))
         if seen[0] >= limit:
             os.kill(os.getpid(), signal.SIGKILL)
-    w._account = counting
+    w.account = counting
 else:
     mark = rs.write_marker
     def marking(*a, **k):

@@ -33,7 +33,10 @@ VLLM_PYTHON = Path(
         "RESHARD_VLLM_PYTHON", Path.home() / ".cache" / "reshard" / "vllm-0.32" / "bin" / "python"
     )
 )
-GENERATE = ["llama", "qwen2", "qwen3", "qwen2_moe", "phi3", "glm4_moe", "qwen3_next", "qwen3_5_moe"]
+GENERATE = [
+    "llama", "qwen2", "qwen3", "qwen2_moe", "phi3", "glm4_moe", "gpt_oss", "qwen3_next",
+    "qwen3_5_moe",
+]  # fmt: skip
 # MiniMax-M2 loads only: vLLM 0.32's CPU router takes softmax scoring only (an assertion in
 # cpu_router.py stops the original checkpoint's run as well), and MiniMax-M2's is sigmoid.
 # vLLM 0.32's CPU build is not deterministic for DeepSeek-V3's MLA: two runs from the original

@@ -184,6 +184,52 @@ def test_experts_stack_as_w13_and_w2(models, tmp_path, ep):
         assert same_bytes(got[f"{layer}.gate.weight"], src[f"{layer}.gate.weight"])
 
 
+@pytest.mark.parametrize("ep", [1, 2])
+def test_gpt_oss_experts_are_transposed_and_w2_bias_is_on_rank_0(models, tmp_path, ep):
+    """vLLM's gpt-oss holds each rank's experts [E, out, in] (w13's rows keep gate and up
+    interleaved), w13's bias with them, and adds w2's bias on an expert's first TP rank only:
+    ep 1 splits every expert 2 ways (rank 1's w2_bias all zeros); ep 2 gives each rank two
+    whole experts, with their biases. Sinks split with the heads."""
+    src = read_all(models("gpt_oss").glob("*.safetensors"))
+    out = convert_vllm(models("gpt_oss"), tmp_path / "out", tp=2, ep=ep)
+    layer, inter, heads = "model.layers.1", 64, 4
+    assert src[f"{layer}.mlp.experts.down_proj_bias"].abs().min() > 0  # zeros would hide it
+    for r in (0, 1):
+        got = read_all(rank_files(out, 0, r, 1))
+        experts = slice(None) if ep == 1 else slice(2 * r, 2 * r + 2)
+        cols = slice(r * inter, (r + 1) * inter) if ep == 1 else slice(None)  # 2*I per rank
+        rows = slice(r * inter // 2, (r + 1) * inter // 2) if ep == 1 else slice(None)
+        moe = f"{layer}.mlp.experts"
+        gate_up = src[f"{moe}.gate_up_proj"][experts][:, :, cols]
+        down = src[f"{moe}.down_proj"][experts][:, rows]
+        want = {
+            "routed_experts.w13_weight": gate_up.transpose(1, 2).contiguous(),
+            "routed_experts.w13_bias": src[f"{moe}.gate_up_proj_bias"][experts][:, cols],
+            "routed_experts.w2_weight": down.transpose(1, 2).contiguous(),
+            "routed_experts.w2_bias": src[f"{moe}.down_proj_bias"][experts],
+        }
+        if ep == 1 and r == 1:
+            want["routed_experts.w2_bias"] = torch.zeros_like(want["routed_experts.w2_bias"])
+        for key, tensor in want.items():
+            assert same_bytes(got[f"{moe}.{key}"], tensor.contiguous()), (r, key)
+        sinks = src[f"{layer}.self_attn.sinks"][r * heads // 2 : (r + 1) * heads // 2]
+        assert same_bytes(got[f"{layer}.attn.sinks"], sinks)
+        assert same_bytes(got[f"{layer}.mlp.router.bias"], src[f"{layer}.mlp.router.bias"])
+    manifest = read_manifest(out).doc
+    entry = manifest["ranks"][1]["tensors"]
+    w13 = entry["model.layers.0.mlp.experts.routed_experts.w13_weight"]
+    assert w13["transposed"] is True and w13["shape"] == (
+        [4, 64, 128] if ep == 1 else [2, 128, 128]
+    )
+    w2_bias = entry["model.layers.0.mlp.experts.routed_experts.w2_bias"]
+    if ep == 1:
+        assert (w2_bias["pieces"], w2_bias["fill"]) == ([], 0.0)
+        assert w2_bias["parts"][0]["name"] == "model.layers.0.mlp.experts.down_proj_bias"
+    else:
+        assert "fill" not in w2_bias  # rank 1's own experts 2 and 3, real on each rank
+        assert [p["start"][0] for p in w2_bias["pieces"]] == [2, 3]
+
+
 def test_mla_stacks_q_a_and_kv_a(models, tmp_path):
     src = read_all(models("deepseek_v3").glob("*.safetensors"))
     out = convert_vllm(models("deepseek_v3"), tmp_path / "out", tp=2)
@@ -253,7 +299,13 @@ def test_one_worker_and_two_write_the_same_bytes(models, tmp_path):
 
 @pytest.mark.parametrize(
     "name,layout",
-    [("llama", dict(tp=2)), ("qwen2", dict(tp=2, pp=2)), ("qwen2_moe", dict(tp=2, ep=2))],
+    [
+        ("llama", dict(tp=2)),
+        ("qwen2", dict(tp=2, pp=2)),
+        ("qwen2_moe", dict(tp=2, ep=2)),
+        ("gpt_oss", dict(tp=2, pp=2)),
+        ("gpt_oss", dict(tp=2, ep=2)),
+    ],
 )
 def test_every_verify_tier_passes_on_a_vllm_output(models, tmp_path, name, layout):
     out = convert_vllm(models(name), tmp_path / "out", **layout)
@@ -266,9 +318,11 @@ def test_every_verify_tier_passes_on_a_vllm_output(models, tmp_path, name, layou
     assert passed
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "qwen2"])
-def test_export_of_a_vllm_output_gives_back_the_source_bytes(models, tmp_path, name):
-    out = convert_vllm(models(name), tmp_path / "out", tp=2, ep=2 if name != "qwen2" else 1)
+@pytest.mark.parametrize(
+    "name,ep", [("qwen2_moe", 2), ("deepseek_v3", 2), ("qwen2", 1), ("gpt_oss", 1)]
+)
+def test_export_of_a_vllm_output_gives_back_the_source_bytes(models, tmp_path, name, ep):
+    out = convert_vllm(models(name), tmp_path / "out", tp=2, ep=ep)
     export_output(out, tmp_path / "hf")
     source = read_all(models(name).glob("*.safetensors"))
     exported = read_all((tmp_path / "hf").glob("*.safetensors"))
@@ -280,11 +334,14 @@ def test_export_of_a_vllm_output_gives_back_the_source_bytes(models, tmp_path, n
         assert same_bytes(exported[key], tensor), key
 
 
-def test_a_vllm_output_relayouts_to_native_and_back_to_vllm(models, tmp_path):
-    vllm_out = convert_vllm(models("mixtral"), tmp_path / "vllm", tp=2)
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_a_vllm_output_relayouts_to_native_and_back_to_vllm(models, tmp_path, name):
+    """gpt-oss: its transposed experts are read back untransposed, and written transposed
+    again from a native source; the weights tier compares both against their sources."""
+    vllm_out = convert_vllm(models(name), tmp_path / "vllm", tp=2)
     native = tmp_path / "native"
     convert_model(str(vllm_out), native, build_recipe(tp=1))
-    src = read_all(models("mixtral").glob("*.safetensors"))
+    src = read_all(models(name).glob("*.safetensors"))
     assert all(
         same_bytes(t, src[k]) for k, t in read_all([native / "rank-00000.safetensors"]).items()
     )
@@ -293,6 +350,9 @@ def test_a_vllm_output_relayouts_to_native_and_back_to_vllm(models, tmp_path):
         assert read_all([path]).keys() == read_all([again / path.name]).keys()
         for k, t in read_all([path]).items():
             assert same_bytes(read_all([again / path.name])[k], t), k
+    for out in (native, again):  # each against the output it was read from
+        passed, results = verify_output(out, levels=("weights",))
+        assert passed, [r.details for r in results]
 
 
 def test_the_manifest_records_the_format_and_each_stacked_part(models, tmp_path):
@@ -465,22 +525,6 @@ def test_a_recipe_can_ask_for_the_vllm_format(models, tmp_path):
         "model-rank-0-part-0.safetensors",
         "model-rank-1-part-0.safetensors",
     ]
-
-
-def test_gpt_oss_is_refused_with_what_vllm_wants_instead(tmp_path):
-    """vLLM 0.32's gpt-oss transposes its experts and keeps w2's bias on rank 0 only (its
-    loader's state dict, recorded: docs/vllm-format.md); the format writes neither yet."""
-    from checkpoints import write_checkpoint
-    from vllm_models import DENSE
-
-    src = write_checkpoint(
-        tmp_path / "src", "GptOssForCausalLM",
-        **{**DENSE, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
-    )  # fmt: skip
-    line = refuse([str(src), "--tp", "2"], tmp_path / "o")
-    assert "does not yet write GptOssForCausalLM in vLLM 0.32" in line
-    assert "experts transposed (w13_weight [experts, 2*intermediate, hidden]" in line
-    assert "on TP rank 0 only" in line and "--format native" in line
 
 
 def test_an_untied_head_vllm_would_drop_is_refused(tmp_path):

@@ -249,7 +249,7 @@ def test_ctrl_c_in_a_worker_exits_130_and_the_next_run_succeeds(moe, tmp_path, m
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(reshard.io.writer, "_account", interrupt)
+        m.setattr(reshard.io.writer, "account", interrupt)
         result = run("convert", moe, "--tp", "2", "-o", out, "--workers", 3)
     assert result.exit_code == 130, result.output
     assert "interrupted: nothing was committed" in result.output

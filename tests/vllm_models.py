@@ -1,7 +1,8 @@
 """The engine tier's tiny models: each a transformers-written bf16 checkpoint whose shapes vLLM's
 CPU build runs (attention head sizes 32/64/128; MLA's latent 512 + rope 64), each with the quirk
-it stands for. Shared by tests/test_vllm_format.py (no vLLM needed), tests/test_vllm_engine.py
-(vLLM's CPU build) and scripts/vllm_golden.py, which records vLLM's expected keys per layout.
+it stands for, and every bias drawn at random (transformers starts them at zero). Shared by
+tests/test_vllm_format.py (no vLLM needed), tests/test_vllm_engine.py (vLLM's CPU build) and
+scripts/vllm_golden.py, which records vLLM's expected keys per layout.
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ MODELS = {
         ),
         "q/k norm over all heads (split with them), partial rotary, w1/w2/w3 experts",
     ),
+    "gpt_oss": (
+        "GptOssForCausalLM",
+        dict(
+            intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+            head_dim=64,
+        ),
+        "attention sinks, biased router and experts stored [E, in, out] (vLLM: transposed)",
+    ),
     "qwen3_next": (
         "Qwen3NextForCausalLM",
         dict(MOE, **LINEAR),
@@ -119,4 +128,4 @@ def write_model(path: Path, name: str) -> Path:
     arch, overrides, _ = MODELS[name]
     kwargs = {**DENSE, **overrides}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return write_checkpoint(path, arch, dtype=torch.bfloat16, **kwargs)
+    return write_checkpoint(path, arch, dtype=torch.bfloat16, random_biases=True, **kwargs)

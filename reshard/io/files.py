@@ -17,10 +17,11 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def map_range(fd: int, offset: int, n: int, path: Path) -> memoryview:
+def map_range(fd: int, offset: int, n: int, path: Path, *, private: bool = False) -> memoryview:
     """The file's bytes [offset, offset + n), mapped read-only: hashing and pwrite then read the
     page cache directly, a copy fewer than preadv into a buffer. Unmapped when the last view
-    of it goes."""
+    of it goes. `private`: a copy-on-write mapping, writable (as torch.frombuffer wants) but
+    never written back, which costs nothing until a page is written."""
     size = io_call(os.fstat, fd, path=path).st_size
     if size < offset + n:  # reading a mapping past the end of the file kills the process
         raise CheckpointError(
@@ -29,7 +30,12 @@ def map_range(fd: int, offset: int, n: int, path: Path) -> memoryview:
         )
     base = offset - offset % mmap.ALLOCATIONGRANULARITY
     mapped = io_call(
-        mmap.mmap, fd, offset + n - base, access=mmap.ACCESS_READ, offset=base, path=path
+        mmap.mmap,
+        fd,
+        offset + n - base,
+        offset=base,
+        path=path,
+        access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ,
     )
     return memoryview(mapped)[offset - base :]
 

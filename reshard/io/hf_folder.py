@@ -6,16 +6,19 @@ manifest records the files as they are. The other kind is a reshard output
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from ..headers import Header
-from .files import io_error
+from .files import io_call, io_error
 from .writer import Job
 
 if TYPE_CHECKING:  # a type only: source.py builds an HfFolder into each Source it opens
+    import torch
+
     from .source import Source
 
 
@@ -36,6 +39,20 @@ class HfFolder:
             for info in header.tensors.values()
             if info.name in consumers
         ]
+
+    def stored_transposed(self, name: str) -> bool:
+        return False  # a checkpoint's tensors are as its header says
+
+    def read_box(self, source: Source, name: str, lo: tuple, hi: tuple) -> torch.Tensor:
+        """tensor[lo:hi] (per dim), from the file that holds it."""
+        from .transposed import read_box
+
+        header, info = source.tensors[name]
+        fd = io_call(os.open, header.path, os.O_RDONLY, path=header.path)
+        try:
+            return read_box(fd, header.path, info, lo, hi)
+        finally:
+            os.close(fd)
 
     def source_record(self, source: Source) -> dict[str, Any]:
         """The manifest's `source`: each file lists its tensors in file order, so an output

@@ -154,7 +154,9 @@ def _tensor_entry(fname: str, t: OutTensor, digest: str, source: Source) -> dict
 
 def _format_fields(t: OutTensor) -> dict[str, Any]:
     """What an output format adds to a tensor entry (none for the native format): the native
-    tensors a stacked tensor holds, or the value of a constant."""
+    tensors a stacked tensor holds, the value of a constant, and whether the file stores it
+    with its last two dims swapped (pieces and parts then place bytes in the tensor as it
+    reads untransposed)."""
     fields: dict[str, Any] = {}
     if t.parts:
         fields["parts"] = [
@@ -162,6 +164,8 @@ def _format_fields(t: OutTensor) -> dict[str, Any]:
         ]
     if t.fill is not None:
         fields["fill"] = t.fill
+    if t.transposed:
+        fields["transposed"] = True
     return fields
 
 

@@ -331,6 +331,10 @@ def _check_tensors(f: Fields, entry: dict, i: int) -> None:
         f.ints(meta, "shape", f"{field}.shape", len(shape))
         rows = shape[0] if shape else 0
         f.int(meta, "padding", f"{field}.padding", hi=rows + 1)
+        if "transposed" in meta:  # pieces and parts are placed in the untransposed tensor
+            if meta["transposed"] is not True or len(shape) < 2:
+                f.fail(f"{field}.transposed", f"is {_short(meta['transposed'])} for shape {shape}")
+            shape = [*shape[:-2], shape[-1], shape[-2]]
         f.get(meta, "slice", (dict, type(None)), f"{field}.slice")
         f.hex(meta, "xxh3_128", f"{field}.xxh3_128")
         for j, piece in enumerate(f.get(meta, "pieces", list, f"{field}.pieces")):

@@ -122,6 +122,8 @@ def _tensor_key(t) -> list:
     key = [t.name, t.dtype, list(t.shape), t.padding, pieces]
     if t.parts or t.fill is not None:  # a format's stacked tensor or constant
         key.append([[[p.name, p.shape, p.at] for p in t.parts], t.fill])
+    if t.transposed:
+        key.append("transposed")
     return key
 
 

@@ -2,9 +2,9 @@
 tensors, reassembled in row blocks from the rank files the manifest says hold them.
 
 Each source tensor is read from one copy of each of its distinct blocks (replicas are never
-read), one row block at a time. Each rank-file tensor used is hashed as it streams and
-checked against the manifest by `check_hashes`, which reads only what the stream skipped
-(vocab padding rows). Does not write anything.
+read): on the byte path by io/pull.py and io/output_jobs.py, or as torch boxes by `read_box`
+(verify's reads of a rank tensor stored transposed), which hashes each rank tensor whole
+against the manifest before it uses a byte of it. Does not write anything.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from ..dtypes import DTYPE_SIZES, torch_dtypes
 from ..errors import OutputError
 from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import parse_hparams
-from .files import io_error
+from .files import io_call
 from .manifest import MANIFEST, read_sealed_manifest
 from .manifest_value import Manifest
-from .output_jobs import rank_tensor_jobs
+from .output_jobs import check_digest, rank_tensor_jobs
 from .pull import pull_jobs
-from .scatter import preadv_exact
 from .source import Source, open_source
 
 if TYPE_CHECKING:
@@ -213,11 +212,15 @@ class OutputReader:
         self.manifest = manifest
         self.blocks = blocks
         self.headers = headers
-        self.hashers: dict[tuple[str, str], list] = {}  # (file, tensor) -> [xxh3, bytes hashed]
-        # Rows on their way to a gather, for the torch block reader below (read_block);
-        # re-layout, export and verify use the byte path (io/output_jobs.py)
-        # and never import torch.
-        self.scratch = None
+        self.checked: set[tuple[str, str]] = set()  # (file, tensor) read_box found whole
+        self.entries: dict | None = None  # the manifest's tensor entries, once needed
+        # (file, tensor) of the rank tensors stored transposed (OutTensor.transposed)
+        self.transposed = frozenset(
+            (meta["file"], name)
+            for entry in manifest.ranks
+            for name, meta in (entry.get("tensors") or {}).items()
+            if meta.get("transposed")
+        )
 
     def byte_jobs(self, source: Source, consumers: dict[str, list]) -> list:
         """The writer's jobs for these consumers (source tensor -> (target, piece) pairs):
@@ -255,121 +258,63 @@ class OutputReader:
         record["made_from"] = made_from
         return record
 
-    def read_block(self, name: str, info: TensorInfo, index: tuple) -> torch.Tensor:
-        """tensor[index] for an index of slices whose first one picks rows (verify's reads)."""
-        if not index:
-            return self._assemble(name, info, 0, max(info.shape[0], 1) if info.shape else 1)
-        rows = index[0]
-        a, b = rows.start or 0, info.shape[0] if rows.stop is None else rows.stop
-        return self._assemble(name, info, a, b)[(slice(None), *index[1:])]
+    def stored_transposed(self, name: str) -> bool:
+        """True when some of the source tensor's bytes lie in a rank tensor stored transposed
+        (read them with read_box, not as byte runs)."""
+        return any((b.file, b.tensor) in self.transposed for b in self.blocks.get(name, []))
 
-    def _assemble(self, name: str, info: TensorInfo, a: int, b: int) -> torch.Tensor:
+    def read_box(self, source: Source, name: str, lo: tuple, hi: tuple) -> torch.Tensor:
+        """The source tensor's [lo:hi] (per dim), from every block that meets it. A rank
+        tensor is hashed whole against the manifest the first time it is read (OutputError,
+        exit 2, when it differs)."""
         import torch
 
-        shape = info.shape or (1,)
-        dtype = torch_dtypes()[info.dtype]
-        buf = torch.empty((b - a, *shape[1:]), dtype=dtype)
-        groups: dict[tuple[str, str], list[Block]] = {}
+        from .transposed import read_box
+
+        info = source.info(name)
+        out = torch.empty(tuple(b - a for a, b in zip(lo, hi, strict=True)), dtype=_dtype(info))
         for block in self.blocks.get(name, []):
-            if not info.shape or (block.start[0] < b and block.stop[0] > a):
-                groups.setdefault((block.file, block.tensor), []).append(block)
-        for key, blocks in groups.items():
-            self._copy_group(key, blocks, buf, a, b, bool(info.shape))
-        return buf
+            a = tuple(max(x, y) for x, y in zip(lo, block.start, strict=True))
+            b = tuple(min(x, y) for x, y in zip(hi, block.stop, strict=True))
+            if any(x >= y for x, y in zip(a, b, strict=True)):
+                continue
+            key = (block.file, block.tensor)
+            self._check_whole(key)
+            path = self.out_dir / block.file
+            fd = io_call(os.open, path, os.O_RDONLY, path=path)
+            try:
+                box = read_box(
+                    fd, path, self.headers[block.file].tensors[block.tensor],
+                    tuple(d + x - s for d, x, s in zip(block.dest, a, block.start, strict=True)),
+                    tuple(d + y - s for d, y, s in zip(block.dest, b, block.start, strict=True)),
+                    key in self.transposed,
+                )  # fmt: skip
+            finally:
+                os.close(fd)
+            out[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo, strict=True))] = box
+        return out
 
-    def _copy_group(self, key, blocks: list[Block], buf: torch.Tensor, a: int, b: int, has_rows):
-        """Read the rank-file rows these blocks need once, and put each block into buf."""
+    def _check_whole(self, key: tuple[str, str]) -> None:
+        """The rank-file tensor's bytes, all of them, hash as the manifest records."""
+        if key in self.checked:
+            return
         out = self.headers[key[0]].tensors[key[1]]
-        if not has_rows:  # a scalar
-            self._read_rows(key, out, 0, 1, into=buf.view(-1))
-            return
-        spans = [(k.dest[0] + max(a, k.start[0]) - k.start[0], k) for k in blocks]
-        if len(spans) == 1 and _whole_rows(spans[0][1], out, buf):
-            d, k = spans[0]  # whole rows to whole rows: read straight into buf
-            lo, hi = max(a, k.start[0]), min(b, k.stop[0])
-            self._read_rows(key, out, d, d + hi - lo, into=buf[lo - a : hi - a])
-            return
-        r0 = min(d for d, _ in spans)
-        r1 = max(d + min(b, k.stop[0]) - max(a, k.start[0]) for d, k in spans)
-        rows = self._read_rows(key, out, r0, r1)
-        for d, k in spans:
-            lo, hi = max(a, k.start[0]), min(b, k.stop[0])
-            src = (slice(d - r0, d - r0 + hi - lo),) + tuple(
-                slice(o, o + e - s) for o, s, e in zip(k.dest[1:], k.start[1:], k.stop[1:])
-            )
-            dst = (slice(lo - a, hi - a),) + tuple(
-                slice(s, e) for s, e in zip(k.start[1:], k.stop[1:])
-            )
-            buf[dst] = rows[src]
-
-    def _read_rows(self, key, out: TensorInfo, r0: int, r1: int, into=None) -> torch.Tensor:
-        """Rows r0:r1 of a rank-file tensor, into `into` (contiguous) or a reused scratch
-        buffer, hashed on the way when read in order."""
-        import torch
-
-        from .tensor_bytes import tensor_bytes
-
-        shape = out.shape or (1,)
-        row_bytes = out.nbytes // shape[0] if shape[0] else 0
-        n = (r1 - r0) * row_bytes
-        if into is None:
-            if self.scratch is None or self.scratch.numel() < n:
-                self.scratch = torch.empty(n, dtype=torch.uint8)
-            into = self.scratch[:n].view(torch_dtypes()[out.dtype]).view(r1 - r0, *shape[1:])
-        data = tensor_bytes(into)
-        _read_exact(self.out_dir / key[0], data, out.begin + r0 * row_bytes)
-        state = self.hashers.setdefault(key, [xxhash.xxh3_128(), 0])
-        if state[1] == r0 * row_bytes:
-            state[0].update(data)
-            state[1] += n
-        return into
-
-    def check_hashes(self) -> None:
-        """Every rank-file tensor read so far matches its manifest hash (the unread rest, e.g.
-        padding rows or rows read out of order, is read now). Raises OutputError (exit 2)."""
-        entries = self.manifest.tensor_entries()
-        for key, (hasher, hashed) in sorted(self.hashers.items()):
-            out = self.headers[key[0]].tensors[key[1]]
-            path = self.out_dir / key[0]
-            with open(path, "rb") as f:
-                f.seek(out.begin + hashed)
-                left = out.nbytes - hashed
-                while left:
-                    data = f.read(min(left, CHUNK_BYTES))
-                    hasher.update(data)
-                    left -= len(data)
-            want = entries[key]["xxh3_128"]
-            if hasher.hexdigest() != want:
-                raise OutputError(
-                    f"{path}: tensor '{key[1]}' hash {hasher.hexdigest()} != manifest {want}: "
-                    "the output is corrupt. Re-copy it, or convert from the original model."
-                )
-        self.hashers.clear()
+        path = self.out_dir / key[0]
+        hasher = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            f.seek(out.begin)
+            left = out.nbytes
+            while left:
+                data = f.read(min(left, CHUNK_BYTES))
+                if not data:
+                    break
+                hasher.update(data)
+                left -= len(data)
+        if self.entries is None:
+            self.entries = self.manifest.tensor_entries()
+        check_digest(path, key[1], hasher.hexdigest(), self.entries[key]["xxh3_128"])
+        self.checked.add(key)
 
 
-def _whole_rows(block: Block, out: TensorInfo, buf: torch.Tensor) -> bool:
-    """The block is whole rows of the source, stored as whole rows of the rank-file tensor."""
-    full = tuple(buf.shape[1:])
-    return (
-        not any(block.start[1:])
-        and not any(block.dest[1:])
-        and tuple(block.stop[1:]) == full
-        and tuple(out.shape[1:]) == full
-        and torch_dtypes()[out.dtype] == buf.dtype
-    )
-
-
-def _read_exact(path: Path, view: memoryview, offset: int) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            got = preadv_exact(fd, [view], offset)
-            if got < len(view):
-                raise OutputError(
-                    f"{path}: ended at {offset + got} bytes while reading {len(view)} at "
-                    f"{offset}. The file shrank while being read; re-copy it."
-                )
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise io_error(e, path) from None
+def _dtype(info: TensorInfo):
+    return torch_dtypes()[info.dtype]

@@ -7,7 +7,7 @@ Pulled, the parts land in one window buffer with one `preadv` per rank tensor an
 bytes there are contiguous; the iovecs scatter them into the rows), and the window goes out in
 one write. A window that one rank tensor holds whole goes file to file in the kernel. Every
 rank tensor used is hashed whole against the manifest by a job of its own; the writer renames
-nothing until every job has succeeded. torch only for a cast.
+nothing until every job has succeeded. torch only for a cast or a tensor stored transposed.
 """
 
 from __future__ import annotations
@@ -29,13 +29,9 @@ from .byte_runs import Window, piece_groups, tensor_windows
 from .files import io_call, map_range, pwrite_all
 from .output_jobs import check_digest, rank_tensor_jobs
 from .scatter import preadv_exact
-from .writer import (
-    Buffers,
-    Target,
-    _account,
-    _copy_run,
-    cast_bytes,
-)
+from .target import Target, account
+from .transposed import pull_transposed
+from .writer import Buffers, _copy_run, cast_bytes
 
 if TYPE_CHECKING:  # a type only: the reader builds its pulls here
     from .output_source import OutputReader
@@ -43,11 +39,13 @@ if TYPE_CHECKING:  # a type only: the reader builds its pulls here
 
 @dataclass(frozen=True)
 class Part:
-    """Rank tensor `info` (in `path`) holds `piece`: its [start:stop] is the target's at dest."""
+    """Rank tensor `info` (in `path`) holds `piece`: its [start:stop] is the target's at dest
+    (`transposed`: the rank tensor is stored with its last two dims swapped)."""
 
     path: Path
     info: TensorInfo
     piece: Piece
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,8 +82,9 @@ def pull_jobs(reader: OutputReader, consumers: dict[str, list[tuple[Target, Piec
     parts: dict[int, list[Part]] = {}
     hashes = []
     for path, info, pairs, digest in rank_tensor_jobs(reader, consumers):
+        transposed = (path.name, info.name) in reader.transposed
         for target, piece in pairs:
-            parts.setdefault(id(target), []).append(Part(path, info, piece))
+            parts.setdefault(id(target), []).append(Part(path, info, piece, transposed))
         hashes.append(HashJob(path, info, digest))
     targets = {id(t): t for pairs in consumers.values() for t, _ in pairs if id(t) in parts}
     order = sorted(targets.values(), key=lambda t: (t.file.name, t.offset))
@@ -100,13 +99,17 @@ def pull_tensor(job: PullJob, buffers: Buffers, stop: threading.Event) -> None:
     widest = max(item, DTYPE_SIZES[tensor.dtype])
     rows = tensor.shape[0] if tensor.shape else 1
     filled = (rows - tensor.padding) * (tensor.nbytes // max(rows, 1) // DTYPE_SIZES[tensor.dtype])
-    shape, job = target_view(job)
+    turned = tensor.transposed or any(p.transposed for p in job.parts)
+    shape, job = (tensor.shape, job) if turned else target_view(job)
     buf = buffers.take()
     fds = {}
     try:
         for part in job.parts:
             if part.path not in fds:
                 fds[part.path] = io_call(os.open, part.path, os.O_RDONLY, path=part.path)
+        if turned:  # moved in bands with torch (io/transposed.py)
+            pull_transposed(job, buffers.nbytes, fds, stop)
+            return
         for window in tensor_windows(shape, widest, buffers.nbytes):
             if stop.is_set():
                 return
@@ -155,7 +158,7 @@ def _pull_window(job: PullJob, shape, window: Window, size: int, item: int, buf,
                 fd = fds[part.path]  # the whole window from one place: a kernel copy
                 data = map_range(fd, at, n, part.path)  # for the hash (and a fallback)
                 _copy_run(target, rel, (fd, at), data)
-                _account(target, rel, data)
+                account(target, rel, data)
                 return
             views = [buf[b : b + k] for b, k in group.segments]
             _read_parts(fds[part.path], views, at, part.path)
@@ -163,7 +166,7 @@ def _pull_window(job: PullJob, shape, window: Window, size: int, item: int, buf,
     if target.tensor.dtype != job.parts[0].info.dtype:  # the recipe asked for a cast
         data = cast_bytes(data, job.parts[0].info, target.tensor.dtype)
     pwrite_all(target.fd, data, target.offset + rel, target.file)
-    _account(target, rel, data)
+    account(target, rel, data)
 
 
 def _read_parts(fd: int, views: list[memoryview], offset: int, path: Path) -> None:

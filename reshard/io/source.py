@@ -10,13 +10,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CheckpointError, InputError, RefusalError, ReshardIOError
 from ..headers import Header, TensorInfo, read_header
 from ..models.hparams import HParams, parse_hparams, read_config
 from ..strict_json import read_json
 from .hf_folder import HfFolder
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -50,6 +53,13 @@ class TensorSource(Protocol):
 
     def check_reads(self, source: Source, consumers: dict[str, list]) -> list[tuple]:
         """(file, TensorInfo, consumers, xxh3 to check or None) for the weights tier."""
+
+    def stored_transposed(self, name: str) -> bool:
+        """True when some of the tensor's bytes are stored transposed, so the weights tier
+        reads it as boxes (read_box) rather than byte runs."""
+
+    def read_box(self, source: Source, name: str, lo: tuple, hi: tuple) -> torch.Tensor:
+        """tensor[lo:hi] (per dim), checked against any hash the source records."""
 
     def source_record(self, source: Source) -> dict[str, Any]:
         """The manifest's `source` entry."""

@@ -19,7 +19,7 @@ import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,8 @@ from ..layout.tensors import OutTensor, Piece
 from .byte_runs import Group, Window, piece_groups, tensor_windows
 from .files import fsync_dir, io_call, io_error, map_range, partial_path, pwrite_all
 from .scatter import preadv_exact, scatter_views
+from .target import Target, account
+from .transposed import write_transposed
 from .writeback import Writeback
 
 if TYPE_CHECKING:  # a type only: each kind of source (io/source.py) builds its jobs here
@@ -51,23 +53,6 @@ def default_workers() -> int:
 
 def buffer_bytes(workers: int) -> int:
     return max(1 << 20, min(MAX_BUFFER, BUFFER_BUDGET // (2 * workers)))
-
-
-@dataclass
-class Target:
-    """One output tensor being filled: where it lives and how much of it is hashed."""
-
-    file: Path
-    fd: int
-    tensor: OutTensor
-    offset: int  # absolute byte offset of the tensor's data in its file
-    writeback: Writeback  # starts the file's writeback as it fills (shared by the files)
-    hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
-    hashed: int = 0  # bytes [0, hashed) are in the hash
-    written: int = 0  # bytes written, checked against the plan at the end
-    # A format's stacked tensor (vLLM's qkv_proj) takes bytes from several source tensors,
-    # so several jobs may account for it at once.
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -181,18 +166,23 @@ def _create_file(path: Path, spec: FileSpec, writeback: Writeback) -> tuple[int,
         for t, (begin, _) in zip(spec.tensors, offsets, strict=True)
     ]
     for target in targets:
-        if target.tensor.fill is not None:  # a format's constant (vLLM's attention scales)
-            data = memoryview(fill_bytes(target.tensor))
+        t = target.tensor
+        if t.fill is not None:  # a format's constant (vLLM's attention scales, a zero bias)
+            data = memoryview(fill_bytes(t.dtype, t.fill, t.shape))
             pwrite_all(fd, data, target.offset, tmp)
-            _account(target, 0, data)
+            account(target, 0, data)
     return fd, targets, xxhash.xxh3_128(header).hexdigest()
 
 
-def fill_bytes(tensor: OutTensor) -> bytes:
-    """A constant tensor's bytes (float32 only: the formats' constants are fp32 scales)."""
-    if tensor.dtype != "F32":  # internal invariant: formats add fp32 constants only
-        raise AssertionError(f"{tensor.name}: constant of dtype {tensor.dtype}")
-    return struct.pack("<f", tensor.fill) * math.prod(tensor.shape)
+def fill_bytes(dtype: str, fill: float, shape: tuple[int, ...]) -> bytes:
+    """A constant tensor's bytes: zeros of any dtype (a bias vLLM keeps on one rank), or a
+    float32 value (vLLM's attention scales)."""
+    count = math.prod(shape)
+    if fill == 0:
+        return bytes(DTYPE_SIZES[dtype] * count)
+    if dtype != "F32":  # internal invariant: formats add fp32 scales and zeros only
+        raise AssertionError(f"constant {fill} of dtype {dtype}")
+    return struct.pack("<f", fill) * count
 
 
 def collect_jobs(source: Source, targets: list[Target]) -> list:
@@ -225,14 +215,20 @@ class Buffers:
 
 
 def copy_tensor(job: Job, buffers: Buffers, stop: threading.Event) -> None:
-    """Map one source tensor window by window and write every consumer's part of each."""
+    """Map one source tensor window by window and write every consumer's part of each (a
+    target stored transposed: in bands, io/transposed.py)."""
     info = job.info
     item = DTYPE_SIZES[info.dtype]
     widest = max([item] + [DTYPE_SIZES[t.tensor.dtype] for t, _ in job.consumers])
+    transposed = [(t, p) for t, p in job.consumers if t.tensor.transposed]
+    if transposed:
+        job = Job(job.path, info, tuple(c for c in job.consumers if not c[0].tensor.transposed))
     gather = buffers.take()
     fd = io_call(os.open, job.path, os.O_RDONLY, path=job.path)
     try:
-        for window in tensor_windows(info.shape, widest, buffers.nbytes):
+        if transposed:  # torch: only a format that transposes
+            write_transposed(job.path, fd, info, transposed, buffers.nbytes, stop)
+        for window in tensor_windows(info.shape, widest, buffers.nbytes) if job.consumers else ():
             if stop.is_set():
                 return
             _copy_window(job, window, (fd, info.begin + window.start * item), gather)
@@ -290,7 +286,7 @@ def _scatter(split: list, at: tuple[int, int], gather: memoryview, path: Path) -
         )
     for target, group, view in placed:
         pwrite_all(target.fd, view, target.offset + group.dest, target.file)
-        _account(target, group.dest, view)
+        account(target, group.dest, view)
     return True
 
 
@@ -318,7 +314,7 @@ def _write_group(target: Target, group: Group, src: memoryview, at, gather: memo
             data[pos : pos + n] = src[begin : begin + n]
             pos += n
         pwrite_all(target.fd, data, target.offset + group.dest, target.file)
-    _account(target, group.dest, data)
+    account(target, group.dest, data)
 
 
 # copy_file_range errors that mean "not here" (old kernel, other file system): use pwrite.
@@ -341,15 +337,6 @@ def _copy_run(target: Target, rel: int, src: tuple[int, int], data: memoryview) 
             raise io_error(e, target.file) from None
     if done < n:
         pwrite_all(target.fd, data[done:], target.offset + rel + done, target.file)
-
-
-def _account(target: Target, rel: int, data) -> None:
-    with target.lock:
-        target.written += len(data)
-        if rel == target.hashed:  # in order: hash while streaming; else read back at the end
-            target.hasher.update(data)
-            target.hashed += len(data)
-    target.writeback.wrote(target.fd, len(data))
 
 
 def _finish_hashes(targets: list[Target]) -> dict[str, dict[str, str]]:

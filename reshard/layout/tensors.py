@@ -40,10 +40,23 @@ class OutTensor:
     padding: int  # zero rows appended along dim 0
     parts: tuple[Part, ...] = ()  # the native tensors it stacks (output formats only)
     fill: float | None = None  # a constant the format adds (vLLM's attention scales), no source
+    # Stored with its last two dims swapped (vLLM's gpt-oss experts): `shape` is what the file
+    # holds; pieces and parts place native bytes in the tensor as it reads untransposed
+    # (`logical_shape`).
+    transposed: bool = False
 
     @property
     def nbytes(self) -> int:
         return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        return swap_last(self.shape) if self.transposed else self.shape
+
+
+def swap_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape with its last two dims swapped (a transposed tensor's stored / logical shape)."""
+    return (*shape[:-2], shape[-1], shape[-2])
 
 
 @dataclass(frozen=True)

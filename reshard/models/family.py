@@ -148,8 +148,12 @@ class Family:
     # the vLLM format writes them as F32 (an exact cast from BF16/F16), so the loader casts
     # nothing.
     vllm_float32: tuple[str, ...] = ()
-    # Why the vLLM format refuses a family vLLM has (said in the refusal), when it is known.
-    vllm_refusal: str = ""
+    # vLLM names (regexes) of parameters vLLM keeps transposed (last two dims swapped) against
+    # the checkpoint: gpt-oss's experts, [E, out, in] where the checkpoint stores [E, in, out].
+    vllm_transposed: tuple[str, ...] = ()
+    # vLLM names of row-parallel biases vLLM holds on expert-TP rank 0 only, zeros on the
+    # other ranks of an expert (its all-reduce then adds them once).
+    vllm_first_rank_bias: tuple[str, ...] = ()
 
 
 WITH_VLLM = ("native", "vllm")  # Family.formats of a family vLLM 0.32 loads as reshard writes it

@@ -13,7 +13,7 @@ from typing import Any
 
 from .blocks import ATTENTION, GLOBAL
 from .config_values import get_bool, get_float, get_int
-from .family import Family, Features, Rule
+from .family import WITH_VLLM, Family, Features, Rule
 
 _MLP = "model.layers.{layer}.mlp."
 
@@ -75,14 +75,24 @@ def read_config(config: dict[str, Any], where: str, fields: dict[str, Any]) -> d
     return out
 
 
+_EXPERTS = r"(?P<p>.+\.mlp\.experts)\."
+# vLLM 0.32's GptOssModel names, recorded from its loader (tests/golden/vllm/gpt_oss-tp2.json).
+VLLM_RENAMES = (
+    (r"(?P<p>.+)\.self_attn\.(?P<rest>.+)", "{p}.attn.{rest}"),
+    (r"model\.embed_tokens\.weight", "model.embedding.weight"),
+    (_EXPERTS + r"gate_up_proj", "{p}.routed_experts.w13_weight"),
+    (_EXPERTS + r"gate_up_proj_bias", "{p}.routed_experts.w13_bias"),
+    (_EXPERTS + r"down_proj", "{p}.routed_experts.w2_weight"),
+    (_EXPERTS + r"down_proj_bias", "{p}.routed_experts.w2_bias"),
+)
+
 FAMILY = Family(
-    # vLLM's own loader, recorded (scripts/vllm_golden.py), wants what the vLLM format's
-    # stacking cannot express: a transpose, and a bias zeroed on all but one rank.
-    vllm_refusal=(
-        "vLLM 0.32 keeps gpt-oss's experts transposed (w13_weight [experts, 2*intermediate, "
-        "hidden], w2_weight [experts, hidden, intermediate]) and the down projection's bias "
-        "on TP rank 0 only (zeros elsewhere); reshard's vLLM format writes neither yet"
-    ),
+    formats=WITH_VLLM,
+    vllm_renames=VLLM_RENAMES,
+    # vLLM holds each rank's experts [E, out, in] (w13 rows still interleave gate and up) and
+    # adds the down projection's bias on an expert's first TP rank only.
+    vllm_transposed=(r".+\.routed_experts\.w(13|2)_weight",),
+    vllm_first_rank_bias=(r".+\.routed_experts\.w2_bias",),
     name="gpt_oss",
     architectures=("GptOssForCausalLM",),
     rules=GLOBAL + ATTENTION + LAYER,

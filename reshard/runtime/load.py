@@ -170,12 +170,15 @@ def _read_rank_tensors(
 
 def native_tensors(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict:
     """An output format's tensors as the native ones the runtime builds from: each stacked
-    tensor's parts cut back out (views, no copy), a format's constants left out."""
+    tensor's parts cut back out, a transposed one turned back (views, no copy), a format's
+    constants left out unless they stand for a native tensor (a bias zeroed on this rank)."""
     out = {}
     for name, tensor in tensors.items():
         meta = entry["tensors"][name]
-        if "fill" in meta:
+        if "fill" in meta and not meta.get("parts"):
             continue
+        if meta.get("transposed"):
+            tensor = tensor.transpose(-1, -2)
         for part in meta.get("parts") or [{"name": name, "shape": meta["shape"], "at": None}]:
             out[part["name"]] = _cut(tensor, part["shape"], part["at"])
     return out

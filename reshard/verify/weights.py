@@ -3,24 +3,26 @@ byte for byte with the source bytes it came from, read the way the writer reads 
 windows in file order, each piece's runs as groups), with no torch unless a piece was cast.
 
 A reshard output as the source (a re-layout) is read through its rank-file tensors
-(io/output_jobs.py), each checked against its manifest hash as it streams. Coverage, unknown
+(io/output_jobs.py), each checked against its manifest hash as it streams. A tensor stored
+transposed, in the output or in the source output, is compared as boxes in its logical
+coordinates instead (io/transposed.py), in bands of at most WINDOW bytes. Coverage, unknown
 sources and the manifest's own checks stay in verify/levels.py.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dtypes import DTYPE_SIZES
-from ..headers import Header, read_header
+from ..headers import Header, TensorInfo, read_header
 from ..io.byte_runs import piece_groups, tensor_windows
 from ..io.files import map_range
 from ..io.manifest_value import Manifest
 from ..io.output_jobs import check_digest
-from ..io.writer import MAX_BUFFER, cast_bytes
+from ..io.transposed import bands, read_box
+from ..io.writer import MAX_BUFFER, cast_bytes, fill_bytes
 from ..layout.tensors import Piece
 
 WINDOW = MAX_BUFFER  # bytes of source mapped at once; two buffers of this size besides
@@ -38,6 +40,7 @@ class Check:
     dtype: str
     shape: tuple[int, ...]
     piece: Piece  # as the manifest records it (the original's coordinates)
+    transposed: bool = False  # the file stores the tensor's last two dims swapped
 
     def failure(self) -> str:
         p = self.piece
@@ -64,8 +67,11 @@ def compare_weights(out_dir: Path, manifest: Manifest, src, bar) -> list[str]:
     try:
         checks, padding, constants = _collect_checks(Path(out_dir), manifest, fds, failures)
         scratch = Scratch()
-        for job in _jobs(src, checks):
+        turned = [c for c in checks if c.transposed or src.reader.stored_transposed(c.piece.source)]
+        for job in _jobs(src, [c for c in checks if c not in turned]):
             _compare_job(*job, scratch, bar)
+        for check in turned:
+            _compare_boxes(src, check, scratch, bar)
         failures += [c.failure() for c in checks if c in scratch.failed]
         failures += [msg for msg in (_padding_failure(*p) for p in padding) if msg]
         failures += [msg for msg in (_fill_failure(*c) for c in constants) if msg]
@@ -96,7 +102,7 @@ def _collect_checks(out_dir: Path, manifest: Manifest, fds: dict, failures: list
                 piece = Piece(p["source"], tuple(p["start"]), tuple(p["stop"]), tuple(p["dest"]))
                 checks.append(
                     Check(header.path, fd, info.begin, name, entry["rank"], info.dtype,
-                          info.shape, piece)
+                          info.shape, piece, bool(meta.get("transposed")))
                 )  # fmt: skip
             if meta["padding"]:
                 padding.append((header.path, fd, info, meta["padding"]))
@@ -184,6 +190,35 @@ def _compare_window(info, window, data: memoryview, consumers, scratch: Scratch,
             bar.update(group.nbytes)
 
 
+def _compare_boxes(src, check: Check, scratch: Scratch, bar) -> None:
+    """A piece of a tensor stored transposed (or read from one): the output's box and the
+    source's, band by band in logical coordinates, compared as bytes after any cast."""
+    import torch
+
+    piece = check.piece
+    info = TensorInfo(check.name, check.dtype, check.shape, check.offset, 0)
+    lens = tuple(b - a for a, b in zip(piece.start, piece.stop, strict=True))
+    for lo, hi in bands(check.transposed, check.dtype, piece.dest, lens, WINDOW):
+        got = read_box(check.fd, check.path, info, lo, hi, check.transposed)
+        want = src.reader.read_box(
+            src, piece.source,
+            tuple(s + a - d for s, a, d in zip(piece.start, lo, piece.dest, strict=True)),
+            tuple(s + b - d for s, b, d in zip(piece.start, hi, piece.dest, strict=True)),
+        )  # fmt: skip
+        want = want.to(got.dtype)  # the recipe's cast, if any (as the writer casts)
+        if not torch.equal(_raw(got), _raw(want)):
+            scratch.failed.add(check)
+            return
+        bar.update(got.numel() * got.element_size())
+
+
+def _raw(t):
+    """A tensor's bytes as uint8 (bitwise: NaNs and -0.0 compare as stored)."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def _same_bytes(check: Check, group, src: memoryview, scratch: Scratch) -> bool:
     """The group's source bytes (gathered when split) equal the output's. A bytearray on the
     left compares with memcmp; memoryview == memoryview goes element by element, ~20x slower,
@@ -225,9 +260,12 @@ def _padding_failure(path: Path, fd: int, info, rows: int) -> str | None:
 
 
 def _fill_failure(path: Path, fd: int, info, fill: float) -> str | None:
-    """A format's constant tensor holds its value in every element (float32, as written)."""
-    want = struct.pack("<f", fill) * info.numel
+    """A format's constant tensor holds its value in every element (as the writer wrote it:
+    a float32 scale, or zeros of its dtype)."""
     data = bytearray(info.nbytes)
-    if info.dtype != "F32" or _read_into(fd, memoryview(data), info.begin) < info.nbytes:
+    if (fill != 0 and info.dtype != "F32") or _read_into(fd, memoryview(data), info.begin) < len(
+        data
+    ):
         return f"{path}: tensor '{info.name}' is not the constant {fill}"
+    want = fill_bytes(info.dtype, fill, info.shape)
     return None if data == want else f"{path}: tensor '{info.name}' is not the constant {fill}"

@@ -13,7 +13,9 @@ of vLLM's model *before* its post-load processing, under vLLM's names:
 Stacked tensors are the native pieces at offsets (Part), so nothing is re-cut. Which
 families vLLM has, and the names only some of vLLM's model files use (where a module is
 registered twice and the loader keeps the smaller key), are data in each family module
-(`Family.formats`, `Family.vllm_renames`).
+(`Family.formats`, `Family.vllm_renames`), as are the parameters vLLM keeps transposed
+(gpt-oss's experts: `OutTensor.transposed`) and the biases it holds on one rank of an expert
+only (zeros elsewhere: a constant whose part is the native bias, for the runtime).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from ...errors import LayoutError
 from ...models import family_of
-from ..tensors import OutFile, OutTensor, Part, Piece
+from ..tensors import OutFile, OutTensor, Part, Piece, swap_last
 from .native import group_by_size
 
 VERSIONS = ("0.32",)  # contracts implemented, checked against that version's loader
@@ -119,6 +121,9 @@ class VllmFormat:
         out = vllm_tensors(
             tensors, tied_head=hp.tie_word_embeddings and stage.head, renames=renames
         )
+        out = [_as_transposed(t, family.vllm_transposed) for t in out]
+        if coord.etp_rank:  # vLLM adds these biases on an expert's first TP rank only
+            out = [_as_zeros(t, family.vllm_first_rank_bias) for t in out]
         groups = group_by_size(out, max_size)
         stem = (
             f"model-rank-{coord.tp_rank}"
@@ -147,6 +152,26 @@ def _as_float32(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
     if t.dtype in ("BF16", "F16") and any(re.fullmatch(p, t.name) for p in patterns):
         return replace(t, dtype="F32")
     return t
+
+
+def _as_transposed(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
+    """A parameter vLLM keeps with its last two dims swapped, stored so; its pieces and parts
+    keep their places in the untransposed tensor."""
+    if not any(re.fullmatch(p, t.name) for p in patterns):
+        return t
+    if len(t.shape) < 2 or t.padding or any(len(p.dest) != len(t.shape) for p in t.pieces):
+        raise LayoutError(  # internal invariant: only whole-rank expert stacks are transposed
+            f"vLLM's '{t.name}' {list(t.shape)} cannot be stored transposed."
+        )
+    return replace(t, shape=swap_last(t.shape), transposed=True)
+
+
+def _as_zeros(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
+    """A bias vLLM zeroes on this rank: a constant 0 with no source bytes, still holding its
+    native part (the runtime then builds the same zeros, and never adds them)."""
+    if not any(re.fullmatch(p, t.name) for p in patterns):
+        return t
+    return replace(t, pieces=(), fill=0.0)
 
 
 def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool, renames=()) -> list[OutTensor]:

@@ -19,10 +19,9 @@ def check_vllm_layout(hp, recipe, versions: tuple[str, ...]) -> None:
         )
     family = family_of(hp)
     if "vllm" not in family.formats:
-        why = family.vllm_refusal or "no golden key list for it"
         raise LayoutError(
             f"--format vllm: reshard does not yet write {hp.architecture} in vLLM {version}'s "
-            f"parameter names ({why}). Convert with --format native."
+            "parameter names (no golden key list for it). Convert with --format native."
         )
     if scheme := hp.quantization:
         raise LayoutError(
