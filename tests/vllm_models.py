@@ -106,7 +106,10 @@ MODELS = {
     "gpt_oss": (
         "GptOssForCausalLM",
         dict(
-            intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
             head_dim=64,
         ),
         "attention sinks, biased router and experts stored [E, in, out] (vLLM: transposed)",
