@@ -4,7 +4,8 @@ experts, [E, out, in] where the checkpoint stores [E, in, out]), on every byte p
 Pieces and parts always place bytes in a tensor as it reads untransposed (its logical
 shape), so a transposed tensor's bytes are never runs of the source's: each element moves
 alone. They are moved in bands instead, with torch: a band is whole rows of the tensor as a
-file stores it (rows of the transposed matrix for a transposed tensor), read from mappings of
+file stores it (rows of the transposed matrix for a transposed tensor; each piece of one
+holds whole expert matrices of a rank, so its stored rows are whole), read from mappings of
 the source rows it needs (page cache, no copy), transposed in memory and written with one
 call. A band holds at most the writer's buffer, so memory stays flat whatever the model.
 Readers (export, re-layout, verify) read any box of a tensor in its logical coordinates with
@@ -80,7 +81,7 @@ def pull_transposed(job, budget: int, fds: dict, stop: threading.Event) -> None:
         if stop.is_set():
             return
         dtype = _dtype(job.parts[0].info)
-        band = torch.empty(tuple(b - a for a, b in zip(band_lo, band_hi, strict=True)), dtype=dtype)
+        band = torch.zeros(tuple(b - a for a, b in zip(band_lo, band_hi, strict=True)), dtype=dtype)
         for part in job.parts:
             p = part.piece  # part.info's [start:stop] is the target's [dest:...]
             end = tuple(d + b - a for d, a, b in zip(p.dest, p.start, p.stop, strict=True))
@@ -117,27 +118,19 @@ def bands(transposed: bool, dtype: str, dest: tuple[int, ...], lens: tuple[int, 
 
 def _write_band(target: Target, lo: tuple[int, ...], hi: tuple[int, ...], values) -> None:
     """Write values (target[lo:hi], logical coordinates) where the file stores them: whole
-    stored rows are one call; a band narrower than a stored row, a call per row."""
+    stored rows, so one call."""
     from .tensor_bytes import tensor_bytes
 
     tensor = target.tensor
     if tensor.transposed:
         values, lo, hi = values.transpose(-1, -2), swap_last(lo), swap_last(hi)
-    values = values.to(torch_dtypes()[tensor.dtype]).contiguous()
-    data = tensor_bytes(values)
-    item = DTYPE_SIZES[tensor.dtype]
-    strides = strides_of(tensor.shape)
-    start = sum(a * s for a, s in zip(lo, strides, strict=True)) * item
-    width = (hi[-1] - lo[-1]) * item
-    if width == tensor.shape[-1] * item:
-        pwrite_all(target.fd, data, target.offset + start, target.file)
-        account(target, start, data)
-        return
-    for row in range(hi[-2] - lo[-2]):
-        rel = start + row * strides[-2] * item
-        chunk = data[row * width : (row + 1) * width]
-        pwrite_all(target.fd, chunk, target.offset + rel, target.file)
-        account(target, rel, chunk)
+    if (lo[-1], hi[-1]) != (0, tensor.shape[-1]):  # internal invariant: pieces hold whole rows
+        raise AssertionError(f"{tensor.name}: band {lo}:{hi} is not whole stored rows")
+    data = tensor_bytes(values.to(torch_dtypes()[tensor.dtype]).contiguous())
+    start = sum(a * s for a, s in zip(lo, strides_of(tensor.shape), strict=True))
+    start *= DTYPE_SIZES[tensor.dtype]
+    pwrite_all(target.fd, data, target.offset + start, target.file)
+    account(target, start, data)
 
 
 def _mapped(fd: int, path: Path, info: TensorInfo, first: int, count: int) -> torch.Tensor:
