@@ -101,9 +101,6 @@ def layer_shapes(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
 
 def build_checkpoint(path: Path, gb: float) -> int:
     """Write a Llama-shaped bf16 checkpoint of about `gb` GB in ~256 MB shard files."""
-    import torch
-    from safetensors.torch import save_file
-
     cfg = llama_config(1)
     per_layer = sum(2 * math.prod(s) for s in layer_shapes(cfg, 0).values())
     h, v = cfg["hidden_size"], cfg["vocab_size"]
@@ -117,6 +114,15 @@ def build_checkpoint(path: Path, gb: float) -> int:
             groups.append({})
         groups[-1].update(layer_shapes(cfg, i))
     groups[-1].update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    return write_shards(path, groups)
+
+
+def write_shards(path: Path, groups: list[dict[str, tuple[int, ...]]]) -> int:
+    """Random bf16 tensors of these shapes, one safetensors file per group, and the index;
+    the bytes written."""
+    import torch
+    from safetensors.torch import save_file
+
     weight_map, total = {}, 0
     for n, group in enumerate(groups):
         name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # reshard, when not installed
 
-from bench_convert import RESHARD, build_checkpoint, cpu_name, run_once  # noqa: E402
+from bench_convert import RESHARD, build_checkpoint, cpu_name, run_once, write_shards  # noqa: E402
 
 
 def main() -> None:
@@ -81,9 +81,6 @@ def build_gpt_oss(path: Path, gb: float) -> int:
     import json
     import math
 
-    import torch
-    from safetensors.torch import save_file
-
     from reshard.models.hparams import parse_hparams
     from reshard.models.shapes import synthesize_tensors
 
@@ -109,16 +106,7 @@ def build_gpt_oss(path: Path, gb: float) -> int:
         if sum(2 * math.prod(s) for s in groups[-1].values()) > 256e6:
             groups.append({})
         groups[-1][name] = shape
-    weight_map, total = {}, 0
-    for n, group in enumerate(groups):
-        name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
-        data = {k: torch.randn(s, dtype=torch.bfloat16) for k, s in group.items()}
-        save_file(data, str(path / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in group})
-        total += sum(2 * math.prod(s) for s in group.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    return total
+    return write_shards(path, groups)
 
 
 if __name__ == "__main__":
