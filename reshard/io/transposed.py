@@ -44,7 +44,7 @@ def read_box(
         return _mapped(fd, path, info, a, b - a).clone().reshape(tuple(b - a for _ in shape))
     if transposed:
         lo, hi = swap_last(lo), swap_last(hi)
-    out = torch.empty(tuple(b - a for a, b in zip(lo, hi, strict=True)), dtype=_dtype(info))
+    out = torch.empty(_box(lo, hi), dtype=_dtype(info))
     rows, cols = shape[-2], shape[-1]
     for lead in itertools.product(*(range(a, b) for a, b in zip(lo[:-2], hi[:-2]))):
         base = _flat(lead, shape[:-2]) * rows
@@ -57,16 +57,27 @@ def read_box(
 def write_transposed(
     path: Path, fd: int, info: TensorInfo, consumers, budget: int, stop: threading.Event
 ) -> None:
-    """The writer's copy of one source tensor (in file `fd`) to the transposed targets among
-    its consumers ((Target, Piece) pairs, pieces in the targets' logical coordinates)."""
+    """The writer's copy of one source tensor (in file `fd`, at least 2-D) to the transposed
+    targets among its consumers ((Target, Piece) pairs, pieces in the targets' logical
+    coordinates). Each source matrix (one index of its leading dims) is mapped once for
+    every rank's bands that read it, and each band is copied once, transposed."""
+    bands_of: dict[tuple[int, ...], list] = {}  # source matrix -> bands reading it
     for target, piece in consumers:
-        lens = tuple(b - a for a, b in zip(piece.start, piece.stop, strict=True))
-        for band_lo, band_hi in _target_bands(target, piece.dest, lens, budget):
-            if stop.is_set():
-                return
+        for band_lo, band_hi in _target_bands(
+            target, piece.dest, _box(piece.start, piece.stop), budget
+        ):
             lo = tuple(s + a - d for s, a, d in zip(piece.start, band_lo, piece.dest, strict=True))
             hi = tuple(s + b - d for s, b, d in zip(piece.start, band_hi, piece.dest, strict=True))
-            _write_band(target, band_lo, band_hi, read_box(fd, path, info, lo, hi))
+            bands_of.setdefault(lo[:-2], []).append((target, band_lo, band_hi, lo, hi))
+    rows, cols = info.shape[-2], info.shape[-1]
+    for lead, bands in sorted(bands_of.items()):
+        first = _flat(lead, info.shape[:-2]) * rows * cols
+        matrix = _mapped(fd, path, info, first, rows * cols).view(rows, cols)
+        for target, band_lo, band_hi, lo, hi in bands:
+            if stop.is_set():
+                return
+            block = matrix[lo[-2] : hi[-2], lo[-1] : hi[-1]]
+            _write_band(target, band_lo, band_hi, block.reshape(_box(band_lo, band_hi)))
 
 
 def pull_transposed(job, budget: int, fds: dict, stop: threading.Event) -> None:
@@ -81,7 +92,7 @@ def pull_transposed(job, budget: int, fds: dict, stop: threading.Event) -> None:
         if stop.is_set():
             return
         dtype = _dtype(job.parts[0].info)
-        band = torch.zeros(tuple(b - a for a, b in zip(band_lo, band_hi, strict=True)), dtype=dtype)
+        band = torch.zeros(_box(band_lo, band_hi), dtype=dtype)
         for part in job.parts:
             p = part.piece  # part.info's [start:stop] is the target's [dest:...]
             end = tuple(d + b - a for d, a, b in zip(p.dest, p.start, p.stop, strict=True))
@@ -94,6 +105,10 @@ def pull_transposed(job, budget: int, fds: dict, stop: threading.Event) -> None:
             box = read_box(fds[part.path], part.path, part.info, src_lo, src_hi, part.transposed)
             band[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, band_lo, strict=True))] = box
         _write_band(target, band_lo, band_hi, band)
+
+
+def _box(lo: tuple[int, ...], hi: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(b - a for a, b in zip(lo, hi, strict=True))
 
 
 def _target_bands(target: Target, dest, lens, budget: int):
