@@ -14,6 +14,7 @@ from typing import Any
 from ..dtypes import CAST_DTYPES, DTYPE_SIZES
 from ..errors import OutputError
 from ..layout.formats import FORMAT_NAMES
+from ..layout.tensors import swap_last
 from ..models.hparams import HParams
 from ..ranks import rank_coords, replica_base
 from .seal import SEAL_KEY
@@ -334,7 +335,7 @@ def _check_tensors(f: Fields, entry: dict, i: int) -> None:
         if "transposed" in meta:  # pieces and parts are placed in the untransposed tensor
             if meta["transposed"] is not True or len(shape) < 2:
                 f.fail(f"{field}.transposed", f"is {_short(meta['transposed'])} for shape {shape}")
-            shape = [*shape[:-2], shape[-1], shape[-2]]
+            shape = list(swap_last(tuple(shape)))
         f.get(meta, "slice", (dict, type(None)), f"{field}.slice")
         f.hex(meta, "xxh3_128", f"{field}.xxh3_128")
         for j, piece in enumerate(f.get(meta, "pieces", list, f"{field}.pieces")):

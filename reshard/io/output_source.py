@@ -213,14 +213,9 @@ class OutputReader:
         self.blocks = blocks
         self.headers = headers
         self.checked: set[tuple[str, str]] = set()  # (file, tensor) read_box found whole
-        self.entries: dict | None = None  # the manifest's tensor entries, once needed
-        # (file, tensor) of the rank tensors stored transposed (OutTensor.transposed)
-        self.transposed = frozenset(
-            (meta["file"], name)
-            for entry in manifest.ranks
-            for name, meta in (entry.get("tensors") or {}).items()
-            if meta.get("transposed")
-        )
+        self.entries = manifest.tensor_entries()  # (file, tensor) -> its manifest entry
+        # the rank tensors stored transposed (OutTensor.transposed)
+        self.transposed = frozenset(k for k, meta in self.entries.items() if meta.get("transposed"))
 
     def byte_jobs(self, source: Source, consumers: dict[str, list]) -> list:
         """The writer's jobs for these consumers (source tensor -> (target, piece) pairs):
@@ -310,8 +305,6 @@ class OutputReader:
                     break
                 hasher.update(data)
                 left -= len(data)
-        if self.entries is None:
-            self.entries = self.manifest.tensor_entries()
         check_digest(path, key[1], hasher.hexdigest(), self.entries[key]["xxh3_128"])
         self.checked.add(key)
 

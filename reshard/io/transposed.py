@@ -88,10 +88,10 @@ def pull_transposed(job, budget: int, fds: dict, stop: threading.Event) -> None:
     target = job.target
     shape = target.tensor.logical_shape
     whole = tuple(0 for _ in shape)
+    dtype = _dtype(job.parts[0].info)
     for band_lo, band_hi in _target_bands(target, whole, shape, budget):
         if stop.is_set():
             return
-        dtype = _dtype(job.parts[0].info)
         band = torch.zeros(_box(band_lo, band_hi), dtype=dtype)
         for part in job.parts:
             p = part.piece  # part.info's [start:stop] is the target's [dest:...]

@@ -11,6 +11,7 @@ sources and the manifest's own checks stay in verify/levels.py.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +197,8 @@ def _compare_boxes(src, check: Check, scratch: Scratch, bar) -> None:
     import torch
 
     piece = check.piece
-    info = TensorInfo(check.name, check.dtype, check.shape, check.offset, 0)
+    nbytes = DTYPE_SIZES[check.dtype] * math.prod(check.shape)
+    info = TensorInfo(check.name, check.dtype, check.shape, check.offset, check.offset + nbytes)
     lens = tuple(b - a for a, b in zip(piece.start, piece.stop, strict=True))
     for lo, hi in bands(check.transposed, check.dtype, piece.dest, lens, WINDOW):
         got = read_box(check.fd, check.path, info, lo, hi, check.transposed)

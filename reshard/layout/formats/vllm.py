@@ -149,7 +149,7 @@ VLLM = VllmFormat()
 
 def _as_float32(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
     """A tensor vLLM keeps in float32, written as F32 (cast from a 16-bit float)."""
-    if t.dtype in ("BF16", "F16") and any(re.fullmatch(p, t.name) for p in patterns):
+    if t.dtype in ("BF16", "F16") and _matches(t.name, patterns):
         return replace(t, dtype="F32")
     return t
 
@@ -157,21 +157,24 @@ def _as_float32(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
 def _as_transposed(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
     """A parameter vLLM keeps with its last two dims swapped, stored so; its pieces and parts
     keep their places in the untransposed tensor."""
-    if not any(re.fullmatch(p, t.name) for p in patterns):
+    if not _matches(t.name, patterns):
         return t
     if len(t.shape) < 2 or t.padding or any(len(p.dest) != len(t.shape) for p in t.pieces):
-        raise LayoutError(  # internal invariant: only whole-rank expert stacks are transposed
-            f"vLLM's '{t.name}' {list(t.shape)} cannot be stored transposed."
-        )
+        # internal invariant: a family marks only whole-rank expert stacks transposed
+        raise AssertionError(f"vLLM's '{t.name}' {list(t.shape)} cannot be stored transposed")
     return replace(t, shape=swap_last(t.shape), transposed=True)
 
 
 def _as_zeros(t: OutTensor, patterns: tuple[str, ...]) -> OutTensor:
     """A bias vLLM zeroes on this rank: a constant 0 with no source bytes, still holding its
     native part (the runtime then builds the same zeros, and never adds them)."""
-    if not any(re.fullmatch(p, t.name) for p in patterns):
+    if not _matches(t.name, patterns):
         return t
     return replace(t, pieces=(), fill=0.0)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.fullmatch(p, name) for p in patterns)
 
 
 def vllm_tensors(tensors: list[OutTensor], *, tied_head: bool, renames=()) -> list[OutTensor]:
